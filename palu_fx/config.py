@@ -1,0 +1,105 @@
+"""`PaluConfig`: every knob of the compression, validated when it is built.
+
+One place documents every field. Model-dependent checks (does the group size divide the
+KV heads of *this* model?) happen in the pass, which knows the model; everything that can
+be checked without a model fails here, at construction, naming the field.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Union
+
+__all__ = ["PaluConfig", "GROUP_ALL"]
+
+# J-LRD: one group holding every KV head of a layer.
+GROUP_ALL = "all"
+
+_METHODS = ("svd", "whitened")
+_ALLOCATORS = ("uniform", "fisher", "energy")
+
+
+def _fail(field: str, value: Any, expected: str) -> None:
+    raise ValueError(f"PaluConfig.{field}={value!r} is invalid: expected {expected}")
+
+
+@dataclass(frozen=True)
+class PaluConfig:
+    """How palu-fx compresses the KV cache.
+
+    Fields:
+        rank_ratio: kept fraction of each K/V projection's rank, in (0, 1]. ``1.0`` is
+            lossless (the correctness anchor); ``0.5`` halves the cache.
+        group_size: KV heads factored together. ``1`` is M-LRD (per head), an integer
+            ``g`` is G-LRD (``g`` heads per group; must divide the model's KV heads),
+            ``"all"`` is J-LRD (one group per layer).
+        rank_multiple: ranks are rounded to a multiple of this (kernels like 16), never
+            above the full rank of a group.
+        method: ``"svd"`` (data-free truncated SVD) or ``"whitened"`` (truncation-aware
+            SVD on calibration activations; needs calibration data).
+        allocator: how ranks are spread: ``"uniform"`` (every matrix keeps
+            ``rank_ratio``), ``"fisher"`` (Palu's Fisher-information allocation) or
+            ``"energy"`` (whitened singular-value water-filling). Non-uniform allocators
+            need calibration data.
+        fold_values: fold the value reconstruction into the output projection when the
+            graph allows it (else values are rebuilt after attention).
+    """
+
+    rank_ratio: float = 0.5
+    group_size: Union[int, str] = 4
+    rank_multiple: int = 16
+    method: str = "svd"
+    allocator: str = "uniform"
+    fold_values: bool = True
+
+    def __post_init__(self) -> None:
+        r = self.rank_ratio
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or not 0 < r <= 1:
+            _fail("rank_ratio", r, "a number in (0, 1]")
+        g = self.group_size
+        if g != GROUP_ALL and (isinstance(g, bool) or not isinstance(g, int) or g < 1):
+            _fail("group_size", g, f"a positive integer (1 = M-LRD) or {GROUP_ALL!r} (J-LRD)")
+        m = self.rank_multiple
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            _fail("rank_multiple", m, "a positive integer")
+        if self.method not in _METHODS:
+            _fail("method", self.method, f"one of {_METHODS}")
+        if self.allocator not in _ALLOCATORS:
+            _fail("allocator", self.allocator, f"one of {_ALLOCATORS}")
+        if not isinstance(self.fold_values, bool):
+            _fail("fold_values", self.fold_values, "a bool")
+
+    def group_size_for(self, num_kv_heads: int) -> int:
+        """Heads per group for a layer with ``num_kv_heads`` KV heads.
+
+        Raises ValueError listing the valid sizes when the group size does not divide.
+        """
+        if self.group_size == GROUP_ALL:
+            return num_kv_heads
+        if num_kv_heads % self.group_size:
+            valid = [d for d in range(1, num_kv_heads + 1) if num_kv_heads % d == 0]
+            raise ValueError(
+                f"PaluConfig.group_size={self.group_size} does not divide the {num_kv_heads} KV heads "
+                f"of this attention; valid sizes: {valid} or {GROUP_ALL!r}"
+            )
+        return self.group_size
+
+    def rank_for(self, full_rank: int, ratio: float | None = None) -> int:
+        """Rank kept for a group of full rank ``full_rank`` (= heads_per_group * head_dim)."""
+        ratio = self.rank_ratio if ratio is None else ratio
+        if ratio >= 1.0:
+            return full_rank
+        m = self.rank_multiple
+        r = max(m, int(round(ratio * full_rank / m)) * m)
+        return min(r, full_rank)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PaluConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"PaluConfig: unknown fields {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)

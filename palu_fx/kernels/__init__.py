@@ -1,0 +1,1 @@
+"""Attention kernels: one folder per op (Triton kernel, wrapper, ``naive.py`` reference)."""

@@ -1,0 +1,124 @@
+"""Pure-PyTorch reference of latent attention: the semantics every kernel must match.
+
+Shapes (B batch, Hq query heads, Sq query tokens, Skv cached tokens, G groups of KV heads,
+gs heads per group, D head dim, rk / rv ranks per group, rot rotary dims):
+
+    q       [B, Hq, Sq, D]        queries, already rotated (RoPE mode), or
+            [B, Hq, Sq, rk]       queries already multiplied by L_k (absorbed mode, lk None)
+    hk      [B, Skv, G*rk]        latent keys   (x @ R_k^T, groups concatenated)
+    hv      [B, Skv, G*rv]        latent values (x @ R_v^T)
+    lk      [G, gs*D, rk]         key reconstruction per group; None in absorbed mode
+    k_bias  [G*gs*D]              bias of the key projection (reconstruct mode only)
+    cos/sin [B or 1, Skv, rot]    rotary coefficients of each cached slot
+    k_norm_weight [D]             effective RMSNorm weight applied to each rebuilt key head
+    attn_mask broadcastable to [B, Hq, Sq, Skv]; bool (True = attend) or additive float
+    returns [B, Hq, Sq, rv]       attention output in value-latent space; the value
+                                  reconstruction L_v is folded into the output projection
+
+Key pipeline per cached slot: k = hk_g @ lk_g^T (+ bias) -> RMSNorm (optional) -> RoPE on
+the first ``rot`` dims (optional) -> scores with q. Query head h reads KV head
+h // (Hq // Hkv) and value group h // (Hq // G).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+ROPE_NONE, ROPE_HALF, ROPE_INTERLEAVED = 0, 1, 2
+
+
+def rotate(x: torch.Tensor, style: int) -> torch.Tensor:
+    """The partner term of RoPE: ``x*cos + rotate(x)*sin``."""
+    if style == ROPE_HALF:  # Llama / NeoX: cat(-x2, x1)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((-x2, x1), dim=-1)
+    if style == ROPE_INTERLEAVED:  # GPT-J: pairs (x0, x1) -> (-x1, x0)
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack((-x2, x1), dim=-1).flatten(-2)
+    raise ValueError(f"unknown rope style {style}")
+
+
+def apply_rope(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: int) -> torch.Tensor:
+    """RoPE on the first ``cos.shape[-1]`` dims of ``k`` [B, H, S, D]; cos/sin [B|1, S, rot]."""
+    rot = cos.shape[-1]
+    cos, sin = cos.unsqueeze(1).to(k.dtype), sin.unsqueeze(1).to(k.dtype)
+    k_rot = k[..., :rot] * cos + rotate(k[..., :rot], style) * sin
+    return torch.cat((k_rot, k[..., rot:]), dim=-1) if rot < k.shape[-1] else k_rot
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.to(x.dtype)
+
+
+def reconstruct_keys(
+    hk: torch.Tensor,
+    lk: torch.Tensor,
+    k_bias: Optional[torch.Tensor],
+    cos: Optional[torch.Tensor],
+    sin: Optional[torch.Tensor],
+    k_norm_weight: Optional[torch.Tensor],
+    head_dim: int,
+    rope_style: int = ROPE_NONE,
+    k_norm_eps: float = 1e-6,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Rebuilt keys [B, Hkv, Skv, D] (bias, RMSNorm, RoPE applied), computed in ``dtype``."""
+    B, Skv, _ = hk.shape
+    G, gsD, rk = lk.shape
+    D = head_dim
+    Hkv = G * gsD // D
+    k = torch.einsum("bsgr,gdr->bgsd", hk.to(dtype).view(B, Skv, G, rk), lk.to(dtype))
+    k = k.view(B, G, Skv, gsD // D, D).transpose(2, 3).reshape(B, Hkv, Skv, D)
+    if k_bias is not None:
+        k = k + k_bias.to(dtype).view(Hkv, 1, D)
+    if k_norm_weight is not None:
+        k = rms_norm(k, k_norm_weight, k_norm_eps)
+    if rope_style != ROPE_NONE:
+        k = apply_rope(k, cos.to(dtype), sin.to(dtype), rope_style)
+    return k
+
+
+def latent_attention_ref(
+    q: torch.Tensor,
+    hk: torch.Tensor,
+    hv: torch.Tensor,
+    lk: Optional[torch.Tensor],
+    k_bias: Optional[torch.Tensor],
+    cos: Optional[torch.Tensor],
+    sin: Optional[torch.Tensor],
+    k_norm_weight: Optional[torch.Tensor],
+    attn_mask: Optional[torch.Tensor],
+    scale: float,
+    softcap: float = 0.0,
+    is_causal: bool = False,
+    rope_style: int = ROPE_NONE,
+    k_norm_eps: float = 1e-6,
+) -> torch.Tensor:
+    """Reference latent attention (see the module docstring for shapes)."""
+    B, Hq, Sq, Dq = q.shape
+    Skv = hk.shape[1]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if lk is None:
+        G = hk.shape[-1] // Dq
+        keys = hk.to(acc).view(B, Skv, G, Dq).transpose(1, 2)  # [B, G, Skv, rk]
+    else:
+        G = lk.shape[0]
+        keys = reconstruct_keys(hk, lk, k_bias, cos, sin, k_norm_weight, Dq, rope_style, k_norm_eps, acc)
+    rv = hv.shape[-1] // G
+    vals = hv.to(acc).view(B, Skv, G, rv).transpose(1, 2)  # [B, G, Skv, rv]
+    keys = keys.repeat_interleave(Hq // keys.shape[1], dim=1)
+    vals = vals.repeat_interleave(Hq // G, dim=1)
+    scores = torch.matmul(q.to(acc), keys.transpose(-1, -2)) * scale
+    if softcap > 0:
+        scores = torch.tanh(scores / softcap) * softcap
+    if is_causal:
+        causal = torch.ones(Sq, Skv, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask.to(acc)
+    p = torch.softmax(scores, dim=-1)
+    return torch.matmul(p, vals).to(q.dtype)

@@ -1,0 +1,306 @@
+"""The site finder: from each attention op back to its K and V projections.
+
+A use-def walk anchored at every attention op (attention.py) follows the key and value
+inputs back through GQA expansion, the KV-cache write, RoPE, k-norm and layout ops to a
+projection of the hidden state. Each link is a small recognizer (recognize.py, layout.py);
+nothing here knows a model or module name. The result is a typed ``AttentionSite`` per
+explained attention op and an ``Unsupported`` with a reason for every other one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Union
+
+import torch
+import torch.fx as fx
+
+from palu_fx.passes.attention import AttentionCall, Unsupported, find_attention_calls
+from palu_fx.passes.fx_utils import CAST_OPS, aten, concrete_shape, is_call, val
+from palu_fx.passes.layout import (
+    LayoutError, Probe, head_rows, is_layout_step, last_dim_rows, replay, start_probe, step_input,
+)
+from palu_fx.passes.recognize import NormLink, RopeLink, match_rms_norm, match_rope, strip_casts
+
+WRITE_OPS = {aten.index_copy_.default, aten.index_copy.default, aten.index_put_.default, aten.index_put.default}
+
+
+class SiteError(ValueError):
+    """Why an attention op cannot be compressed (becomes an ``Unsupported`` reason)."""
+
+
+@dataclass
+class Projection:
+    """``output = input @ W^T + bias`` with ``output`` shaped ``[B, S, F]``."""
+
+    output: fx.Node
+    input: fx.Node
+    weight: fx.Node
+    bias: Optional[fx.Node]
+    transposed: bool  # weight stored [in, out] (Conv1D / addmm with the raw parameter)
+
+
+@dataclass
+class Chain:
+    """A projection and what happens to it until the cache (or the attention op)."""
+
+    proj: Projection
+    rows: torch.Tensor  # [H, D] projection row feeding (head, dim)
+    rope: Optional[RopeLink] = None
+    rope_probe: Optional[Probe] = None  # index probe at the rope input (for cos/sin axes)
+    norm: Optional[NormLink] = None
+
+
+@dataclass
+class CacheWrite:
+    write: fx.Node  # the in-place write node (its output is the updated cache)
+    buffer: fx.Node  # the cache placeholder
+    dim: int  # sequence dim of the buffer
+    index: fx.Node
+    value: fx.Node
+
+
+@dataclass
+class AttentionSite:
+    index: int
+    call: AttentionCall
+    key: Chain
+    value: Chain
+    key_cache: Optional[CacheWrite]
+    value_cache: Optional[CacheWrite]
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    v_head_dim: int
+    notes: list = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return f"attn{self.index}"
+
+    @property
+    def rope_kind(self) -> str:
+        r = self.key.rope
+        if r is None:
+            return "none"
+        kind = {1: "rotate-half", 2: "interleaved"}[r.style]
+        return kind if r.rot_dim == self.head_dim else f"{kind} (partial {r.rot_dim}/{self.head_dim})"
+
+
+# --------------------------------------------------------------------------- projections
+def _param(node) -> Optional[fx.Node]:
+    node = strip_casts(node) if isinstance(node, fx.Node) else node
+    if isinstance(node, fx.Node) and node.op in ("placeholder", "get_attr"):
+        return node
+    return None
+
+
+def match_projection(node: fx.Node, is_weight: Callable[[fx.Node], bool]) -> Optional[Projection]:
+    if is_call(node, aten.linear.default):
+        w = _param(node.args[1])
+        b = node.args[2] if len(node.args) > 2 else None
+        if w is not None and is_weight(w) and (b is None or _param(b) is not None):
+            return Projection(node, node.args[0], w, _param(b) if b is not None else None, False)
+    # addmm on flattened tokens, viewed back: Conv1D (weight [in, out]) or a decomposed linear.
+    if is_call(node, {aten.view.default, aten.reshape.default, aten._unsafe_view.default}):
+        mm = node.args[0]
+        if is_call(mm, {aten.addmm.default, aten.mm.default}) and len(val(node).shape) == 3:
+            bias, x2, w = (mm.args if mm.target == aten.addmm.default else (None, *mm.args))
+            if is_call(x2, {aten.view.default, aten.reshape.default, aten._unsafe_view.default}):
+                x3 = x2.args[0]
+                transposed = True
+                if is_call(w, {aten.t.default, aten.permute.default, aten.transpose.int}):
+                    w, transposed = w.args[0], False
+                w = _param(w)
+                if w is not None and is_weight(w) and (bias is None or _param(bias) is not None) and len(val(x3).shape) == 3:
+                    return Projection(node, x3, w, _param(bias) if bias is not None else None, transposed)
+    return None
+
+
+# --------------------------------------------------------------------------- chains
+def trace_chain(start: fx.Node, allow_transforms: bool, is_weight, what: str) -> tuple[Projection, list]:
+    """Walk back from ``start`` to a projection; returns it and the links in forward order."""
+    steps: list = []
+    cur = start
+    for _ in range(200):
+        proj = match_projection(cur, is_weight)
+        if proj is not None:
+            steps.reverse()
+            return proj, steps
+        if is_layout_step(cur) or is_call(cur, CAST_OPS):
+            steps.append(cur)
+            cur = step_input(cur)
+            continue
+        link = match_rope(cur) or match_rms_norm(cur)
+        if link is not None:
+            if not allow_transforms:
+                raise SiteError(f"{what} pass through {'RoPE' if isinstance(link, RopeLink) else 'a norm'} before the "
+                                "cache; only layout ops can be folded on this path")
+            steps.append(link)
+            cur = link.input
+            continue
+        if cur.op == "placeholder":
+            raise SiteError(f"{what} are not a projection of the hidden state (they come from input '{cur.name}')")
+        raise SiteError(f"unsupported op between the {what[:-1]} projection and the attention: "
+                        f"{getattr(cur.target, '__name__', cur.target)} ({cur.name})")
+    raise SiteError(f"{what}: chain too long")
+
+
+def replay_chain(proj: Projection, steps: list, batch_axis: int, seq_axis: int, allow_repeat: bool) -> Chain:
+    probe = start_probe(concrete_shape(proj.output))
+    rope = norm = rope_probe = None
+    marks = []
+    for step in steps:
+        if isinstance(step, RopeLink):
+            rope, rope_probe = step, probe
+            marks.append(("RoPE", probe))
+        elif isinstance(step, NormLink):
+            if norm is not None:
+                raise SiteError("two norms on the key path")
+            norm = step
+            marks.append(("k-norm", probe))
+        else:
+            probe = replay(step, probe)
+    ndim = len(probe.shape)
+    if ndim != 4:
+        raise SiteError(f"the cached tensor has {ndim} dims; expected [batch, heads, seq, head_dim] in some order")
+    head_axis = ({0, 1, 2, 3} - {batch_axis, seq_axis, 3}).pop()
+    try:
+        rows = _rows(probe, batch_axis, head_axis, seq_axis, allow_repeat)
+    except LayoutError as e:
+        raise SiteError(str(e)) from None
+    head_set = {tuple(r) for r in rows.tolist()}
+    for what, p in marks:
+        if p.shape[-1] != rows.shape[1] or last_dim_rows(p) != head_set:
+            raise SiteError(f"{what} acts on {p.shape[-1]} features that are not one head of "
+                            f"{rows.shape[1]} (not a per-head transform)")
+    return Chain(proj, rows, rope, rope_probe, norm)
+
+
+def _rows(probe, batch_axis, head_axis, seq_axis, allow_repeat) -> torch.Tensor:
+    if not allow_repeat:
+        return head_rows(probe, batch_axis, head_axis, seq_axis, 3)
+    # Without a cache the attention input may already be GQA-expanded: [Hq, D] rows where
+    # query head h reads KV head h // n_rep. Undo the expansion.
+    perm = (batch_axis, seq_axis, head_axis, 3)
+    feat = probe.feat.permute(perm)
+    heads = feat[0, 0]
+    first = [0] + [h for h in range(1, heads.shape[0]) if not torch.equal(heads[h], heads[h - 1])]
+    n_rep = heads.shape[0] // len(first)
+    if n_rep * len(first) != heads.shape[0] or not torch.equal(heads, heads[first].repeat_interleave(n_rep, 0)):
+        raise LayoutError("keys are repeated across query heads in a pattern other than GQA (h // n_rep)")
+    dedup = Probe(*(t.index_select(head_axis, torch.tensor(first)) for t in (probe.feat, probe.bidx, probe.sidx)))
+    return head_rows(dedup, batch_axis, head_axis, seq_axis, 3)
+
+
+# --------------------------------------------------------------------------- the cache
+def _write_of(node: fx.Node) -> Optional[fx.Node]:
+    if is_call(node, WRITE_OPS):
+        return node
+    if node.op == "placeholder":
+        writes = [u for u in node.users if is_call(u, WRITE_OPS) and u.args[0] is node]
+        if len(writes) > 1:
+            raise SiteError(f"cache '{node.name}' is written {len(writes)} times in one step")
+        return writes[0] if writes else None
+    return None
+
+
+def trace_cache(attn_input: fx.Node) -> tuple[Optional[CacheWrite], list]:
+    """Follow an attention K/V input back through GQA expansion to a cache write."""
+    steps, cur = [], attn_input
+    while is_layout_step(cur) or is_call(cur, CAST_OPS):
+        steps.append(cur)
+        cur = step_input(cur)
+    if is_call(cur, aten.cat.default):
+        raise SiteError("the cache grows by concatenation (dynamic cache); export with a static cache")
+    write = _write_of(cur)
+    if write is None:
+        return None, []
+    buf = write.args[0]
+    if buf.op != "placeholder":
+        raise SiteError("the cache written is not a program buffer")
+    if write.target in (aten.index_put_.default, aten.index_put.default):
+        idx = [i for i, t in enumerate(write.args[1]) if t is not None]
+        if len(idx) != 1 or (len(write.args) > 3 and write.args[3]):
+            raise SiteError("cache write indexes more than one dim (or accumulates)")
+        dim, index, value = idx[0], write.args[1][idx[0]], write.args[2]
+    else:
+        dim, index, value = write.args[1], write.args[2], write.args[3]
+    dim = dim % len(val(buf).shape)
+    if len(val(buf).shape) != 4 or dim not in (1, 2):
+        raise SiteError(f"cache of shape {list(val(buf).shape)} written along dim {dim} is not a per-head KV cache")
+    steps.reverse()
+    return CacheWrite(write, buf, dim, index, value), steps
+
+
+def check_expansion(cache: CacheWrite, steps: list, num_q_heads: int) -> None:
+    """The layout steps from cache to attention are GQA expansion only (q head h -> kv h // n_rep)."""
+    shp = concrete_shape(cache.buffer)
+    seq, head = cache.dim, 3 - cache.dim
+    idx = [torch.arange(n).view([-1 if a == i else 1 for a in range(4)]).expand(shp).clone() for i, n in enumerate(shp)]
+    probe = Probe(idx[head], idx[seq], idx[3])
+    for s in steps:
+        probe = replay(s, probe)
+    if len(probe.shape) != 4:
+        raise SiteError("the attention does not read the cache as [batch, heads, seq, head_dim]")
+    Hq, S, D = probe.shape[1:]
+    Hkv = shp[head]
+    if D != shp[3] or S != shp[seq]:
+        raise SiteError("the attention reads a slice of the cache, not all of it")
+    n_rep = Hq // Hkv if Hq % Hkv == 0 else 0
+    expect_h = (torch.arange(Hq) // max(n_rep, 1)).view(1, Hq, 1, 1)
+    ok = (n_rep > 0 and torch.equal(probe.feat, expect_h.expand_as(probe.feat))
+          and torch.equal(probe.bidx, torch.arange(S).view(1, 1, S, 1).expand_as(probe.bidx))
+          and torch.equal(probe.sidx, torch.arange(D).view(1, 1, 1, D).expand_as(probe.sidx)))
+    if not ok:
+        raise SiteError("the cache reaches the attention through something other than GQA expansion")
+
+
+# --------------------------------------------------------------------------- sites
+def _site(index: int, call: AttentionCall, is_weight) -> AttentionSite:
+    qv = val(call.q)
+    if len(qv.shape) != 4:
+        raise SiteError(f"queries have shape {list(qv.shape)}; expected [batch, heads, seq, head_dim]")
+    Hq, D = int(qv.shape[1]), int(qv.shape[-1])
+    chains, caches = {}, {}
+    for role, node in (("keys", call.k), ("values", call.v)):
+        cache, steps = trace_cache(node)
+        if cache is not None:
+            check_expansion(cache, steps, Hq)
+            proj, links = trace_chain(cache.value, role == "keys", is_weight, role)
+            chain = replay_chain(proj, links, 0, cache.dim, allow_repeat=False)
+        else:
+            proj, links = trace_chain(node, role == "keys", is_weight, role)
+            chain = replay_chain(proj, links, 0, 2, allow_repeat=True)
+        chains[role], caches[role] = chain, cache
+    k, v = chains["keys"], chains["values"]
+    Hkv, Dk = k.rows.shape
+    if Dk != D:
+        raise SiteError(f"key head dim {Dk} differs from query head dim {D}")
+    if v.rows.shape[0] != Hkv:
+        raise SiteError(f"{Hkv} key heads but {v.rows.shape[0]} value heads")
+    if Hq % Hkv:
+        raise SiteError(f"{Hq} query heads are not a multiple of {Hkv} KV heads")
+    if (caches["keys"] is None) != (caches["values"] is None):
+        raise SiteError("keys and values are not both cached")
+    return AttentionSite(index, call, k, v, caches["keys"], caches["values"], Hq, Hkv, D, int(v.rows.shape[1]))
+
+
+def find_sites(graph: fx.Graph, leaf, is_weight) -> tuple[list[AttentionSite], list[Unsupported]]:
+    """All attention sites of ``graph`` and the attention ops left alone (with reasons).
+
+    ``leaf(node)`` returns the real tensor of a parameter/buffer placeholder;
+    ``is_weight(node)`` says whether a placeholder is a parameter (a foldable weight).
+    """
+    sites, skipped = [], []
+    for call in find_attention_calls(graph, leaf):
+        if isinstance(call, Unsupported):
+            skipped.append(call)
+            continue
+        try:
+            sites.append(_site(len(sites), call, is_weight))
+        except SiteError as e:
+            skipped.append(Unsupported(call.output, str(e)))
+    return sites, skipped
+
+
+__all__ = ["AttentionSite", "Chain", "CacheWrite", "Projection", "SiteError", "find_sites", "Unsupported"]

@@ -1,0 +1,180 @@
+"""Graph surgery: sites + a compression plan -> latent projections, latent cache, latent attention.
+
+For each site (all new nodes are inserted just before the attention op):
+
+    hk = x_k @ R_kᵀ                      [B, S, G*rk]   (replaces the K projection)
+    hv = x_v @ R_vᵀ                      [B, S, G*rv]
+    latent_k.index_copy_(1, pos, hk)     latent cache [B, S_max, G*rk] replaces K's buffer
+    latent_v.index_copy_(1, pos, hv)
+    cos_cache.index_copy_(1, pos, cos)   RoPE only: the rotary coefficients of each slot,
+                                         shared by every layer that uses the same table
+    z = palu::latent_attention(q, latent_k, latent_v, L_k, ...)   [B, Hq, Sq, rv]
+    out = z @ L_vᵀ (+ b_v)  -> old users; or folded into the output projection
+
+Models without RoPE or k-norm absorb ``L_k`` into the query (``q' = q @ L_k``) and attend in
+latent space. The old caches, projections and attention nodes become dead and are removed;
+the ``StateEditor`` (export or compile flavour) owns placeholders and their tensors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Protocol
+
+import torch
+import torch.fx as fx
+
+from palu_fx.kernels.latent_attention.naive import ROPE_NONE
+from palu_fx.passes.find import AttentionSite, SiteError
+from palu_fx.passes.fold import fold_value_into_output
+from palu_fx.passes.rotary import RotaryCaches, slot_coefficients
+from palu_fx.passes.fx_utils import NodeBuilder, aten, concrete_shape, evaluate, val
+from palu_fx.plan import SitePlan
+
+palu = torch.ops.palu
+
+
+class StateEditor(Protocol):
+    def add_param(self, name: str, tensor: torch.Tensor) -> fx.Node: ...
+    def add_buffer(self, name: str, tensor: torch.Tensor) -> fx.Node: ...
+    def tensor(self, node: fx.Node) -> torch.Tensor: ...
+    def is_param(self, node: fx.Node) -> bool: ...
+
+
+@dataclass
+class SiteResult:
+    site: str
+    layer: int
+    rope: str
+    q_heads: int
+    kv_heads: int
+    group_size: int
+    rank_k: int
+    rank_v: int
+    head_dim: int
+    cached: bool
+    absorbed: bool
+    folded: bool
+    bytes_before: int
+    bytes_after: int
+    table_bytes: int = 0  # constant rotary tables (shared by layers; not per token)
+    notes: list = field(default_factory=list)
+
+
+def _nbytes(v) -> int:
+    return v.numel() * v.element_size()
+
+
+def _per_query_head(L: torch.Tensor, q_heads: int, kv_heads: int, head_dim: int) -> torch.Tensor:
+    """``[Hq, D, r]``: the slice of the group factor each query head reads."""
+    G, gsD, r = L.shape
+    gs = gsD // head_dim
+    per_kv = L.view(G, gs, head_dim, r).reshape(kv_heads, head_dim, r)
+    return per_kv.repeat_interleave(q_heads // kv_heads, dim=0)
+
+
+def rewrite_site(graph: fx.Graph, site: AttentionSite, sp: SitePlan, editor: StateEditor,
+                 rotary: RotaryCaches, fold: bool) -> SiteResult:
+    call = site.call
+    anchor = min(call.nodes, key=lambda n: _order(graph)[n])
+    b = NodeBuilder(graph, meta_from=anchor)
+    p = site.name
+    Hq, Hkv, D, Dv = site.num_q_heads, site.num_kv_heads, site.head_dim, site.v_head_dim
+    kf, vf = sp.key, sp.value
+    G = kf.groups
+    rope, norm = site.key.rope, site.key.norm
+    absorbed = rope is None and norm is None and (kf.bias is None or call.softcap == 0)
+    with graph.inserting_before(anchor):
+        dt = val(site.key.proj.output).dtype
+        Rk = editor.add_param(f"palu_{p}_k_down", kf.R.reshape(-1, kf.R.shape[-1]).to(dt))
+        Rv = editor.add_param(f"palu_{p}_v_down", vf.R.reshape(-1, vf.R.shape[-1]).to(dt))
+    with graph.inserting_before(anchor):
+        hk = b.call(aten.linear.default, site.key.proj.input, Rk)
+        hv = b.call(aten.linear.default, site.value.proj.input, Rv)
+        before = after = 0
+        if site.key_cache is not None:
+            for role, cache, h in (("k", site.key_cache, hk), ("v", site.value_cache, hv)):
+                shp = concrete_shape(cache.buffer)
+                bv = val(cache.buffer)
+                latent = torch.zeros(shp[0], shp[cache.dim], val(h).shape[-1], dtype=bv.dtype, device=bv.device)
+                buf = editor.add_buffer(f"palu_{p}_{role}_latent", latent)
+                before += _nbytes(bv)
+                after += _nbytes(latent)
+                h_written = b.call(aten.index_copy_.default, buf, 1, cache.index, h)
+                if role == "k":
+                    hk = h_written
+                else:
+                    hv = h_written
+        cos = sin = None
+        table_bytes = 0
+        if rope is not None and site.key_cache is not None:
+            cos, sin, pos_bytes, table_bytes = rotary.coefficients(b, site)
+            after += pos_bytes
+        elif rope is not None:
+            cos, sin = slot_coefficients(b, site, rope.cos), slot_coefficients(b, site, rope.sin)
+        q = call.q
+        lk = k_bias = knw = None
+        if absorbed:
+            Lq = editor.add_param(f"palu_{p}_q_absorb", _per_query_head(kf.L, Hq, Hkv, D).to(val(q).dtype))
+            q = b.call(aten.matmul.default, q, Lq)
+        else:
+            lk = editor.add_param(f"palu_{p}_k_up", kf.L.to(dt))
+            if kf.bias is not None:
+                k_bias = editor.add_param(f"palu_{p}_k_bias", kf.bias.to(dt))
+        eps = 1e-6
+        if norm is not None:
+            w = torch.ones(D) if norm.weight is None else evaluate([norm.weight], {}, editor.tensor)[0]
+            knw = editor.add_param(f"palu_{p}_k_norm", w.detach().reshape(-1).expand(D).contiguous().to(torch.float32))
+            eps = norm.eps
+        mask = call.mask
+        if mask is not None and call.mask_kind == "bool_masked":
+            mask = b.call(aten.logical_not.default, mask)
+        z = b.call(palu.latent_attention.default, q, hk, hv, lk, k_bias, cos, sin, knw, mask, call.scale,
+                   call.softcap, call.is_causal, rope.style if rope is not None else ROPE_NONE, eps)
+        folded = fold and fold_value_into_output(graph, b, site, sp, z, editor)
+        if not folded:
+            Lv = editor.add_param(f"palu_{p}_v_up", _per_query_head(vf.L, Hq, Hkv, Dv).transpose(1, 2).contiguous().to(dt))
+            out = b.call(aten.matmul.default, z, Lv)
+            if vf.bias is not None:
+                bq = vf.bias.view(Hkv, 1, Dv).repeat_interleave(Hq // Hkv, 0)
+                out = b.call(aten.add.Tensor, out, editor.add_param(f"palu_{p}_v_bias", bq.to(dt)))
+            call.output.replace_all_uses_with(out)
+    return SiteResult(p, site.index, site.rope_kind, Hq, Hkv, sp.group_size, kf.rank, vf.rank, D,
+                      site.key_cache is not None, absorbed, folded, before, after, table_bytes)
+
+
+def _order(graph: fx.Graph) -> dict:
+    return {n: i for i, n in enumerate(graph.nodes)}
+
+
+def old_writes(sites) -> list[fx.Node]:
+    """The K/V cache writes the rewrite made obsolete (removed by ``cleanup``)."""
+    return [c.write for s in sites for c in (s.key_cache, s.value_cache) if c is not None]
+
+
+def _mutates(node: fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return schema is None or schema.is_mutable
+
+
+def cleanup(graph: fx.Graph, writes: list[fx.Node]) -> None:
+    """Remove dead code, including the in-place writes into the replaced caches.
+
+    fx's own dead code elimination keeps in-place ops and anything viewing a mutated
+    buffer, so we sweep ourselves: a node with no users dies unless it mutates something
+    (the obsolete cache writes excepted) or is a placeholder/output.
+    """
+    doomed = set(writes)
+    changed = True
+    while changed:
+        changed = False
+        for n in reversed(list(graph.nodes)):
+            if n.op != "call_function" or n.users:
+                continue
+            if n in doomed or not _mutates(n) or n.target == aten._assert_tensor_metadata.default and _dead_input(n):
+                graph.erase_node(n)
+                changed = True
+
+
+def _dead_input(n: fx.Node) -> bool:
+    """An assertion about a tensor nothing else reads any more."""
+    return all(len(i.users) == 1 for i in n.all_input_nodes)

@@ -1,0 +1,198 @@
+"""Per-group low-rank factorization of a K or V projection weight: plain or whitened SVD.
+
+A projection ``y = x @ Wᵀ`` with ``W [G*gsD, d_in]`` (rows ordered group-major: group g owns
+rows ``g*gsD : (g+1)*gsD``) is replaced per group by ``W_g ≈ L_g @ R_g``, ``L_g [gsD, r]``,
+``R_g [r, d_in]``. The cache stores the latent ``h = x @ R_gᵀ [.., r]`` and ``L_g`` rebuilds
+keys/values (or is folded into the query / output projection).
+
+Two methods:
+- plain truncated SVD (``gram=None``): best approximation of ``W`` itself; data-free.
+- whitened ("truncation-aware") SVD (``gram = XᵀX`` of the activations entering the
+  projection): best approximation of the *outputs* ``X Wᵀ`` on those activations. With
+  ``S`` the Cholesky factor (``gram = S Sᵀ``), ``||X(W - W_r)ᵀ||_F = ||(W - W_r) S||_F``, so
+  the truncated SVD of ``W S`` is optimal; ``S`` is then removed from the right factor. The
+  singular values of ``W S`` measure output energy, which is what rank allocation needs.
+
+Where the singular values go: entirely into ``L`` (``R = Vᵀ`` or ``Vᵀ S⁻¹``). Why:
+- the latent is what gets cached and quantized. For the whitened method the latent
+  channels ``x Vᵀ S⁻¹`` are then uncorrelated with equal energy on the calibration data, the
+  best case for a per-token quantizer with one scale shared across channels (a channel
+  scaled by ``σ_i`` would set the range and crush the weak ones; Palu's ``sqrt(σ)`` split
+  leaves a ``sqrt(σ_1/σ_r)`` spread). For plain SVD ``R`` has orthonormal rows, so latents
+  keep the magnitude of ``x`` and never overflow fp16 however large ``σ_1`` is.
+- ``L`` is folded into other matmuls (query, output projection) or used once per key
+  rebuild, where scale is harmless. ``split="sqrt"`` gives Palu's symmetric split if wanted.
+
+Everything is computed in float64 (Cholesky and triangular solves of activation Grams are
+badly conditioned in float32) and returned in the weight's dtype (float32 for low-precision
+weights, so the caller chooses when to round).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+__all__ = [
+    "Decomposition",
+    "decompose",
+    "factorize",
+    "singular_values",
+    "whitening_factor",
+    "reconstruction_error",
+]
+
+Split = Literal["left", "sqrt"]
+
+
+def _out_dtype(weight: torch.Tensor) -> torch.dtype:
+    return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def whitening_factor(gram: torch.Tensor, max_tries: int = 12) -> tuple[torch.Tensor, float]:
+    """Lower-triangular ``S`` with ``S Sᵀ = gram + shift·I`` (float64), and the shift used.
+
+    ``XᵀX`` is only positive semi-definite: inputs that never fire, fewer calibration tokens
+    than features, or float32 accumulation make Cholesky fail. The shift starts at 0 and,
+    on failure, at 1e-10 of the mean diagonal, growing x10 per try; it only enlarges the
+    energy of directions the data did not show, and ``L @ R`` stays exact at full rank
+    whatever the shift (``S`` is removed exactly).
+    """
+    g = gram.detach().to(torch.float64)
+    if g.ndim != 2 or g.shape[0] != g.shape[1]:
+        raise ValueError(f"gram must be square [d_in, d_in], got {tuple(gram.shape)}")
+    if not torch.isfinite(g).all():
+        raise ValueError("gram contains inf/nan (overflow while accumulating XᵀX? accumulate in float64)")
+    g = 0.5 * (g + g.T)  # accumulation order leaves tiny asymmetries; Cholesky reads one triangle
+    scale = float(g.diagonal().abs().mean())
+    if scale == 0.0:
+        scale = 1.0  # all-zero activations: whitening degenerates to the identity (plain SVD)
+    eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+    shift = 0.0
+    for attempt in range(max_tries):
+        shift = 0.0 if attempt == 0 else scale * 1e-10 * 10.0 ** (attempt - 1)
+        s, info = torch.linalg.cholesky_ex(g + shift * eye)
+        if int(info) == 0 and bool(torch.isfinite(s).all()):
+            return s, shift
+    raise ValueError(f"gram is not positive definite even with a diagonal shift of {shift:.3g}")
+
+
+@dataclass(frozen=True)
+class Decomposition:
+    """Full per-group SVD of one projection, truncated on demand (one SVD, any rank).
+
+    Shapes: ``u [G, gsD, k]``, ``s [G, k]`` (descending), ``vh [G, k, d_in]`` with
+    ``k = min(gsD, d_in)``, all float64, such that ``W_g = u_g diag(s_g) vh_g`` (``vh``
+    already has the whitening removed).
+    """
+
+    u: torch.Tensor
+    s: torch.Tensor
+    vh: torch.Tensor
+    whitened: bool
+    shift: float
+    out_dtype: torch.dtype
+
+    @property
+    def num_groups(self) -> int:
+        return self.u.shape[0]
+
+    @property
+    def group_rows(self) -> int:
+        return self.u.shape[1]
+
+    def truncate(self, rank: int, split: Split = "left") -> tuple[torch.Tensor, torch.Tensor]:
+        """``L [G, gsD, rank]``, ``R [G, rank, d_in]`` keeping the top ``rank`` directions.
+
+        ``rank`` may exceed ``k`` only up to ``gsD`` (the group's nominal full rank); the extra
+        components are zero, so ``rank == gsD`` always reproduces ``W``.
+        """
+        gsd, k = self.group_rows, self.s.shape[1]
+        if not 1 <= rank <= gsd:
+            raise ValueError(f"rank={rank} must be in [1, {gsd}] (rows per group)")
+        kept = min(rank, k)
+        u, s, vh = self.u[:, :, :kept], self.s[:, :kept], self.vh[:, :kept, :]
+        if split == "left":
+            left, right = u * s[:, None, :], vh
+        elif split == "sqrt":
+            root = s.sqrt()
+            left, right = u * root[:, None, :], vh * root[:, :, None]
+        else:
+            raise ValueError(f"split={split!r}: expected 'left' or 'sqrt'")
+        if kept < rank:  # gsD > d_in: pad with null directions so shapes match the request
+            pad = rank - kept
+            left = torch.nn.functional.pad(left, (0, pad))
+            right = torch.nn.functional.pad(right, (0, 0, 0, pad))
+        return left.to(self.out_dtype).contiguous(), right.to(self.out_dtype).contiguous()
+
+
+def decompose(weight: torch.Tensor, num_groups: int, gram: torch.Tensor | None = None) -> Decomposition:
+    """Per-group SVD of ``weight [G*gsD, d_in]``; whitened by ``gram = XᵀX [d_in, d_in]`` if given."""
+    if weight.ndim != 2:
+        raise ValueError(f"weight must be 2-D [G*gsD, d_in], got shape {tuple(weight.shape)}")
+    if num_groups < 1 or weight.shape[0] % num_groups:
+        raise ValueError(f"num_groups={num_groups} must divide the {weight.shape[0]} rows of weight")
+    rows, d_in = weight.shape
+    gsd = rows // num_groups
+    w = weight.detach().to(torch.float64).reshape(num_groups, gsd, d_in)
+    shift = 0.0
+    if gram is None:
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    else:
+        if gram.shape != (d_in, d_in):
+            raise ValueError(f"gram must be [{d_in}, {d_in}] to match weight's inputs, got {tuple(gram.shape)}")
+        chol, shift = whitening_factor(gram.to(weight.device))
+        u, s, vh_white = torch.linalg.svd(w @ chol, full_matrices=False)
+        # Undo the whitening on the right: vh = vh_white S⁻¹, i.e. Sᵀ vhᵀ = vh_whiteᵀ. A
+        # triangular solve is both cheaper and more accurate than forming S⁻¹.
+        vh = torch.linalg.solve_triangular(chol.T, vh_white.transpose(-1, -2), upper=True).transpose(-1, -2)
+    return Decomposition(u, s, vh, gram is not None, shift, _out_dtype(weight))
+
+
+def factorize(
+    weight: torch.Tensor,
+    num_groups: int,
+    rank: int,
+    gram: torch.Tensor | None = None,
+    *,
+    split: Split = "left",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-``rank`` factors of every group of ``weight [G*gsD, d_in]``.
+
+    Returns ``L [G, gsD, rank]`` and ``R [G, rank, d_in]`` with
+    ``weight[g*gsD:(g+1)*gsD] ≈ L[g] @ R[g]`` (exact at ``rank == gsD``). With ``gram``
+    (``XᵀX`` of the projection's input activations) the error is minimized on those
+    activations rather than on the weight itself.
+    """
+    return decompose(weight, num_groups, gram).truncate(rank, split)
+
+
+def singular_values(weight: torch.Tensor, num_groups: int, gram: torch.Tensor | None = None) -> torch.Tensor:
+    """Singular values ``[G, gsD]`` (float64, descending, zero-padded past ``d_in``) per group.
+
+    Whitened when ``gram`` is given: then ``sum(s[g, r:]**2)`` is exactly the squared output
+    error ``||X (W_g - L_g R_g)ᵀ||²`` of keeping rank ``r``, the quantity allocators trade.
+    """
+    dec = decompose(weight, num_groups, gram)
+    pad = dec.group_rows - dec.s.shape[1]
+    return torch.nn.functional.pad(dec.s, (0, pad)) if pad > 0 else dec.s
+
+
+def reconstruction_error(
+    weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor, gram: torch.Tensor | None = None
+) -> float:
+    """Relative error of ``L @ R`` against ``weight``: ``||E S|| / ||W S||`` (Frobenius).
+
+    With ``gram`` this is the relative output error on the calibration activations
+    (``tr(E gram Eᵀ)`` is ``||X Eᵀ||²``); without, the plain relative weight error.
+    """
+    w = weight.detach().to(torch.float64)
+    approx = (left.to(torch.float64) @ right.to(torch.float64)).reshape(w.shape)
+    err = w - approx
+    if gram is None:
+        return float(err.norm() / w.norm())
+    g = gram.to(torch.float64)
+    num = torch.einsum("ij,jk,ik->", err, g, err)
+    den = torch.einsum("ij,jk,ik->", w, g, w)
+    return float((num.clamp_min(0) / den).sqrt())

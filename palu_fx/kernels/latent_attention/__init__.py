@@ -1,8 +1,19 @@
-"""Latent attention: Triton kernels (CUDA, or the interpreter) and the reference."""
+"""Latent attention: Triton kernels (CUDA, or the interpreter) and the reference.
+
+The Triton modules are imported on first use, not here: ``palu_fx.ops`` imports this
+package on every machine, and Triton decides at kernel-definition time whether kernels are
+compiled or interpreted (``TRITON_INTERPRET=1``), so tests must be able to set that first.
+"""
 from palu_fx.kernels.latent_attention.naive import latent_attention_ref, reconstruct_keys
 
 __all__ = ["latent_attention_ref", "reconstruct_keys", "triton_latent_attention"]
 
 
 def triton_latent_attention(*args, **kwargs):
-    raise NotImplementedError("the Triton latent-attention kernel has not landed yet")
+    """Triton latent attention (same arguments as ``latent_attention_ref``).
+
+    Keyword-only extras (``config``, ``path``): see ``wrapper.latent_attention_triton``.
+    """
+    from palu_fx.kernels.latent_attention.wrapper import latent_attention_triton
+
+    return latent_attention_triton(*args, **kwargs)

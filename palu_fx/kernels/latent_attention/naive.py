@@ -121,4 +121,6 @@ def latent_attention_ref(
         else:
             scores = scores + attn_mask.to(acc)
     p = torch.softmax(scores, dim=-1)
+    # a fully masked row gives zeros, as F.scaled_dot_product_attention does (not NaN)
+    p = p.masked_fill(torch.isneginf(scores).all(dim=-1, keepdim=True), 0.0)
     return torch.matmul(p, vals).to(q.dtype)

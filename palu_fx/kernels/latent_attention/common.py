@@ -1,0 +1,298 @@
+"""Triton pieces shared by the latent-attention kernels.
+
+Layout conventions (all kernels):
+
+* A program owns one ``(batch, group)`` pair, one query block and one split of the cached
+  sequence. Its ``M_BLOCK`` "rows" are (query position, query head of the group) pairs,
+  position-major: row ``r`` is head ``r % HPG_P`` of the group at query position
+  ``q_block * (M_BLOCK // HPG_P) + r // HPG_P``. Padding rows (head >= HPG or position >= Sq)
+  compute harmless finite values and are never stored.
+* Scores are kept transposed, ``[BLOCK_S, M_BLOCK]`` (tokens x rows): the rebuilt key tile,
+  the large operand, then enters the score ``tl.dot`` as the A operand straight from
+  registers, and only the small query tile needs shared memory.
+* Softmax runs in base 2 (``exp2``) with ``LOG2E`` folded into the score scale. A row whose
+  every score is ``-inf`` (fully masked) yields zeros, like ``F.scaled_dot_product_attention``.
+* With ``NSPLIT > 1`` each program writes a normalised partial output and its base-2 LSE;
+  ``combine_splits_kernel`` merges them. With one split the kernel stores the final rows.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+# mask kinds (constexpr MASK_KIND)
+MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
+
+
+@triton.jit
+def mma(a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """``tl.dot`` with an fp32 accumulator.
+
+    UPCAST: the interpreter's bf16 dot is wrong, so the wrapper asks for fp32 operands there.
+    IEEE: fp32 inputs keep full precision (the default fp32 dot is tf32 on the GPU).
+    """
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def row_coords(pid_bg, pid_q, G, Hq, Sq, HPG: tl.constexpr, HPG_P: tl.constexpr, M_BLOCK: tl.constexpr):
+    """(batch, group, query head [M], query position [M], row valid [M]) of a program."""
+    b = pid_bg // G
+    g = pid_bg % G
+    rows = tl.arange(0, M_BLOCK)
+    h_loc = rows % HPG_P
+    qi = pid_q * (M_BLOCK // HPG_P) + rows // HPG_P
+    row_ok = (h_loc < HPG) & (qi < Sq)
+    head = g * HPG + h_loc
+    return b, g, h_loc, head, qi, row_ok
+
+
+@triton.jit
+def kv_range(pid_s, pid_q, chunk, Skv, Sq, IS_CAUSAL: tl.constexpr, SQB: tl.constexpr):
+    """Token range [lo, hi) of this split; causal (top-left aligned) stops past the last query."""
+    lo = pid_s * chunk
+    hi = tl.minimum(lo + chunk, Skv)
+    if IS_CAUSAL:
+        last_q = tl.minimum(pid_q * SQB + SQB, Sq) - 1
+        hi = tl.minimum(hi, last_q + 1)
+    return lo, hi
+
+
+@triton.jit
+def tanh_f32(x):
+    # 1 - 2 / (e^{2x} + 1): saturates cleanly to +-1 (exp overflow gives inf -> 1)
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def scores_to_log2(
+    s, kv, kv_ok, qi, m_off, mask_ptr, sm_k, scale, softcap,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, USE_SOFTCAP: tl.constexpr,
+):
+    """Raw dot products ``s`` [BLOCK_S, M] -> base-2 logits with scale, softcap and masks.
+
+    ``m_off`` [M] is each row's offset into the (broadcast-strided) mask.
+    """
+    if USE_SOFTCAP:
+        s = softcap * tanh_f32(s * (scale / softcap))
+        s = s * LOG2E
+    else:
+        s = s * (scale * LOG2E)
+    keep = kv_ok[:, None]
+    if IS_CAUSAL:
+        keep = keep & (kv[:, None] <= qi[None, :])
+    if MASK_KIND == 1:
+        mv = tl.load(mask_ptr + m_off[None, :] + kv[:, None] * sm_k, mask=kv_ok[:, None], other=0)
+        keep = keep & (mv != 0)
+    if MASK_KIND == 2:
+        mv = tl.load(mask_ptr + m_off[None, :] + kv[:, None] * sm_k, mask=kv_ok[:, None], other=0.0)
+        s = s + mv.to(tl.float32) * LOG2E
+    return tl.where(keep, s, float("-inf"))
+
+
+@triton.jit
+def softmax_step(s2, m_i, l_i, acc, v_t, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """One online-softmax step over a token tile.
+
+    s2 [BLOCK_S, M] base-2 logits, acc [RV_P, M] (transposed output), v_t [BLOCK_S, RV_P].
+    """
+    m_new = tl.maximum(m_i, tl.max(s2, axis=0))
+    # a row with no finite logit yet keeps a finite reference so exp2 gives 0, not NaN
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s2 - m_use[None, :])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, axis=0)
+    acc = acc * alpha[None, :] + mma(tl.trans(v_t), p.to(v_t.dtype), UPCAST, IEEE)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def finish_rows(
+    acc, m_i, l_i, out_ptr, part_ptr, lse_ptr, b, head, qi, row_ok,
+    so_b, so_h, so_s, pid_bg, pid_q, pid_s, NQB, NSPLIT,
+    RV: tl.constexpr, RV_P: tl.constexpr, M_BLOCK: tl.constexpr, DIRECT: tl.constexpr,
+):
+    """Normalise and store: final rows (one split) or a partial + LSE (several splits)."""
+    empty = l_i == 0.0
+    o = acc / tl.where(empty, 1.0, l_i)[None, :]
+    c = tl.arange(0, RV_P)
+    if DIRECT:
+        ptrs = out_ptr + b * so_b + head[None, :] * so_h + qi[None, :] * so_s + c[:, None]
+        tl.store(ptrs, o.to(out_ptr.dtype.element_ty), mask=row_ok[None, :] & (c[:, None] < RV))
+    else:
+        rows = tl.arange(0, M_BLOCK)
+        slot = (pid_bg * NQB + pid_q) * NSPLIT + pid_s
+        tl.store(part_ptr + slot * (M_BLOCK * RV_P) + rows[None, :] * RV_P + c[:, None], o)
+        lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+        tl.store(lse_ptr + slot * M_BLOCK + rows, lse)
+
+
+@triton.jit
+def combine_splits_kernel(
+    part_ptr, lse_ptr, out_ptr,
+    G, Hq, Sq, NSPLIT, so_b, so_h, so_s,
+    HPG: tl.constexpr, HPG_P: tl.constexpr, M_BLOCK: tl.constexpr, RV: tl.constexpr, RV_P: tl.constexpr,
+):
+    """Merge the per-split partial outputs of one (batch, group, query block) by their LSEs."""
+    pid_bg = tl.program_id(0)
+    pid_q = tl.program_id(1)
+    NQB = tl.num_programs(1)
+    b, g, h_loc, head, qi, row_ok = row_coords(pid_bg, pid_q, G, Hq, Sq, HPG, HPG_P, M_BLOCK)
+    rows = tl.arange(0, M_BLOCK)
+    c = tl.arange(0, RV_P)
+    base = (pid_bg * NQB + pid_q) * NSPLIT
+    m = tl.full([M_BLOCK], float("-inf"), tl.float32)
+    for s in range(NSPLIT):
+        m = tl.maximum(m, tl.load(lse_ptr + (base + s) * M_BLOCK + rows))
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    acc = tl.zeros([M_BLOCK, RV_P], tl.float32)
+    den = tl.zeros([M_BLOCK], tl.float32)
+    for s in range(NSPLIT):
+        w = tl.math.exp2(tl.load(lse_ptr + (base + s) * M_BLOCK + rows) - m_use)
+        o = tl.load(part_ptr + (base + s) * (M_BLOCK * RV_P) + rows[:, None] * RV_P + c[None, :])
+        acc += o * w[:, None]
+        den += w
+    out = acc / tl.where(den == 0.0, 1.0, den)[:, None]
+    ptrs = out_ptr + b * so_b + head[:, None] * so_h + qi[:, None] * so_s + c[None, :]
+    tl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (c[None, :] < RV))
+
+
+# ---------------------------------------------------------------- key reconstruction
+# Keys are rebuilt one KV head at a time in three column parts of the head: "lo" and "hi"
+# (the two partners of each rotary pair) and "pass" (dims past the rotary ones). Splitting
+# the rows of L_k this way turns RoPE into elementwise math on two tiles, for both
+# rotate-half (lo = first half, hi = second half) and interleaved (lo = even, hi = odd)
+# styles, without permuting registers. Without RoPE everything is "pass".
+
+
+@triton.jit
+def load_lk_head(
+    lk_ptr, g, j, slk_g, slk_r, RK,
+    D: tl.constexpr, RK_P: tl.constexpr, ROPE: tl.constexpr, ROT: tl.constexpr, HALF: tl.constexpr,
+    HALF_P: tl.constexpr, STEP: tl.constexpr, HI_OFF: tl.constexpr, PASS: tl.constexpr,
+    PASS_P: tl.constexpr, HAS_PASS: tl.constexpr,
+):
+    """The three ``L_k^T`` tiles [RK_P, part] of KV head ``j`` of group ``g`` (zeros padded)."""
+    r = tl.arange(0, RK_P)
+    base = lk_ptr + g * slk_g + (j * D) * slk_r + r[:, None]
+    r_ok = r[:, None] < RK
+    d = tl.arange(0, HALF_P)
+    lo = tl.zeros([RK_P, HALF_P], lk_ptr.dtype.element_ty)
+    hi = tl.zeros([RK_P, HALF_P], lk_ptr.dtype.element_ty)
+    if ROPE:
+        ok = r_ok & (d[None, :] < HALF)
+        lo = tl.load(base + (d[None, :] * STEP) * slk_r, mask=ok, other=0.0)
+        hi = tl.load(base + (d[None, :] * STEP + HI_OFF) * slk_r, mask=ok, other=0.0)
+    e = tl.arange(0, PASS_P)
+    ps = tl.zeros([RK_P, PASS_P], lk_ptr.dtype.element_ty)
+    if HAS_PASS:
+        ps = tl.load(base + (ROT + e[None, :]) * slk_r, mask=r_ok & (e[None, :] < PASS), other=0.0)
+    return lo, hi, ps
+
+
+@triton.jit
+def load_q_head(
+    q_ptr, q_row, jr, j, row_ok, sq_d, M_BLOCK: tl.constexpr,
+    ROPE: tl.constexpr, ROT: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr, STEP: tl.constexpr,
+    HI_OFF: tl.constexpr, PASS: tl.constexpr, PASS_P: tl.constexpr, HAS_PASS: tl.constexpr,
+):
+    """Query parts, transposed ([part, M]), of the rows that read KV head ``j``; zeros elsewhere."""
+    mine = (row_ok & (jr == j))[None, :]
+    d = tl.arange(0, HALF_P)[:, None]
+    lo = tl.zeros([HALF_P, M_BLOCK], q_ptr.dtype.element_ty)
+    hi = tl.zeros([HALF_P, M_BLOCK], q_ptr.dtype.element_ty)
+    if ROPE:
+        lo = tl.load(q_ptr + q_row[None, :] + (d * STEP) * sq_d, mask=mine & (d < HALF), other=0.0)
+        hi = tl.load(q_ptr + q_row[None, :] + (d * STEP + HI_OFF) * sq_d, mask=mine & (d < HALF), other=0.0)
+    e = tl.arange(0, PASS_P)[:, None]
+    ps = tl.zeros([PASS_P, M_BLOCK], q_ptr.dtype.element_ty)
+    if HAS_PASS:
+        ps = tl.load(q_ptr + q_row[None, :] + (ROT + e) * sq_d, mask=mine & (e < PASS), other=0.0)
+    return lo, hi, ps
+
+
+@triton.jit
+def load_rope_tables(
+    cos_ptr, sin_ptr, b, kv, kv_ok, sc_b, sc_s, sc_d, ss_b, ss_s, ss_d,
+    HALF: tl.constexpr, HALF_P: tl.constexpr, STEP: tl.constexpr, HI_OFF: tl.constexpr,
+):
+    """cos/sin of each cached slot for the lo and hi parts, fp32 [BLOCK_S, HALF_P]."""
+    d = tl.arange(0, HALF_P)[None, :]
+    ok = kv_ok[:, None] & (d < HALF)
+    cb = cos_ptr + b * sc_b + kv[:, None] * sc_s
+    sb = sin_ptr + b * ss_b + kv[:, None] * ss_s
+    c_lo = tl.load(cb + (d * STEP) * sc_d, mask=ok, other=0.0).to(tl.float32)
+    c_hi = tl.load(cb + (d * STEP + HI_OFF) * sc_d, mask=ok, other=0.0).to(tl.float32)
+    s_lo = tl.load(sb + (d * STEP) * ss_d, mask=ok, other=0.0).to(tl.float32)
+    s_hi = tl.load(sb + (d * STEP + HI_OFF) * ss_d, mask=ok, other=0.0).to(tl.float32)
+    return c_lo, c_hi, s_lo, s_hi
+
+
+@triton.jit
+def load_head_vec(
+    ptr, off,
+    ROPE: tl.constexpr, ROT: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr, STEP: tl.constexpr,
+    HI_OFF: tl.constexpr, PASS: tl.constexpr, PASS_P: tl.constexpr, HAS_PASS: tl.constexpr,
+):
+    """A per-dim vector of one head (key bias, k-norm weight) split into parts, fp32."""
+    d = tl.arange(0, HALF_P)
+    lo = tl.zeros([HALF_P], tl.float32)
+    hi = tl.zeros([HALF_P], tl.float32)
+    if ROPE:
+        lo = tl.load(ptr + off + d * STEP, mask=d < HALF, other=0.0).to(tl.float32)
+        hi = tl.load(ptr + off + d * STEP + HI_OFF, mask=d < HALF, other=0.0).to(tl.float32)
+    e = tl.arange(0, PASS_P)
+    ps = tl.zeros([PASS_P], tl.float32)
+    if HAS_PASS:
+        ps = tl.load(ptr + off + ROT + e, mask=e < PASS, other=0.0).to(tl.float32)
+    return lo, hi, ps
+
+
+@triton.jit
+def rebuild_head(
+    hk_t, lk_lo, lk_hi, lk_ps, bias_ptr, w_ptr, bias_off, c_lo, c_hi, s_lo, s_hi, eps,
+    BLOCK_S: tl.constexpr, D: tl.constexpr, ROPE: tl.constexpr, ROT: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr,
+    STEP: tl.constexpr, HI_OFF: tl.constexpr, PASS: tl.constexpr, PASS_P: tl.constexpr,
+    HAS_PASS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    """One KV head's keys for a token tile: ``hk_t @ L_k^T`` (+bias) -> RMSNorm -> RoPE.
+
+    Returns fp32 (lo, hi, pass) tiles [BLOCK_S, part]; padded columns are exactly zero.
+    """
+    k_lo = tl.zeros([BLOCK_S, HALF_P], tl.float32)
+    k_hi = tl.zeros([BLOCK_S, HALF_P], tl.float32)
+    k_ps = tl.zeros([BLOCK_S, PASS_P], tl.float32)
+    if ROPE:
+        k_lo = mma(hk_t, lk_lo, UPCAST, IEEE)
+        k_hi = mma(hk_t, lk_hi, UPCAST, IEEE)
+    if HAS_PASS:
+        k_ps = mma(hk_t, lk_ps, UPCAST, IEEE)
+    if HAS_BIAS:
+        b_lo, b_hi, b_ps = load_head_vec(bias_ptr, bias_off, ROPE, ROT, HALF, HALF_P, STEP, HI_OFF,
+                                         PASS, PASS_P, HAS_PASS)
+        k_lo += b_lo[None, :]
+        k_hi += b_hi[None, :]
+        k_ps += b_ps[None, :]
+    if HAS_NORM:
+        ss = tl.sum(k_lo * k_lo, axis=1) + tl.sum(k_hi * k_hi, axis=1) + tl.sum(k_ps * k_ps, axis=1)
+        rstd = tl.rsqrt(ss / D + eps)
+        w_lo, w_hi, w_ps = load_head_vec(w_ptr, 0, ROPE, ROT, HALF, HALF_P, STEP, HI_OFF,
+                                         PASS, PASS_P, HAS_PASS)
+        k_lo = k_lo * rstd[:, None] * w_lo[None, :]
+        k_hi = k_hi * rstd[:, None] * w_hi[None, :]
+        k_ps = k_ps * rstd[:, None] * w_ps[None, :]
+    if ROPE:
+        r_lo = k_lo * c_lo - k_hi * s_lo
+        r_hi = k_hi * c_hi + k_lo * s_hi
+        k_lo = r_lo
+        k_hi = r_hi
+    return k_lo, k_hi, k_ps

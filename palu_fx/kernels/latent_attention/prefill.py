@@ -1,0 +1,125 @@
+"""Prefill path: rebuild the keys once with a Triton kernel, then run PyTorch's SDPA.
+
+With many query tokens attention is compute bound and the flash kernels of
+``F.scaled_dot_product_attention`` are hard to beat; what the latent cache adds is the key
+reconstruction (bias, k-norm, RoPE per cached slot), done here in one pass that reads the
+latents once and writes the keys once, in the query dtype. The values stay latent: SDPA
+runs ``P @ hv`` with each KV head reading its group's latent values, so the output is in
+value-latent space, as the op promises.
+
+SDPA's flash path wants one head dim for q, k and v, so the narrower side is zero padded:
+padded key/query columns add 0 to every score, padded value columns are sliced off.
+A value rank above the head dim therefore costs extra attention FLOPs (G-LRD at rank
+ratio 0.5 with 4 heads per group has rank 256 for head dim 128): that is the method's
+price with the value projection folded into ``o_proj``, not a kernel choice.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from palu_fx.kernels.latent_attention.common import load_lk_head, load_rope_tables, rebuild_head
+
+
+@triton.jit
+def rebuild_keys_kernel(
+    hk_ptr, lk_ptr, bias_ptr, cos_ptr, sin_ptr, w_ptr, k_ptr,
+    shk_b, shk_s, slk_g, slk_r,
+    sc_b, sc_s, sc_d, ss_b, ss_s, ss_d,
+    sk_b, sk_h, sk_s,
+    G, Skv, RK, eps,
+    D: tl.constexpr, RK_P: tl.constexpr, GS: tl.constexpr, BLOCK_S: tl.constexpr,
+    ROPE: tl.constexpr, ROT: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr,
+    STEP: tl.constexpr, HI_OFF: tl.constexpr, PASS: tl.constexpr, PASS_P: tl.constexpr,
+    HAS_PASS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Keys [B, Hkv, Skv, >=D] of one token tile and one group; one hk read per tile."""
+    pid_t = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    b = pid_bg // G
+    g = pid_bg % G
+    kv = pid_t * BLOCK_S + tl.arange(0, BLOCK_S)
+    kv_ok = kv < Skv
+    rk = tl.arange(0, RK_P)
+    hk_t = tl.load(hk_ptr + b * shk_b + kv[:, None] * shk_s + (g * RK + rk)[None, :],
+                   mask=kv_ok[:, None] & (rk[None, :] < RK), other=0.0)
+    if ROPE:
+        c_lo, c_hi, s_lo, s_hi = load_rope_tables(cos_ptr, sin_ptr, b, kv, kv_ok, sc_b, sc_s, sc_d,
+                                                  ss_b, ss_s, ss_d, HALF, HALF_P, STEP, HI_OFF)
+    else:
+        c_lo = tl.zeros([BLOCK_S, HALF_P], tl.float32)
+        c_hi = c_lo
+        s_lo = c_lo
+        s_hi = c_lo
+    d = tl.arange(0, HALF_P)[None, :]
+    e = tl.arange(0, PASS_P)[None, :]
+    for j in tl.static_range(GS):
+        t_lo, t_hi, t_ps = load_lk_head(lk_ptr, g, j, slk_g, slk_r, RK, D, RK_P, ROPE, ROT, HALF, HALF_P,
+                                        STEP, HI_OFF, PASS, PASS_P, HAS_PASS)
+        k_lo, k_hi, k_ps = rebuild_head(hk_t, t_lo, t_hi, t_ps, bias_ptr, w_ptr, (g * GS + j) * D,
+                                        c_lo, c_hi, s_lo, s_hi, eps, BLOCK_S, D, ROPE, ROT, HALF, HALF_P,
+                                        STEP, HI_OFF, PASS, PASS_P, HAS_PASS, HAS_BIAS, HAS_NORM, UPCAST, IEEE)
+        row = k_ptr + b * sk_b + (g * GS + j) * sk_h + kv[:, None] * sk_s
+        if ROPE:
+            ok = kv_ok[:, None] & (d < HALF)
+            tl.store(row + d * STEP, k_lo.to(k_ptr.dtype.element_ty), mask=ok)
+            tl.store(row + d * STEP + HI_OFF, k_hi.to(k_ptr.dtype.element_ty), mask=ok)
+        if HAS_PASS:
+            tl.store(row + ROT + e, k_ps.to(k_ptr.dtype.element_ty), mask=kv_ok[:, None] & (e < PASS))
+
+
+def rebuild_keys(hk, lk, k_bias, cos, sin, k_norm_weight, eps, p, width, dtype, interpret):
+    """Rebuilt keys [B, Hkv, Skv, width] in ``dtype`` (columns past D are zero).
+
+    ``p`` holds the rotary/part constants computed by the wrapper (see ``wrapper._parts``).
+    """
+    B, Skv, _ = hk.shape
+    G, gsD, RK = lk.shape
+    D = p["D"]
+    GS = gsD // D
+    alloc = torch.zeros if width > D else torch.empty
+    keys = alloc(B, G * GS, Skv, width, dtype=dtype, device=hk.device)
+    block_s = 64 if interpret else (64 if p["RK_P"] * GS <= 512 else 32)
+    grid = (triton.cdiv(Skv, block_s), B * G)
+    rebuild_keys_kernel[grid](
+        hk, lk, p["bias"], p["cos"], p["sin"], p["w"], keys,
+        hk.stride(0), hk.stride(1), lk.stride(0), lk.stride(1),
+        *p["cos_strides"], *p["sin_strides"],
+        keys.stride(0), keys.stride(1), keys.stride(2),
+        G, Skv, RK, eps,
+        D=D, RK_P=p["RK_P"], GS=GS, BLOCK_S=block_s,
+        ROPE=p["ROPE"], ROT=p["ROT"], HALF=p["HALF"], HALF_P=p["HALF_P"], STEP=p["STEP"], HI_OFF=p["HI_OFF"],
+        PASS=p["PASS"], PASS_P=p["PASS_P"], HAS_PASS=p["HAS_PASS"], HAS_BIAS=p["HAS_BIAS"],
+        HAS_NORM=p["HAS_NORM"], UPCAST=p["UPCAST"], IEEE=p["IEEE"],
+        num_warps=4, num_stages=2,
+    )
+    return keys
+
+
+def sdpa_latent(q, keys, hv, groups, attn_mask, scale, is_causal):
+    """``softmax(q k^T) @ hv`` through SDPA; ``keys`` [B, Hk, Skv, dk], out [B, Hq, Sq, rv].
+
+    ``keys`` may already be zero padded past q's head dim (then q is padded to match).
+    """
+    B, Hq, Sq, Dq = q.shape
+    Skv = hv.shape[1]
+    rv = hv.shape[-1] // groups
+    Hk, dk = keys.shape[1], keys.shape[-1]
+    vals = hv.view(B, Skv, groups, rv).transpose(1, 2)
+    if Hk != groups:  # G-LRD: every KV head of a group reads the group's latent values
+        vals = vals.repeat_interleave(Hk // groups, dim=1)
+    width = max(dk, rv)
+    if rv < width:
+        vals = F.pad(vals, (0, width - rv))
+    if dk < width:
+        keys = F.pad(keys, (0, width - dk))
+    if Dq < width:
+        q = F.pad(q, (0, width - Dq))
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        attn_mask = attn_mask.to(q.dtype)
+    out = F.scaled_dot_product_attention(q, keys.to(q.dtype), vals.to(q.dtype), attn_mask=attn_mask,
+                                         is_causal=is_causal, scale=scale, enable_gqa=Hq != Hk)
+    return out[..., :rv] if width > rv else out

@@ -1,0 +1,243 @@
+"""Host side of the latent-attention kernels: argument checks, path choice, launch.
+
+Paths (same semantics as ``naive.latent_attention_ref``):
+
+* fused (``decode.py`` / ``absorbed.py``): few query tokens per sequence. The query heads of
+  a group and the query positions share one program, so every latent tile is read once
+  per group; the cached sequence is split over programs (flash-decoding) and merged by
+  ``combine_splits_kernel``.
+* prefill (``prefill.py``): many query tokens and no softcap: keys rebuilt once, then SDPA.
+  With a softcap (which SDPA lacks) the fused kernel also serves prefill, tiling the
+  query positions over a third grid axis.
+* float64 has no Triton tensor-core path: it runs the reference.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+
+from palu_fx.kernels.latent_attention.absorbed import absorbed_attention_kernel
+from palu_fx.kernels.latent_attention.common import MASK_ADD, MASK_BOOL, MASK_NONE, combine_splits_kernel
+from palu_fx.kernels.latent_attention.decode import rebuild_attention_kernel
+from palu_fx.kernels.latent_attention.naive import ROPE_HALF, ROPE_INTERLEAVED, ROPE_NONE, latent_attention_ref
+from palu_fx.kernels.latent_attention.prefill import rebuild_keys, sdpa_latent
+
+__all__ = ["KernelConfig", "latent_attention_triton", "choose_config"]
+
+# Fused kernel when (query heads per group, padded) x (query tokens, padded) fits one block.
+MAX_FUSED_ROWS = 64
+# Split chunks are multiples of this many tokens (every BLOCK_S divides it).
+CHUNK_QUANTUM = 256
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Launch knobs of the fused kernels.
+
+    block_s: cached tokens per loop step. num_warps / num_stages: Triton's. programs_per_sm:
+    how many programs the split heuristic aims for per multiprocessor (more splits balance
+    the waves better but add partial outputs to merge). num_splits forces the split count.
+    """
+
+    block_s: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+    programs_per_sm: int = 4
+    num_splits: Optional[int] = None
+
+
+def _p2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def choose_config(rebuild: bool, gs: int, rk: int, rv: int, head_dim: int, rows: int, interpret: bool) -> KernelConfig:
+    """Default launch knobs for a shape (measured on an H200, see benchmarks/RESULTS.md).
+
+    Under the interpreter: big blocks, few programs (each program costs Python time).
+    """
+    if interpret:
+        return KernelConfig(block_s=64, num_warps=4, num_stages=1, programs_per_sm=1)
+    if not rebuild:
+        # bandwidth bound: long tiles keep enough bytes in flight per program
+        return KernelConfig(block_s=128 if rk + rv <= 256 else 64, num_warps=4, num_stages=3, programs_per_sm=4)
+    # rebuild: the [BLOCK_S, head-part] fp32 key tiles of a head live in registers
+    return KernelConfig(block_s=64, num_warps=4, num_stages=2, programs_per_sm=4)
+
+
+def _parts(q, lk, k_bias, cos, sin, k_norm_weight, rope_style, B, Skv, interpret, dtype):
+    """Constants and prepared tensors of the key pipeline (rebuild mode)."""
+    G, gsD, RK = lk.shape
+    D = q.shape[-1]
+    if gsD % D:
+        raise ValueError(f"lk rows ({gsD}) are not a multiple of the head dim ({D})")
+    if rope_style not in (ROPE_NONE, ROPE_HALF, ROPE_INTERLEAVED):
+        raise ValueError(f"unknown rope style {rope_style}")
+    rope = rope_style != ROPE_NONE
+    rot = cos.shape[-1] if rope else 0
+    if rope and (rot % 2 or rot > D or sin.shape[-1] != rot):
+        raise ValueError(f"rotary width {rot} must be even and at most the head dim {D}")
+    half, pas = rot // 2, D - rot
+    dummy = q
+    p = dict(
+        D=D, RK_P=max(16, _p2(RK)), ROPE=rope, ROT=rot, HALF=half, HALF_P=max(16, _p2(half)),
+        STEP=2 if rope_style == ROPE_INTERLEAVED else 1,
+        HI_OFF=1 if rope_style == ROPE_INTERLEAVED else half,
+        PASS=pas, PASS_P=max(16, _p2(pas)), HAS_PASS=pas > 0,
+        HAS_BIAS=k_bias is not None, HAS_NORM=k_norm_weight is not None,
+        UPCAST=interpret and dtype == torch.bfloat16, IEEE=dtype == torch.float32,
+        bias=k_bias.reshape(-1).contiguous() if k_bias is not None else dummy,
+        w=k_norm_weight.contiguous() if k_norm_weight is not None else dummy,
+    )
+    if rope:
+        cos = cos.expand(B, Skv, rot)
+        sin = sin.expand(B, Skv, rot)
+        p.update(cos=cos, sin=sin, cos_strides=cos.stride(), sin_strides=sin.stride())
+    else:
+        p.update(cos=dummy, sin=dummy, cos_strides=(0, 0, 0), sin_strides=(0, 0, 0))
+    return p
+
+
+def _mask_args(attn_mask, B, Hq, Sq, Skv, dummy):
+    if attn_mask is None:
+        return MASK_NONE, dummy, (0, 0, 0, 0)
+    m = attn_mask.expand(B, Hq, Sq, Skv)
+    if m.dtype == torch.bool:
+        return MASK_BOOL, m.view(torch.uint8), m.stride()
+    return MASK_ADD, m, m.stride()
+
+
+def _split_plan(cfg, n_base, Skv, device, interpret):
+    if cfg.num_splits is not None:
+        splits = max(1, min(cfg.num_splits, Skv))
+        chunk = triton.cdiv(Skv, splits)
+    else:
+        sms = 1 if interpret else _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+        want = triton.cdiv(cfg.programs_per_sm * sms, n_base)
+        splits = max(1, min(want, triton.cdiv(Skv, CHUNK_QUANTUM)))
+        chunk = triton.cdiv(triton.cdiv(Skv, splits), CHUNK_QUANTUM) * CHUNK_QUANTUM
+    splits = triton.cdiv(Skv, chunk)
+    return splits, chunk
+
+
+def latent_attention_triton(
+    q: torch.Tensor,
+    hk: torch.Tensor,
+    hv: torch.Tensor,
+    lk: Optional[torch.Tensor],
+    k_bias: Optional[torch.Tensor],
+    cos: Optional[torch.Tensor],
+    sin: Optional[torch.Tensor],
+    k_norm_weight: Optional[torch.Tensor],
+    attn_mask: Optional[torch.Tensor],
+    scale: float,
+    softcap: float = 0.0,
+    is_causal: bool = False,
+    rope_style: int = ROPE_NONE,
+    k_norm_eps: float = 1e-6,
+    *,
+    config: Optional[KernelConfig] = None,
+    path: Optional[str] = None,
+) -> torch.Tensor:
+    """Triton latent attention; same arguments and result as ``latent_attention_ref``.
+
+    ``config`` overrides the launch knobs; ``path`` forces ``"fused"`` or ``"prefill"``
+    (benchmarks and tests).
+    """
+    if q.dtype == torch.float64:
+        return latent_attention_ref(q, hk, hv, lk, k_bias, cos, sin, k_norm_weight, attn_mask, scale,
+                                    softcap, is_causal, rope_style, k_norm_eps)
+    interpret = q.device.type != "cuda"
+    B, Hq, Sq, Dq = q.shape
+    Skv = hk.shape[1]
+    dtype = hk.dtype
+    rebuild = lk is not None
+    G = lk.shape[0] if rebuild else hk.shape[-1] // Dq
+    RK = lk.shape[-1] if rebuild else Dq
+    if hk.shape[-1] != G * RK or hv.shape[-1] % G or Hq % G:
+        raise ValueError(f"latent shapes do not match: hk {tuple(hk.shape)}, hv {tuple(hv.shape)}, "
+                         f"{G} groups of rank {RK}, {Hq} query heads")
+    RV = hv.shape[-1] // G
+    HPG = Hq // G
+    GS = lk.shape[1] // Dq if rebuild else 1
+    NREP = HPG // GS
+    if HPG % GS:
+        raise ValueError(f"{Hq} query heads do not split over {G * GS} KV heads")
+    hk = hk if hk.stride(-1) == 1 else hk.contiguous()
+    hv = hv if hv.stride(-1) == 1 else hv.contiguous()
+    p = None
+    if rebuild:
+        lk = lk.to(dtype).contiguous()
+        p = _parts(q, lk, k_bias, cos, sin, k_norm_weight, rope_style, B, Skv, interpret, dtype)
+    qc = q.to(dtype)
+
+    HPG_P = _p2(HPG)
+    fused_rows = HPG_P * _p2(Sq)
+    if path is None:
+        path = "fused" if fused_rows <= MAX_FUSED_ROWS or softcap > 0 else "prefill"
+    if path == "prefill":
+        if softcap > 0:
+            raise ValueError("the prefill path (SDPA) has no softcap")
+        if rebuild:
+            width = max(Dq, RV)
+            keys = rebuild_keys(hk, lk, k_bias, p["cos"], p["sin"], k_norm_weight, k_norm_eps, p, width, dtype,
+                                interpret)
+        else:
+            keys = hk.view(B, Skv, G, RK).transpose(1, 2)
+        return sdpa_latent(qc, keys, hv, G, attn_mask, scale, is_causal).to(q.dtype).contiguous()
+
+    M_BLOCK = max(16, min(fused_rows, max(MAX_FUSED_ROWS, HPG_P)))
+    NQB = triton.cdiv(Sq, M_BLOCK // HPG_P)
+    cfg = config or choose_config(rebuild, GS, RK, RV, Dq, M_BLOCK, interpret)
+    NSPLIT, chunk = _split_plan(cfg, B * G * NQB, Skv, q.device, interpret)
+    direct = NSPLIT == 1
+    out = torch.empty(B, Hq, Sq, RV, dtype=q.dtype, device=q.device)
+    RV_P = max(16, _p2(RV))
+    if direct:
+        part = lse = out
+    else:
+        part = torch.empty(B * G * NQB * NSPLIT * M_BLOCK * RV_P, dtype=torch.float32, device=q.device)
+        lse = torch.empty(B * G * NQB * NSPLIT * M_BLOCK, dtype=torch.float32, device=q.device)
+    mask_kind, mask, mstr = _mask_args(attn_mask, B, Hq, Sq, Skv, q)
+    common_args = dict(
+        RK_P=max(16, _p2(RK)), RV_P=RV_P, HPG=HPG, HPG_P=HPG_P, M_BLOCK=M_BLOCK, BLOCK_S=cfg.block_s,
+        MASK_KIND=mask_kind, IS_CAUSAL=bool(is_causal), USE_SOFTCAP=softcap > 0, DIRECT=direct,
+        UPCAST=interpret and dtype == torch.bfloat16, IEEE=dtype == torch.float32,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    grid = (NSPLIT, B * G, NQB)
+    if rebuild:
+        rebuild_attention_kernel[grid](
+            qc, hk, hv, lk, p["bias"], p["cos"], p["sin"], p["w"], mask, out, part, lse,
+            *qc.stride(), hk.stride(0), hk.stride(1), hv.stride(0), hv.stride(1),
+            lk.stride(0), lk.stride(1), *p["cos_strides"], *p["sin_strides"], *mstr,
+            out.stride(0), out.stride(1), out.stride(2),
+            G, Hq, Sq, Skv, chunk, NSPLIT, RK, RV, float(scale), float(softcap), float(k_norm_eps),
+            D=Dq, GS=GS, NREP=NREP, ROPE=p["ROPE"], ROT=p["ROT"], HALF=p["HALF"], HALF_P=p["HALF_P"],
+            STEP=p["STEP"], HI_OFF=p["HI_OFF"], PASS=p["PASS"], PASS_P=p["PASS_P"], HAS_PASS=p["HAS_PASS"],
+            HAS_BIAS=p["HAS_BIAS"], HAS_NORM=p["HAS_NORM"], **common_args,
+        )
+    else:
+        absorbed_attention_kernel[grid](
+            qc, hk, hv, mask, out, part, lse,
+            *qc.stride(), hk.stride(0), hk.stride(1), hv.stride(0), hv.stride(1), *mstr,
+            out.stride(0), out.stride(1), out.stride(2),
+            G, Hq, Sq, Skv, chunk, NSPLIT, RK, RV, float(scale), float(softcap),
+            **common_args,
+        )
+    if not direct:
+        combine_splits_kernel[(B * G, NQB)](
+            part, lse, out, G, Hq, Sq, NSPLIT, out.stride(0), out.stride(1), out.stride(2),
+            HPG=HPG, HPG_P=HPG_P, M_BLOCK=M_BLOCK, RV=RV, RV_P=RV_P, num_warps=4,
+        )
+    return out

@@ -59,8 +59,9 @@ class ZooEntry:
       rope_interleaved: rotation pairs (2i, 2i+1) (GPT-J style) instead of (i, i+D/2).
       fused_qkv: one projection produces Q, K and V (sliced/split/chunked afterwards).
       qkv_bias: the K/V projection has a bias.
-      k_norm: a norm on K after the projection, before RoPE ("head": per head over
-        head_dim; "proj": over the whole K projection, before the head view).
+      k_norm: a norm on K between the projection and the cache write ("head": per head over
+        head_dim, before RoPE; "proj": over the whole K projection, before the head view;
+        "head_post_rope": per head, AFTER RoPE).
       nope_layers: layers that skip RoPE.
       sliding_layers: layers with a sliding-window mask (window = sliding_window).
       scale: the attention scale if it is not head_dim**-0.5.
@@ -93,10 +94,9 @@ class ZooEntry:
     def __call__(self) -> torch.nn.Module:
         return _build(self)
 
-    @property
-    def cache_shape(self) -> tuple[int, int, int]:
-        """(heads, head_dim) of the key cache buffer, prefixed by the layer count."""
-        return (self.num_layers, self.cache_heads or self.kv_heads, self.head_dim)
+    def cache_shape(self, batch_size: int = 1, max_cache_len: int = 64) -> tuple[int, int, int, int]:
+        """Shape of each layer's key/value cache buffer in the exported program."""
+        return (batch_size, self.cache_heads or self.kv_heads, max_cache_len, self.head_dim)
 
 
 def _build(entry: ZooEntry) -> torch.nn.Module:
@@ -152,7 +152,9 @@ def _entries() -> list[ZooEntry]:
         E("gptj", "gptj", dict(n_embd=HIDDEN, n_head=HEADS, n_layer=LAYERS, n_inner=INTERMEDIATE, vocab_size=VOCAB,
                                n_positions=MAX_POS, rotary_dim=16, initializer_range=INIT_RANGE,
                                bos_token_id=1, eos_token_id=2, tie_word_embeddings=False),
-          kv_heads=HEADS, rotary_dim=16, rope_interleaved=True, notes="interleaved partial RoPE, rotary_dim 16"),
+          kv_heads=HEADS, rotary_dim=16, rope_interleaved=True,
+          notes="interleaved partial RoPE (rotary_dim 16) applied in [B,S,H,D] layout before the transpose; "
+                "sin/cos gathered from a precomputed embed_positions table buffer (no inv_freq)"),
         E("phi", "phi", _llama_like(), rotary_dim=16, qkv_bias=True, notes="partial_rotary_factor 0.5"),
         E("stablelm", "stablelm", _llama_like(use_qkv_bias=True, qk_layernorm=True), rotary_dim=8,
           qkv_bias=True, k_norm="head",
@@ -162,7 +164,8 @@ def _entries() -> list[ZooEntry]:
         E("olmo2", "olmo2", _llama_like(), k_norm="proj",
           notes="q_norm/k_norm RMSNorm over the whole projection (before the head view)"),
         E("cohere", "cohere", _llama_like(use_qk_norm=True, logit_scale=1.0), rope_interleaved=True,
-          k_norm="head", notes="interleaved RoPE (repeat_interleave of freqs); per-head LayerNorm q/k"),
+          k_norm="head", notes="interleaved RoPE (repeat_interleave of freqs before cos/sin); per-head LayerNorm "
+                               "q/k spelled as mean/sub/pow/rsqrt"),
         E("granite", "granite", _llama_like(attention_multiplier=0.05, embedding_multiplier=2.0,
                                             residual_multiplier=0.5, logits_scaling=2.0),
           scale=0.05, notes="attention scale = attention_multiplier"),
@@ -182,7 +185,8 @@ def _entries() -> list[ZooEntry]:
           notes="partial (0.5) interleaved RoPE"),
         E("glm4", "glm4", _llama_like(head_dim=HEAD_DIM), rotary_dim=16, rope_interleaved=True, qkv_bias=True,
           notes="partial (0.5) interleaved RoPE; extra post-attn/post-mlp norms"),
-        E("helium", "helium", _llama_like(head_dim=HEAD_DIM)),
+        E("helium", "helium", _llama_like(head_dim=HEAD_DIM), rope_interleaved=True,
+          notes="interleaved RoPE: cos/sin sliced to D/2 then repeat_interleave(2)"),
         E("persimmon", "persimmon", _llama_like(num_key_value_heads=None, qk_layernorm=True), kv_heads=HEADS,
           rotary_dim=16, fused_qkv=True, qkv_bias=True, k_norm="head",
           notes="fused qkv viewed [.., H, 3*D]; per-head LayerNorm; partial_rotary_factor 0.5"),
@@ -222,25 +226,36 @@ def _entries() -> list[ZooEntry]:
         E("gpt_oss", "gpt_oss", _llama_like(head_dim=HEAD_DIM, num_local_experts=4, num_experts_per_tok=2,
                                             sliding_window=4, layer_types=["sliding_attention", "full_attention"]),
           qkv_bias=True, sliding_layers=(0,), sliding_window=4, attn_impl="eager",
-          notes="attention sinks (learned per-head logit concatenated before softmax); YaRN RoPE"),
+          notes="attention sinks (per-head logit concatenated to the scores, max-subtracted softmax, last column "
+                "dropped); YaRN RoPE: cos/sin scaled by attention_factor, rotation via chunk(2)"),
         E("nemotron", "nemotron", _llama_like(head_dim=HEAD_DIM), rotary_dim=16,
           notes="partial_rotary_factor 0.5; LayerNorm1P"),
-        E("cohere2", "cohere2", _llama_like(sliding_window=4, layer_types=["sliding_attention", "full_attention"])),
+        E("cohere2", "cohere2", _llama_like(sliding_window=4, layer_types=["sliding_attention", "full_attention"]),
+          rope_interleaved=True, sliding_layers=(0,), sliding_window=4, nope_layers=(1,),
+          notes="RoPE (interleaved) only on sliding layers; full-attention layers are NoPE"),
         E("ministral", "ministral", _llama_like(head_dim=HEAD_DIM, sliding_window=4,
                                                 layer_types=["sliding_attention", "full_attention"]),
           sliding_layers=(0,), sliding_window=4),
-        E("hunyuan_v1_dense", "hunyuan_v1_dense", _llama_like(head_dim=HEAD_DIM)),
+        E("hunyuan_v1_dense", "hunyuan_v1_dense", _llama_like(head_dim=HEAD_DIM), k_norm="head_post_rope",
+          notes="q/k RMSNorm AFTER RoPE"),
         E("qwen3_moe", "qwen3_moe", _llama_like(head_dim=HEAD_DIM, num_experts=4, num_experts_per_tok=2,
                                                 moe_intermediate_size=64), k_norm="head"),
         E("olmoe", "olmoe", _llama_like(num_experts=4, num_experts_per_tok=2)),
-        E("diffllama", "diffllama", _llama_like(head_dim=HEAD_DIM)),
+        E("diffllama", "diffllama", _llama_like(head_dim=HEAD_DIM),
+          notes="differential attention: two SDPA calls share K; V chunked in head halves then repeat; "
+                "outputs combined with lambda and an rms_norm BEFORE o_proj"),
         E("vaultgemma", "vaultgemma", _llama_like(head_dim=HEAD_DIM, sliding_window=4, query_pre_attn_scalar=HEAD_DIM,
                                                   layer_types=["sliding_attention", "full_attention"]),
           sliding_layers=(0,), sliding_window=4, attn_impl="eager"),
-        E("jetmoe", "jetmoe", _llama_like(kv_channels=HEAD_DIM, num_experts_per_tok=2, num_local_experts=4)),
+        E("jetmoe", "jetmoe", _llama_like(kv_channels=HEAD_DIM, num_experts_per_tok=2, num_local_experts=4),
+          fused_qkv=True,
+          notes="mixture of attention heads: q and o projections are routed experts (data-dependent splits); "
+                "K/V from one fused kv_proj chunked in halves; GQA by repeat (tile: q head h uses kv head h % Hkv)"),
         E("llama4", "llama4_text", _llama_like(head_dim=HEAD_DIM, intermediate_size_mlp=INTERMEDIATE,
                                                num_local_experts=2, no_rope_layers=[1, 0], attention_chunk_size=4),
-          nope_layers=(1,)),
+          rope_interleaved=True, k_norm="head_post_rope", nope_layers=(1,),
+          notes="complex RoPE (view_as_complex * polar freqs); weightless L2 q/k norm after RoPE on RoPE layers; "
+                "NoPE layer scales q by a position-dependent temperature; chunked attention mask (4)"),
     ]
 
 
@@ -293,6 +308,10 @@ def _broken() -> list[tuple[ZooEntry, str]]:
 
 
 ZOO: dict[str, ZooEntry] = {e.name: e for e in _entries()}
+
+# The architectures every pass must handle (PALU_ZOO=core runs only these in tests/test_zoo.py).
+CORE: tuple[str, ...] = ("llama", "llama_mqa", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3",
+                         "gpt_neox", "gpt2", "gptj", "phi", "falcon", "gpt_bigcode")
 BROKEN: dict[str, tuple[ZooEntry, str]] = {e.name: (e, why) for e, why in _broken()}
 
 

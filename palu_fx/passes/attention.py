@@ -16,7 +16,7 @@ from typing import Optional, Union
 import torch
 import torch.fx as fx
 
-from palu_fx.passes.fx_utils import CAST_OPS, MATMUL_OPS, SOFTMAX_OPS, aten, depends_on, is_call, val
+from palu_fx.passes.fx_utils import CAST_OPS, MATMUL_OPS, SCORE_OPS, SOFTMAX_OPS, aten, depends_on, is_call, real_users, val
 from palu_fx.passes.recognize import strip_casts
 
 
@@ -101,13 +101,16 @@ def _eager_call(softmax: fx.Node, leaf) -> Union[AttentionCall, Unsupported, Non
     ndim = len(val(softmax).shape)
     if softmax.args[1] % ndim != ndim - 1:
         return None
-    users = list(softmax.users)
+    users = real_users(softmax)
     p = softmax
     while len(users) == 1 and (is_call(users[0], CAST_OPS) or is_call(users[0], {aten.dropout.default})):
         p = users[0]
-        users = list(p.users)
+        users = real_users(p)
     pv = [u for u in users if is_call(u, MATMUL_OPS) and u.args[0] is p]
     if len(users) != 1 or len(pv) != 1:
+        if _scores_side(softmax.args[0]):
+            return Unsupported(softmax, "softmax over attention scores is not followed by a plain matmul with the values "
+                                        "(attention sinks, ALiBi via baddbmm or re-shaped probabilities are not supported)")
         return None
     pv = pv[0]
     nodes, cur = [softmax, pv], strip_casts(softmax.args[0])
@@ -159,7 +162,7 @@ def _scores_side(node) -> bool:
         if not isinstance(n, fx.Node) or n in seen:
             continue
         seen.add(n)
-        if is_call(n, MATMUL_OPS):
+        if is_call(n, SCORE_OPS):
             return True
         if len(seen) > 50:
             break

@@ -35,6 +35,8 @@ CAST_OPS = {
 }
 SOFTMAX_OPS = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
 MATMUL_OPS = {aten.matmul.default, aten.bmm.default}
+# score matmuls with a fused additive bias (ALiBi) are recognized as attention, then reported
+SCORE_OPS = MATMUL_OPS | {aten.baddbmm.default}
 
 
 def is_call(node: Any, targets: Iterable | Any) -> bool:
@@ -80,6 +82,11 @@ def getitem_parent(node: fx.Node) -> Optional[tuple[fx.Node, int]]:
     if is_call(node, operator.getitem) and isinstance(node.args[0], fx.Node):
         return node.args[0], node.args[1]
     return None
+
+
+def real_users(node: fx.Node) -> list[fx.Node]:
+    """Users that consume the value (metadata assertions are not consumers)."""
+    return [u for u in node.users if u.target != aten._assert_tensor_metadata.default]
 
 
 def tensor_inputs(node: fx.Node) -> list[fx.Node]:

@@ -25,7 +25,7 @@ _ROTATION_OPS = {
     aten.flatten.using_ints, aten.select.int, aten.squeeze.dim, aten.clone.default,
     aten.contiguous.default, aten.mul.Tensor, aten.mul.Scalar, aten.permute.default,
     aten.transpose.int, aten.expand.default,
-}
+} | {op for op in CAST_OPS if op != aten._assert_tensor_metadata.default}
 
 
 def strip_casts(node):
@@ -77,13 +77,14 @@ def _region_only(out: fx.Node, src: fx.Node, allowed: set) -> bool:
 def _rotation_style(rx: fx.Node, x: fx.Node) -> Optional[int]:
     if not _region_only(rx, x, _ROTATION_OPS):
         return None
-    probe = torch.randn(concrete_shape(x), dtype=torch.float64)
+    # small integers: exact in every float dtype a cast inside the region might use
+    probe = torch.randint(-100, 100, concrete_shape(x)).to(val(x).dtype if val(x).is_floating_point() else torch.float32)
     try:
         (got,) = evaluate([rx], {x: probe}, leaf=lambda n: (_ for _ in ()).throw(ValueError(n.name)))
     except Exception:
         return None
     for style in (ROPE_HALF, ROPE_INTERLEAVED):
-        if got.shape == probe.shape and torch.equal(got, rotate(probe, style)):
+        if got.shape == probe.shape and torch.equal(got.to(probe.dtype), rotate(probe, style)):
             return style
     return None
 
@@ -100,45 +101,48 @@ def _full_rope(node: fx.Node) -> Optional[RopeLink]:
                 if rx is x or depends_on(c, x) or depends_on(s, x):
                     continue
                 style = _rotation_style(rx, x)
+                if style is None and strip_casts(x) is not x:
+                    style = _rotation_style(rx, strip_casts(x))
                 if style is not None:
                     return RopeLink(node, x, c, s, style, concrete_shape(x)[-1])
     return None
 
 
-def _is_last_dim_slice(node, src, start, end) -> bool:
-    if not is_call(node, aten.slice.Tensor) or node.args[0] is not src:
-        return False
+def _last_dim_range(node: fx.Node) -> Optional[tuple[fx.Node, int, int]]:
+    """(source, start, end) when ``node`` is ``source[..., start:end]`` (an alias is [0:D])."""
+    if is_call(node, {aten.alias.default, aten.clone.default, aten.contiguous.default}):
+        src = node.args[0]
+        return src, 0, concrete_shape(src)[-1]
+    if not is_call(node, aten.slice.Tensor):
+        return None
+    src = node.args[0]
     ndim = len(val(src).shape)
-    dim, lo = node.args[1] % ndim, node.args[2] if len(node.args) > 2 else 0
+    dim = node.args[1] if len(node.args) > 1 else 0
+    lo = node.args[2] if len(node.args) > 2 else 0
     hi = node.args[3] if len(node.args) > 3 else None
     step = node.args[4] if len(node.args) > 4 else 1
     full = concrete_shape(src)[-1]
-    hi = full if hi is None or (isinstance(hi, int) and hi >= full) else hi
-    return dim == ndim - 1 and step == 1 and lo == start and hi == end
+    if dim % ndim != ndim - 1 or step != 1 or not isinstance(lo, int) or not (hi is None or isinstance(hi, int)):
+        return None
+    hi = full if hi is None or hi >= full else hi
+    return src, lo, hi
 
 
 def match_rope(node: fx.Node) -> Optional[RopeLink]:
     """Rotate-half or interleaved RoPE, full or partial (``cat(rope(x[..., :r]), x[..., r:])``)."""
-    link = _full_rope(node)
-    if link is not None:
-        src = link.input
-        # A full-width rope of a slice is the partial form's first half; see below.
-        if not is_call(src, aten.slice.Tensor):
-            return link
     if is_call(node, aten.cat.default) and len(node.args[0]) == 2:
         ndim = len(val(node).shape)
         dim = node.args[1] if len(node.args) > 1 else 0
-        if dim % ndim != ndim - 1:
-            return None
         rope_part, pass_part = node.args[0]
-        inner = _full_rope(strip_casts(rope_part))
-        if inner is None or not is_call(inner.input, aten.slice.Tensor):
-            return None
-        x = inner.input.args[0]
-        rot, full = inner.rot_dim, concrete_shape(x)[-1]
-        if _is_last_dim_slice(inner.input, x, 0, rot) and _is_last_dim_slice(pass_part, x, rot, full):
-            return RopeLink(node, x, inner.cos, inner.sin, inner.style, rot)
-    return None
+        inner = _full_rope(strip_casts(rope_part)) if dim % ndim == ndim - 1 else None
+        rng, pas = (_last_dim_range(inner.input), _last_dim_range(pass_part)) if inner is not None else (None, None)
+        if rng is not None and pas is not None and rng[0] is pas[0]:
+            x, rot = rng[0], inner.rot_dim
+            full = concrete_shape(x)[-1]
+            if rng[1:] == (0, rot) and pas[1:] == (rot, full):
+                return RopeLink(node, x, inner.cos, inner.sin, inner.style, rot)
+        return None
+    return _full_rope(node)
 
 
 def _rsqrt_of_mean_square(r: fx.Node, x: fx.Node) -> Optional[float]:

@@ -115,6 +115,18 @@ def test_decode_rebuild(kern, case, dtype, splits):
     check(kern.latent_attention_triton(*args, config=cfg(kern, splits)), args)
 
 
+@pytest.mark.parametrize("case", [
+    pytest.param(dict(D=64, rk=64, rot=64), id="d64-full-rot"),
+    pytest.param(dict(D=64, rk=64, rot=32, rope=2, bias=True, norm=True), id="d64-rot32-interleaved-bias-knorm"),
+    pytest.param(dict(Hq=2, Hkv=2, gs=1, D=64, rot=16, norm=True), id="gs1-d64-rot16-knorm"),
+])
+def test_decode_rebuild_column_chunks(kern, case):
+    # keys rebuilt in 16-wide column chunks (several rotary and pass-through chunks per head)
+    args = make_inputs(**case)
+    c = kern.KernelConfig(block_s=64 if DEVICE == "cpu" else 32, num_warps=4, num_stages=1, num_splits=2, chunk=16)
+    check(kern.latent_attention_triton(*args, config=c), args)
+
+
 @pytest.mark.parametrize("mask", ["bool", "add", "bool-full", "bool-1d"])
 @pytest.mark.parametrize("absorbed", [False, True], ids=["rebuild", "absorbed"])
 def test_decode_masks(kern, mask, absorbed):

@@ -54,7 +54,7 @@ def absorbed_attention_kernel(
         kv_ok = kv < hi
         hk_t = tl.load(hk_base + kv[:, None] * shk_s, mask=kv_ok[:, None] & (rk[None, :] < RK), other=0.0)
         s = mma(hk_t, q_t, UPCAST, IEEE)
-        s2 = scores_to_log2(s, kv, kv_ok, qi, m_off, mask_ptr, sm_k, scale, softcap,
+        s2 = scores_to_log2(s, kv, kv_ok, qi, row_ok, m_off, mask_ptr, sm_k, scale, softcap,
                             MASK_KIND, IS_CAUSAL, USE_SOFTCAP)
         v_t = tl.load(hv_base + kv[:, None] * shv_s, mask=kv_ok[:, None] & (rv[None, :] < RV), other=0.0)
         m_i, l_i, acc = softmax_step(s2, m_i, l_i, acc, v_t, UPCAST, IEEE)

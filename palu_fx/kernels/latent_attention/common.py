@@ -45,7 +45,8 @@ def mma(a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
 @triton.jit
 def row_coords(pid_bg, pid_q, G, Hq, Sq, HPG: tl.constexpr, HPG_P: tl.constexpr, M_BLOCK: tl.constexpr):
     """(batch, group, query head [M], query position [M], row valid [M]) of a program."""
-    b = pid_bg // G
+    # int64: batch offsets of a long cache pass 2**31 elements (B=32 x 128k tokens x 2048)
+    b = (pid_bg // G).to(tl.int64)
     g = pid_bg % G
     rows = tl.arange(0, M_BLOCK)
     h_loc = rows % HPG_P
@@ -74,12 +75,13 @@ def tanh_f32(x):
 
 @triton.jit
 def scores_to_log2(
-    s, kv, kv_ok, qi, m_off, mask_ptr, sm_k, scale, softcap,
+    s, kv, kv_ok, qi, row_ok, m_off, mask_ptr, sm_k, scale, softcap,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, USE_SOFTCAP: tl.constexpr,
 ):
     """Raw dot products ``s`` [BLOCK_S, M] -> base-2 logits with scale, softcap and masks.
 
-    ``m_off`` [M] is each row's offset into the (broadcast-strided) mask.
+    ``m_off`` [M] is each row's offset into the (broadcast-strided) mask; padding rows
+    (``row_ok`` False) must not read it: their offsets can point past the tensor.
     """
     if USE_SOFTCAP:
         s = softcap * tanh_f32(s * (scale / softcap))
@@ -90,10 +92,12 @@ def scores_to_log2(
     if IS_CAUSAL:
         keep = keep & (kv[:, None] <= qi[None, :])
     if MASK_KIND == 1:
-        mv = tl.load(mask_ptr + m_off[None, :] + kv[:, None] * sm_k, mask=kv_ok[:, None], other=0)
+        mv = tl.load(mask_ptr + m_off[None, :] + kv[:, None] * sm_k, mask=kv_ok[:, None] & row_ok[None, :],
+                     other=0)
         keep = keep & (mv != 0)
     if MASK_KIND == 2:
-        mv = tl.load(mask_ptr + m_off[None, :] + kv[:, None] * sm_k, mask=kv_ok[:, None], other=0.0)
+        mv = tl.load(mask_ptr + m_off[None, :] + kv[:, None] * sm_k, mask=kv_ok[:, None] & row_ok[None, :],
+                     other=0.0)
         s = s + mv.to(tl.float32) * LOG2E
     return tl.where(keep, s, float("-inf"))
 
@@ -220,20 +224,20 @@ def load_q_head(
 
 
 @triton.jit
-def load_rope_tables(
-    cos_ptr, sin_ptr, b, kv, kv_ok, sc_b, sc_s, sc_d, ss_b, ss_s, ss_d,
-    HALF: tl.constexpr, HALF_P: tl.constexpr, STEP: tl.constexpr, HI_OFF: tl.constexpr,
+def load_rope_pairs(
+    cos_ptr, sin_ptr, b, kv, kv_ok, sc_b, sc_s, sc_d, ss_b, ss_s, ss_d, d0,
+    HALF: tl.constexpr, CH: tl.constexpr, STEP: tl.constexpr,
 ):
-    """cos/sin of each cached slot for the lo and hi parts, fp32 [BLOCK_S, HALF_P]."""
-    d = tl.arange(0, HALF_P)[None, :]
+    """cos/sin of rotary pairs ``d0 .. d0+CH`` of each cached slot, fp32 [BLOCK_S, CH].
+
+    Both partners of a pair rotate by one angle, so only the "lo" column of each pair is
+    read: half the table bytes, which every (batch, group) program streams from L2.
+    """
+    d = d0 + tl.arange(0, CH)[None, :]
     ok = kv_ok[:, None] & (d < HALF)
-    cb = cos_ptr + b * sc_b + kv[:, None] * sc_s
-    sb = sin_ptr + b * ss_b + kv[:, None] * ss_s
-    c_lo = tl.load(cb + (d * STEP) * sc_d, mask=ok, other=0.0).to(tl.float32)
-    c_hi = tl.load(cb + (d * STEP + HI_OFF) * sc_d, mask=ok, other=0.0).to(tl.float32)
-    s_lo = tl.load(sb + (d * STEP) * ss_d, mask=ok, other=0.0).to(tl.float32)
-    s_hi = tl.load(sb + (d * STEP + HI_OFF) * ss_d, mask=ok, other=0.0).to(tl.float32)
-    return c_lo, c_hi, s_lo, s_hi
+    c = tl.load(cos_ptr + b * sc_b + kv[:, None] * sc_s + (d * STEP) * sc_d, mask=ok, other=0.0)
+    sn = tl.load(sin_ptr + b * ss_b + kv[:, None] * ss_s + (d * STEP) * ss_d, mask=ok, other=0.0)
+    return c.to(tl.float32), sn.to(tl.float32)
 
 
 @triton.jit
@@ -258,7 +262,7 @@ def load_head_vec(
 
 @triton.jit
 def rebuild_head(
-    hk_t, lk_lo, lk_hi, lk_ps, bias_ptr, w_ptr, bias_off, c_lo, c_hi, s_lo, s_hi, eps,
+    hk_t, lk_lo, lk_hi, lk_ps, bias_ptr, w_ptr, bias_off, cs, sn, eps,
     BLOCK_S: tl.constexpr, D: tl.constexpr, ROPE: tl.constexpr, ROT: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr,
     STEP: tl.constexpr, HI_OFF: tl.constexpr, PASS: tl.constexpr, PASS_P: tl.constexpr,
     HAS_PASS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr,
@@ -291,8 +295,8 @@ def rebuild_head(
         k_hi = k_hi * rstd[:, None] * w_hi[None, :]
         k_ps = k_ps * rstd[:, None] * w_ps[None, :]
     if ROPE:
-        r_lo = k_lo * c_lo - k_hi * s_lo
-        r_hi = k_hi * c_hi + k_lo * s_hi
+        r_lo = k_lo * cs - k_hi * sn
+        r_hi = k_hi * cs + k_lo * sn
         k_lo = r_lo
         k_hi = r_hi
     return k_lo, k_hi, k_ps

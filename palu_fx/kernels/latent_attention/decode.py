@@ -7,14 +7,19 @@ so the reconstruction is amortised over all the query heads that share the group
 MQA, and the ``gs`` heads of a G-LRD group). Scores, the online softmax and ``P @ hv``
 follow in the same loop; the output stays in value-latent space.
 
+A head's key is rebuilt in column chunks of ``CH`` rotary pairs (and ``PCH`` pass-through
+dims): the fp32 tiles of a chunk are [BLOCK_S, CH], so long token tiles fit the registers,
+and long tiles are what amortise re-reading ``L_k``. Each chunk's score contribution goes
+straight into the score tile. RMSNorm (k-norm) is a per-(token, head) scale, and RoPE and
+the dot are linear, so the norm is applied to the head's scores once its sum of squares is
+complete: ``q . rope(rstd * w * k) = rstd * (q . rope(w * k))``.
+
 Why the loads sit where they do:
-* With one head per group the ``L_k`` tiles and the query are loop invariant and are
-  loaded once (``HOIST``). With several heads they cannot be held as a list of tensors,
-  and holding all heads' ``L_k`` at once would not fit the registers at rank 256 (256 KB),
-  so they are re-read per tile; they are small and shared by every program of the group,
-  so they come from L1/L2, not HBM. Larger ``BLOCK_S`` amortises that re-read.
-* The head loop is a ``static_range`` so the token loop stays the innermost loop and the
-  compiler can software-pipeline the ``hk``/``hv``/cos/sin loads (``num_stages``).
+* With one head per group and at most one chunk per part, the ``L_k`` tiles and the
+  query are loop invariant and loaded once (``HOIST``, decided by the wrapper). Otherwise they are re-read per tile: they are
+  small and shared by every program of the group, so they come from L1/L2, not HBM.
+* Head and chunk loops are ``static_range`` so the token loop stays the innermost loop and
+  the compiler can software-pipeline the ``hk``/``hv`` loads (``num_stages``).
 """
 from __future__ import annotations
 
@@ -22,9 +27,51 @@ import triton
 import triton.language as tl
 
 from palu_fx.kernels.latent_attention.common import (
-    finish_rows, kv_range, load_lk_head, load_q_head, load_rope_tables, mma, rebuild_head,
-    row_coords, scores_to_log2, softmax_step,
+    finish_rows, kv_range, load_rope_pairs, mma, row_coords, scores_to_log2, softmax_step,
 )
+
+
+@triton.jit
+def _lk_pairs(lk_ptr, g, j, d0, slk_g, slk_r, RK, D: tl.constexpr, RK_P: tl.constexpr, HALF: tl.constexpr,
+              CH: tl.constexpr, STEP: tl.constexpr, HI_OFF: tl.constexpr):
+    """``L_k^T`` columns of rotary pairs ``d0 .. d0+CH`` of head ``j``: (lo, hi) [RK_P, CH]."""
+    r = tl.arange(0, RK_P)[:, None]
+    d = d0 + tl.arange(0, CH)[None, :]
+    ok = (r < RK) & (d < HALF)
+    base = lk_ptr + g * slk_g + (j * D) * slk_r + r
+    lo = tl.load(base + (d * STEP) * slk_r, mask=ok, other=0.0)
+    hi = tl.load(base + (d * STEP + HI_OFF) * slk_r, mask=ok, other=0.0)
+    return lo, hi
+
+
+@triton.jit
+def _lk_pass(lk_ptr, g, j, e0, slk_g, slk_r, RK, D: tl.constexpr, RK_P: tl.constexpr, ROT: tl.constexpr,
+             PASS: tl.constexpr, PCH: tl.constexpr):
+    r = tl.arange(0, RK_P)[:, None]
+    e = e0 + tl.arange(0, PCH)[None, :]
+    return tl.load(lk_ptr + g * slk_g + (j * D + ROT + e) * slk_r + r, mask=(r < RK) & (e < PASS), other=0.0)
+
+
+@triton.jit
+def _q_pairs(q_ptr, q_row, mine, d0, sq_d, HALF: tl.constexpr, CH: tl.constexpr, STEP: tl.constexpr,
+             HI_OFF: tl.constexpr):
+    """Query columns of the same pairs, transposed [CH, M]; zero for rows of other heads."""
+    d = d0 + tl.arange(0, CH)[:, None]
+    ok = mine[None, :] & (d < HALF)
+    lo = tl.load(q_ptr + q_row[None, :] + (d * STEP) * sq_d, mask=ok, other=0.0)
+    hi = tl.load(q_ptr + q_row[None, :] + (d * STEP + HI_OFF) * sq_d, mask=ok, other=0.0)
+    return lo, hi
+
+
+@triton.jit
+def _q_pass(q_ptr, q_row, mine, e0, sq_d, ROT: tl.constexpr, PASS: tl.constexpr, PCH: tl.constexpr):
+    e = e0 + tl.arange(0, PCH)[:, None]
+    return tl.load(q_ptr + q_row[None, :] + (ROT + e) * sq_d, mask=mine[None, :] & (e < PASS), other=0.0)
+
+
+@triton.jit
+def _vec(ptr, off, idx, ok):
+    return tl.load(ptr + off + idx, mask=ok, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -41,9 +88,9 @@ def rebuild_attention_kernel(
     D: tl.constexpr, RK_P: tl.constexpr, RV_P: tl.constexpr,
     GS: tl.constexpr, NREP: tl.constexpr, HPG: tl.constexpr, HPG_P: tl.constexpr,
     M_BLOCK: tl.constexpr, BLOCK_S: tl.constexpr,
-    ROPE: tl.constexpr, ROT: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr,
-    STEP: tl.constexpr, HI_OFF: tl.constexpr, PASS: tl.constexpr, PASS_P: tl.constexpr,
-    HAS_PASS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr,
+    ROPE: tl.constexpr, ROT: tl.constexpr, HALF: tl.constexpr, CH: tl.constexpr, NCH: tl.constexpr,
+    STEP: tl.constexpr, HI_OFF: tl.constexpr, PASS: tl.constexpr, PCH: tl.constexpr, NPC: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, HOIST: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, USE_SOFTCAP: tl.constexpr,
     DIRECT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
@@ -52,7 +99,6 @@ def rebuild_attention_kernel(
     pid_q = tl.program_id(2)
     NQB = tl.num_programs(2)
     SQB: tl.constexpr = M_BLOCK // HPG_P
-    HOIST: tl.constexpr = GS == 1
     dt = q_ptr.dtype.element_ty
 
     b, g, h_loc, head, qi, row_ok = row_coords(pid_bg, pid_q, G, Hq, Sq, HPG, HPG_P, M_BLOCK)
@@ -65,13 +111,16 @@ def rebuild_attention_kernel(
     rv = tl.arange(0, RV_P)
     hk_base = hk_ptr + b * shk_b + (g * RK + rk)[None, :]
     hv_base = hv_ptr + b * shv_b + (g * RV + rv)[None, :]
+    dc = tl.arange(0, CH)
+    ec = tl.arange(0, PCH)
 
-    # loop-invariant operands when the group has a single KV head
-    if HOIST:
-        lk_lo, lk_hi, lk_ps = load_lk_head(lk_ptr, g, 0, slk_g, slk_r, RK, D, RK_P, ROPE, ROT, HALF, HALF_P,
-                                           STEP, HI_OFF, PASS, PASS_P, HAS_PASS)
-        q_lo, q_hi, q_ps = load_q_head(q_ptr, q_row, jr, 0, row_ok, sq_d, M_BLOCK, ROPE, ROT, HALF, HALF_P,
-                                       STEP, HI_OFF, PASS, PASS_P, HAS_PASS)
+    if HOIST:  # loop-invariant operands of a single-head group
+        if ROPE:
+            h_lo, h_hi = _lk_pairs(lk_ptr, g, 0, 0, slk_g, slk_r, RK, D, RK_P, HALF, CH, STEP, HI_OFF)
+            hq_lo, hq_hi = _q_pairs(q_ptr, q_row, row_ok, 0, sq_d, HALF, CH, STEP, HI_OFF)
+        if NPC > 0:
+            h_ps = _lk_pass(lk_ptr, g, 0, 0, slk_g, slk_r, RK, D, RK_P, ROT, PASS, PCH)
+            hq_ps = _q_pass(q_ptr, q_row, row_ok, 0, sq_d, ROT, PASS, PCH)
 
     m_i = tl.full([M_BLOCK], float("-inf"), tl.float32)
     l_i = tl.zeros([M_BLOCK], tl.float32)
@@ -80,40 +129,54 @@ def rebuild_attention_kernel(
         kv = start + tl.arange(0, BLOCK_S)
         kv_ok = kv < hi
         hk_t = tl.load(hk_base + kv[:, None] * shk_s, mask=kv_ok[:, None] & (rk[None, :] < RK), other=0.0)
-        if ROPE:
-            c_lo, c_hi, s_lo, s_hi = load_rope_tables(cos_ptr, sin_ptr, b, kv, kv_ok, sc_b, sc_s, sc_d,
-                                                      ss_b, ss_s, ss_d, HALF, HALF_P, STEP, HI_OFF)
-        else:
-            c_lo = tl.zeros([BLOCK_S, HALF_P], tl.float32)
-            c_hi = c_lo
-            s_lo = c_lo
-            s_hi = c_lo
         s = tl.zeros([BLOCK_S, M_BLOCK], tl.float32)
         for j in tl.static_range(GS):
-            if HOIST:
-                t_lo = lk_lo
-                t_hi = lk_hi
-                t_ps = lk_ps
-                u_lo = q_lo
-                u_hi = q_hi
-                u_ps = q_ps
-            else:
-                t_lo, t_hi, t_ps = load_lk_head(lk_ptr, g, j, slk_g, slk_r, RK, D, RK_P, ROPE, ROT, HALF,
-                                                HALF_P, STEP, HI_OFF, PASS, PASS_P, HAS_PASS)
-                u_lo, u_hi, u_ps = load_q_head(q_ptr, q_row, jr, j, row_ok, sq_d, M_BLOCK, ROPE, ROT, HALF,
-                                               HALF_P, STEP, HI_OFF, PASS, PASS_P, HAS_PASS)
-            k_lo, k_hi, k_ps = rebuild_head(hk_t, t_lo, t_hi, t_ps, bias_ptr, w_ptr, (g * GS + j) * D,
-                                            c_lo, c_hi, s_lo, s_hi, eps, BLOCK_S, D, ROPE, ROT, HALF, HALF_P,
-                                            STEP, HI_OFF, PASS, PASS_P, HAS_PASS, HAS_BIAS, HAS_NORM,
-                                            UPCAST, IEEE)
-            # the rebuilt keys are rounded to the cache dtype for the score dot, as a
-            # full-cache model would hold them
+            mine = row_ok & (jr == j)
+            sj = tl.zeros([BLOCK_S, M_BLOCK], tl.float32)
+            ssq = tl.zeros([BLOCK_S], tl.float32)
+            hb = (g * GS + j) * D  # this head's offset in the key bias
             if ROPE:
-                s += mma(k_lo.to(dt), u_lo, UPCAST, IEEE)
-                s += mma(k_hi.to(dt), u_hi, UPCAST, IEEE)
-            if HAS_PASS:
-                s += mma(k_ps.to(dt), u_ps, UPCAST, IEEE)
-        s2 = scores_to_log2(s, kv, kv_ok, qi, m_off, mask_ptr, sm_k, scale, softcap,
+                for c in tl.static_range(NCH):
+                    if HOIST:
+                        t_lo, t_hi, u_lo, u_hi = h_lo, h_hi, hq_lo, hq_hi
+                    else:
+                        t_lo, t_hi = _lk_pairs(lk_ptr, g, j, c * CH, slk_g, slk_r, RK, D, RK_P, HALF, CH, STEP,
+                                               HI_OFF)
+                        u_lo, u_hi = _q_pairs(q_ptr, q_row, mine, c * CH, sq_d, HALF, CH, STEP, HI_OFF)
+                    k_lo = mma(hk_t, t_lo, UPCAST, IEEE)
+                    k_hi = mma(hk_t, t_hi, UPCAST, IEEE)
+                    d = c * CH + dc
+                    if HAS_BIAS:
+                        k_lo += _vec(bias_ptr, hb, d * STEP, d < HALF)[None, :]
+                        k_hi += _vec(bias_ptr, hb, d * STEP + HI_OFF, d < HALF)[None, :]
+                    if HAS_NORM:
+                        ssq += tl.sum(k_lo * k_lo, axis=1) + tl.sum(k_hi * k_hi, axis=1)
+                        k_lo = k_lo * _vec(w_ptr, 0, d * STEP, d < HALF)[None, :]
+                        k_hi = k_hi * _vec(w_ptr, 0, d * STEP + HI_OFF, d < HALF)[None, :]
+                    cs, sn = load_rope_pairs(cos_ptr, sin_ptr, b, kv, kv_ok, sc_b, sc_s, sc_d, ss_b, ss_s, ss_d,
+                                             c * CH, HALF, CH, STEP)
+                    # rebuilt keys are rounded to the cache dtype for the score dot, as a
+                    # full-cache model would hold them
+                    sj += mma((k_lo * cs - k_hi * sn).to(dt), u_lo, UPCAST, IEEE)
+                    sj += mma((k_hi * cs + k_lo * sn).to(dt), u_hi, UPCAST, IEEE)
+            for c in tl.static_range(NPC):
+                if HOIST:
+                    t_ps, u_ps = h_ps, hq_ps
+                else:
+                    t_ps = _lk_pass(lk_ptr, g, j, c * PCH, slk_g, slk_r, RK, D, RK_P, ROT, PASS, PCH)
+                    u_ps = _q_pass(q_ptr, q_row, mine, c * PCH, sq_d, ROT, PASS, PCH)
+                k_ps = mma(hk_t, t_ps, UPCAST, IEEE)
+                e = c * PCH + ec
+                if HAS_BIAS:
+                    k_ps += _vec(bias_ptr, hb + ROT, e, e < PASS)[None, :]
+                if HAS_NORM:
+                    ssq += tl.sum(k_ps * k_ps, axis=1)
+                    k_ps = k_ps * _vec(w_ptr, ROT, e, e < PASS)[None, :]
+                sj += mma(k_ps.to(dt), u_ps, UPCAST, IEEE)
+            if HAS_NORM:
+                sj = sj * tl.rsqrt(ssq / D + eps)[:, None]
+            s += sj
+        s2 = scores_to_log2(s, kv, kv_ok, qi, row_ok, m_off, mask_ptr, sm_k, scale, softcap,
                             MASK_KIND, IS_CAUSAL, USE_SOFTCAP)
         v_t = tl.load(hv_base + kv[:, None] * shv_s, mask=kv_ok[:, None] & (rv[None, :] < RV), other=0.0)
         m_i, l_i, acc = softmax_step(s2, m_i, l_i, acc, v_t, UPCAST, IEEE)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from palu_fx.kernels.latent_attention.common import load_lk_head, load_rope_tables, rebuild_head
+from palu_fx.kernels.latent_attention.common import load_lk_head, load_rope_pairs, rebuild_head
 
 
 @triton.jit
@@ -39,7 +39,7 @@ def rebuild_keys_kernel(
     """Keys [B, Hkv, Skv, >=D] of one token tile and one group; one hk read per tile."""
     pid_t = tl.program_id(0)
     pid_bg = tl.program_id(1)
-    b = pid_bg // G
+    b = (pid_bg // G).to(tl.int64)  # batch offsets of long caches pass 2**31 elements
     g = pid_bg % G
     kv = pid_t * BLOCK_S + tl.arange(0, BLOCK_S)
     kv_ok = kv < Skv
@@ -47,20 +47,18 @@ def rebuild_keys_kernel(
     hk_t = tl.load(hk_ptr + b * shk_b + kv[:, None] * shk_s + (g * RK + rk)[None, :],
                    mask=kv_ok[:, None] & (rk[None, :] < RK), other=0.0)
     if ROPE:
-        c_lo, c_hi, s_lo, s_hi = load_rope_tables(cos_ptr, sin_ptr, b, kv, kv_ok, sc_b, sc_s, sc_d,
-                                                  ss_b, ss_s, ss_d, HALF, HALF_P, STEP, HI_OFF)
+        cs, sn = load_rope_pairs(cos_ptr, sin_ptr, b, kv, kv_ok, sc_b, sc_s, sc_d, ss_b, ss_s, ss_d, 0,
+                                 HALF, HALF_P, STEP)
     else:
-        c_lo = tl.zeros([BLOCK_S, HALF_P], tl.float32)
-        c_hi = c_lo
-        s_lo = c_lo
-        s_hi = c_lo
+        cs = tl.zeros([BLOCK_S, HALF_P], tl.float32)
+        sn = cs
     d = tl.arange(0, HALF_P)[None, :]
     e = tl.arange(0, PASS_P)[None, :]
     for j in tl.static_range(GS):
         t_lo, t_hi, t_ps = load_lk_head(lk_ptr, g, j, slk_g, slk_r, RK, D, RK_P, ROPE, ROT, HALF, HALF_P,
                                         STEP, HI_OFF, PASS, PASS_P, HAS_PASS)
         k_lo, k_hi, k_ps = rebuild_head(hk_t, t_lo, t_hi, t_ps, bias_ptr, w_ptr, (g * GS + j) * D,
-                                        c_lo, c_hi, s_lo, s_hi, eps, BLOCK_S, D, ROPE, ROT, HALF, HALF_P,
+                                        cs, sn, eps, BLOCK_S, D, ROPE, ROT, HALF, HALF_P,
                                         STEP, HI_OFF, PASS, PASS_P, HAS_PASS, HAS_BIAS, HAS_NORM, UPCAST, IEEE)
         row = k_ptr + b * sk_b + (g * GS + j) * sk_h + kv[:, None] * sk_s
         if ROPE:

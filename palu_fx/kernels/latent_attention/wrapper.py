@@ -43,6 +43,7 @@ class KernelConfig:
     block_s: cached tokens per loop step. num_warps / num_stages: Triton's. programs_per_sm:
     how many programs the split heuristic aims for per multiprocessor (more splits balance
     the waves better but add partial outputs to merge). num_splits forces the split count.
+    chunk: widest column chunk of a rebuilt key head (rotary pairs or pass-through dims).
     """
 
     block_s: int = 64
@@ -50,6 +51,7 @@ class KernelConfig:
     num_stages: int = 2
     programs_per_sm: int = 4
     num_splits: Optional[int] = None
+    chunk: int = 64
 
 
 def _p2(n: int) -> int:
@@ -70,9 +72,14 @@ def choose_config(rebuild: bool, gs: int, rk: int, rv: int, head_dim: int, rows:
         return KernelConfig(block_s=64, num_warps=4, num_stages=1, programs_per_sm=1)
     if not rebuild:
         # bandwidth bound: long tiles keep enough bytes in flight per program
-        return KernelConfig(block_s=128 if rk + rv <= 256 else 64, num_warps=4, num_stages=3, programs_per_sm=4)
-    # rebuild: the [BLOCK_S, head-part] fp32 key tiles of a head live in registers
-    return KernelConfig(block_s=64, num_warps=4, num_stages=2, programs_per_sm=4)
+        return KernelConfig(block_s=128, num_warps=4, num_stages=3, programs_per_sm=4)
+    # rebuild: a head's fp32 key chunks [BLOCK_S, chunk] live in registers; bigger groups
+    # re-read more L_k per tile, which longer tiles amortise
+    if gs == 1:
+        return KernelConfig(block_s=64, num_warps=4, num_stages=2, programs_per_sm=4, chunk=64)
+    if gs == 2:
+        return KernelConfig(block_s=128, num_warps=8, num_stages=2, programs_per_sm=4, chunk=64)
+    return KernelConfig(block_s=128, num_warps=8, num_stages=2, programs_per_sm=4, chunk=32)
 
 
 def _parts(q, lk, k_bias, cos, sin, k_norm_weight, rope_style, B, Skv, interpret, dtype):
@@ -217,15 +224,19 @@ def latent_attention_triton(
     )
     grid = (NSPLIT, B * G, NQB)
     if rebuild:
+        half_p, pass_p = p["HALF_P"], p["PASS_P"]
+        ch, pch = min(half_p, cfg.chunk), min(pass_p, cfg.chunk)
+        nch, npc = (half_p // ch if p["ROPE"] else 0), (pass_p // pch if p["HAS_PASS"] else 0)
         rebuild_attention_kernel[grid](
             qc, hk, hv, lk, p["bias"], p["cos"], p["sin"], p["w"], mask, out, part, lse,
             *qc.stride(), hk.stride(0), hk.stride(1), hv.stride(0), hv.stride(1),
             lk.stride(0), lk.stride(1), *p["cos_strides"], *p["sin_strides"], *mstr,
             out.stride(0), out.stride(1), out.stride(2),
             G, Hq, Sq, Skv, chunk, NSPLIT, RK, RV, float(scale), float(softcap), float(k_norm_eps),
-            D=Dq, GS=GS, NREP=NREP, ROPE=p["ROPE"], ROT=p["ROT"], HALF=p["HALF"], HALF_P=p["HALF_P"],
-            STEP=p["STEP"], HI_OFF=p["HI_OFF"], PASS=p["PASS"], PASS_P=p["PASS_P"], HAS_PASS=p["HAS_PASS"],
-            HAS_BIAS=p["HAS_BIAS"], HAS_NORM=p["HAS_NORM"], **common_args,
+            D=Dq, GS=GS, NREP=NREP, ROPE=p["ROPE"], ROT=p["ROT"], HALF=p["HALF"],
+            CH=ch, NCH=nch, STEP=p["STEP"], HI_OFF=p["HI_OFF"], PASS=p["PASS"], PCH=pch, NPC=npc,
+            HAS_BIAS=p["HAS_BIAS"], HAS_NORM=p["HAS_NORM"], HOIST=GS == 1 and nch <= 1 and npc <= 1,
+            **common_args,
         )
     else:
         absorbed_attention_kernel[grid](

@@ -19,7 +19,8 @@ from palu_fx.passes.fx_utils import CAST_OPS, aten, concrete_shape, is_call, val
 from palu_fx.passes.layout import (
     LayoutError, Probe, head_rows, is_layout_step, last_dim_rows, replay, start_probe, step_input,
 )
-from palu_fx.passes.recognize import NormLink, RopeLink, match_rms_norm, match_rope, strip_casts
+from palu_fx.passes.recognize import NormLink, match_rms_norm, strip_casts
+from palu_fx.passes.rope import RopeLink, match_rope
 
 WRITE_OPS = {aten.index_copy_.default, aten.index_copy.default, aten.index_put_.default, aten.index_put.default}
 
@@ -117,7 +118,7 @@ def match_projection(node: fx.Node, is_weight: Callable[[fx.Node], bool]) -> Opt
 
 
 # --------------------------------------------------------------------------- chains
-def trace_chain(start: fx.Node, allow_transforms: bool, is_weight, what: str) -> tuple[Projection, list]:
+def trace_chain(start: fx.Node, allow_transforms: bool, is_weight, what: str, is_data) -> tuple[Projection, list]:
     """Walk back from ``start`` to a projection; returns it and the links in forward order."""
     steps: list = []
     cur = start
@@ -126,11 +127,12 @@ def trace_chain(start: fx.Node, allow_transforms: bool, is_weight, what: str) ->
         if proj is not None:
             steps.reverse()
             return proj, steps
-        if is_layout_step(cur) or is_call(cur, CAST_OPS):
+        # RoPE first: its region may end in a layout op (GPT-J style stack + flatten)
+        link = match_rms_norm(cur) or match_rope(cur, is_data)
+        if link is None and (is_layout_step(cur) or is_call(cur, CAST_OPS)):
             steps.append(cur)
             cur = step_input(cur)
             continue
-        link = match_rope(cur) or match_rms_norm(cur)
         if link is not None:
             if not allow_transforms:
                 raise SiteError(f"{what} pass through {'RoPE' if isinstance(link, RopeLink) else 'a norm'} before the "
@@ -145,7 +147,8 @@ def trace_chain(start: fx.Node, allow_transforms: bool, is_weight, what: str) ->
     raise SiteError(f"{what}: chain too long")
 
 
-def replay_chain(proj: Projection, steps: list, batch_axis: int, seq_axis: int, allow_repeat: bool) -> Chain:
+def replay_chain(proj: Projection, steps: list, batch_axis: int, seq_axis: int, allow_repeat: bool,
+                 ndim: int = 4) -> Chain:
     probe = start_probe(concrete_shape(proj.output))
     rope = norm = rope_probe = None
     marks = []
@@ -160,9 +163,11 @@ def replay_chain(proj: Projection, steps: list, batch_axis: int, seq_axis: int, 
             marks.append(("k-norm", probe))
         else:
             probe = replay(step, probe)
-    ndim = len(probe.shape)
-    if ndim != 4:
-        raise SiteError(f"the cached tensor has {ndim} dims; expected [batch, heads, seq, head_dim] in some order")
+    if len(probe.shape) < ndim:  # index_put broadcasts a value with fewer (leading) dims
+        probe = probe.map(lambda t: t.reshape((1,) * (ndim - t.dim()) + tuple(t.shape)))
+    if len(probe.shape) != 4:
+        raise SiteError(f"the cached tensor has {len(probe.shape)} dims; expected [batch, heads, seq, head_dim] "
+                        "in some order")
     head_axis = ({0, 1, 2, 3} - {batch_axis, seq_axis, 3}).pop()
     try:
         rows = _rows(probe, batch_axis, head_axis, seq_axis, allow_repeat)
@@ -256,7 +261,7 @@ def check_expansion(cache: CacheWrite, steps: list, num_q_heads: int) -> None:
 
 
 # --------------------------------------------------------------------------- sites
-def _site(index: int, call: AttentionCall, is_weight) -> AttentionSite:
+def _site(index: int, call: AttentionCall, is_weight, is_data) -> AttentionSite:
     qv = val(call.q)
     if len(qv.shape) != 4:
         raise SiteError(f"queries have shape {list(qv.shape)}; expected [batch, heads, seq, head_dim]")
@@ -266,10 +271,10 @@ def _site(index: int, call: AttentionCall, is_weight) -> AttentionSite:
         cache, steps = trace_cache(node)
         if cache is not None:
             check_expansion(cache, steps, Hq)
-            proj, links = trace_chain(cache.value, role == "keys", is_weight, role)
-            chain = replay_chain(proj, links, 0, cache.dim, allow_repeat=False)
+            proj, links = trace_chain(cache.value, role == "keys", is_weight, role, is_data)
+            chain = replay_chain(proj, links, 0, cache.dim, allow_repeat=False, ndim=len(val(cache.buffer).shape))
         else:
-            proj, links = trace_chain(node, role == "keys", is_weight, role)
+            proj, links = trace_chain(node, role == "keys", is_weight, role, is_data)
             chain = replay_chain(proj, links, 0, 2, allow_repeat=True)
         chains[role], caches[role] = chain, cache
     k, v = chains["keys"], chains["values"]
@@ -285,6 +290,15 @@ def _site(index: int, call: AttentionCall, is_weight) -> AttentionSite:
     return AttentionSite(index, call, k, v, caches["keys"], caches["values"], Hq, Hkv, D, int(v.rows.shape[1]))
 
 
+def data_dependence(graph: fx.Graph, is_weight) -> Callable[[fx.Node], bool]:
+    """Whether a node depends on model weights (hidden states do; positions, masks and
+    rotary coefficients do not)."""
+    data: dict[fx.Node, bool] = {}
+    for n in graph.nodes:
+        data[n] = (n.op == "placeholder" and is_weight(n)) or any(data.get(i, False) for i in n.all_input_nodes)
+    return lambda n: data.get(n, False)
+
+
 def find_sites(graph: fx.Graph, leaf, is_weight) -> tuple[list[AttentionSite], list[Unsupported]]:
     """All attention sites of ``graph`` and the attention ops left alone (with reasons).
 
@@ -292,12 +306,13 @@ def find_sites(graph: fx.Graph, leaf, is_weight) -> tuple[list[AttentionSite], l
     ``is_weight(node)`` says whether a placeholder is a parameter (a foldable weight).
     """
     sites, skipped = [], []
+    is_data = data_dependence(graph, is_weight)
     for call in find_attention_calls(graph, leaf):
         if isinstance(call, Unsupported):
             skipped.append(call)
             continue
         try:
-            sites.append(_site(len(sites), call, is_weight))
+            sites.append(_site(len(sites), call, is_weight, is_data))
         except SiteError as e:
             skipped.append(Unsupported(call.output, str(e)))
     return sites, skipped

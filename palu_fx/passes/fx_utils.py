@@ -73,6 +73,17 @@ def concrete(x: Any, default: int = 3) -> Any:
     return x
 
 
+def upper_bound(x: Any, fallback: int = 4096) -> int:
+    """The largest value a (possibly symbolic) size can take, from the shape environment."""
+    if not isinstance(x, torch.SymInt):
+        return int(x)
+    try:
+        hi = x.node.shape_env.bound_sympy(x.node.expr).upper
+        return int(hi) if hi.is_finite else fallback
+    except Exception:
+        return fallback
+
+
 def concrete_shape(node: fx.Node) -> tuple[int, ...]:
     return tuple(concrete(s) for s in shape(node))
 
@@ -107,12 +118,14 @@ def depends_on(node: fx.Node, target: fx.Node, limit: int = 400) -> bool:
     return False
 
 
-def evaluate(outputs: Sequence[fx.Node], env: dict[fx.Node, Any], leaf: Callable[[fx.Node], Any]) -> list[Any]:
+def evaluate(outputs: Sequence[fx.Node], env: dict[fx.Node, Any], leaf: Callable[[fx.Node], Any],
+             dtype: Optional[torch.dtype] = None) -> list[Any]:
     """Evaluate the sub-graph feeding ``outputs`` on real tensors.
 
     ``env`` seeds chosen nodes with values (probes); any other node without inputs in the
     region is resolved by ``leaf`` (parameters/buffers from the program's state). Used to
-    verify a recognizer numerically and to constant-fold coefficient sub-graphs.
+    verify a recognizer numerically and to constant-fold coefficient sub-graphs. With
+    ``dtype`` set, casts between floating types are skipped (the check runs in ``dtype``).
     """
     order: list[fx.Node] = []
     seen: set[fx.Node] = set(env)
@@ -139,6 +152,10 @@ def evaluate(outputs: Sequence[fx.Node], env: dict[fx.Node, Any], leaf: Callable
             continue
         if n.op != "call_function":
             raise ValueError(f"cannot evaluate {n.op} node {n.name}")
+        if dtype is not None and n.target in CAST_OPS and isinstance(values.get(n.args[0]), torch.Tensor) \
+                and values[n.args[0]].is_floating_point():
+            values[n] = values[n.args[0]]
+            continue
         args = fx.node.map_arg(n.args, lambda a: values[a])
         kwargs = fx.node.map_arg(n.kwargs, lambda a: values[a])
         args, kwargs = concrete(args), {k: concrete(v) for k, v in kwargs.items()}

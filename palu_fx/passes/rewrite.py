@@ -26,7 +26,7 @@ import torch.fx as fx
 from palu_fx.kernels.latent_attention.naive import ROPE_NONE
 from palu_fx.passes.find import AttentionSite, SiteError
 from palu_fx.passes.fold import fold_value_into_output
-from palu_fx.passes.rotary import RotaryCaches, slot_coefficients
+from palu_fx.passes.rotary import RotaryCaches
 from palu_fx.passes.fx_utils import NodeBuilder, aten, concrete_shape, evaluate, val
 from palu_fx.plan import SitePlan
 
@@ -75,7 +75,8 @@ def _per_query_head(L: torch.Tensor, q_heads: int, kv_heads: int, head_dim: int)
 def rewrite_site(graph: fx.Graph, site: AttentionSite, sp: SitePlan, editor: StateEditor,
                  rotary: RotaryCaches, fold: bool) -> SiteResult:
     call = site.call
-    anchor = min(call.nodes, key=lambda n: _order(graph)[n])
+    # insert after every input of the old attention (eager masks are built after the score matmul)
+    anchor = max(call.nodes, key=lambda n: _order(graph)[n])
     b = NodeBuilder(graph, meta_from=anchor)
     p = site.name
     Hq, Hkv, D, Dv = site.num_q_heads, site.num_kv_heads, site.head_dim, site.v_head_dim
@@ -106,11 +107,9 @@ def rewrite_site(graph: fx.Graph, site: AttentionSite, sp: SitePlan, editor: Sta
                     hv = h_written
         cos = sin = None
         table_bytes = 0
-        if rope is not None and site.key_cache is not None:
+        if rope is not None:
             cos, sin, pos_bytes, table_bytes = rotary.coefficients(b, site)
             after += pos_bytes
-        elif rope is not None:
-            cos, sin = slot_coefficients(b, site, rope.cos), slot_coefficients(b, site, rope.sin)
         q = call.q
         lk = k_bias = knw = None
         if absorbed:

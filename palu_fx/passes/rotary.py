@@ -2,9 +2,9 @@
 
 The decode graph holds cos/sin only for the tokens of the current step, but rebuilt keys
 must be rotated at the position of every cached slot. We never parse ``inv_freq`` or assume
-a formula: the sub-graph that turns the integer positions into cos (or sin) is evaluated
-once, at rewrite time, on positions ``0..S_max-1`` to give a table ``[S_max, rot]`` (the
-model's own values, bit for bit, whatever its scaling: linear, NTK, YaRN, ...). At run time
+a formula: the model's own sub-graph from integer positions through its RoPE region is
+evaluated once, at rewrite time, on positions ``0..S_max-1`` to give tables ``[S_max, rot]``
+(the model's values, whatever its scaling: linear, NTK, YaRN, ...). At run time
 the positions of the new tokens are written into a small slot-indexed position cache, and
 the table is gathered at those positions. Left padding and position offsets are exact.
 """
@@ -17,15 +17,22 @@ import torch
 import torch.fx as fx
 
 from palu_fx.passes.find import AttentionSite, SiteError
-from palu_fx.passes.fx_utils import CAST_OPS, NodeBuilder, aten, concrete_shape, evaluate, is_call, val
+from palu_fx.passes.fx_utils import NodeBuilder, aten, concrete_shape, evaluate, upper_bound, val
+from palu_fx.passes.rope import sign_pattern
 
-_REVIEW_OPS = {aten.unsqueeze.default, aten.expand.default, aten.view.default} | CAST_OPS
 _INT = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
-def position_source(coeff: fx.Node) -> fx.Node:
-    """The integer tensor nearest to ``coeff`` among its ancestors: the position ids."""
-    seen, queue = {coeff}, deque([coeff])
+def position_source(link) -> fx.Node:
+    """The integer position ids the RoPE coefficients are computed from."""
+    found = {_nearest_int(c) for c in link.coefficients}
+    if len(found) != 1 or None in found:
+        raise SiteError("RoPE coefficients are not computed from one tensor of integer positions")
+    return found.pop()
+
+
+def _nearest_int(node: fx.Node) -> Optional[fx.Node]:
+    seen, queue = {node}, deque([node])
     while queue:
         n = queue.popleft()
         v = val(n)
@@ -35,27 +42,13 @@ def position_source(coeff: fx.Node) -> fx.Node:
             if i not in seen:
                 seen.add(i)
                 queue.append(i)
-    raise SiteError("RoPE coefficients do not depend on integer positions")
+    return None
 
 
-def _seq_layout(pos: fx.Node, seq_len: int) -> tuple[int, int]:
-    """(batch rows, seq axis) of a position tensor with ``seq_len`` positions per row."""
-    shp = concrete_shape(pos)
-    axes = [a for a, n in enumerate(shp) if n == seq_len]
-    if not axes or any(n != 1 for n in shp[axes[-1] + 1:]):
-        raise SiteError(f"cannot tell the sequence axis of position ids shaped {list(shp)}")
-    rows = 1
-    for n in shp[: axes[-1]]:
-        rows *= n
-    return rows, axes[-1]
-
-
-def coefficient_axes(site: AttentionSite, cshape: tuple) -> tuple[list[int], int, int]:
-    """(permutation to [batch, seq, ..., rot], batch size, seq size) of a cos/sin shape
-    right-aligned to the rope input's rank."""
+def rope_axes(site: AttentionSite) -> tuple[int, int, int]:
+    """(batch, seq, head) axes of the tensor RoPE is applied to."""
     probe = site.key.rope_probe
     nd = len(probe.shape)
-    cshape = (1,) * (nd - len(cshape)) + tuple(cshape)
 
     def varying(t):
         for a in range(nd - 1):
@@ -63,54 +56,59 @@ def coefficient_axes(site: AttentionSite, cshape: tuple) -> tuple[list[int], int
                 return a
         return None
 
-    b_axis, s_axis = varying(probe.bidx), varying(probe.sidx)
-    for a in range(nd - 1):
-        if cshape[a] > 1 and a not in (b_axis, s_axis):
-            raise SiteError("RoPE coefficients vary along an axis other than batch and sequence")
-    rest = [a for a in range(nd - 1) if a not in (b_axis, s_axis)]
-    b_axis = b_axis if b_axis is not None else rest.pop(0)
-    s_axis = s_axis if s_axis is not None else rest.pop(0)
-    if cshape[s_axis] == 1 and probe.shape[s_axis] > 1:
-        raise SiteError("RoPE coefficients do not vary with the position")
-    return [b_axis, s_axis] + rest + [nd - 1], cshape[b_axis], cshape[s_axis]
+    b, s, h = varying(probe.bidx), varying(probe.sidx), varying(probe.feat)
+    rest = [a for a in range(nd - 1) if a not in (b, s, h)]
+    b = b if b is not None else rest.pop(0)
+    s = s if s is not None else rest.pop(0)
+    h = h if h is not None else rest.pop(0)
+    return b, s, h
 
 
-def rotary_table(site: AttentionSite, coeff: fx.Node, pos: fx.Node, n_positions: int,
-                 leaf: Callable[[fx.Node], torch.Tensor]) -> torch.Tensor:
-    """``[n_positions, rot]``: the coefficient the graph computes for each position."""
-    perm, _, seq_len = coefficient_axes(site, concrete_shape(coeff))
-    rows, _ = _seq_layout(pos, seq_len)
+def _seq_layout(pos: fx.Node, seq_len: int) -> int:
+    """Rows of a position tensor holding ``seq_len`` positions per row."""
     shp = concrete_shape(pos)
-    chunks = []
+    axes = [a for a, n in enumerate(shp) if n == seq_len]
+    if not axes or any(n != 1 for n in shp[axes[-1] + 1:]):
+        raise SiteError(f"cannot tell the sequence axis of position ids shaped {list(shp)}")
+    rows = 1
+    for n in shp[: axes[-1]]:
+        rows *= n
+    return rows
+
+
+def rotary_table(site: AttentionSite, n_positions: int, leaf: Callable[[fx.Node], torch.Tensor]):
+    """``(cos, sin)`` tables ``[n_positions, rot]`` read off the model's own RoPE region.
+
+    With ``x = m`` (1 where a dim's cos multiplies x itself) the region returns cos there and
+    sin on the partner dims; with ``x = 1 - m`` the other way round (sin negated). Products
+    with 0/1 and sums with 0 are exact, so the table holds the model's values bit for bit.
+    """
+    link = site.key.rope
+    pos = position_source(link)
+    xshape = concrete_shape(link.input)
+    b_ax, s_ax, h_ax = rope_axes(site)
+    seq_len, D, rot = xshape[s_ax], xshape[-1], link.rot_dim
+    rows = _seq_layout(pos, seq_len)
+    m = sign_pattern(link.style, rot, D) > 0
+    dt = val(link.input).dtype
+    xm = m.to(dt).expand(xshape).contiguous()
+    xn = (~m).to(dt).expand(xshape).contiguous()
+    perm = [b_ax, s_ax, h_ax, len(xshape) - 1]
+    cos, sin = [], []
     for start in range(0, n_positions, seq_len):
-        p = torch.arange(start, start + seq_len, dtype=val(pos).dtype).repeat(rows).view(shp)
-        (c,) = evaluate([coeff], {pos: p}, leaf)
-        nd = len(perm)
-        c = c.reshape((1,) * (nd - c.dim()) + tuple(c.shape)).permute(perm)
-        chunks.append(c.reshape(c.shape[0], c.shape[1], -1)[0])
-    return torch.cat(chunks)[:n_positions].contiguous()
-
-
-def coefficient_root(node: fx.Node) -> fx.Node:
-    """The tensor a cos/sin input re-views (layers sharing a table share one root)."""
-    while is_call(node, _REVIEW_OPS) and node.target != aten._assert_tensor_metadata.default:
-        node = node.args[0]
-    return node
-
-
-def slot_coefficients(b: NodeBuilder, site: AttentionSite, coeff: fx.Node) -> fx.Node:
-    """cos/sin of the current tokens as ``[B or 1, S, rot]`` (the no-cache case)."""
-    perm, bsz, _ = coefficient_axes(site, concrete_shape(coeff))
-    c = coeff
-    for _ in range(len(perm) - len(val(c).shape)):
-        c = b.call(aten.unsqueeze.default, c, 0)
-    if perm != list(range(len(perm))):
-        c = b.call(aten.permute.default, c, perm)
-    return b.call(aten.reshape.default, c, [bsz, -1, concrete_shape(coeff)[-1]])
+        p = torch.arange(start, start + seq_len, dtype=val(pos).dtype).repeat(rows).view(concrete_shape(pos))
+        om, on = (evaluate([link.output], {pos: p, link.input: x}, leaf)[0].permute(perm) for x in (xm, xn))
+        if not (torch.equal(om, om[:1, :, :1].expand_as(om)) and torch.equal(on, on[:1, :, :1].expand_as(on))):
+            raise SiteError("RoPE coefficients differ between heads")
+        om, on = om[0, :, 0, :rot].float(), on[0, :, 0, :rot].float()
+        mm = m[:rot]
+        cos.append(torch.where(mm, om, on))
+        sin.append(torch.where(mm, -on, om))
+    return torch.cat(cos)[:n_positions].contiguous(), torch.cat(sin)[:n_positions].contiguous()
 
 
 class RotaryCaches:
-    """Tables (one per cos/sin sub-graph) and position caches (one per positions/write index)."""
+    """Tables (one per RoPE sub-graph) and position caches (one per positions/write index)."""
 
     def __init__(self, editor):
         self.editor = editor
@@ -119,34 +117,37 @@ class RotaryCaches:
         self.gathered: dict = {}
 
     def coefficients(self, b: NodeBuilder, site: AttentionSite) -> tuple[fx.Node, fx.Node, int, int]:
-        """(cos, sin) for every cached slot ``[B or 1, S_max, rot]``, cache bytes, table bytes."""
+        """(cos, sin) ``[B or 1, S_kv, rot]`` for every key the attention reads, the bytes of
+        the position cache, the bytes of new tables."""
         rope, cache = site.key.rope, site.key_cache
-        pos = position_source(rope.cos)
-        if position_source(rope.sin) is not pos:
-            raise SiteError("cos and sin are computed from different positions")
-        if cache is None:
-            raise SiteError("internal: rotary tables are only needed with a cache")
-        smax = concrete_shape(cache.buffer)[cache.dim]
-        pos_node, cache_bytes = self._position_cache(b, site, pos, cache, smax)
-        out, table_bytes = [], 0
-        for coeff in (rope.cos, rope.sin):
-            root = coefficient_root(coeff)
-            if (root, smax) not in self.tables:
-                table = rotary_table(site, coeff, pos, smax, self.editor.tensor)
-                self.tables[(root, smax)] = self.editor.add_param(f"palu_rotary_table_{len(self.tables)}", table)
-                table_bytes += table.numel() * table.element_size()
-            key = (root, pos_node)
-            if key not in self.gathered:
-                self.gathered[key] = b.call(aten.embedding.default, self.tables[(root, smax)], pos_node)
-            out.append(self.gathered[key])
-        return out[0], out[1], cache_bytes, table_bytes
+        pos = position_source(rope)
+        if cache is not None:
+            n = concrete_shape(cache.buffer)[cache.dim]
+            pos_node, cache_bytes = self._position_cache(b, site, pos, cache, n)
+        else:
+            n = upper_bound(val(rope.input).shape[rope_axes(site)[1]])
+            seq_len = concrete_shape(rope.input)[rope_axes(site)[1]]
+            pos_node, cache_bytes = b.call(aten.reshape.default, pos, [_seq_layout(pos, seq_len), -1]), 0
+        key = (tuple(sorted(c.name for c in rope.coefficients)), n)
+        table_bytes = 0
+        if key not in self.tables:
+            cos, sin = rotary_table(site, n, self.editor.tensor)
+            k = len(self.tables)
+            self.tables[key] = (self.editor.add_param(f"palu_rope_cos_{k}", cos),
+                                self.editor.add_param(f"palu_rope_sin_{k}", sin))
+            table_bytes = 2 * cos.numel() * cos.element_size()
+        gkey = (key, pos_node)
+        if gkey not in self.gathered:
+            self.gathered[gkey] = tuple(b.call(aten.embedding.default, t, pos_node) for t in self.tables[key])
+        cos, sin = self.gathered[gkey]
+        return cos, sin, cache_bytes, table_bytes
 
     def _position_cache(self, b, site, pos, cache, smax) -> tuple[fx.Node, int]:
         key = (pos, cache.index, smax)
         if key in self.positions:
             return self.positions[key], 0
-        _, _, seq_len = coefficient_axes(site, concrete_shape(site.key.rope.cos))
-        rows, _ = _seq_layout(pos, seq_len)
+        seq_len = concrete_shape(site.key.rope.input)[rope_axes(site)[1]]
+        rows = _seq_layout(pos, seq_len)
         buf = self.editor.add_buffer(f"palu_positions_{len(self.positions)}",
                                      torch.zeros(rows, smax, dtype=torch.int64, device=val(pos).device))
         flat = b.call(aten.reshape.default, pos, [rows, -1])

@@ -32,7 +32,8 @@ class PaluConfig:
             lossless (the correctness anchor); ``0.5`` halves the cache.
         group_size: KV heads factored together. ``1`` is M-LRD (per head), an integer
             ``g`` is G-LRD (``g`` heads per group; must divide the model's KV heads),
-            ``"all"`` is J-LRD (one group per layer).
+            ``"all"`` is J-LRD (one group per layer). ``None`` (default) picks Palu's G-LRD
+            default per layer: the largest divisor of the KV heads that is at most 4.
         rank_multiple: ranks are rounded to a multiple of this (kernels like 16), never
             above the full rank of a group.
         method: ``"svd"`` (data-free truncated SVD) or ``"whitened"`` (truncation-aware
@@ -46,7 +47,7 @@ class PaluConfig:
     """
 
     rank_ratio: float = 0.5
-    group_size: Union[int, str] = 4
+    group_size: Union[int, str, None] = None
     rank_multiple: int = 16
     method: str = "svd"
     allocator: str = "uniform"
@@ -57,8 +58,8 @@ class PaluConfig:
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or not 0 < r <= 1:
             _fail("rank_ratio", r, "a number in (0, 1]")
         g = self.group_size
-        if g != GROUP_ALL and (isinstance(g, bool) or not isinstance(g, int) or g < 1):
-            _fail("group_size", g, f"a positive integer (1 = M-LRD) or {GROUP_ALL!r} (J-LRD)")
+        if g is not None and g != GROUP_ALL and (isinstance(g, bool) or not isinstance(g, int) or g < 1):
+            _fail("group_size", g, f"a positive integer (1 = M-LRD), {GROUP_ALL!r} (J-LRD) or None (auto)")
         m = self.rank_multiple
         if isinstance(m, bool) or not isinstance(m, int) or m < 1:
             _fail("rank_multiple", m, "a positive integer")
@@ -76,6 +77,8 @@ class PaluConfig:
         """
         if self.group_size == GROUP_ALL:
             return num_kv_heads
+        if self.group_size is None:
+            return max(d for d in range(1, min(4, num_kv_heads) + 1) if num_kv_heads % d == 0)
         if num_kv_heads % self.group_size:
             valid = [d for d in range(1, num_kv_heads + 1) if num_kv_heads % d == 0]
             raise ValueError(
@@ -89,9 +92,10 @@ class PaluConfig:
         ratio = self.rank_ratio if ratio is None else ratio
         if ratio >= 1.0:
             return full_rank
-        m = self.rank_multiple
-        r = max(m, int(round(ratio * full_rank / m)) * m)
-        return min(r, full_rank)
+        # nearest of the multiples of rank_multiple below the full rank, or the full rank itself
+        m, target = self.rank_multiple, ratio * full_rank
+        candidates = [k * m for k in range(1, full_rank // m + 1)] + [full_rank]
+        return min(candidates, key=lambda c: (abs(c - target), c))
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -17,7 +17,7 @@ from torch.export.graph_signature import ExportGraphSignature, InputKind, InputS
 from palu_fx.config import PaluConfig
 from palu_fx.passes.find import find_sites
 from palu_fx.passes.fx_utils import fake_mode_of, is_call
-from palu_fx.passes.rewrite import cleanup, old_writes, rewrite_site
+from palu_fx.passes.rewrite import cleanup, live_snapshot, old_writes, rewrite_site
 from palu_fx.passes.rotary import RotaryCaches
 from palu_fx.plan import CompressionPlan, make_plan
 from palu_fx.report import CompressionReport, SkipRecord
@@ -157,9 +157,10 @@ def compress_exported(ep: ExportedProgram, cfg: Union[PaluConfig, CompressionPla
         plan.check(sites)
     else:
         plan = make_plan(sites, editor.tensor, cfg or PaluConfig(), grams=grams)
+    before = live_snapshot(gm.graph)
     rotary = RotaryCaches(editor)
     results = [rewrite_site(gm.graph, s, sp, editor, rotary, plan.config.fold_values) for s, sp in zip(sites, plan.sites)]
-    cleanup(gm.graph, old_writes(sites))
+    cleanup(gm.graph, old_writes(sites), before)
     new_ep = editor.build(gm)
     report = CompressionReport(plan.config, results, [SkipRecord(u.node.name, u.reason) for u in skipped],
                                cache_found=any(r.cached for r in results))

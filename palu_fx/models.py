@@ -23,6 +23,7 @@ __all__ = [
     "load_model",
     "load_smollm2",
     "load_gemma3_270m",
+    "load_gguf",
     "smollm2_gguf_path",
     "gemma3_270m_gguf_path",
 ]
@@ -83,7 +84,14 @@ def gemma3_270m_gguf_path(cache_dir: str | Path | None = None) -> Path:
         ) from err
 
 
-def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
+def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, tokenizer: bool = True) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` from any GGUF file, dequantized to ``dtype``, in eval mode.
+
+    ``tokenizer=False`` skips building the tokenizer (returns None for it).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file {path} does not exist")
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError as err:  # pragma: no cover - transformers is a hard dependency
@@ -107,8 +115,8 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
         str(path.parent), gguf_file=path.name, dtype=dtype, **kwargs
     )
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    return model, tokenizer
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name) if tokenizer else None
+    return model, tok
 
 
 def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
@@ -116,12 +124,12 @@ def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
 
     Returns ``(model, tokenizer)``; weights dequantized from Q4_1 to ``dtype``.
     """
-    return _load_gguf(smollm2_gguf_path(), dtype)
+    return load_gguf(smollm2_gguf_path(), dtype)
 
 
 def load_gemma3_270m(dtype: torch.dtype = torch.float32, cache_dir: str | Path | None = None) -> tuple[Any, Any]:
     """Gemma 3 270M base (gemma3_text; k-norm, sliding window, 1 KV head, head_dim 256)."""
-    return _load_gguf(gemma3_270m_gguf_path(cache_dir), dtype)
+    return load_gguf(gemma3_270m_gguf_path(cache_dir), dtype)
 
 
 # Name -> loader; the CLI's --model choices.

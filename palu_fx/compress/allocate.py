@@ -34,7 +34,7 @@ import heapq
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
@@ -196,7 +196,12 @@ def allocate_fisher(stats: Sequence[MatrixStats], rank_ratio: float, rank_multip
     }
 
 
-def _energy_weights(stats: Sequence[MatrixStats], normalize: bool, sensitivity_power: float) -> dict[str, float]:
+def _energy_weights(
+    stats: Sequence[MatrixStats],
+    normalize: bool,
+    sensitivity_power: float,
+    extra: Mapping[str, float] | None,
+) -> dict[str, float]:
     """Per-matrix multiplier of singular-value energy (see :func:`allocate_energy`)."""
     weights = {}
     for s in stats:
@@ -212,6 +217,10 @@ def _energy_weights(stats: Sequence[MatrixStats], normalize: bool, sensitivity_p
             # fisher_trace / (input_energy * rows): the sensitivity per output channel.
             sens = s.fisher_trace / max(s.input_energy * s.full_rank, 1e-300)
             w *= sens**sensitivity_power
+        if extra is not None:
+            if s.name not in extra or not (math.isfinite(extra[s.name]) and extra[s.name] >= 0):
+                raise ValueError(f"weights must give a finite, non-negative weight for {s.name!r}")
+            w *= extra[s.name]
         weights[s.name] = w
     return weights
 
@@ -223,6 +232,7 @@ def allocate_energy(
     *,
     normalize: bool = True,
     sensitivity_power: float = 0.0,
+    weights: Mapping[str, float] | None = None,
 ) -> dict[str, int]:
     """Greedy water-filling of whitened singular-value energy under the cache budget.
 
@@ -237,7 +247,8 @@ def allocate_energy(
       of magnitude, and absolute energy alone would give everything to the loudest);
     - ``sensitivity_power=p > 0``: multiply by (loss sensitivity per unit output error)^p,
       estimated from ``fisher_trace / (input_energy * rows)``; ``p = 1`` with
-      ``normalize=False`` is the second-order loss estimate under a Kronecker Fisher.
+      ``normalize=False`` is the second-order loss estimate under a Kronecker Fisher;
+    - ``weights``: any further per-matrix multiplier, by name (e.g. a measured sensitivity).
     """
     _check(stats, rank_ratio, rank_multiple)
     missing = [s.name for s in stats if s.singular_values is None]
@@ -245,7 +256,7 @@ def allocate_energy(
         raise ValueError(f"allocator 'energy' needs MatrixStats.singular_values; missing for {missing}")
     if rank_ratio >= 1:
         return _full(stats)
-    weights = _energy_weights(stats, normalize, sensitivity_power)
+    weights = _energy_weights(stats, normalize, sensitivity_power, weights)
     budget = rank_ratio * total_rank(stats)
     ranks = {s.name: min(rank_multiple, s.full_rank_per_group) for s in stats}
     spent = sum(s.num_groups * ranks[s.name] for s in stats)
@@ -260,33 +271,49 @@ def allocate_energy(
     # energy per rank index, summed over groups (all groups move together): [gsD]
     col_energy = {s.name: s.singular_values.to(torch.float64).pow(2).sum(0) for s in stats}  # type: ignore[union-attr]
 
-    def next_step(s: MatrixStats) -> tuple[float, int, int] | None:
-        r = ranks[s.name]
-        if r >= s.full_rank_per_group:
+    def next_step(s: MatrixStats, room: float) -> tuple[float, int, int] | None:
+        # Best gain per channel over any number of further blocks: with a decreasing
+        # spectrum that is always the next block; with a weighted (non-monotone) one this
+        # greedy on the concave envelope avoids stalling in front of a dip.
+        r, full = ranks[s.name], s.full_rank_per_group
+        if r >= full:
             return None
-        new = min(r + rank_multiple, s.full_rank_per_group)
-        gain = weights[s.name] * float(col_energy[s.name][r:new].sum())
-        cost = s.num_groups * (new - r)
-        return gain / cost, new, cost
+        energy = col_energy[s.name]
+        best: tuple[float, int, int] | None = None
+        gain, new = 0.0, r
+        while new < full:
+            nxt = min(new + rank_multiple, full)
+            gain += weights[s.name] * float(energy[new:nxt].sum())
+            new = nxt
+            cost = s.num_groups * (new - r)
+            if cost > room + 1e-9:
+                break  # steps only get more expensive
+            if best is None or gain / cost > best[0]:
+                best = (gain / cost, new, cost)
+        return best
 
     by_name = {s.name: s for s in stats}
     heap: list[tuple[float, int, str]] = []
     for i, s in enumerate(stats):
-        step = next_step(s)
+        step = next_step(s, budget - spent)
         if step is not None:
             heap.append((-step[0], i, s.name))
     heapq.heapify(heap)
     while heap:
-        _, i, name = heapq.heappop(heap)
+        neg_ratio, i, name = heapq.heappop(heap)
         s = by_name[name]
-        step = next_step(s)
-        assert step is not None
-        _, new, cost = step
-        if spent + cost > budget + 1e-9:
-            continue  # this block does not fit; smaller/cheaper blocks elsewhere may
+        # Re-evaluate against the budget left now: a long step may no longer fit, and a
+        # shorter one has a lower ratio, so it goes back in the queue at its true place.
+        step = next_step(s, budget - spent)
+        if step is None:
+            continue  # nothing of this matrix fits any more
+        ratio, new, cost = step
+        if ratio < -neg_ratio * (1 - 1e-12):
+            heapq.heappush(heap, (-ratio, i, name))
+            continue
         ranks[name] = new
         spent += cost
-        step = next_step(s)
+        step = next_step(s, budget - spent)
         if step is not None:
             heapq.heappush(heap, (-step[0], i, name))
     return ranks

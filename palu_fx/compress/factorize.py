@@ -127,12 +127,47 @@ class Decomposition:
         return left.to(self.out_dtype).contiguous(), right.to(self.out_dtype).contiguous()
 
 
-def decompose(weight: torch.Tensor, num_groups: int, gram: torch.Tensor | None = None) -> Decomposition:
-    """Per-group SVD of ``weight [G*gsD, d_in]``; whitened by ``gram = XᵀX [d_in, d_in]`` if given."""
+    def output_sensitivity(self, grad_gram: torch.Tensor) -> torch.Tensor:
+        """``[G, k]``: ``u_iᵀ G_g u_i``, the loss-gradient energy along each output direction.
+
+        ``grad_gram = Σ_t g_t g_tᵀ [G*gsD, G*gsD]`` is the second moment of the loss gradient
+        with respect to the projection's outputs. Under the usual Fisher (Gauss-Newton)
+        approximation, dropping direction ``i`` costs about ``s_i² * u_iᵀ G u_i`` of loss
+        (divided by the token count), so ``s * sqrt(output_sensitivity)`` is a spectrum in
+        loss units that an allocator can compare across matrices.
+        """
+        rows = self.num_groups * self.group_rows
+        if grad_gram.shape != (rows, rows):
+            raise ValueError(f"grad_gram must be [{rows}, {rows}], got {tuple(grad_gram.shape)}")
+        gg = grad_gram.detach().to(torch.float64)
+        blocks = torch.stack(
+            [gg[g * self.group_rows : (g + 1) * self.group_rows, g * self.group_rows : (g + 1) * self.group_rows]
+             for g in range(self.num_groups)]
+        )
+        return torch.einsum("gri,grc,gci->gi", self.u, blocks, self.u).clamp_min(0)
+
+
+def decompose(
+    weight: torch.Tensor,
+    num_groups: int,
+    gram: torch.Tensor | None = None,
+    grad_gram: torch.Tensor | None = None,
+    grad_damp: float = 0.01,
+) -> Decomposition:
+    """Per-group SVD of ``weight [G*gsD, d_in]``; whitened by ``gram = XᵀX [d_in, d_in]`` if given.
+
+    ``grad_gram`` (``Σ g gᵀ`` of the loss gradient at the outputs, ``[G*gsD, G*gsD]``) also
+    whitens the output side (a Kronecker-factored Fisher metric): the SVD then minimizes the
+    estimated loss increase rather than the output error, and its singular values are in
+    loss units. ``grad_damp`` (relative to the mean diagonal) keeps directions the
+    calibration gradients never excited from being treated as free.
+    """
     if weight.ndim != 2:
         raise ValueError(f"weight must be 2-D [G*gsD, d_in], got shape {tuple(weight.shape)}")
     if num_groups < 1 or weight.shape[0] % num_groups:
         raise ValueError(f"num_groups={num_groups} must divide the {weight.shape[0]} rows of weight")
+    if grad_gram is not None and gram is None:
+        raise ValueError("grad_gram needs gram too (output whitening is only defined with input whitening)")
     rows, d_in = weight.shape
     gsd = rows // num_groups
     w = weight.detach().to(torch.float64).reshape(num_groups, gsd, d_in)
@@ -143,11 +178,31 @@ def decompose(weight: torch.Tensor, num_groups: int, gram: torch.Tensor | None =
         if gram.shape != (d_in, d_in):
             raise ValueError(f"gram must be [{d_in}, {d_in}] to match weight's inputs, got {tuple(gram.shape)}")
         chol, shift = whitening_factor(gram.to(weight.device))
+        left_t = None
+        if grad_gram is not None:
+            left_t = _output_factors(grad_gram, num_groups, gsd, grad_damp)
+            w = left_t.transpose(-1, -2) @ w
         u, s, vh_white = torch.linalg.svd(w @ chol, full_matrices=False)
         # Undo the whitening on the right: vh = vh_white S⁻¹, i.e. Sᵀ vhᵀ = vh_whiteᵀ. A
         # triangular solve is both cheaper and more accurate than forming S⁻¹.
         vh = torch.linalg.solve_triangular(chol.T, vh_white.transpose(-1, -2), upper=True).transpose(-1, -2)
+        if left_t is not None:  # and on the left: u = T⁻ᵀ u_white
+            u = torch.linalg.solve_triangular(left_t.transpose(-1, -2), u, upper=True)
     return Decomposition(u, s, vh, gram is not None, shift, _out_dtype(weight))
+
+
+def _output_factors(grad_gram: torch.Tensor, num_groups: int, gsd: int, damp: float) -> torch.Tensor:
+    """Per-group lower Cholesky factors ``T_g [G, gsD, gsD]`` of the damped gradient Gram blocks."""
+    rows = num_groups * gsd
+    if grad_gram.shape != (rows, rows):
+        raise ValueError(f"grad_gram must be [{rows}, {rows}], got {tuple(grad_gram.shape)}")
+    gg = grad_gram.detach().to(torch.float64)
+    out = []
+    for g in range(num_groups):
+        block = gg[g * gsd : (g + 1) * gsd, g * gsd : (g + 1) * gsd]
+        block = block + damp * float(block.diagonal().mean()) * torch.eye(gsd, dtype=block.dtype, device=block.device)
+        out.append(whitening_factor(block)[0])
+    return torch.stack(out)
 
 
 def factorize(

@@ -147,6 +147,8 @@ def _eager_call(softmax: fx.Node, leaf) -> Union[AttentionCall, Unsupported, Non
         cur = strip_casts(cur)
     nodes.append(cur)
     q, kt = cur.args
+    if val(q).dim() < 3 or val(kt).dim() < 3:
+        return None  # a softmax over products with a weight matrix (gating, routing): not attention
     k = _untranspose(kt)
     if k is None:
         return Unsupported(softmax, "keys enter the score matmul without a transpose of the last two dims")

@@ -261,7 +261,7 @@ def check_expansion(cache: CacheWrite, steps: list, num_q_heads: int) -> None:
 
 
 # --------------------------------------------------------------------------- sites
-def _site(index: int, call: AttentionCall, is_weight, is_data) -> AttentionSite:
+def _site(index: int, call: AttentionCall, is_weight, is_data, sources) -> AttentionSite:
     qv = val(call.q)
     if len(qv.shape) != 4:
         raise SiteError(f"queries have shape {list(qv.shape)}; expected [batch, heads, seq, head_dim]")
@@ -276,6 +276,10 @@ def _site(index: int, call: AttentionCall, is_weight, is_data) -> AttentionSite:
         else:
             proj, links = trace_chain(node, role == "keys", is_weight, role, is_data)
             chain = replay_chain(proj, links, 0, 2, allow_repeat=True)
+        if not sources(proj.input) <= sources(call.q):
+            extra = sorted(n.name for n in sources(proj.input) - sources(call.q))
+            raise SiteError(f"{role} are a projection of {extra}, which the queries do not see: not self-attention "
+                            "over the hidden state (cross-attention?)")
         chains[role], caches[role] = chain, cache
     k, v = chains["keys"], chains["values"]
     Hkv, Dk = k.rows.shape
@@ -299,6 +303,19 @@ def data_dependence(graph: fx.Graph, is_weight) -> Callable[[fx.Node], bool]:
     return lambda n: data.get(n, False)
 
 
+def input_sources(graph: fx.Graph, is_weight) -> Callable[[fx.Node], frozenset]:
+    """The non-weight placeholders (inputs, buffers) each node depends on."""
+    src: dict[fx.Node, frozenset] = {}
+    empty: frozenset = frozenset()
+    for n in graph.nodes:
+        if n.op == "placeholder":
+            src[n] = empty if is_weight(n) else frozenset([n])
+        else:
+            ins = [src.get(i, empty) for i in n.all_input_nodes]
+            src[n] = frozenset().union(*ins) if ins else empty
+    return lambda n: src.get(n, empty)
+
+
 def find_sites(graph: fx.Graph, leaf, is_weight) -> tuple[list[AttentionSite], list[Unsupported]]:
     """All attention sites of ``graph`` and the attention ops left alone (with reasons).
 
@@ -307,12 +324,13 @@ def find_sites(graph: fx.Graph, leaf, is_weight) -> tuple[list[AttentionSite], l
     """
     sites, skipped = [], []
     is_data = data_dependence(graph, is_weight)
+    sources = input_sources(graph, is_weight)
     for call in find_attention_calls(graph, leaf):
         if isinstance(call, Unsupported):
             skipped.append(call)
             continue
         try:
-            sites.append(_site(len(sites), call, is_weight, is_data))
+            sites.append(_site(len(sites), call, is_weight, is_data, sources))
         except SiteError as e:
             skipped.append(Unsupported(call.output, str(e)))
     return sites, skipped

@@ -27,7 +27,7 @@ from palu_fx.kernels.latent_attention.naive import ROPE_NONE
 from palu_fx.passes.find import AttentionSite, SiteError
 from palu_fx.passes.fold import fold_value_into_output
 from palu_fx.passes.rotary import RotaryCaches
-from palu_fx.passes.fx_utils import NodeBuilder, aten, concrete_shape, evaluate, val
+from palu_fx.passes.fx_utils import NodeBuilder, aten, concrete_shape, evaluate, real_users, val
 from palu_fx.plan import SitePlan
 
 palu = torch.ops.palu
@@ -155,12 +155,19 @@ def _mutates(node: fx.Node) -> bool:
     return schema is None or schema.is_mutable
 
 
-def cleanup(graph: fx.Graph, writes: list[fx.Node]) -> None:
-    """Remove dead code, including the in-place writes into the replaced caches.
+def live_snapshot(graph: fx.Graph) -> dict:
+    """How many consumers each node has before the rewrite (``cleanup`` only removes what the
+    rewrite made dead)."""
+    return {n: len(real_users(n)) for n in graph.nodes}
 
-    fx's own dead code elimination keeps in-place ops and anything viewing a mutated
-    buffer, so we sweep ourselves: a node with no users dies unless it mutates something
-    (the obsolete cache writes excepted) or is a placeholder/output.
+
+def cleanup(graph: fx.Graph, writes: list[fx.Node], before: dict) -> None:
+    """Remove what the rewrite made dead, including the in-place writes into replaced caches.
+
+    fx's own dead code elimination keeps in-place ops and anything viewing a mutated buffer,
+    so we sweep ourselves: a node that had consumers before the rewrite and has none now is
+    erased unless it mutates something (the obsolete cache writes excepted); metadata
+    assertions on such nodes go with them. Nodes that were already unused stay.
     """
     doomed = set(writes)
     changed = True
@@ -169,11 +176,10 @@ def cleanup(graph: fx.Graph, writes: list[fx.Node]) -> None:
         for n in reversed(list(graph.nodes)):
             if n.op != "call_function" or n.users:
                 continue
-            if n in doomed or not _mutates(n) or n.target == aten._assert_tensor_metadata.default and _dead_input(n):
+            if n.target == aten._assert_tensor_metadata.default:
+                dead = all(not real_users(i) and before.get(i, 0) > 0 for i in n.all_input_nodes)
+            else:
+                dead = n in doomed or (before.get(n, 0) > 0 and not _mutates(n))
+            if dead:
                 graph.erase_node(n)
                 changed = True
-
-
-def _dead_input(n: fx.Node) -> bool:
-    """An assertion about a tensor nothing else reads any more."""
-    return all(len(i.users) == 1 for i in n.all_input_nodes)

@@ -96,7 +96,7 @@ def match_rope(out: fx.Node, is_data: Callable[[fx.Node], bool]) -> Optional[Rop
         return None
     order = {n: i for i, n in enumerate(out.graph.nodes)}
     for x in sorted((n for n in data if n is not out), key=lambda n: -order[n])[:40]:
-        if getitem_parent(x) is not None or is_call(x, MULTI_OUTPUT_LAYOUT_OPS):
+        if is_call(x, MULTI_OUTPUT_LAYOUT_OPS) or not isinstance(val(x), torch.Tensor):
             continue
         if concrete_shape(x) != concrete_shape(out) or not _dominates(out, x, is_data):
             continue

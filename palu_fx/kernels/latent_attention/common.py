@@ -20,7 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 
 # mask kinds (constexpr MASK_KIND)
 MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2

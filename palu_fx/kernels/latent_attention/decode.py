@@ -14,10 +14,19 @@ straight into the score tile. RMSNorm (k-norm) is a per-(token, head) scale, and
 the dot are linear, so the norm is applied to the head's scores once its sum of squares is
 complete: ``q . rope(rstd * w * k) = rstd * (q . rope(w * k))``.
 
+Heads of a group per program (``HPP``): all of them (``hk``/``hv`` read once per group, but
+``L_k`` of every head re-read per tile, and the pipeliner multi-buffers it in shared memory)
+or fewer, down to one (programs of the same group sit next to each other in the grid so
+the shared latent tiles are L2 hits; ``L_k`` of the head is loop invariant).
+
 Why the loads sit where they do:
-* With one head per group and at most one chunk per part, the ``L_k`` tiles and the
-  query are loop invariant and loaded once (``HOIST``, decided by the wrapper). Otherwise they are re-read per tile: they are
-  small and shared by every program of the group, so they come from L1/L2, not HBM.
+* With one head per program and at most one chunk per part, the ``L_k`` tiles and the
+  query are loop invariant and loaded once (``HOIST``, decided by the wrapper). Otherwise
+  they are re-read per tile: small and shared by every program of the group, so they come
+  from L1/L2, not HBM.
+* Without k-norm, chunks are the outer loop and heads the inner one, so each cos/sin chunk
+  is loaded once per tile; with k-norm a head's chunks must all be seen before its scale
+  is known, so heads are outer.
 * Head and chunk loops are ``static_range`` so the token loop stays the innermost loop and
   the compiler can software-pipeline the ``hk``/``hv`` loads (``num_stages``).
 """
@@ -75,6 +84,43 @@ def _vec(ptr, off, idx, ok):
 
 
 @triton.jit
+def _rope_chunk(hk_t, t_lo, t_hi, u_lo, u_hi, cs, sn, bias_ptr, w_ptr, hb, d,
+                HALF: tl.constexpr, STEP: tl.constexpr, HI_OFF: tl.constexpr, HAS_BIAS: tl.constexpr,
+                HAS_NORM: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """Scores [BLOCK_S, M] of one rotary chunk of one head, and its sum of squares (k-norm)."""
+    k_lo = mma(hk_t, t_lo, UPCAST, IEEE)
+    k_hi = mma(hk_t, t_hi, UPCAST, IEEE)
+    if HAS_BIAS:
+        k_lo += _vec(bias_ptr, hb, d * STEP, d < HALF)[None, :]
+        k_hi += _vec(bias_ptr, hb, d * STEP + HI_OFF, d < HALF)[None, :]
+    ssq = tl.zeros([hk_t.shape[0]], tl.float32)
+    if HAS_NORM:
+        ssq = tl.sum(k_lo * k_lo, axis=1) + tl.sum(k_hi * k_hi, axis=1)
+        k_lo = k_lo * _vec(w_ptr, 0, d * STEP, d < HALF)[None, :]
+        k_hi = k_hi * _vec(w_ptr, 0, d * STEP + HI_OFF, d < HALF)[None, :]
+    # rebuilt keys are rounded to the cache dtype for the score dot, as a full-cache model
+    # would hold them
+    sc = mma((k_lo * cs - k_hi * sn).to(u_lo.dtype), u_lo, UPCAST, IEEE)
+    sc += mma((k_hi * cs + k_lo * sn).to(u_lo.dtype), u_hi, UPCAST, IEEE)
+    return sc, ssq
+
+
+@triton.jit
+def _pass_chunk(hk_t, t_ps, u_ps, bias_ptr, w_ptr, hb, e, ROT: tl.constexpr,
+                PASS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, UPCAST: tl.constexpr,
+                IEEE: tl.constexpr):
+    """Scores of one pass-through chunk (dims past the rotary ones) of one head."""
+    k_ps = mma(hk_t, t_ps, UPCAST, IEEE)
+    if HAS_BIAS:
+        k_ps += _vec(bias_ptr, hb + ROT, e, e < PASS)[None, :]
+    ssq = tl.zeros([hk_t.shape[0]], tl.float32)
+    if HAS_NORM:
+        ssq = tl.sum(k_ps * k_ps, axis=1)
+        k_ps = k_ps * _vec(w_ptr, ROT, e, e < PASS)[None, :]
+    return mma(k_ps.to(u_ps.dtype), u_ps, UPCAST, IEEE), ssq
+
+
+@triton.jit
 def rebuild_attention_kernel(
     q_ptr, hk_ptr, hv_ptr, lk_ptr, bias_ptr, cos_ptr, sin_ptr, w_ptr, mask_ptr,
     out_ptr, part_ptr, lse_ptr,
@@ -86,7 +132,7 @@ def rebuild_attention_kernel(
     so_b, so_h, so_s,
     G, Hq, Sq, Skv, chunk, NSPLIT, RK, RV, scale, softcap, eps,
     D: tl.constexpr, RK_P: tl.constexpr, RV_P: tl.constexpr,
-    GS: tl.constexpr, NREP: tl.constexpr, HPG: tl.constexpr, HPG_P: tl.constexpr,
+    GS: tl.constexpr, HPP: tl.constexpr, NREP: tl.constexpr, HPG: tl.constexpr, HPG_P: tl.constexpr,
     M_BLOCK: tl.constexpr, BLOCK_S: tl.constexpr,
     ROPE: tl.constexpr, ROT: tl.constexpr, HALF: tl.constexpr, CH: tl.constexpr, NCH: tl.constexpr,
     STEP: tl.constexpr, HI_OFF: tl.constexpr, PASS: tl.constexpr, PCH: tl.constexpr, NPC: tl.constexpr,
@@ -95,14 +141,17 @@ def rebuild_attention_kernel(
     DIRECT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
-    pid_bg = tl.program_id(1)
+    pid_x = tl.program_id(1)
     pid_q = tl.program_id(2)
     NQB = tl.num_programs(2)
     SQB: tl.constexpr = M_BLOCK // HPG_P
-    dt = q_ptr.dtype.element_ty
-
-    b, g, h_loc, head, qi, row_ok = row_coords(pid_bg, pid_q, G, Hq, Sq, HPG, HPG_P, M_BLOCK)
-    jr = h_loc // NREP  # KV head of each row, within the group
+    NHS: tl.constexpr = GS // HPP  # programs per group, one per subset of its KV heads
+    # A program is a "virtual group" of HPP KV heads: rows are the HPG query heads reading
+    # them, which row_coords finds by treating the G*NHS head subsets as groups.
+    b, gv, h_loc, head, qi, row_ok = row_coords(pid_x, pid_q, G * NHS, Hq, Sq, HPG, HPG_P, M_BLOCK)
+    g = gv // NHS
+    j0 = (gv % NHS) * HPP  # first KV head (within the group) of this program
+    jr = j0 + h_loc // NREP  # KV head of each row, within the group
     q_row = b * sq_b + head * sq_h + qi * sq_s
     m_off = b * sm_b + head * sm_h + qi * sm_q
     lo, hi = kv_range(pid_s, pid_q, chunk, Skv, Sq, IS_CAUSAL, SQB)
@@ -114,12 +163,12 @@ def rebuild_attention_kernel(
     dc = tl.arange(0, CH)
     ec = tl.arange(0, PCH)
 
-    if HOIST:  # loop-invariant operands of a single-head group
+    if HOIST:  # loop-invariant operands of a single-head program
         if ROPE:
-            h_lo, h_hi = _lk_pairs(lk_ptr, g, 0, 0, slk_g, slk_r, RK, D, RK_P, HALF, CH, STEP, HI_OFF)
+            h_lo, h_hi = _lk_pairs(lk_ptr, g, j0, 0, slk_g, slk_r, RK, D, RK_P, HALF, CH, STEP, HI_OFF)
             hq_lo, hq_hi = _q_pairs(q_ptr, q_row, row_ok, 0, sq_d, HALF, CH, STEP, HI_OFF)
         if NPC > 0:
-            h_ps = _lk_pass(lk_ptr, g, 0, 0, slk_g, slk_r, RK, D, RK_P, ROT, PASS, PCH)
+            h_ps = _lk_pass(lk_ptr, g, j0, 0, slk_g, slk_r, RK, D, RK_P, ROT, PASS, PCH)
             hq_ps = _q_pass(q_ptr, q_row, row_ok, 0, sq_d, ROT, PASS, PCH)
 
     m_i = tl.full([M_BLOCK], float("-inf"), tl.float32)
@@ -130,56 +179,71 @@ def rebuild_attention_kernel(
         kv_ok = kv < hi
         hk_t = tl.load(hk_base + kv[:, None] * shk_s, mask=kv_ok[:, None] & (rk[None, :] < RK), other=0.0)
         s = tl.zeros([BLOCK_S, M_BLOCK], tl.float32)
-        for j in tl.static_range(GS):
-            mine = row_ok & (jr == j)
-            sj = tl.zeros([BLOCK_S, M_BLOCK], tl.float32)
-            ssq = tl.zeros([BLOCK_S], tl.float32)
-            hb = (g * GS + j) * D  # this head's offset in the key bias
+        if HAS_NORM:  # heads outer: a head's scale needs all its chunks
+            for jj in tl.static_range(HPP):
+                j = j0 + jj
+                mine = row_ok & (jr == j)
+                hb = (g * GS + j) * D  # this head's offset in the key bias
+                sj = tl.zeros([BLOCK_S, M_BLOCK], tl.float32)
+                ssq = tl.zeros([BLOCK_S], tl.float32)
+                if ROPE:
+                    for c in tl.static_range(NCH):
+                        cs, sn = load_rope_pairs(cos_ptr, sin_ptr, b, kv, kv_ok, sc_b, sc_s, sc_d, ss_b, ss_s,
+                                                 ss_d, c * CH, HALF, CH, STEP)
+                        if HOIST:
+                            t_lo, t_hi, u_lo, u_hi = h_lo, h_hi, hq_lo, hq_hi
+                        else:
+                            t_lo, t_hi = _lk_pairs(lk_ptr, g, j, c * CH, slk_g, slk_r, RK, D, RK_P, HALF, CH, STEP,
+                                                   HI_OFF)
+                            u_lo, u_hi = _q_pairs(q_ptr, q_row, mine, c * CH, sq_d, HALF, CH, STEP, HI_OFF)
+                        sc, sq = _rope_chunk(hk_t, t_lo, t_hi, u_lo, u_hi, cs, sn, bias_ptr, w_ptr, hb, c * CH + dc,
+                                             HALF, STEP, HI_OFF, HAS_BIAS, HAS_NORM, UPCAST, IEEE)
+                        sj += sc
+                        ssq += sq
+                for c in tl.static_range(NPC):
+                    if HOIST:
+                        t_ps, u_ps = h_ps, hq_ps
+                    else:
+                        t_ps = _lk_pass(lk_ptr, g, j, c * PCH, slk_g, slk_r, RK, D, RK_P, ROT, PASS, PCH)
+                        u_ps = _q_pass(q_ptr, q_row, mine, c * PCH, sq_d, ROT, PASS, PCH)
+                    sc, sq = _pass_chunk(hk_t, t_ps, u_ps, bias_ptr, w_ptr, hb, c * PCH + ec, ROT, PASS,
+                                         HAS_BIAS, HAS_NORM, UPCAST, IEEE)
+                    sj += sc
+                    ssq += sq
+                s += sj * tl.rsqrt(ssq / D + eps)[:, None]
+        else:  # chunks outer: each cos/sin chunk is loaded once per tile
             if ROPE:
                 for c in tl.static_range(NCH):
-                    if HOIST:
-                        t_lo, t_hi, u_lo, u_hi = h_lo, h_hi, hq_lo, hq_hi
-                    else:
-                        t_lo, t_hi = _lk_pairs(lk_ptr, g, j, c * CH, slk_g, slk_r, RK, D, RK_P, HALF, CH, STEP,
-                                               HI_OFF)
-                        u_lo, u_hi = _q_pairs(q_ptr, q_row, mine, c * CH, sq_d, HALF, CH, STEP, HI_OFF)
-                    k_lo = mma(hk_t, t_lo, UPCAST, IEEE)
-                    k_hi = mma(hk_t, t_hi, UPCAST, IEEE)
-                    d = c * CH + dc
-                    if HAS_BIAS:
-                        k_lo += _vec(bias_ptr, hb, d * STEP, d < HALF)[None, :]
-                        k_hi += _vec(bias_ptr, hb, d * STEP + HI_OFF, d < HALF)[None, :]
-                    if HAS_NORM:
-                        ssq += tl.sum(k_lo * k_lo, axis=1) + tl.sum(k_hi * k_hi, axis=1)
-                        k_lo = k_lo * _vec(w_ptr, 0, d * STEP, d < HALF)[None, :]
-                        k_hi = k_hi * _vec(w_ptr, 0, d * STEP + HI_OFF, d < HALF)[None, :]
                     cs, sn = load_rope_pairs(cos_ptr, sin_ptr, b, kv, kv_ok, sc_b, sc_s, sc_d, ss_b, ss_s, ss_d,
                                              c * CH, HALF, CH, STEP)
-                    # rebuilt keys are rounded to the cache dtype for the score dot, as a
-                    # full-cache model would hold them
-                    sj += mma((k_lo * cs - k_hi * sn).to(dt), u_lo, UPCAST, IEEE)
-                    sj += mma((k_hi * cs + k_lo * sn).to(dt), u_hi, UPCAST, IEEE)
+                    for jj in tl.static_range(HPP):
+                        j = j0 + jj
+                        if HOIST:
+                            t_lo, t_hi, u_lo, u_hi = h_lo, h_hi, hq_lo, hq_hi
+                        else:
+                            t_lo, t_hi = _lk_pairs(lk_ptr, g, j, c * CH, slk_g, slk_r, RK, D, RK_P, HALF, CH, STEP,
+                                                   HI_OFF)
+                            u_lo, u_hi = _q_pairs(q_ptr, q_row, row_ok & (jr == j), c * CH, sq_d, HALF, CH, STEP,
+                                                  HI_OFF)
+                        sc, sq = _rope_chunk(hk_t, t_lo, t_hi, u_lo, u_hi, cs, sn, bias_ptr, w_ptr,
+                                             (g * GS + j) * D, c * CH + dc, HALF, STEP, HI_OFF, HAS_BIAS,
+                                             HAS_NORM, UPCAST, IEEE)
+                        s += sc
             for c in tl.static_range(NPC):
-                if HOIST:
-                    t_ps, u_ps = h_ps, hq_ps
-                else:
-                    t_ps = _lk_pass(lk_ptr, g, j, c * PCH, slk_g, slk_r, RK, D, RK_P, ROT, PASS, PCH)
-                    u_ps = _q_pass(q_ptr, q_row, mine, c * PCH, sq_d, ROT, PASS, PCH)
-                k_ps = mma(hk_t, t_ps, UPCAST, IEEE)
-                e = c * PCH + ec
-                if HAS_BIAS:
-                    k_ps += _vec(bias_ptr, hb + ROT, e, e < PASS)[None, :]
-                if HAS_NORM:
-                    ssq += tl.sum(k_ps * k_ps, axis=1)
-                    k_ps = k_ps * _vec(w_ptr, ROT, e, e < PASS)[None, :]
-                sj += mma(k_ps.to(dt), u_ps, UPCAST, IEEE)
-            if HAS_NORM:
-                sj = sj * tl.rsqrt(ssq / D + eps)[:, None]
-            s += sj
+                for jj in tl.static_range(HPP):
+                    j = j0 + jj
+                    if HOIST:
+                        t_ps, u_ps = h_ps, hq_ps
+                    else:
+                        t_ps = _lk_pass(lk_ptr, g, j, c * PCH, slk_g, slk_r, RK, D, RK_P, ROT, PASS, PCH)
+                        u_ps = _q_pass(q_ptr, q_row, row_ok & (jr == j), c * PCH, sq_d, ROT, PASS, PCH)
+                    sc, sq = _pass_chunk(hk_t, t_ps, u_ps, bias_ptr, w_ptr, (g * GS + j) * D, c * PCH + ec,
+                                         ROT, PASS, HAS_BIAS, HAS_NORM, UPCAST, IEEE)
+                    s += sc
         s2 = scores_to_log2(s, kv, kv_ok, qi, row_ok, m_off, mask_ptr, sm_k, scale, softcap,
                             MASK_KIND, IS_CAUSAL, USE_SOFTCAP)
         v_t = tl.load(hv_base + kv[:, None] * shv_s, mask=kv_ok[:, None] & (rv[None, :] < RV), other=0.0)
         m_i, l_i, acc = softmax_step(s2, m_i, l_i, acc, v_t, UPCAST, IEEE)
 
     finish_rows(acc, m_i, l_i, out_ptr, part_ptr, lse_ptr, b, head, qi, row_ok, so_b, so_h, so_s,
-                pid_bg, pid_q, pid_s, NQB, NSPLIT, RV, RV_P, M_BLOCK, DIRECT)
+                pid_x, pid_q, pid_s, NQB, NSPLIT, RV, RV_P, M_BLOCK, DIRECT)

@@ -44,6 +44,7 @@ class KernelConfig:
     how many programs the split heuristic aims for per multiprocessor (more splits balance
     the waves better but add partial outputs to merge). num_splits forces the split count.
     chunk: widest column chunk of a rebuilt key head (rotary pairs or pass-through dims).
+    heads_per_program: KV heads of a group one rebuild program handles (0: all of them).
     """
 
     block_s: int = 64
@@ -52,10 +53,16 @@ class KernelConfig:
     programs_per_sm: int = 4
     num_splits: Optional[int] = None
     chunk: int = 64
+    heads_per_program: int = 0
 
 
 def _p2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def _interpreting(t: torch.Tensor) -> bool:
+    """Kernels on CPU tensors run under Triton's interpreter (``TRITON_INTERPRET=1``)."""
+    return t.device.type != "cuda"
 
 
 @functools.lru_cache(maxsize=None)
@@ -129,7 +136,7 @@ def _split_plan(cfg, n_base, Skv, device, interpret):
         splits = max(1, min(cfg.num_splits, Skv))
         chunk = triton.cdiv(Skv, splits)
     else:
-        sms = 1 if interpret else _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+        sms = 1 if interpret else _num_sms(device.index if device.index is not None else 0)
         want = triton.cdiv(cfg.programs_per_sm * sms, n_base)
         splits = max(1, min(want, triton.cdiv(Skv, CHUNK_QUANTUM)))
         chunk = triton.cdiv(triton.cdiv(Skv, splits), CHUNK_QUANTUM) * CHUNK_QUANTUM
@@ -164,7 +171,7 @@ def latent_attention_triton(
     if q.dtype == torch.float64:
         return latent_attention_ref(q, hk, hv, lk, k_bias, cos, sin, k_norm_weight, attn_mask, scale,
                                     softcap, is_causal, rope_style, k_norm_eps)
-    interpret = q.device.type != "cuda"
+    interpret = _interpreting(q)
     B, Hq, Sq, Dq = q.shape
     Skv = hk.shape[1]
     dtype = hk.dtype
@@ -203,26 +210,32 @@ def latent_attention_triton(
             keys = hk.view(B, Skv, G, RK).transpose(1, 2)
         return sdpa_latent(qc, keys, hv, G, attn_mask, scale, is_causal).to(q.dtype).contiguous()
 
+    cfg = config or choose_config(rebuild, GS, RK, RV, Dq, HPG_P * _p2(Sq), interpret)
+    # a rebuild program may take a subset of its group's KV heads ("virtual groups")
+    HPP = GS if not rebuild or cfg.heads_per_program <= 0 else math.gcd(GS, cfg.heads_per_program)
+    NHS = GS // HPP
+    VG, VHPG = G * NHS, HPG // NHS  # virtual groups and their query heads
+    HPG_P = _p2(VHPG)
+    fused_rows = HPG_P * _p2(Sq)
     M_BLOCK = max(16, min(fused_rows, max(MAX_FUSED_ROWS, HPG_P)))
     NQB = triton.cdiv(Sq, M_BLOCK // HPG_P)
-    cfg = config or choose_config(rebuild, GS, RK, RV, Dq, M_BLOCK, interpret)
-    NSPLIT, chunk = _split_plan(cfg, B * G * NQB, Skv, q.device, interpret)
+    NSPLIT, chunk = _split_plan(cfg, B * VG * NQB, Skv, q.device, interpret)
     direct = NSPLIT == 1
     out = torch.empty(B, Hq, Sq, RV, dtype=q.dtype, device=q.device)
     RV_P = max(16, _p2(RV))
     if direct:
         part = lse = out
     else:
-        part = torch.empty(B * G * NQB * NSPLIT * M_BLOCK * RV_P, dtype=torch.float32, device=q.device)
-        lse = torch.empty(B * G * NQB * NSPLIT * M_BLOCK, dtype=torch.float32, device=q.device)
+        part = torch.empty(B * VG * NQB * NSPLIT * M_BLOCK * RV_P, dtype=torch.float32, device=q.device)
+        lse = torch.empty(B * VG * NQB * NSPLIT * M_BLOCK, dtype=torch.float32, device=q.device)
     mask_kind, mask, mstr = _mask_args(attn_mask, B, Hq, Sq, Skv, q)
     common_args = dict(
-        RK_P=max(16, _p2(RK)), RV_P=RV_P, HPG=HPG, HPG_P=HPG_P, M_BLOCK=M_BLOCK, BLOCK_S=cfg.block_s,
+        RK_P=max(16, _p2(RK)), RV_P=RV_P, HPG=VHPG, HPG_P=HPG_P, M_BLOCK=M_BLOCK, BLOCK_S=cfg.block_s,
         MASK_KIND=mask_kind, IS_CAUSAL=bool(is_causal), USE_SOFTCAP=softcap > 0, DIRECT=direct,
         UPCAST=interpret and dtype == torch.bfloat16, IEEE=dtype == torch.float32,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    grid = (NSPLIT, B * G, NQB)
+    grid = (NSPLIT, B * VG, NQB)
     if rebuild:
         half_p, pass_p = p["HALF_P"], p["PASS_P"]
         ch, pch = min(half_p, cfg.chunk), min(pass_p, cfg.chunk)
@@ -233,9 +246,9 @@ def latent_attention_triton(
             lk.stride(0), lk.stride(1), *p["cos_strides"], *p["sin_strides"], *mstr,
             out.stride(0), out.stride(1), out.stride(2),
             G, Hq, Sq, Skv, chunk, NSPLIT, RK, RV, float(scale), float(softcap), float(k_norm_eps),
-            D=Dq, GS=GS, NREP=NREP, ROPE=p["ROPE"], ROT=p["ROT"], HALF=p["HALF"],
+            D=Dq, GS=GS, HPP=HPP, NREP=NREP, ROPE=p["ROPE"], ROT=p["ROT"], HALF=p["HALF"],
             CH=ch, NCH=nch, STEP=p["STEP"], HI_OFF=p["HI_OFF"], PASS=p["PASS"], PCH=pch, NPC=npc,
-            HAS_BIAS=p["HAS_BIAS"], HAS_NORM=p["HAS_NORM"], HOIST=GS == 1 and nch <= 1 and npc <= 1,
+            HAS_BIAS=p["HAS_BIAS"], HAS_NORM=p["HAS_NORM"], HOIST=HPP == 1 and nch <= 1 and npc <= 1,
             **common_args,
         )
     else:
@@ -247,8 +260,8 @@ def latent_attention_triton(
             **common_args,
         )
     if not direct:
-        combine_splits_kernel[(B * G, NQB)](
-            part, lse, out, G, Hq, Sq, NSPLIT, out.stride(0), out.stride(1), out.stride(2),
-            HPG=HPG, HPG_P=HPG_P, M_BLOCK=M_BLOCK, RV=RV, RV_P=RV_P, num_warps=4,
+        combine_splits_kernel[(B * VG, NQB)](
+            part, lse, out, VG, Hq, Sq, NSPLIT, out.stride(0), out.stride(1), out.stride(2),
+            HPG=VHPG, HPG_P=HPG_P, M_BLOCK=M_BLOCK, RV=RV, RV_P=RV_P, num_warps=4,
         )
     return out

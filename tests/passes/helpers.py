@@ -1,0 +1,56 @@
+"""Shared helpers: export once per model, run prefill + decode, compare logits."""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from palu_fx.export import export_decoder
+from tests.handwritten import HandwrittenDecoder
+from tests.zoo import build
+
+BATCH, MAX_CACHE, PREFILL, DECODE = 2, 32, 5, 8
+
+
+@functools.lru_cache(maxsize=None)
+def exported(name: str) -> torch.export.ExportedProgram:
+    if name.startswith("handwritten"):
+        kw = dict(p.split("=") for p in name.split(":")[1:])
+        kw = {k: (v == "True" if v in ("True", "False") else v) for k, v in kw.items()}
+        model = HandwrittenDecoder(batch_size=BATCH, max_cache_len=MAX_CACHE, **kw)
+        seq = torch.export.Dim("seq_len", min=1, max=MAX_CACHE - 1)
+        ids = torch.randint(0, 256, (BATCH, 4))
+        return torch.export.export(model, (), {"input_ids": ids, "cache_position": torch.arange(4)},
+                                   dynamic_shapes={"input_ids": {1: seq}, "cache_position": {0: seq}}, strict=True)
+    return export_decoder(build(name), batch_size=BATCH, max_cache_len=MAX_CACHE)
+
+
+def tokens(seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 256, (BATCH, PREFILL + DECODE), generator=torch.Generator().manual_seed(seed))
+
+
+def run(ep: torch.export.ExportedProgram, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of a prefill of PREFILL tokens, then DECODE single-token steps: [B, P+D, V]."""
+    mod = ep.module()
+    outs = [mod(input_ids=ids[:, :PREFILL], cache_position=torch.arange(PREFILL))]
+    for t in range(PREFILL, PREFILL + DECODE):
+        outs.append(mod(input_ids=ids[:, t:t + 1], cache_position=torch.tensor([t])))
+    return torch.cat(outs, dim=1)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def cache_buffers(ep: torch.export.ExportedProgram) -> dict[str, torch.Tensor]:
+    """Every buffer the program writes in place with an index (its KV caches), by target."""
+    from palu_fx.passes.find import WRITE_OPS
+
+    specs = {s.arg.name: s for s in ep.graph_signature.input_specs if s.kind.name == "BUFFER"}
+    written = {n.args[0].name for n in ep.graph.nodes if n.op == "call_function" and n.target in WRITE_OPS}
+    return {specs[n].target: ep.constants.get(specs[n].target, ep.state_dict.get(specs[n].target))
+            for n in written & set(specs)}
+
+
+def cache_bytes(ep: torch.export.ExportedProgram) -> int:
+    return sum(t.numel() * t.element_size() for t in cache_buffers(ep).values())

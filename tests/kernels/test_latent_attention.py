@@ -127,6 +127,21 @@ def test_decode_rebuild_column_chunks(kern, case):
     check(kern.latent_attention_triton(*args, config=c), args)
 
 
+@pytest.mark.parametrize("hpp,dyn", [(1, False), (2, False), (0, True)],
+                         ids=["1-head-per-program", "2-heads-per-program", "all-heads-runtime-loop"])
+@pytest.mark.parametrize("case", [
+    pytest.param(dict(Hq=8, Hkv=4, gs=4, rk=64, rv=48, mask="bool"), id="mha-gs4-masked"),
+    pytest.param(dict(Hq=8, Hkv=4, gs=4, rk=64, rot=16, rope=2, bias=True, norm=True), id="gs4-partial-knorm"),
+    pytest.param(dict(Hq=8, Hkv=2, gs=2, rk=48, Skv=130), id="gqa-gs2"),
+])
+def test_decode_rebuild_head_subsets(kern, case, hpp, dyn):
+    # a group's KV heads spread over several programs that share its latent tiles
+    args = make_inputs(**case)
+    c = kern.KernelConfig(block_s=64 if DEVICE == "cpu" else 32, num_warps=4, num_stages=1, num_splits=2,
+                          heads_per_program=hpp, dynamic_heads=dyn)
+    check(kern.latent_attention_triton(*args, config=c), args)
+
+
 @pytest.mark.parametrize("mask", ["bool", "add", "bool-full", "bool-1d"])
 @pytest.mark.parametrize("absorbed", [False, True], ids=["rebuild", "absorbed"])
 def test_decode_masks(kern, mask, absorbed):

@@ -24,6 +24,10 @@ Why the loads sit where they do:
   query are loop invariant and loaded once (``HOIST``, decided by the wrapper). Otherwise
   they are re-read per tile: small and shared by every program of the group, so they come
   from L1/L2, not HBM.
+* Head loops are unrolled (``static_range``), or with ``DYN_HEADS`` a runtime loop: then
+  only one head's operands are live at a time (large groups otherwise spill registers, as
+  the scheduler overlaps the unrolled heads) and the pipeliner double-buffers that loop's
+  ``L_k`` chunks instead of the token loop's loads.
 * Without k-norm, chunks are the outer loop and heads the inner one, so each cos/sin chunk
   is loaded once per tile; with k-norm a head's chunks must all be seen before its scale
   is known, so heads are outer.
@@ -136,7 +140,7 @@ def rebuild_attention_kernel(
     M_BLOCK: tl.constexpr, BLOCK_S: tl.constexpr,
     ROPE: tl.constexpr, ROT: tl.constexpr, HALF: tl.constexpr, CH: tl.constexpr, NCH: tl.constexpr,
     STEP: tl.constexpr, HI_OFF: tl.constexpr, PASS: tl.constexpr, PCH: tl.constexpr, NPC: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, HOIST: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, HOIST: tl.constexpr, DYN_HEADS: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, USE_SOFTCAP: tl.constexpr,
     DIRECT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
@@ -179,7 +183,34 @@ def rebuild_attention_kernel(
         kv_ok = kv < hi
         hk_t = tl.load(hk_base + kv[:, None] * shk_s, mask=kv_ok[:, None] & (rk[None, :] < RK), other=0.0)
         s = tl.zeros([BLOCK_S, M_BLOCK], tl.float32)
-        if HAS_NORM:  # heads outer: a head's scale needs all its chunks
+        if DYN_HEADS:  # runtime head loop (never HOIST): one head's operands live at a time
+            for j in range(j0, j0 + HPP):
+                mine = row_ok & (jr == j)
+                hb = (g * GS + j) * D
+                sj = tl.zeros([BLOCK_S, M_BLOCK], tl.float32)
+                ssq = tl.zeros([BLOCK_S], tl.float32)
+                if ROPE:
+                    for c in tl.static_range(NCH):
+                        cs, sn = load_rope_pairs(cos_ptr, sin_ptr, b, kv, kv_ok, sc_b, sc_s, sc_d, ss_b, ss_s,
+                                                 ss_d, c * CH, HALF, CH, STEP)
+                        t_lo, t_hi = _lk_pairs(lk_ptr, g, j, c * CH, slk_g, slk_r, RK, D, RK_P, HALF, CH, STEP,
+                                               HI_OFF)
+                        u_lo, u_hi = _q_pairs(q_ptr, q_row, mine, c * CH, sq_d, HALF, CH, STEP, HI_OFF)
+                        sc, sq = _rope_chunk(hk_t, t_lo, t_hi, u_lo, u_hi, cs, sn, bias_ptr, w_ptr, hb, c * CH + dc,
+                                             HALF, STEP, HI_OFF, HAS_BIAS, HAS_NORM, UPCAST, IEEE)
+                        sj += sc
+                        ssq += sq
+                for c in tl.static_range(NPC):
+                    t_ps = _lk_pass(lk_ptr, g, j, c * PCH, slk_g, slk_r, RK, D, RK_P, ROT, PASS, PCH)
+                    u_ps = _q_pass(q_ptr, q_row, mine, c * PCH, sq_d, ROT, PASS, PCH)
+                    sc, sq = _pass_chunk(hk_t, t_ps, u_ps, bias_ptr, w_ptr, hb, c * PCH + ec, ROT, PASS,
+                                         HAS_BIAS, HAS_NORM, UPCAST, IEEE)
+                    sj += sc
+                    ssq += sq
+                if HAS_NORM:
+                    sj = sj * tl.rsqrt(ssq / D + eps)[:, None]
+                s += sj
+        elif HAS_NORM:  # heads outer: a head's scale needs all its chunks
             for jj in tl.static_range(HPP):
                 j = j0 + jj
                 mine = row_ok & (jr == j)

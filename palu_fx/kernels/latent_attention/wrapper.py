@@ -45,6 +45,8 @@ class KernelConfig:
     the waves better but add partial outputs to merge). num_splits forces the split count.
     chunk: widest column chunk of a rebuilt key head (rotary pairs or pass-through dims).
     heads_per_program: KV heads of a group one rebuild program handles (0: all of them).
+    dynamic_heads: loop over those heads at run time instead of unrolling (fewer live
+    registers for large groups).
     """
 
     block_s: int = 64
@@ -54,6 +56,7 @@ class KernelConfig:
     num_splits: Optional[int] = None
     chunk: int = 64
     heads_per_program: int = 0
+    dynamic_heads: bool = False
 
 
 def _p2(n: int) -> int:
@@ -78,15 +81,19 @@ def choose_config(rebuild: bool, gs: int, rk: int, rv: int, head_dim: int, rows:
     if interpret:
         return KernelConfig(block_s=64, num_warps=4, num_stages=1, programs_per_sm=1)
     if not rebuild:
-        # bandwidth bound: long tiles keep enough bytes in flight per program
-        return KernelConfig(block_s=128, num_warps=4, num_stages=3, programs_per_sm=4)
-    # rebuild: a head's fp32 key chunks [BLOCK_S, chunk] live in registers; bigger groups
-    # re-read more L_k per tile, which longer tiles amortise
+        # bandwidth bound: long tiles keep bytes in flight; shared memory caps the stages
+        if rk + rv <= 128:
+            return KernelConfig(block_s=128, num_warps=4, num_stages=3)
+        if rk + rv <= 256:
+            return KernelConfig(block_s=128, num_warps=8, num_stages=2)
+        return KernelConfig(block_s=64, num_warps=4, num_stages=3)
+    # rebuild: configs that compile without register spills for head dim 128 (larger
+    # groups: one program per KV head, or a runtime loop over the heads)
     if gs == 1:
-        return KernelConfig(block_s=64, num_warps=4, num_stages=2, programs_per_sm=4, chunk=64)
+        return KernelConfig(block_s=64, num_warps=4, num_stages=2, chunk=64)
     if gs == 2:
-        return KernelConfig(block_s=128, num_warps=8, num_stages=2, programs_per_sm=4, chunk=64)
-    return KernelConfig(block_s=128, num_warps=8, num_stages=2, programs_per_sm=4, chunk=32)
+        return KernelConfig(block_s=64, num_warps=4, num_stages=2, chunk=64, heads_per_program=1)
+    return KernelConfig(block_s=64, num_warps=8, num_stages=2, chunk=32, heads_per_program=2, dynamic_heads=True)
 
 
 def _parts(q, lk, k_bias, cos, sin, k_norm_weight, rope_style, B, Skv, interpret, dtype):
@@ -249,6 +256,7 @@ def latent_attention_triton(
             D=Dq, GS=GS, HPP=HPP, NREP=NREP, ROPE=p["ROPE"], ROT=p["ROT"], HALF=p["HALF"],
             CH=ch, NCH=nch, STEP=p["STEP"], HI_OFF=p["HI_OFF"], PASS=p["PASS"], PCH=pch, NPC=npc,
             HAS_BIAS=p["HAS_BIAS"], HAS_NORM=p["HAS_NORM"], HOIST=HPP == 1 and nch <= 1 and npc <= 1,
+            DYN_HEADS=cfg.dynamic_heads and HPP > 1,
             **common_args,
         )
     else:

@@ -66,7 +66,10 @@ class ZooEntry:
       sliding_layers: layers with a sliding-window mask (window = sliding_window).
       scale: the attention scale if it is not head_dim**-0.5.
       cache_heads: heads in the static cache buffer if not kv_heads (K/V expanded before the write).
-      attn_impl: attention implementation transformers picked ("sdpa" or "eager").
+      attn_impl: attention implementation the entry is built with (passed explicitly: defaults differ
+        between transformers 5.17 and 5.24, e.g. 5.17 runs Gemma2 through SDPA and silently drops the
+        softcap, and picks eager for GPT-J/CodeGen). ``entry(attn_implementation="eager")`` overrides.
+      min_transformers: oldest transformers version on which the entry exports (tests xfail below it).
     """
 
     name: str
@@ -88,29 +91,53 @@ class ZooEntry:
     scale: float | None = None
     cache_heads: int | None = None
     attn_impl: str = "sdpa"
+    min_transformers: str | None = None
     seed: int = 0
     notes: str = ""
 
-    def __call__(self) -> torch.nn.Module:
-        return _build(self)
+    def __call__(self, attn_implementation: str | None = None) -> torch.nn.Module:
+        return _build(self, attn_implementation or self.attn_impl)
+
+    def available(self) -> bool:
+        """The installed transformers knows this model type."""
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        return self.model_type in CONFIG_MAPPING
+
+    def supported_here(self) -> bool:
+        """Available and the installed transformers is new enough for it to export."""
+        if not self.available():
+            return False
+        if self.min_transformers is None:
+            return True
+        import transformers
+        from packaging.version import Version
+
+        return Version(transformers.__version__) >= Version(self.min_transformers)
 
     def cache_shape(self, batch_size: int = 1, max_cache_len: int = 64) -> tuple[int, int, int, int]:
         """Shape of each layer's key/value cache buffer in the exported program."""
         return (batch_size, self.cache_heads or self.kv_heads, max_cache_len, self.head_dim)
 
 
-def _build(entry: ZooEntry) -> torch.nn.Module:
+def _build(entry: ZooEntry, attn_implementation: str) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.for_model(entry.model_type, **entry.config)
     torch.manual_seed(entry.seed)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation=attn_implementation)
     return model.float().eval()
 
 
 def _llama_like(**over: Any) -> dict[str, Any]:
     d = dict(_COMMON)
     d.update(over)
+    return d
+
+
+def _mha_like(**over: Any) -> dict[str, Any]:
+    d = _llama_like(**over)
+    d.pop("num_key_value_heads")
     return d
 
 
@@ -143,7 +170,7 @@ def _entries() -> list[ZooEntry]:
           k_norm="head", sliding_layers=(0,), sliding_window=4,
           notes="q/k RMSNorm per head; local RoPE table (theta 1e4) on sliding layers, global (1e6) on full"),
         E("phi3", "phi3", _llama_like(), fused_qkv=True, notes="qkv_proj sliced by rows"),
-        E("gpt_neox", "gpt_neox", _llama_like(num_key_value_heads=None), kv_heads=HEADS, rotary_dim=8,
+        E("gpt_neox", "gpt_neox", _mha_like(), kv_heads=HEADS, rotary_dim=8,
           fused_qkv=True, qkv_bias=True, notes="query_key_value viewed per head then chunk(3); rotary_pct 0.25"),
         E("gpt2", "gpt2", dict(n_embd=HIDDEN, n_head=HEADS, n_layer=LAYERS, n_inner=INTERMEDIATE, vocab_size=VOCAB,
                                n_positions=MAX_POS, initializer_range=INIT_RANGE, bos_token_id=1, eos_token_id=2),
@@ -152,8 +179,9 @@ def _entries() -> list[ZooEntry]:
         E("gptj", "gptj", dict(n_embd=HIDDEN, n_head=HEADS, n_layer=LAYERS, n_inner=INTERMEDIATE, vocab_size=VOCAB,
                                n_positions=MAX_POS, rotary_dim=16, initializer_range=INIT_RANGE,
                                bos_token_id=1, eos_token_id=2, tie_word_embeddings=False),
-          kv_heads=HEADS, rotary_dim=16, rope_interleaved=True,
-          notes="interleaved partial RoPE (rotary_dim 16) applied in [B,S,H,D] layout before the transpose; "
+          kv_heads=HEADS, rotary_dim=16, rope_interleaved=True, attn_impl="eager",
+          notes="eager (transformers 5.17 has no SDPA for GPT-J); "
+                "interleaved partial RoPE (rotary_dim 16) applied in [B,S,H,D] layout before the transpose; "
                 "sin/cos gathered from a precomputed embed_positions table buffer (no inv_freq)"),
         E("phi", "phi", _llama_like(), rotary_dim=16, qkv_bias=True, notes="partial_rotary_factor 0.5"),
         E("stablelm", "stablelm", _llama_like(use_qkv_bias=True, qk_layernorm=True), rotary_dim=8,
@@ -187,15 +215,16 @@ def _entries() -> list[ZooEntry]:
           notes="partial (0.5) interleaved RoPE; extra post-attn/post-mlp norms"),
         E("helium", "helium", _llama_like(head_dim=HEAD_DIM), rope_interleaved=True,
           notes="interleaved RoPE: cos/sin sliced to D/2 then repeat_interleave(2)"),
-        E("persimmon", "persimmon", _llama_like(num_key_value_heads=None, qk_layernorm=True), kv_heads=HEADS,
+        E("persimmon", "persimmon", _mha_like(qk_layernorm=True), kv_heads=HEADS,
           rotary_dim=16, fused_qkv=True, qkv_bias=True, k_norm="head",
           notes="fused qkv viewed [.., H, 3*D]; per-head LayerNorm; partial_rotary_factor 0.5"),
         E("codegen", "codegen", dict(n_embd=HIDDEN, n_head=HEADS, n_layer=LAYERS, n_inner=INTERMEDIATE,
                                      vocab_size=VOCAB, n_positions=MAX_POS, n_ctx=MAX_POS, rotary_dim=16,
                                      initializer_range=INIT_RANGE, bos_token_id=1, eos_token_id=2,
                                      tie_word_embeddings=False),
-          kv_heads=HEADS, rotary_dim=16, rope_interleaved=True, fused_qkv=True,
-          notes="qkv_proj reshaped by mp_num=4 shards then split; interleaved partial RoPE"),
+          kv_heads=HEADS, rotary_dim=16, rope_interleaved=True, fused_qkv=True, attn_impl="eager",
+          notes="eager (transformers 5.17 has no SDPA for CodeGen); qkv_proj viewed as mp_num=4 shards of "
+                "[q|v|k] then split (order q, V, K!); interleaved partial RoPE from an embed_positions table"),
         E("exaone4", "exaone4", _llama_like(sliding_window=4, layer_types=["sliding_attention", "full_attention"]),
           k_norm="head", sliding_layers=(0,), sliding_window=4, nope_layers=(1,),
           notes="q/k norm; full-attention layers skip RoPE when sliding layers exist"),
@@ -216,7 +245,9 @@ def _entries() -> list[ZooEntry]:
                                  initializer_range=INIT_RANGE, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                                  tie_word_embeddings=False),
           has_rope=False, rotary_dim=None, kv_heads=HEADS, fused_qkv=True, qkv_bias=True, attn_impl="eager",
-          notes="ALiBi, eager baddbmm attention; fused qkv viewed [.., H, 3, D]"),
+          min_transformers="5.24",
+          notes="ALiBi, eager baddbmm attention; fused qkv viewed [.., H, 3, D]. transformers 5.17: export fails "
+                "(data-dependent guard 64 - u0 > 0)"),
         E("gpt_neo", "gpt_neo", dict(hidden_size=HIDDEN, num_heads=HEADS, num_layers=LAYERS,
                                      attention_types=[[["global"], LAYERS]], intermediate_size=INTERMEDIATE,
                                      vocab_size=VOCAB, max_position_embeddings=MAX_POS, initializer_range=INIT_RANGE,
@@ -286,7 +317,7 @@ def _broken() -> list[tuple[ZooEntry, str]]:
          "bias[key_len - q_len : key_len] with key_len = static cache length, not the current position"),
         (E("mpt", "mpt", dict(d_model=HIDDEN, n_heads=HEADS, n_layers=LAYERS, expansion_ratio=2, max_seq_len=MAX_POS,
                               vocab_size=VOCAB, initializer_range=INIT_RANGE),
-           has_rope=False, rotary_dim=None, kv_heads=HEADS, fused_qkv=True),
+           has_rope=False, rotary_dim=None, kv_heads=HEADS, fused_qkv=True, attn_impl="eager"),
          "ALiBi bias sized from a data-dependent length: PendingUnbackedSymbolNotFound"),
         (E("deepseek_v3", "deepseek_v3", _llama_like(kv_lora_rank=32, q_lora_rank=None, qk_rope_head_dim=16,
                                                      qk_nope_head_dim=32, v_head_dim=32, n_routed_experts=4,

@@ -16,11 +16,16 @@ and the cache slots written are ``arange(S) + cumulative_length``: only ``cache_
 matters. transformers 5.17 calls the model with ``past_key_values=``, 5.24 with ``cache=``; the
 wrapper hides that difference, so this module only needs the wrapper's public ``export``.
 
-Notes on the result (torch 2.11-2.13): ``torch.export.export`` returns the *training* IR
+Notes on the result (seen with torch 2.13): ``torch.export.export`` returns the *training* IR
 (``ep.verifier.dialect == "TRAINING"``): cache writes are in-place ``aten.index_copy_`` nodes on
 buffer placeholders and ``graph_signature.buffers_to_mutate`` is empty. After
 ``ep.run_decompositions()`` the writes become functional ``aten.index_put`` nodes listed in
-``buffers_to_mutate``, and (with the default table) SDPA is decomposed into matmul/softmax.
+``buffers_to_mutate``, and (with the default table) SDPA is decomposed into matmul/softmax;
+``ep.run_decompositions({})`` keeps SDPA and gives a functional ``index_copy``. Placeholder names of
+the caches depend on the wrapper (``b_static_cache_layers_{i}_keys`` or ``b_cache_layers_{i}_keys``);
+the signature targets ``key_cache_{i}`` / ``value_cache_{i}`` are stable. ``ep.module()`` shares buffer
+storage with the exported module. With transformers 5.17 the rotary cos/sin computation sits inside a
+``torch.ops.higher_order.wrap_with_set_grad_enabled`` node (its body is a ``submod_*`` GraphModule).
 """
 from __future__ import annotations
 
@@ -48,6 +53,10 @@ def _hint(exc: BaseException) -> str:
     if "item()" in low or "data-dependent" in low or "guardondatadependent" in low:
         return ("the model code reads a tensor value in Python (e.g. `.item()` or a data-dependent branch); "
                 "torch.export cannot trace that. A model whose forward does not depend on tensor values is needed.")
+    if "index_copy" in low and "slice shape" in low:
+        return ("the static cache allocated from the config ([batch, num_key_value_heads, max_cache_len, head_dim]) "
+                "does not match the keys/values the model writes (e.g. MLA head dims, or a multi-query flag the "
+                "config's num_key_value_heads does not reflect).")
     if "constraint" in low or "specializ" in low or "dim" in low and "dynamic" in low:
         return ("the sequence dimension could not stay dynamic (the model branches on the sequence length); "
                 "try dynamic_seq=False to export one fixed length.")

@@ -159,6 +159,9 @@ def replay_chain(proj: Projection, steps: list, batch_axis: int, seq_axis: int, 
         elif isinstance(step, NormLink):
             if norm is not None:
                 raise SiteError("two norms on the key path")
+            if rope is not None and step.weight is not None:
+                # the kernel normalizes, then rotates; a weighted norm does not commute with RoPE
+                raise SiteError("k-norm with a weight is applied after RoPE (the latent op norms before rotating)")
             norm = step
             marks.append(("k-norm", probe))
         else:

@@ -22,7 +22,19 @@ def exported(name: str) -> torch.export.ExportedProgram:
         ids = torch.randint(0, 256, (BATCH, 4))
         return torch.export.export(model, (), {"input_ids": ids, "cache_position": torch.arange(4)},
                                    dynamic_shapes={"input_ids": {1: seq}, "cache_position": {0: seq}}, strict=True)
-    return export_decoder(build(name), batch_size=BATCH, max_cache_len=MAX_CACHE)
+    return export_decoder(perturbed(build(name)), batch_size=BATCH, max_cache_len=MAX_CACHE)
+
+
+def perturbed(model: torch.nn.Module, scale: float = 0.1) -> torch.nn.Module:
+    """Randomize the 1-D parameters (norm weights, biases) that initialization leaves at 0/1:
+    a pass that applies a k-norm at the wrong place, or drops a bias, stays lossless on
+    all-ones weights and would go unnoticed."""
+    g = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model
 
 
 def tokens(seed: int = 0) -> torch.Tensor:

@@ -13,6 +13,7 @@ Paths (same semantics as ``naive.latent_attention_ref``):
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -21,6 +22,7 @@ from typing import Optional
 
 import torch
 import triton
+from triton.runtime.errors import OutOfResources
 
 from palu_fx.kernels.latent_attention.absorbed import absorbed_attention_kernel
 from palu_fx.kernels.latent_attention.common import MASK_ADD, MASK_BOOL, MASK_NONE, combine_splits_kernel
@@ -98,6 +100,42 @@ def choose_config(rebuild: bool, gs: int, rk: int, rv: int, head_dim: int, rows:
     return KernelConfig(block_s=128, num_warps=8, num_stages=2, chunk=32, dynamic_heads=True, programs_per_sm=4)
 
 
+# Hopper's per-block shared memory is 227 KB; stay under it with room for the compiler's
+# own scratch (layout conversions), which the estimate below does not count.
+SMEM_BUDGET = 180 * 1024
+
+
+def _smem_estimate(cfg: KernelConfig, rebuild: bool, hoist: bool, rk_p: int, rv_p: int, ch: int, nch: int,
+                   hpp: int, rope: bool, elt: int) -> int:
+    """Rough shared memory of a fused-kernel launch: pipelined tiles x stages + invariants."""
+    bs = cfg.block_s
+    per_stage = bs * (rk_p + rv_p) * elt
+    fixed = 0
+    if rebuild:
+        if rope:
+            per_stage += 2 * bs * ch * elt  # cos, sin chunk
+        lk_bytes = 2 * rk_p * ch * elt * max(1, nch)
+        if hoist:
+            fixed += lk_bytes
+        else:  # re-read per tile: pipelined with the tile's loads
+            per_stage += lk_bytes * (1 if cfg.dynamic_heads else hpp)
+    return fixed + per_stage * max(1, cfg.num_stages)
+
+
+def _fit_smem(cfg: KernelConfig, **kw) -> KernelConfig:
+    """Fewer stages, then shorter tiles, until the estimate fits (odd head dims, full rank)."""
+    while _smem_estimate(cfg, **kw) > SMEM_BUDGET:
+        if cfg.num_stages > 1:
+            cfg = dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
+        elif cfg.block_s > 16:
+            cfg = dataclasses.replace(cfg, block_s=cfg.block_s // 2)
+        elif cfg.chunk > 16:
+            cfg = dataclasses.replace(cfg, chunk=cfg.chunk // 2)
+        else:
+            break
+    return cfg
+
+
 def _parts(q, lk, k_bias, cos, sin, k_norm_weight, rope_style, B, Skv, interpret, dtype):
     """Constants and prepared tensors of the key pipeline (rebuild mode)."""
     G, gsD, RK = lk.shape
@@ -151,6 +189,15 @@ def _split_plan(cfg, n_base, Skv, device, interpret):
         chunk = triton.cdiv(triton.cdiv(Skv, splits), CHUNK_QUANTUM) * CHUNK_QUANTUM
     splits = triton.cdiv(Skv, chunk)
     return splits, chunk
+
+
+def _launch(kernel, grid, args, consts):
+    """Launch; if the compiled kernel still needs more shared memory than the device has
+    (the estimate is rough), retry with one pipeline stage and half-length tiles."""
+    try:
+        kernel[grid](*args, **consts)
+    except OutOfResources:
+        kernel[grid](*args, **dict(consts, num_stages=1, BLOCK_S=max(16, consts["BLOCK_S"] // 2)))
 
 
 def latent_attention_triton(
@@ -245,30 +292,35 @@ def latent_attention_triton(
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     grid = (NSPLIT, B * VG, NQB)
+    elt = hk.element_size()
     if rebuild:
         half_p, pass_p = p["HALF_P"], p["PASS_P"]
-        ch, pch = min(half_p, cfg.chunk), min(pass_p, cfg.chunk)
-        nch, npc = (half_p // ch if p["ROPE"] else 0), (pass_p // pch if p["HAS_PASS"] else 0)
-        rebuild_attention_kernel[grid](
-            qc, hk, hv, lk, p["bias"], p["cos"], p["sin"], p["w"], mask, out, part, lse,
-            *qc.stride(), hk.stride(0), hk.stride(1), hv.stride(0), hv.stride(1),
-            lk.stride(0), lk.stride(1), *p["cos_strides"], *p["sin_strides"], *mstr,
-            out.stride(0), out.stride(1), out.stride(2),
-            G, Hq, Sq, Skv, chunk, NSPLIT, RK, RV, float(scale), float(softcap), float(k_norm_eps),
-            D=Dq, GS=GS, HPP=HPP, NREP=NREP, ROPE=p["ROPE"], ROT=p["ROT"], HALF=p["HALF"],
-            CH=ch, NCH=nch, STEP=p["STEP"], HI_OFF=p["HI_OFF"], PASS=p["PASS"], PCH=pch, NPC=npc,
-            HAS_BIAS=p["HAS_BIAS"], HAS_NORM=p["HAS_NORM"], HOIST=HPP == 1 and nch <= 1 and npc <= 1,
-            DYN_HEADS=cfg.dynamic_heads and HPP > 1,
-            **common_args,
-        )
+        for _ in range(2):  # the fit may shrink the chunk, which changes the hoisting
+            ch, pch = min(half_p, cfg.chunk), min(pass_p, cfg.chunk)
+            nch, npc = (half_p // ch if p["ROPE"] else 0), (pass_p // pch if p["HAS_PASS"] else 0)
+            hoist = HPP == 1 and nch <= 1 and npc <= 1
+            cfg = _fit_smem(cfg, rebuild=True, hoist=hoist, rk_p=common_args["RK_P"], rv_p=RV_P, ch=max(ch, pch),
+                            nch=max(nch, npc), hpp=HPP, rope=p["ROPE"], elt=elt)
+        common_args.update(BLOCK_S=cfg.block_s, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        args = (qc, hk, hv, lk, p["bias"], p["cos"], p["sin"], p["w"], mask, out, part, lse,
+                *qc.stride(), hk.stride(0), hk.stride(1), hv.stride(0), hv.stride(1),
+                lk.stride(0), lk.stride(1), *p["cos_strides"], *p["sin_strides"], *mstr,
+                out.stride(0), out.stride(1), out.stride(2),
+                G, Hq, Sq, Skv, chunk, NSPLIT, RK, RV, float(scale), float(softcap), float(k_norm_eps))
+        consts = dict(D=Dq, GS=GS, HPP=HPP, NREP=NREP, ROPE=p["ROPE"], ROT=p["ROT"], HALF=p["HALF"],
+                      CH=ch, NCH=nch, STEP=p["STEP"], HI_OFF=p["HI_OFF"], PASS=p["PASS"], PCH=pch, NPC=npc,
+                      HAS_BIAS=p["HAS_BIAS"], HAS_NORM=p["HAS_NORM"], HOIST=hoist,
+                      DYN_HEADS=cfg.dynamic_heads and HPP > 1, **common_args)
+        _launch(rebuild_attention_kernel, grid, args, consts)
     else:
-        absorbed_attention_kernel[grid](
-            qc, hk, hv, mask, out, part, lse,
-            *qc.stride(), hk.stride(0), hk.stride(1), hv.stride(0), hv.stride(1), *mstr,
-            out.stride(0), out.stride(1), out.stride(2),
-            G, Hq, Sq, Skv, chunk, NSPLIT, RK, RV, float(scale), float(softcap),
-            **common_args,
-        )
+        cfg = _fit_smem(cfg, rebuild=False, hoist=False, rk_p=common_args["RK_P"], rv_p=RV_P, ch=0, nch=0, hpp=1,
+                        rope=False, elt=elt)
+        common_args.update(BLOCK_S=cfg.block_s, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        args = (qc, hk, hv, mask, out, part, lse,
+                *qc.stride(), hk.stride(0), hk.stride(1), hv.stride(0), hv.stride(1), *mstr,
+                out.stride(0), out.stride(1), out.stride(2),
+                G, Hq, Sq, Skv, chunk, NSPLIT, RK, RV, float(scale), float(softcap))
+        _launch(absorbed_attention_kernel, grid, args, common_args)
     if not direct:
         combine_splits_kernel[(B * VG, NQB)](
             part, lse, out, VG, Hq, Sq, NSPLIT, out.stride(0), out.stride(1), out.stride(2),

@@ -150,6 +150,13 @@ def test_decode_masks(kern, mask, absorbed):
 
 
 @pytest.mark.parametrize("absorbed", [False, True], ids=["rebuild", "absorbed"])
+def test_many_splits(kern, absorbed):
+    # more splits than one combine step reduces at once, several of them empty (masked)
+    args = make_inputs(mask="bool", absorbed=absorbed, Skv=90, Hq=8, Hkv=4, gs=2)
+    check(kern.latent_attention_triton(*args, config=cfg(kern, 37)), args)
+
+
+@pytest.mark.parametrize("absorbed", [False, True], ids=["rebuild", "absorbed"])
 def test_fully_masked_row_gives_zeros(kern, absorbed):
     args = list(make_inputs(mask="bool", absorbed=absorbed, Skv=70))
     args[8][1] = False  # sequence 1 sees nothing

@@ -142,31 +142,47 @@ def finish_rows(
 @triton.jit
 def combine_splits_kernel(
     part_ptr, lse_ptr, out_ptr,
-    G, Hq, Sq, NSPLIT, so_b, so_h, so_s,
+    G, Sq, NQB, NSPLIT, so_b, so_h, so_s,
     HPG: tl.constexpr, HPG_P: tl.constexpr, M_BLOCK: tl.constexpr, RV: tl.constexpr, RV_P: tl.constexpr,
+    SPLIT_BLOCK: tl.constexpr, COLS: tl.constexpr,
 ):
-    """Merge the per-split partial outputs of one (batch, group, query block) by their LSEs."""
-    pid_bg = tl.program_id(0)
-    pid_q = tl.program_id(1)
-    NQB = tl.num_programs(1)
-    b, g, h_loc, head, qi, row_ok = row_coords(pid_bg, pid_q, G, Hq, Sq, HPG, HPG_P, M_BLOCK)
-    rows = tl.arange(0, M_BLOCK)
-    c = tl.arange(0, RV_P)
-    base = (pid_bg * NQB + pid_q) * NSPLIT
-    m = tl.full([M_BLOCK], float("-inf"), tl.float32)
-    for s in range(NSPLIT):
-        m = tl.maximum(m, tl.load(lse_ptr + (base + s) * M_BLOCK + rows))
-    m_use = tl.where(m == float("-inf"), 0.0, m)
-    acc = tl.zeros([M_BLOCK, RV_P], tl.float32)
-    den = tl.zeros([M_BLOCK], tl.float32)
-    for s in range(NSPLIT):
-        w = tl.math.exp2(tl.load(lse_ptr + (base + s) * M_BLOCK + rows) - m_use)
-        o = tl.load(part_ptr + (base + s) * (M_BLOCK * RV_P) + rows[:, None] * RV_P + c[None, :])
-        acc += o * w[:, None]
-        den += w
-    out = acc / tl.where(den == 0.0, 1.0, den)[:, None]
-    ptrs = out_ptr + b * so_b + head[:, None] * so_h + qi[:, None] * so_s + c[None, :]
-    tl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (c[None, :] < RV))
+    """Merge the per-split partial outputs of one output row (and ``COLS`` of its columns).
+
+    One program per (row, column block), each reducing ``SPLIT_BLOCK`` splits per vector
+    load: batch 1 at long context has few rows and hundreds of splits, and a loop over the
+    splits one at a time would be a chain of dependent global loads.
+    """
+    pid_bq = tl.program_id(0)  # (batch, group) x query block
+    r = tl.program_id(1)  # row of the block
+    cols = tl.program_id(2) * COLS + tl.arange(0, COLS)
+    pid_bg = pid_bq // NQB
+    b = (pid_bg // G).to(tl.int64)
+    g = pid_bg % G
+    h_loc = r % HPG_P
+    qi = (pid_bq % NQB) * (M_BLOCK // HPG_P) + r // HPG_P
+    if (h_loc < HPG) & (qi < Sq):
+        base = pid_bq * NSPLIT
+        sp = tl.arange(0, SPLIT_BLOCK)
+        mv = tl.full([SPLIT_BLOCK], float("-inf"), tl.float32)
+        for s0 in range(0, NSPLIT, SPLIT_BLOCK):
+            lse = tl.load(lse_ptr + (base + s0 + sp) * M_BLOCK + r, mask=s0 + sp < NSPLIT, other=float("-inf"))
+            mv = tl.maximum(mv, lse)
+        m = tl.max(mv, axis=0)
+        m_use = tl.where(m == float("-inf"), 0.0, m)
+        acc = tl.zeros([SPLIT_BLOCK, COLS], tl.float32)
+        den = tl.zeros([SPLIT_BLOCK], tl.float32)
+        for s0 in range(0, NSPLIT, SPLIT_BLOCK):
+            ok = s0 + sp < NSPLIT
+            w = tl.math.exp2(tl.load(lse_ptr + (base + s0 + sp) * M_BLOCK + r, mask=ok, other=float("-inf")) - m_use)
+            o = tl.load(part_ptr + ((base + s0 + sp) * M_BLOCK + r)[:, None] * RV_P + cols[None, :],
+                        mask=ok[:, None] & (cols[None, :] < RV_P), other=0.0)
+            acc += o * w[:, None]
+            den += w
+        d = tl.sum(den, axis=0)
+        out = tl.sum(acc, axis=0) / tl.where(d == 0.0, 1.0, d)
+        head = g * HPG + h_loc
+        tl.store(out_ptr + b * so_b + head * so_h + qi * so_s + cols, out.to(out_ptr.dtype.element_ty),
+                 mask=cols < RV)
 
 
 # ---------------------------------------------------------------- key reconstruction

@@ -322,8 +322,10 @@ def latent_attention_triton(
                 G, Hq, Sq, Skv, chunk, NSPLIT, RK, RV, float(scale), float(softcap))
         _launch(absorbed_attention_kernel, grid, args, common_args)
     if not direct:
-        combine_splits_kernel[(B * VG, NQB)](
-            part, lse, out, VG, Hq, Sq, NSPLIT, out.stride(0), out.stride(1), out.stride(2),
-            HPG=VHPG, HPG_P=HPG_P, M_BLOCK=M_BLOCK, RV=RV, RV_P=RV_P, num_warps=4,
+        cols = min(RV_P, 64)
+        combine_splits_kernel[(B * VG * NQB, M_BLOCK, RV_P // cols)](
+            part, lse, out, VG, Sq, NQB, NSPLIT, out.stride(0), out.stride(1), out.stride(2),
+            HPG=VHPG, HPG_P=HPG_P, M_BLOCK=M_BLOCK, RV=RV, RV_P=RV_P,
+            SPLIT_BLOCK=16 if interpret else 32, COLS=cols, num_warps=4,
         )
     return out

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 __all__ = ["PaluConfig", "GROUP_ALL"]
 
@@ -16,6 +16,7 @@ __all__ = ["PaluConfig", "GROUP_ALL"]
 GROUP_ALL = "all"
 
 _METHODS = ("svd", "whitened")
+_BITS = (2, 3, 4)
 _ALLOCATORS = ("uniform", "fisher", "energy")
 
 
@@ -44,6 +45,16 @@ class PaluConfig:
             need calibration data.
         fold_values: fold the value reconstruction into the output projection when the
             graph allows it (else values are rebuilt after attention).
+        bits: quantize the cached latents to ``2``, ``3`` or ``4`` bits per channel
+            (per-token asymmetric, fp16 scale and zero per channel group; see
+            ``palu_fx.quant``). ``None`` (default) keeps them in the model's dtype.
+        hadamard: rotate every latent by an orthonormal Hadamard-type matrix folded into
+            the factors offline (``palu_fx.compress.hadamard``): exact at full precision,
+            it spreads outlier channels so quantization loses less. Mostly useful with
+            ``bits``; allowed without (a lossless check of the rotation).
+        quant_group_size: latent channels sharing one scale and zero within a token;
+            ``None`` (default) is one group per Palu group's latent (the rank ``r``). Must
+            divide each latent rank (checked by the pass); only meaningful with ``bits``.
     """
 
     rank_ratio: float = 0.5
@@ -52,6 +63,9 @@ class PaluConfig:
     method: str = "svd"
     allocator: str = "uniform"
     fold_values: bool = True
+    bits: Optional[int] = None
+    hadamard: bool = False
+    quant_group_size: Optional[int] = None
 
     def __post_init__(self) -> None:
         r = self.rank_ratio
@@ -69,6 +83,16 @@ class PaluConfig:
             _fail("allocator", self.allocator, f"one of {_ALLOCATORS}")
         if not isinstance(self.fold_values, bool):
             _fail("fold_values", self.fold_values, "a bool")
+        b = self.bits
+        if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b not in _BITS):
+            _fail("bits", b, f"one of {_BITS} or None (no quantization)")
+        if not isinstance(self.hadamard, bool):
+            _fail("hadamard", self.hadamard, "a bool")
+        q = self.quant_group_size
+        if q is not None and (isinstance(q, bool) or not isinstance(q, int) or q < 1):
+            _fail("quant_group_size", q, "a positive integer or None (one group per Palu group's latent)")
+        if q is not None and b is None:
+            _fail("quant_group_size", q, "None when bits is None (nothing is quantized)")
 
     def group_size_for(self, num_kv_heads: int) -> int:
         """Heads per group for a layer with ``num_kv_heads`` KV heads.

@@ -41,3 +41,27 @@ def test_round_trip_dict():
     assert PaluConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="unknown fields"):
         PaluConfig.from_dict({"rank_ratio": 0.5, "bogus": 1})
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    ({"bits": 8}, "bits"), ({"bits": 1}, "bits"), ({"bits": 4.0}, "bits"), ({"bits": True}, "bits"),
+    ({"bits": "4"}, "bits"), ({"hadamard": 1}, "hadamard"), ({"hadamard": None}, "hadamard"),
+    ({"bits": 4, "quant_group_size": 0}, "quant_group_size"), ({"bits": 4, "quant_group_size": 16.0}, "quant_group_size"),
+    ({"bits": 4, "quant_group_size": True}, "quant_group_size"),
+    ({"quant_group_size": 32}, "quant_group_size"),  # a group size without bits quantizes nothing
+])
+def test_invalid_quantization_fields_are_named(kwargs, field):
+    with pytest.raises(ValueError, match=rf"PaluConfig\.{field}="):
+        PaluConfig(**kwargs)
+
+
+def test_quantization_fields_default_off_and_round_trip():
+    cfg = PaluConfig()
+    assert cfg.bits is None and cfg.hadamard is False and cfg.quant_group_size is None
+    for bits in (2, 3, 4):
+        q = PaluConfig(bits=bits, hadamard=True, quant_group_size=32)
+        assert PaluConfig.from_dict(q.to_dict()) == q
+    assert PaluConfig(hadamard=True).bits is None  # rotation alone is allowed (lossless check)
+    # dicts saved before these fields existed still load
+    old = {k: v for k, v in cfg.to_dict().items() if k not in ("bits", "hadamard", "quant_group_size")}
+    assert PaluConfig.from_dict(old) == cfg

@@ -64,3 +64,36 @@ def _latent_attention_fake(q, hk, hv, lk, k_bias, cos, sin, k_norm_weight, attn_
     groups = lk.shape[0] if lk is not None else hk.shape[-1] // Dq
     torch._check(hv.shape[-1] % groups == 0, lambda: "hv's last dim must be groups * rank_v")
     return q.new_empty(B, Hq, Sq, hv.shape[-1] // groups)
+
+
+@torch.library.custom_op("palu::cache_update", mutates_args=())
+def cache_update(
+    hk: torch.Tensor,
+    hv: torch.Tensor,
+    positions: torch.Tensor,
+    key_states: torch.Tensor,
+    value_states: torch.Tensor,
+    cache_position: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A ``LatentCache`` layer's update, as the graph pass sees it.
+
+    ``hk [B, S_max, G*rk]``, ``hv [B, S_max, G*rv]`` and ``positions [B, S_max]`` are the
+    caller-owned latent cache; ``key_states``/``value_states`` ``[B, Hkv, S, D]`` the new
+    (rotated) keys and values at slots ``cache_position``. Returns full-shaped keys and
+    values ``[B, Hkv, S_max, D]`` for the attention that follows. The palu backend rewrites
+    this op away (latent writes + latent attention); it has no run-time implementation,
+    since the latents cannot be recovered from rotated keys.
+    """
+    raise RuntimeError(
+        "palu::cache_update reached at run time: a palu_fx.LatentCache only works inside a model compiled "
+        "with backend=palu_fx.palu_backend whose attention palu-fx rewrote (see the warning printed at "
+        "compile time); use transformers' StaticCache otherwise"
+    )
+
+
+@cache_update.register_fake
+def _cache_update_fake(hk, hv, positions, key_states, value_states, cache_position):
+    B, H, _, D = key_states.shape
+    smax = hk.shape[1]
+    Dv = value_states.shape[-1]
+    return key_states.new_empty(B, H, smax, D), value_states.new_empty(B, H, smax, Dv)

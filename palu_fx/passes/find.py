@@ -15,7 +15,8 @@ import torch
 import torch.fx as fx
 
 from palu_fx.passes.attention import AttentionCall, Unsupported, find_attention_calls
-from palu_fx.passes.fx_utils import CAST_OPS, aten, concrete_shape, is_call, val
+from palu_fx import ops as _ops  # noqa: F401  (palu::cache_update must exist)
+from palu_fx.passes.fx_utils import CAST_OPS, aten, concrete, concrete_shape, getitem_parent, is_call, val
 from palu_fx.passes.layout import (
     LayoutError, Probe, head_rows, is_layout_step, last_dim_rows, replay, start_probe, step_input,
 )
@@ -23,6 +24,7 @@ from palu_fx.passes.recognize import NormLink, match_rms_norm, strip_casts
 from palu_fx.passes.rope import RopeLink, match_rope
 
 WRITE_OPS = {aten.index_copy_.default, aten.index_copy.default, aten.index_put_.default, aten.index_put.default}
+CACHE_UPDATE_OPS = {torch.ops.palu.cache_update.default}
 
 
 class SiteError(ValueError):
@@ -54,10 +56,21 @@ class Chain:
 @dataclass
 class CacheWrite:
     write: fx.Node  # the in-place write node (its output is the updated cache)
-    buffer: fx.Node  # the cache placeholder
-    dim: int  # sequence dim of the buffer
+    buffer: fx.Node  # the cache placeholder (or the latent buffer of a LatentCache)
+    dim: int  # sequence dim of the full-shaped cache
     index: fx.Node
     value: fx.Node
+    full: Optional[fx.Node] = None  # LatentCache: the full-shaped keys/values the op returns
+    positions: Optional[fx.Node] = None  # LatentCache: its slot-position buffer
+    read_end: object = None  # the attention reads slots [0, read_end) (None: all of them)
+
+    @property
+    def latent(self) -> bool:
+        return self.full is not None
+
+    @property
+    def full_shape(self) -> tuple:
+        return concrete_shape(self.full if self.full is not None else self.buffer)
 
 
 @dataclass
@@ -220,6 +233,12 @@ def trace_cache(attn_input: fx.Node) -> tuple[Optional[CacheWrite], list]:
         cur = step_input(cur)
     if is_call(cur, aten.cat.default):
         raise SiteError("the cache grows by concatenation (dynamic cache); export with a static cache")
+    parent = getitem_parent(cur)
+    if parent is not None and is_call(parent[0], CACHE_UPDATE_OPS):
+        # a LatentCache layer: the op hands back full-shaped K/V; its buffers are already latent
+        op, i = parent
+        steps.reverse()
+        return CacheWrite(op, op.args[i], 2, op.args[5], op.args[3 + i], full=cur, positions=op.args[2]), steps
     write = _write_of(cur)
     if write is None:
         return None, []
@@ -241,19 +260,27 @@ def trace_cache(attn_input: fx.Node) -> tuple[Optional[CacheWrite], list]:
 
 
 def check_expansion(cache: CacheWrite, steps: list, num_q_heads: int) -> None:
-    """The layout steps from cache to attention are GQA expansion only (q head h -> kv h // n_rep)."""
-    shp = concrete_shape(cache.buffer)
+    """The layout steps from cache to attention are GQA expansion (q head h -> kv h // n_rep),
+    optionally reading only the first slots (``cache[:, :, :end]``, recorded as ``read_end``)."""
+    shp = cache.full_shape
     seq, head = cache.dim, 3 - cache.dim
     idx = [torch.arange(n).view([-1 if a == i else 1 for a in range(4)]).expand(shp).clone() for i, n in enumerate(shp)]
     probe = Probe(idx[head], idx[seq], idx[3])
     for s in steps:
+        if is_call(s, aten.slice.Tensor) and _varies(probe.bidx, s.args[1]):
+            start = s.args[2] if len(s.args) > 2 else 0
+            step = s.args[4] if len(s.args) > 4 else 1
+            if start != 0 or step != 1 or cache.read_end is not None:
+                raise SiteError("the attention reads a strided or offset window of the cache")
+            cache.read_end = s.args[3] if len(s.args) > 3 else None
         probe = replay(s, probe)
     if len(probe.shape) != 4:
         raise SiteError("the attention does not read the cache as [batch, heads, seq, head_dim]")
     Hq, S, D = probe.shape[1:]
     Hkv = shp[head]
-    if D != shp[3] or S != shp[seq]:
-        raise SiteError("the attention reads a slice of the cache, not all of it")
+    full = shp[seq] if cache.read_end is None else min(shp[seq], concrete(cache.read_end))
+    if D != shp[3] or S != full:
+        raise SiteError("the attention reads part of the cache in a way palu-fx cannot follow")
     n_rep = Hq // Hkv if Hq % Hkv == 0 else 0
     expect_h = (torch.arange(Hq) // max(n_rep, 1)).view(1, Hq, 1, 1)
     ok = (n_rep > 0 and torch.equal(probe.feat, expect_h.expand_as(probe.feat))
@@ -261,6 +288,13 @@ def check_expansion(cache: CacheWrite, steps: list, num_q_heads: int) -> None:
           and torch.equal(probe.sidx, torch.arange(D).view(1, 1, 1, D).expand_as(probe.sidx)))
     if not ok:
         raise SiteError("the cache reaches the attention through something other than GQA expansion")
+
+
+def _varies(t: torch.Tensor, dim) -> bool:
+    if not isinstance(dim, int) or t.shape[dim % t.dim()] < 2:
+        return False
+    d = dim % t.dim()
+    return not torch.equal(t, t.narrow(d, 0, 1).expand_as(t))
 
 
 # --------------------------------------------------------------------------- sites
@@ -275,7 +309,7 @@ def _site(index: int, call: AttentionCall, is_weight, is_data, sources) -> Atten
         if cache is not None:
             check_expansion(cache, steps, Hq)
             proj, links = trace_chain(cache.value, role == "keys", is_weight, role, is_data)
-            chain = replay_chain(proj, links, 0, cache.dim, allow_repeat=False, ndim=len(val(cache.buffer).shape))
+            chain = replay_chain(proj, links, 0, cache.dim, allow_repeat=False, ndim=len(cache.full_shape))
         else:
             proj, links = trace_chain(node, role == "keys", is_weight, role, is_data)
             chain = replay_chain(proj, links, 0, 2, allow_repeat=True)

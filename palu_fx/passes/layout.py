@@ -16,7 +16,9 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from palu_fx.passes.fx_utils import CAST_OPS, LAYOUT_OPS, concrete, getitem_parent, is_call
+from palu_fx.passes.fx_utils import CAST_OPS, LAYOUT_OPS, aten, concrete, getitem_parent, is_call
+
+_VIEWS = {aten.view.default, aten._unsafe_view.default}
 
 
 class LayoutError(ValueError):
@@ -75,7 +77,10 @@ def replay(node: fx.Node, probe: Probe) -> Probe:
         return probe.map(lambda t: op.target(t, *args, **kwargs)[i])
     args, kwargs = concrete(tuple(node.args[1:])), {k: concrete(v) for k, v in node.kwargs.items()}
     kwargs.pop("memory_format", None)
-    return probe.map(lambda t: node.target(t, *args, **kwargs))
+    # probes carry element identities, not memory: a view is a reshape of them (the traced
+    # tensor's strides, which made the view legal, are not the probe's)
+    target = aten.reshape.default if node.target in _VIEWS else node.target
+    return probe.map(lambda t: target(t, *args, **kwargs))
 
 
 def head_rows(probe: Probe, batch_axis: int, head_axis: int, seq_axis: int, dim_axis: int) -> torch.Tensor:

@@ -20,6 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Protocol
 
+import math
+import operator
+
 import torch
 import torch.fx as fx
 
@@ -94,13 +97,23 @@ def rewrite_site(graph: fx.Graph, site: AttentionSite, sp: SitePlan, editor: Sta
         before = after = 0
         if site.key_cache is not None:
             for role, cache, h in (("k", site.key_cache, hk), ("v", site.value_cache, hv)):
-                shp = concrete_shape(cache.buffer)
-                bv = val(cache.buffer)
-                latent = torch.zeros(shp[0], shp[cache.dim], val(h).shape[-1], dtype=bv.dtype, device=bv.device)
-                buf = editor.add_buffer(f"palu_{p}_{role}_latent", latent)
-                before += _nbytes(bv)
-                after += _nbytes(latent)
+                shp = cache.full_shape
+                if cache.latent:  # a LatentCache: the caller already allocated the latents
+                    buf = cache.buffer
+                    if tuple(concrete_shape(buf)) != (shp[0], shp[cache.dim], val(h).shape[-1]):
+                        raise SiteError(f"the LatentCache holds {list(concrete_shape(buf))} for {p}.{role} but the plan "
+                                        f"needs {[shp[0], shp[cache.dim], val(h).shape[-1]]}: build the cache with the "
+                                        "same config or plan as the backend")
+                    before += math.prod(shp) * val(buf).element_size()
+                else:
+                    bv = val(cache.buffer)
+                    buf = editor.add_buffer(f"palu_{p}_{role}_latent", torch.zeros(
+                        shp[0], shp[cache.dim], val(h).shape[-1], dtype=bv.dtype, device=bv.device))
+                    before += _nbytes(bv)
+                after += _nbytes(val(buf))
                 h_written = b.call(aten.index_copy_.default, buf, 1, cache.index, h)
+                if cache.read_end is not None:  # the attention reads only the first slots
+                    h_written = b.call(aten.slice.Tensor, h_written, 1, 0, cache.read_end)
                 if role == "k":
                     hk = h_written
                 else:
@@ -137,6 +150,11 @@ def rewrite_site(graph: fx.Graph, site: AttentionSite, sp: SitePlan, editor: Sta
                 bq = vf.bias.view(Hkv, 1, Dv).repeat_interleave(Hq // Hkv, 0)
                 out = b.call(aten.add.Tensor, out, editor.add_param(f"palu_{p}_v_bias", bq.to(dt)))
             call.output.replace_all_uses_with(out)
+    # fused attention variants return tuples: drop the unread extras (logsumexp...) with it
+    for n in call.nodes:
+        for u in list(n.users):
+            if u.op == "call_function" and u.target is operator.getitem and not u.users:
+                graph.erase_node(u)
     return SiteResult(p, site.index, site.rope_kind, Hq, Hkv, sp.group_size, kf.rank, vf.rank, D,
                       site.key_cache is not None, absorbed, folded, before, after, table_bytes)
 
@@ -151,6 +169,8 @@ def old_writes(sites) -> list[fx.Node]:
 
 
 def _mutates(node: fx.Node) -> bool:
+    if node.target is operator.getitem:
+        return False
     schema = getattr(node.target, "_schema", None)
     return schema is None or schema.is_mutable
 

@@ -10,6 +10,7 @@ the table is gathered at those positions. Left padding and position offsets are 
 """
 from __future__ import annotations
 
+import math
 from collections import deque
 from typing import Callable, Optional
 
@@ -122,8 +123,10 @@ class RotaryCaches:
         rope, cache = site.key.rope, site.key_cache
         pos = position_source(rope)
         if cache is not None:
-            n = concrete_shape(cache.buffer)[cache.dim]
+            n = cache.full_shape[cache.dim]
             pos_node, cache_bytes = self._position_cache(b, site, pos, cache, n)
+            if cache.read_end is not None:
+                pos_node = b.call(aten.slice.Tensor, pos_node, 1, 0, cache.read_end)
         else:
             n = upper_bound(val(rope.input).shape[rope_axes(site)[1]])
             seq_len = concrete_shape(rope.input)[rope_axes(site)[1]]
@@ -148,11 +151,20 @@ class RotaryCaches:
             return self.positions[key], 0
         seq_len = concrete_shape(site.key.rope.input)[rope_axes(site)[1]]
         rows = _seq_layout(pos, seq_len)
-        buf = self.editor.add_buffer(f"palu_positions_{len(self.positions)}",
-                                     torch.zeros(rows, smax, dtype=torch.int64, device=val(pos).device))
+        if cache.positions is not None:  # a LatentCache brings its own position buffer
+            buf = cache.positions
+            nbytes = math.prod(concrete_shape(buf)) * val(buf).element_size()
+            if concrete_shape(buf)[0] != rows and rows != 1:
+                raise SiteError("the LatentCache position buffer does not match the positions' batch")
+        else:
+            buf = self.editor.add_buffer(f"palu_positions_{len(self.positions)}",
+                                         torch.zeros(rows, smax, dtype=torch.int64, device=val(pos).device))
+            nbytes = rows * smax * 8
         flat = b.call(aten.reshape.default, pos, [rows, -1])
         if val(flat).dtype != torch.int64:
             flat = b.call(aten._to_copy.default, flat, dtype=torch.int64)
+        if rows == 1 and concrete_shape(buf)[0] > 1:
+            flat = b.call(aten.expand.default, flat, [concrete_shape(buf)[0], -1])
         written = b.call(aten.index_copy_.default, buf, 1, cache.index, flat)
         self.positions[key] = written
-        return written, rows * smax * 8
+        return written, nbytes

@@ -1,0 +1,187 @@
+"""Entry point 2: ``torch.compile(model.forward, backend=palu_fx.palu_backend)``.
+
+The Dynamo graph is lowered to aten with ``make_fx`` (in-place cache writes kept), the same
+finder and rewrite as the export path run on it, and the result goes to Inductor (or runs
+eagerly with ``backend(cfg, eager=True)``). The KV cache is the caller's: pass a
+``palu_fx.LatentCache`` built with the same config or plan, and only latents are allocated.
+
+Graphs the pass cannot use (no attention, attention it cannot explain) are compiled
+unchanged, with one warning naming the reason; the backend never breaks a model that runs
+without it.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Optional, Union
+
+import torch
+import torch.fx as fx
+
+from palu_fx.config import PaluConfig
+from palu_fx.passes.find import CACHE_UPDATE_OPS, find_sites
+from palu_fx.passes.fx_utils import is_call
+from palu_fx.passes.rewrite import cleanup, live_snapshot, rewrite_site
+from palu_fx.passes.rotary import RotaryCaches
+from palu_fx.plan import CompressionPlan, make_plan
+from palu_fx.report import CompressionReport, SkipRecord
+
+__all__ = ["backend", "palu_backend", "last_report"]
+
+_REPORTS: list[CompressionReport] = []
+
+
+def last_report() -> Optional[CompressionReport]:
+    """The report of the most recent graph the backend compiled (None before any)."""
+    return _REPORTS[-1] if _REPORTS else None
+
+
+class ModuleEditor:
+    """Constants of a traced GraphModule: placeholders resolve to the real example inputs."""
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: list, fake_mode):
+        self.gm, self.fake_mode = gm, fake_mode
+        phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        self.values = {n: v for n, v in zip(phs, example_inputs)}
+        self.count = 0
+
+    def tensor(self, node: fx.Node) -> torch.Tensor:
+        if node.op == "get_attr":
+            return getattr(self.gm, node.target)
+        v = self.values.get(node)
+        if not isinstance(v, torch.Tensor) or _is_fake(v):
+            raise ValueError(f"no concrete value for {node.name}")
+        return v
+
+    def is_param(self, node: fx.Node) -> bool:
+        if node.op == "get_attr":
+            return isinstance(getattr(self.gm, node.target, None), torch.nn.Parameter) or \
+                node.target.startswith("palu_")
+        return isinstance(self.values.get(node), torch.nn.Parameter)
+
+    def add_param(self, name: str, tensor: torch.Tensor) -> fx.Node:
+        self.count += 1
+        attr = f"{name}_{self.count}"
+        self.gm.register_buffer(attr, tensor.detach().contiguous())
+        node = self.gm.graph.get_attr(attr)
+        node.meta["val"] = self.fake_mode.from_tensor(getattr(self.gm, attr), static_shapes=True)
+        return node
+
+    add_buffer = add_param
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor)
+
+
+def _to_aten(gm: fx.GraphModule, example_inputs: list):
+    """Dynamo graph -> aten graph with fake values on every node, mutations kept."""
+    from torch._guards import detect_fake_mode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    fake_mode = detect_fake_mode(example_inputs)
+    if fake_mode is None:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        fake_mode = FakeTensorMode()
+    with fake_mode:
+        fake = [fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) and not _is_fake(x) else x
+                for x in example_inputs]
+        aten_gm = make_fx(gm, tracing_mode="real")(*fake)
+    return aten_gm, fake_mode
+
+
+def _inner(gm: fx.GraphModule, example_inputs: list, eager: bool):
+    if eager:
+        return gm.forward
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, example_inputs)
+
+
+def _warn(reason: str) -> None:
+    warnings.warn(f"palu-fx: compiling this graph without Palu: {reason}", stacklevel=3)
+
+
+def _has_latent_cache(gm: fx.GraphModule) -> bool:
+    return any(n.op == "call_function" and (n.target in CACHE_UPDATE_OPS or n.target is torch.ops.palu.cache_update)
+               for n in gm.graph.nodes)
+
+
+def compile_with_palu(gm: fx.GraphModule, example_inputs: list,
+                      compression: Union[PaluConfig, CompressionPlan], eager: bool = False) -> Callable:
+    latent = _has_latent_cache(gm)
+    try:
+        aten_gm, fake_mode = _to_aten(gm, example_inputs)
+    except Exception as e:  # never break a model over our own lowering
+        if latent:
+            raise
+        _warn(f"the graph could not be lowered to aten ({type(e).__name__}: {e})")
+        return _inner(gm, example_inputs, eager)
+    editor = ModuleEditor(aten_gm, example_inputs, fake_mode)
+    found, skipped = find_sites(aten_gm.graph, editor.tensor, editor.is_param)
+    # Only a LatentCache saves memory under compile: a caller-owned full cache stays allocated.
+    sites = [s for s in found if s.key_cache is not None and s.key_cache.latent]
+    if not sites:
+        if skipped:
+            reason = "; ".join(f"{u.node.name}: {u.reason}" for u in skipped)
+        elif found:
+            reason = ("the attention reads a full-size KV cache owned by the caller; pass "
+                      "past_key_values=palu_fx.LatentCache(model.config, max_cache_len, compression) to generate()")
+        else:
+            reason = "no attention op found"
+        if latent:
+            raise RuntimeError(f"palu-fx cannot rewrite the attention that reads the LatentCache: {reason}")
+        _warn(reason)
+        return _inner(gm, example_inputs, eager)
+    if isinstance(compression, CompressionPlan):
+        plan = compression
+        plan.check(sites)
+    else:
+        plan = make_plan(sites, editor.tensor, compression)
+    before = live_snapshot(aten_gm.graph)
+    rotary = RotaryCaches(editor)
+    results = [rewrite_site(aten_gm.graph, s, sp, editor, rotary, plan.config.fold_values)
+               for s, sp in zip(sites, plan.sites)]
+    cleanup(aten_gm.graph, [], before)
+    leftover = [n for n in aten_gm.graph.nodes if is_call(n, CACHE_UPDATE_OPS)]
+    if leftover:
+        reasons = "; ".join(f"{u.node.name}: {u.reason}" for u in skipped)
+        raise RuntimeError(f"palu-fx could not rewrite every attention that reads the LatentCache ({reasons}); "
+                           "use transformers' StaticCache for this model")
+    aten_gm.graph.lint()
+    aten_gm.recompile()
+    _REPORTS.append(CompressionReport(plan.config, results, [SkipRecord(u.node.name, u.reason) for u in skipped],
+                                      cache_found=any(r.cached for r in results)))
+    return _inner(aten_gm, example_inputs, eager)
+
+
+def backend(compression: Union[PaluConfig, CompressionPlan, None] = None, *, eager: bool = False) -> Callable:
+    """A ``torch.compile`` backend applying Palu with ``compression`` (a config or a plan).
+
+    ``eager=True`` runs the rewritten aten graph without Inductor (for debugging).
+    """
+    compression = compression if compression is not None else PaluConfig()
+    if not isinstance(compression, (PaluConfig, CompressionPlan)):
+        raise TypeError(f"backend() takes a PaluConfig or CompressionPlan, got {type(compression).__name__}")
+
+    def palu(gm: fx.GraphModule, example_inputs: list):
+        return compile_with_palu(gm, example_inputs, compression, eager)
+
+    return palu
+
+
+palu_backend = backend()
+
+
+def _register() -> None:
+    try:
+        from torch._dynamo import register_backend
+
+        register_backend(palu_backend, name="palu")
+    except Exception:  # already registered (module reloaded)
+        pass
+
+
+_register()

@@ -1,0 +1,121 @@
+"""``LatentCache``: a transformers ``Cache`` whose memory is the latent cache.
+
+Under ``torch.compile`` the KV cache belongs to the caller: Dynamo passes its tensors into
+the graph, so a backend alone cannot shrink them. This cache allocates, per layer, only
+the latents ``[B, S_max, G*r]`` (sized from the compression config or plan), a
+slot-indexed position buffer (rotated keys are rebuilt at their own positions, which
+differ from the slot under left padding), and routes ``update()`` through the opaque
+``palu::cache_update`` op. ``palu_backend`` finds that op in the graph, follows the keys
+and values back to their projections like the export pass does, and rewrites the block
+into latent writes and ``palu::latent_attention``.
+
+Example::
+
+    model.forward = torch.compile(model.forward, backend=palu_fx.backend(cfg))
+    cache = palu_fx.LatentCache(model.config, max_cache_len=1024, compression=cfg)
+    out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=64)
+"""
+from __future__ import annotations
+
+from typing import Callable, Union
+
+import torch
+from transformers.cache_utils import Cache, StaticCache, StaticLayer
+
+from palu_fx import ops  # noqa: F401  (registers palu::cache_update)
+from palu_fx.config import PaluConfig
+from palu_fx.plan import CompressionPlan
+
+__all__ = ["LatentCache", "LatentLayer"]
+
+RankFn = Callable[[int, int, int], tuple[int, int, int]]  # (kv_heads, D, Dv) -> (groups, rank_k, rank_v)
+
+
+def _is_compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+class LatentLayer(StaticLayer):
+    """One layer's latent keys/values ``[B, S_max, G*r]`` and slot positions ``[B, S_max]``."""
+
+    def __init__(self, max_cache_len: int, ranks: RankFn):
+        super().__init__(max_cache_len=max_cache_len)
+        self._ranks = ranks
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.batch_size, self.num_heads = key_states.shape[:2]
+        self.k_head_dim, self.v_head_dim = key_states.shape[-1], value_states.shape[-1]
+        groups, rk, rv = self._ranks(self.num_heads, self.k_head_dim, self.v_head_dim)
+        shape = (self.batch_size, self.max_cache_len)
+        self.keys = torch.zeros(*shape, groups * rk, dtype=key_states.dtype, device=self.device)
+        self.values = torch.zeros(*shape, groups * rv, dtype=value_states.dtype, device=self.device)
+        self.positions = torch.zeros(*shape, dtype=torch.int64, device=self.device)
+        self.cumulative_length = self.cumulative_length.to(self.device)
+        if not _is_compiling():
+            for t in (self.keys, self.values, self.positions, self.cumulative_length):
+                torch._dynamo.mark_static_address(t)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        kv_length = key_states.shape[-2]
+        cache_position = torch.arange(kv_length, device=self.device) + self.cumulative_length
+        self.cumulative_length.add_(kv_length)
+        return torch.ops.palu.cache_update(self.keys, self.values, self.positions, key_states, value_states,
+                                           cache_position)
+
+    def reset(self) -> None:
+        if self.is_initialized:
+            self.keys.zero_()
+            self.values.zero_()
+            self.positions.zero_()
+        self.cumulative_length.zero_()
+
+    @property
+    def nbytes(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.positions))
+
+
+def _rank_fn(compression: Union[PaluConfig, CompressionPlan], layer: int) -> RankFn:
+    if isinstance(compression, CompressionPlan):
+        if layer >= len(compression.sites):
+            raise ValueError(f"the plan has {len(compression.sites)} sites; layer {layer} has none")
+        sp = compression.sites[layer]
+        return lambda h, d, dv: (sp.key.groups, sp.key.rank, sp.value.rank)
+
+    def ranks(h: int, d: int, dv: int):
+        gs = compression.group_size_for(h)
+        return h // gs, compression.rank_for(gs * d), compression.rank_for(gs * dv)
+
+    return ranks
+
+
+class LatentCache(StaticCache):
+    """A static cache that stores Palu latents instead of keys and values.
+
+    Args:
+        config: the model's config (its text config gives the number of layers).
+        max_cache_len: slots per sequence (prompt + generated tokens).
+        compression: the ``PaluConfig`` or ``CompressionPlan`` the model is compiled with
+            (``palu_fx.backend(...)``); it sizes the latents.
+    """
+
+    def __init__(self, config, max_cache_len: int, compression: Union[PaluConfig, CompressionPlan, None] = None):
+        compression = compression if compression is not None else PaluConfig()
+        if not isinstance(compression, (PaluConfig, CompressionPlan)):
+            raise TypeError(f"compression must be a PaluConfig or CompressionPlan, got {type(compression).__name__}")
+        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        n_layers = getattr(text, "num_hidden_layers", None)
+        if not isinstance(n_layers, int) or n_layers < 1:
+            raise ValueError("LatentCache needs config.num_hidden_layers")
+        self.compression = compression
+        Cache.__init__(self, layers=[LatentLayer(max_cache_len, _rank_fn(compression, i)) for i in range(n_layers)])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this cache has allocated (latents and positions, all layers)."""
+        return sum(layer.nbytes for layer in self.layers)

@@ -1,0 +1,166 @@
+"""torch.compile(model.forward, backend=palu_fx.backend(cfg)) with a LatentCache in generate().
+
+At full rank the greedy tokens of generate() (batch 2, left-padded prompts of different
+lengths) equal the uncompressed model's; at rank 0.5 the cache allocates at most 0.55x the
+bytes of transformers' StaticCache; Dynamo compiles as many graphs as without Palu.
+"""
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import DynamicCache, StaticCache
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import palu_fx  # noqa: E402
+from palu_fx import LatentCache, PaluConfig  # noqa: E402
+from tests.handwritten import MLPOnly  # noqa: E402
+from tests.passes.helpers import perturbed  # noqa: E402
+from tests.zoo import build  # noqa: E402
+
+NEW, MAX_CACHE = 32, 48
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    with torch.no_grad():
+        yield
+    torch._dynamo.reset()
+
+
+def _model(name):
+    m = perturbed(build(name))
+    m.generation_config.eos_token_id = None  # always generate NEW tokens
+    m.generation_config.pad_token_id = 0
+    return m
+
+
+def _prompts():
+    ids = torch.randint(3, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    ids[1, :4], mask[1, :4] = 0, 0  # the second prompt is 4 tokens shorter (left padding)
+    return ids, mask
+
+
+def _generate(model, cache):
+    ids, mask = _prompts()
+    return model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=NEW, do_sample=False)
+
+
+def _static_bytes(cache) -> int:
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3", "gemma", "phi3", "gpt_neox", "gpt2"])
+def test_full_rank_generate_matches_uncompressed(name):
+    ref = _generate(_model(name), StaticCache(config=_model(name).config, max_cache_len=MAX_CACHE))
+    m = _model(name)
+    cfg = PaluConfig(rank_ratio=1.0, group_size=1)
+    m.forward = torch.compile(m.forward, backend=palu_fx.backend(cfg, eager=True))
+    out = _generate(m, LatentCache(m.config, max_cache_len=MAX_CACHE, compression=cfg))
+    assert torch.equal(out, ref)
+    rep = palu_fx.compiled.last_report()
+    assert len(rep.sites) == m.config.num_hidden_layers and not rep.skipped
+
+
+def test_inductor_half_rank_allocates_latents_only():
+    base = _model("llama")
+    static = StaticCache(config=base.config, max_cache_len=MAX_CACHE)
+    _generate(base, static)
+    m = _model("llama")
+    cfg = PaluConfig(rank_ratio=0.5, group_size=1)
+    m.forward = torch.compile(m.forward, backend=palu_fx.backend(cfg))  # Inductor
+    cache = LatentCache(m.config, max_cache_len=MAX_CACHE, compression=cfg)
+    out = _generate(m, cache)
+    assert out.shape == (2, 9 + NEW)
+    assert cache.nbytes <= 0.55 * _static_bytes(static), (cache.nbytes, _static_bytes(static))
+    # what was allocated is the latents (and slot positions), nothing full-size
+    for layer in cache.layers:
+        assert layer.keys.shape == (2, MAX_CACHE, 32) and layer.values.shape == (2, MAX_CACHE, 32)
+
+
+def test_full_rank_inductor_matches():
+    ref = _generate(_model("qwen2"), StaticCache(config=_model("qwen2").config, max_cache_len=MAX_CACHE))
+    m = _model("qwen2")
+    cfg = PaluConfig(rank_ratio=1.0, group_size="all")
+    m.forward = torch.compile(m.forward, backend=palu_fx.backend(cfg))
+    assert torch.equal(_generate(m, LatentCache(m.config, MAX_CACHE, cfg)), ref)
+
+
+def _graphs_and_breaks():
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+
+
+def test_no_more_graphs_than_without_palu():
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    m = _model("llama")
+    m.forward = torch.compile(m.forward, backend="eager")
+    _generate(m, StaticCache(config=m.config, max_cache_len=MAX_CACHE))
+    baseline = _graphs_and_breaks()
+    torch._dynamo.reset()
+    counters.clear()
+    m = _model("llama")
+    cfg = PaluConfig(rank_ratio=0.5)
+    m.forward = torch.compile(m.forward, backend=palu_fx.backend(cfg, eager=True))
+    _generate(m, LatentCache(m.config, MAX_CACHE, cfg))
+    assert _graphs_and_breaks() == baseline and baseline[0] >= 2  # prefill + decode
+
+
+def test_model_without_attention_runs_with_a_warning():
+    m = MLPOnly()
+    ref = m(torch.randint(0, 256, (1, 5)), torch.arange(5))
+    m.forward = torch.compile(m.forward, backend=palu_fx.palu_backend)
+    ids = torch.randint(0, 256, (1, 5))
+    with pytest.warns(UserWarning, match="no attention op found"):
+        out = m(ids, torch.arange(5))
+    assert out.shape == ref.shape
+
+
+@pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
+def test_a_cache_the_backend_cannot_use_compiles_without_palu(cache_kind):
+    ref = _generate(_model("llama"), None)
+    m = _model("llama")
+    m.forward = torch.compile(m.forward, backend=palu_fx.backend(PaluConfig(group_size=3)))  # 2 KV heads: no fit
+    cache = DynamicCache() if cache_kind == "dynamic" else StaticCache(config=m.config, max_cache_len=MAX_CACHE)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = _generate(m, cache)
+    assert torch.equal(out, ref)
+    msgs = [str(w.message) for w in caught if "palu-fx" in str(w.message)]
+    assert msgs and all("without Palu" in s for s in msgs)
+
+
+def test_latent_cache_with_a_group_size_that_does_not_fit_names_the_field():
+    m = _model("llama")
+    cfg = PaluConfig(group_size=3)
+    m.forward = torch.compile(m.forward, backend=palu_fx.backend(cfg, eager=True))
+    with pytest.raises(Exception, match=r"group_size=3 .*valid sizes: \[1, 2\]"):
+        _generate(m, LatentCache(m.config, MAX_CACHE, cfg))
+
+
+def test_latent_cache_without_the_backend_says_so():
+    m = _model("llama")
+    with pytest.raises(RuntimeError, match="palu_backend"):
+        _generate(m, LatentCache(m.config, MAX_CACHE, PaluConfig()))
+
+
+def test_bad_backend_arguments():
+    with pytest.raises(TypeError, match="PaluConfig or CompressionPlan"):
+        palu_fx.backend({"rank_ratio": 0.5})
+    with pytest.raises(TypeError, match="PaluConfig or CompressionPlan"):
+        LatentCache(_model("llama").config, MAX_CACHE, compression="half")
+
+
+def test_registered_backend_name_with_defaults():
+    m = _model("gpt2")
+    m.forward = torch.compile(m.forward, backend="palu")  # PaluConfig() defaults, Inductor
+    cache = LatentCache(m.config, MAX_CACHE)
+    out = _generate(m, cache)
+    assert out.shape == (2, 9 + NEW) and cache.nbytes > 0

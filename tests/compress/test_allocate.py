@@ -1,4 +1,5 @@
 """Rank allocators: budget, rounding, bounds, and the behaviour each one promises."""
+import dataclasses
 import itertools
 import math
 
@@ -11,6 +12,7 @@ from palu_fx.compress.allocate import (
     allocate_energy,
     allocate_fisher,
     allocate_uniform,
+    energy_weighting,
     fisher_scores,
     kept_rank,
     round_rank,
@@ -167,9 +169,39 @@ def test_fisher_scores_are_palu_rms_mean_and_trace():
 
 def test_allocate_dispatches_on_config():
     stats = model_like(1, 192, layers=2)
-    for alloc, fn in [("uniform", allocate_uniform), ("fisher", allocate_fisher), ("energy", allocate_energy)]:
+    for alloc, fn in [("uniform", allocate_uniform), ("fisher", allocate_fisher)]:
         cfg = PaluConfig(rank_ratio=0.5, rank_multiple=16, allocator=alloc, group_size="all")
         assert allocate(stats, cfg) == fn(stats, 0.5, 16)
+    cfg = PaluConfig(rank_ratio=0.5, rank_multiple=16, allocator="energy", group_size="all")
+    assert allocate(stats, cfg) == allocate_energy(stats, 0.5, 16, normalize=False, sensitivity_power=0.5)
+
+
+def _with(stats, **changes):
+    return [dataclasses.replace(s, **changes) for s in stats]
+
+
+def test_energy_weighting_follows_the_spectrum_kind():
+    stats = model_like(1, 64, layers=2)
+    # loss-unit spectra (kfac) are compared as they are
+    assert energy_weighting(_with(stats, spectrum="loss")) == {"normalize": False, "sensitivity_power": 0.0}
+    # whitened + Fisher: tempered K-FAC sensitivity
+    assert energy_weighting(stats) == {"normalize": False, "sensitivity_power": 0.5}
+    # whitened without Fisher, or plain: relative energy
+    assert energy_weighting(_with(stats, fisher_trace=None)) == {"normalize": True, "sensitivity_power": 0.0}
+    assert energy_weighting(_with(stats, spectrum="plain")) == {"normalize": True, "sensitivity_power": 0.0}
+    with pytest.raises(ValueError, match="one kind"):
+        energy_weighting([stats[0], dataclasses.replace(stats[1], spectrum="loss")])
+
+
+def test_loss_spectra_let_a_sensitive_value_beat_a_loud_key():
+    # In loss units a matrix with larger singular values simply matters more: no
+    # normalization may hide that (relative energy would split the budget evenly here).
+    k = MatrixStats("k", 1, 64, spectrum(1, 64, 0.95, scale=1.0), spectrum="loss")
+    v = MatrixStats("v", 1, 64, spectrum(1, 64, 0.95, scale=10.0), spectrum="loss")
+    cfg = PaluConfig(rank_ratio=0.5, rank_multiple=16, allocator="energy", group_size="all")
+    ranks = allocate([k, v], cfg)
+    assert ranks["v"] > ranks["k"]
+    assert allocate_energy([k, v], 0.5, 16) == {"k": 32, "v": 32}  # normalized: a tie
 
 
 @pytest.mark.parametrize(
@@ -182,6 +214,9 @@ def test_allocate_dispatches_on_config():
         pytest.param(lambda: allocate_uniform([MatrixStats("a", 1, 64)], 1.5, 16), "rank_ratio", id="ratio"),
         pytest.param(lambda: MatrixStats("a", 2, 64, torch.ones(1, 64)), "shape", id="sv-shape"),
         pytest.param(lambda: MatrixStats("a", 1, 64, fisher=math.nan), "fisher", id="nan-fisher"),
+        pytest.param(lambda: MatrixStats("a", 1, 64, spectrum="fancy"), "spectrum", id="bad-spectrum"),
+        pytest.param(lambda: allocate_energy([MatrixStats("a", 1, 64, torch.ones(1, 64))], 0.5, 16, weights={}),
+                     "weights", id="weights-missing-name"),
         pytest.param(lambda: allocate_energy([MatrixStats("a", 1, 64, torch.ones(1, 64))], 0.5, 16,
                                              sensitivity_power=1.0), "fisher_trace", id="sens-no-fisher"),
     ],
@@ -189,3 +224,15 @@ def test_allocate_dispatches_on_config():
 def test_bad_inputs_raise(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_energy_looks_past_a_dip_in_a_weighted_spectrum():
+    # Loss-weighted spectra need not decrease: A's second block is worthless but its third
+    # is worth more than all of B's; a one-block-at-a-time greedy would give B everything.
+    a = torch.cat([torch.full((16,), 5.0), torch.full((16,), 0.01), torch.full((16,), 4.0)]).double()
+    b = torch.cat([torch.full((16,), 5.0), torch.full((16,), 2.0), torch.full((16,), 2.0)]).double()
+    stats = [MatrixStats("a", 1, 48, a[None], spectrum="loss"), MatrixStats("b", 1, 48, b[None], spectrum="loss")]
+    ranks = allocate_energy(stats, 64 / 96, 16, normalize=False)
+    assert ranks == {"a": 48, "b": 16}
+    # With room for only one more block, the dip cannot be crossed: B gets it.
+    assert allocate_energy(stats, 48 / 96, 16, normalize=False) == {"a": 16, "b": 32}

@@ -138,3 +138,75 @@ def test_low_precision_weights_come_back_float32():
 def test_bad_arguments_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         factorize(torch.randn(32, 12), **kwargs)
+
+
+def kfac_problem(rows: int = 48, d_in: int = 64, seed: int = 11):
+    """Weight, input Gram and an anisotropic output-gradient Gram (few sensitive outputs)."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, d_in, generator=gen, dtype=torch.float64)
+    x = correlated_inputs(2048, d_in, seed=seed + 1)
+    q, _ = torch.linalg.qr(torch.randn(rows, rows, generator=gen, dtype=torch.float64))
+    g = torch.randn(2048, rows, generator=gen, dtype=torch.float64) @ (q * torch.logspace(0, -2, rows, dtype=torch.float64)).T
+    return w, x.T @ x, g.T @ g
+
+
+def fisher_error(w, left, right, gram, grad_gram) -> float:
+    """Kronecker-Fisher loss proxy tr(G E A Eᵀ) of the approximation error E."""
+    err = w - product(left, right)
+    return float(torch.einsum("ab,bc,dc,ad->", err, gram, err, grad_gram))
+
+
+@pytest.mark.parametrize("groups", [1, 3], ids=["J-LRD", "M-LRD"])
+def test_kfac_full_rank_is_exact_and_latents_isotropic(groups):
+    w, gram, grad_gram = kfac_problem()
+    gsd = w.shape[0] // groups
+    left, right = factorize(w, groups, gsd, gram, grad_gram=grad_gram)
+    assert (product(left, right) - w).abs().max().item() < 1e-6 * w.abs().max().item()
+    # R is Vᵀ S⁻¹ as for the whitened method: same latent geometry for the cache.
+    _, right = factorize(w, groups, 8, gram, grad_gram=grad_gram)
+    cov = right.double() @ gram @ right.double().transpose(1, 2)
+    assert torch.allclose(cov, torch.eye(8, dtype=torch.float64).expand(groups, 8, 8), atol=1e-4)
+
+
+def test_kfac_beats_whitened_on_fisher_error_and_loses_on_output_error():
+    w, gram, grad_gram = kfac_problem()
+    white = factorize(w, 1, 12, gram)
+    kfac = factorize(w, 1, 12, gram, grad_gram=grad_gram, grad_damp=0.0)
+    assert fisher_error(w, *kfac, gram, grad_gram) < 0.5 * fisher_error(w, *white, gram, grad_gram)
+    # Counter-example: on unweighted output error the whitened SVD is optimal.
+    assert reconstruction_error(w, *white, gram) < reconstruction_error(w, *kfac, gram)
+
+
+def test_kfac_singular_values_measure_fisher_error():
+    w, gram, grad_gram = kfac_problem()
+    s = singular_values(w, 1, gram, grad_gram=grad_gram, grad_damp=0.0)
+    left, right = factorize(w, 1, 20, gram, grad_gram=grad_gram, grad_damp=0.0)
+    assert fisher_error(w, left, right, gram, grad_gram) == pytest.approx(float(s[:, 20:].pow(2).sum()), rel=1e-6)
+
+
+def test_isotropic_gradients_reduce_kfac_to_whitened():
+    w, gram, _ = kfac_problem()
+    iso = 3.0 * torch.eye(w.shape[0], dtype=torch.float64)
+    white = product(*factorize(w, 2, 10, gram))
+    kfac = product(*factorize(w, 2, 10, gram, grad_gram=iso))
+    assert torch.allclose(white, kfac, atol=1e-8)
+    # A zero gradient Gram (no signal at all) degrades to the whitened factors too.
+    zero = product(*factorize(w, 2, 10, gram, grad_gram=torch.zeros_like(iso)))
+    assert torch.allclose(white, zero, atol=1e-6)
+
+
+def test_output_sensitivity_is_gradient_energy_per_direction():
+    w, gram, grad_gram = kfac_problem()
+    dec = decompose(w, 2, gram)
+    sens = dec.output_sensitivity(grad_gram)
+    assert sens.shape == (2, 24)
+    u0 = dec.u[0, :, 0]
+    assert float(sens[0, 0]) == pytest.approx(float(u0 @ grad_gram[:24, :24] @ u0))
+
+
+def test_kfac_argument_errors():
+    w, gram, grad_gram = kfac_problem()
+    with pytest.raises(ValueError, match="needs gram"):
+        factorize(w, 1, 8, grad_gram=grad_gram)
+    with pytest.raises(ValueError, match="grad_gram"):
+        factorize(w, 1, 8, gram, grad_gram=grad_gram[:10, :10])

@@ -5,11 +5,20 @@ from palu_fx.compress.allocate import (
     allocate_energy,
     allocate_fisher,
     allocate_uniform,
+    energy_weighting,
     fisher_scores,
 )
-from palu_fx.compress.factorize import Decomposition, decompose, factorize, reconstruction_error, singular_values
+from palu_fx.compress.factorize import (
+    DEFAULT_GRAD_DAMP,
+    Decomposition,
+    decompose,
+    factorize,
+    reconstruction_error,
+    singular_values,
+)
 
 __all__ = [
+    "DEFAULT_GRAD_DAMP",
     "Decomposition",
     "MatrixStats",
     "allocate",
@@ -17,6 +26,7 @@ __all__ = [
     "allocate_fisher",
     "allocate_uniform",
     "decompose",
+    "energy_weighting",
     "factorize",
     "fisher_scores",
     "reconstruction_error",

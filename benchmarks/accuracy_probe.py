@@ -14,7 +14,14 @@ tokens of Emma) runs once and is cached. Costs on 2 idle CPU cores: calibration 
 each evaluation (16 x 1024 tokens of Pride and Prejudice) ~70 s. ``--device cuda`` runs
 the same in seconds (TF32 off, so fp32 numbers match the CPU's to ~1e-4).
 
-Allocator spellings: ``uniform``, ``fisher`` (Palu), ``energy`` (relative whitened energy),
+On the GPU machine (no network, 64 MiB per transfer) the 94 MB GGUF travels in two
+ignored halves, ``.data/palu_probe/gguf_a`` (first 60 MiB) then ``gguf_b`` in a second call
+within the 30 s warm window, with ``gguf`` + ``accelerate`` (and their dist-info) in
+``.data/palu_probe/pylib`` on ``PYTHONPATH`` and pre-tokenized ``windows.pt``; then
+``cat gguf_a gguf_b > smollm2.gguf`` and pass ``--gguf``/``--windows-file``.
+
+Methods: ``svd``, ``whitened``, ``kfac<damp>`` (e.g. ``kfac0.01``: input + output-gradient
+whitening). Allocator spellings: ``uniform``, ``fisher`` (Palu), ``energy`` (relative whitened energy),
 ``energy-p<k>`` (times the K-FAC sensitivity to the power k), ``...-abs`` (no per-matrix
 normalization), e.g. ``energy-p1-abs`` is the plain second-order loss estimate.
 """

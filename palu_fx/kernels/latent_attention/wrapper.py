@@ -13,7 +13,6 @@ Paths (same semantics as ``naive.latent_attention_ref``):
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import os
@@ -100,42 +99,6 @@ def choose_config(rebuild: bool, gs: int, rk: int, rv: int, head_dim: int, rows:
     return KernelConfig(block_s=128, num_warps=8, num_stages=2, chunk=32, dynamic_heads=True, programs_per_sm=4)
 
 
-# Hopper's per-block shared memory is 227 KB; stay under it with room for the compiler's
-# own scratch (layout conversions), which the estimate below does not count.
-SMEM_BUDGET = 180 * 1024
-
-
-def _smem_estimate(cfg: KernelConfig, rebuild: bool, hoist: bool, rk_p: int, rv_p: int, ch: int, nch: int,
-                   hpp: int, rope: bool, elt: int) -> int:
-    """Rough shared memory of a fused-kernel launch: pipelined tiles x stages + invariants."""
-    bs = cfg.block_s
-    per_stage = bs * (rk_p + rv_p) * elt
-    fixed = 0
-    if rebuild:
-        if rope:
-            per_stage += 2 * bs * ch * elt  # cos, sin chunk
-        lk_bytes = 2 * rk_p * ch * elt * max(1, nch)
-        if hoist:
-            fixed += lk_bytes
-        else:  # re-read per tile: pipelined with the tile's loads
-            per_stage += lk_bytes * (1 if cfg.dynamic_heads else hpp)
-    return fixed + per_stage * max(1, cfg.num_stages)
-
-
-def _fit_smem(cfg: KernelConfig, **kw) -> KernelConfig:
-    """Fewer stages, then shorter tiles, until the estimate fits (odd head dims, full rank)."""
-    while _smem_estimate(cfg, **kw) > SMEM_BUDGET:
-        if cfg.num_stages > 1:
-            cfg = dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
-        elif cfg.block_s > 16:
-            cfg = dataclasses.replace(cfg, block_s=cfg.block_s // 2)
-        elif cfg.chunk > 16:
-            cfg = dataclasses.replace(cfg, chunk=cfg.chunk // 2)
-        else:
-            break
-    return cfg
-
-
 def _parts(q, lk, k_bias, cos, sin, k_norm_weight, rope_style, B, Skv, interpret, dtype):
     """Constants and prepared tensors of the key pipeline (rebuild mode)."""
     G, gsD, RK = lk.shape
@@ -192,12 +155,20 @@ def _split_plan(cfg, n_base, Skv, device, interpret):
 
 
 def _launch(kernel, grid, args, consts):
-    """Launch; if the compiled kernel still needs more shared memory than the device has
-    (the estimate is rough), retry with one pipeline stage and half-length tiles."""
-    try:
-        kernel[grid](*args, **consts)
-    except OutOfResources:
-        kernel[grid](*args, **dict(consts, num_stages=1, BLOCK_S=max(16, consts["BLOCK_S"] // 2)))
+    """Launch; while the compiled kernel needs more shared memory than the device has (odd
+    head dims, full rank), retry with fewer pipeline stages, then shorter token tiles.
+    Triton knows the exact size only once compiled, so this is checked, not estimated."""
+    while True:
+        try:
+            kernel[grid](*args, **consts)
+            return
+        except OutOfResources:
+            if consts["num_stages"] > 1:
+                consts = dict(consts, num_stages=consts["num_stages"] - 1)
+            elif consts["BLOCK_S"] > 16:
+                consts = dict(consts, BLOCK_S=consts["BLOCK_S"] // 2)
+            else:
+                raise
 
 
 def latent_attention_triton(
@@ -292,16 +263,11 @@ def latent_attention_triton(
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     grid = (NSPLIT, B * VG, NQB)
-    elt = hk.element_size()
     if rebuild:
         half_p, pass_p = p["HALF_P"], p["PASS_P"]
-        for _ in range(2):  # the fit may shrink the chunk, which changes the hoisting
-            ch, pch = min(half_p, cfg.chunk), min(pass_p, cfg.chunk)
-            nch, npc = (half_p // ch if p["ROPE"] else 0), (pass_p // pch if p["HAS_PASS"] else 0)
-            hoist = HPP == 1 and nch <= 1 and npc <= 1
-            cfg = _fit_smem(cfg, rebuild=True, hoist=hoist, rk_p=common_args["RK_P"], rv_p=RV_P, ch=max(ch, pch),
-                            nch=max(nch, npc), hpp=HPP, rope=p["ROPE"], elt=elt)
-        common_args.update(BLOCK_S=cfg.block_s, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        ch, pch = min(half_p, cfg.chunk), min(pass_p, cfg.chunk)
+        nch, npc = (half_p // ch if p["ROPE"] else 0), (pass_p // pch if p["HAS_PASS"] else 0)
+        hoist = HPP == 1 and nch <= 1 and npc <= 1
         args = (qc, hk, hv, lk, p["bias"], p["cos"], p["sin"], p["w"], mask, out, part, lse,
                 *qc.stride(), hk.stride(0), hk.stride(1), hv.stride(0), hv.stride(1),
                 lk.stride(0), lk.stride(1), *p["cos_strides"], *p["sin_strides"], *mstr,
@@ -313,9 +279,6 @@ def latent_attention_triton(
                       DYN_HEADS=cfg.dynamic_heads and HPP > 1, **common_args)
         _launch(rebuild_attention_kernel, grid, args, consts)
     else:
-        cfg = _fit_smem(cfg, rebuild=False, hoist=False, rk_p=common_args["RK_P"], rv_p=RV_P, ch=0, nch=0, hpp=1,
-                        rope=False, elt=elt)
-        common_args.update(BLOCK_S=cfg.block_s, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         args = (qc, hk, hv, mask, out, part, lse,
                 *qc.stride(), hk.stride(0), hk.stride(1), hv.stride(0), hv.stride(1), *mstr,
                 out.stride(0), out.stride(1), out.stride(2),

@@ -158,7 +158,8 @@ def main() -> None:
               f"(ranks {ranks}; rotation {', '.join(rotation_name(r) for r in ranks)}), "
               f"quant group {args.quant_group or 'rank'}; {windows.numel()} {args.eval_on} tokens "
               f"[{time.time() - t1:.0f}s]")
-        print(tabulate(rows, headers="keys", floatfmt=".4f"))
+        table = [{k: f"{v:.4f}" if isinstance(v, float) else v for k, v in row.items()} for row in rows]
+        print(tabulate(table, headers="keys", disable_numparse=True))
     print(f"\n{platform.node()} {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {datetime.date.today()}, total {time.time() - t0:.0f}s")
 

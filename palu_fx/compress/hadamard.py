@@ -108,6 +108,8 @@ def _conference(q: int, skew: bool) -> torch.Tensor:
 
 def _power_of_two_part(r: int) -> tuple[int, int]:
     """``(a, m)`` with ``r = 2^a · m`` and ``m`` odd."""
+    if r < 1:
+        raise ValueError(f"order must be positive, got {r}")
     a = 0
     while r % 2 == 0:
         r //= 2
@@ -209,8 +211,9 @@ def rotate_plan(plan, seed: int = 0):
     Every site's key and value factors get ``rotation_matrix(rank, seed=seed)``; biases are
     shared unchanged (a rotation of the latent does not move the projection's output). The
     result's config has ``hadamard=True`` and ``meta['hadamard']`` records the construction
-    per rank. Idempotent: a plan that is already rotated is returned as an unchanged copy,
-    so the pass may call this whenever ``config.hadamard`` is set, for fresh or loaded plans.
+    per rank. Idempotent: a plan that is already rotated comes back as a new plan sharing
+    its (unchanged) factors, so the pass may call this whenever ``config.hadamard`` is set,
+    for fresh or loaded plans.
     """
     from palu_fx.plan import CompressionPlan, MatrixFactors, SitePlan
 

@@ -90,19 +90,21 @@ def rotary_table(site: AttentionSite, n_positions: int, leaf: Callable[[fx.Node]
     b_ax, s_ax, h_ax = rope_axes(site)
     seq_len, D, rot = xshape[s_ax], xshape[-1], link.rot_dim
     rows = _seq_layout(pos, seq_len)
+    dev = val(link.input).device
     m = sign_pattern(link.style, rot, D) > 0
     dt = val(link.input).dtype
-    xm = m.to(dt).expand(xshape).contiguous()
-    xn = (~m).to(dt).expand(xshape).contiguous()
+    xm = m.to(dev, dt).expand(xshape).contiguous()
+    xn = (~m).to(dev, dt).expand(xshape).contiguous()
     perm = [b_ax, s_ax, h_ax, len(xshape) - 1]
     cos, sin = [], []
     for start in range(0, n_positions, seq_len):
-        p = torch.arange(start, start + seq_len, dtype=val(pos).dtype).repeat(rows).view(concrete_shape(pos))
+        p = torch.arange(start, start + seq_len, dtype=val(pos).dtype, device=val(pos).device)
+        p = p.repeat(rows).view(concrete_shape(pos))
         om, on = (evaluate([link.output], {pos: p, link.input: x}, leaf)[0].permute(perm) for x in (xm, xn))
         if not (torch.equal(om, om[:1, :, :1].expand_as(om)) and torch.equal(on, on[:1, :, :1].expand_as(on))):
             raise SiteError("RoPE coefficients differ between heads")
         om, on = om[0, :, 0, :rot].float(), on[0, :, 0, :rot].float()
-        mm = m[:rot]
+        mm = m[:rot].to(dev)
         cos.append(torch.where(mm, om, on))
         sin.append(torch.where(mm, -on, om))
     return torch.cat(cos)[:n_positions].contiguous(), torch.cat(sin)[:n_positions].contiguous()

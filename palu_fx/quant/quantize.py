@@ -69,12 +69,23 @@ class QuantizedTensor:
 
 
 def _half_toward(x: torch.Tensor, up: bool) -> torch.Tensor:
-    """``x`` (float32) rounded to float16 toward +inf (``up``) or -inf: a directed cast."""
+    """``x`` (float32) rounded to float16 toward +inf (``up``) or -inf: a directed cast.
+
+    Steps one fp16 ulp by integer arithmetic on the bit pattern (sign-magnitude: +1 moves
+    away from zero) rather than ``torch.nextafter``, whose half support varies by device;
+    and without a data-dependent branch, so it traces (export, torch.compile) as a cache write.
+    """
     h = x.to(SCALE_DTYPE)
     off = h.float() < x if up else h.float() > x
-    # no data-dependent branch: this must trace (export, torch.compile) as a cache write
-    target = torch.full_like(h, float("inf") if up else float("-inf"))
-    return torch.where(off, torch.nextafter(h, target), h)
+    bits = h.view(torch.int16)
+    negative = bits < 0  # sign bit set (including -0.0)
+    away = negative != up  # away from zero (up from a positive value, down from a negative): |h| grows
+    step = torch.where(away, bits + 1, bits - 1)
+    # from ±0 the step must cross zero: to the smallest subnormal of the target sign
+    zero = (bits & 0x7FFF) == 0
+    tiny = torch.full_like(bits, 1 if up else -32767)  # 0x0001 or 0x8001 as int16
+    step = torch.where(zero, tiny, step)
+    return torch.where(off, step, bits).view(SCALE_DTYPE)
 
 
 def quantize_packed(

@@ -1,39 +1,66 @@
 """Triton latent-attention kernels against the PyTorch reference.
 
-On a machine without a GPU the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``
-is set by the ``kern`` fixture before the kernel modules are defined): shapes are small and
-blocks big so the module stays fast. With a GPU the same tests run the compiled kernels.
-Every case draws fresh random inputs and compares by relative RMS error to the reference
-evaluated in float64.
+On a machine without a GPU the kernels run under Triton's interpreter: ``TRITON_INTERPRET=1``
+must be set before Triton is first imported (Triton decides at definition time whether its
+own library functions are interpreted). When this module is imported first it sets it; when
+another test already imported Triton (``torch._dynamo`` does), the whole module reruns in a
+fresh interpreter process from ``test_kernels_in_fresh_process``. With a GPU the same tests
+run the compiled kernels. Every case draws fresh random inputs and compares by relative RMS
+error to the reference evaluated in float64. Shapes are small and blocks big: fast.
 """
 from __future__ import annotations
 
 import importlib
+import os
+import subprocess
 import sys
 
 import pytest
 import torch
 
-from palu_fx.kernels.latent_attention.naive import latent_attention_ref
-
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and "triton" not in sys.modules:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+
+def _interpreter_ready() -> bool:
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return DEVICE == "cuda" or isinstance(tl.zeros, InterpretedFunction) or not hasattr(tl.zeros, "fn")
+
+
+IN_PROCESS = _interpreter_ready()
+
+from palu_fx.kernels.latent_attention.naive import latent_attention_ref  # noqa: E402
+
 TOL = {torch.float32: 2e-5 if DEVICE == "cpu" else 1e-4, torch.float16: 4e-3, torch.bfloat16: 2.5e-2}
 _MODULES = ["common", "decode", "absorbed", "prefill", "wrapper"]
+
+
+@pytest.mark.skipif(IN_PROCESS, reason="the kernels run in this process")
+def test_kernels_in_fresh_process():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "not fresh_process",
+           os.path.abspath(__file__)]
+    r = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0 and " passed" in r.stdout, r.stdout[-6000:] + r.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
 def kern():
     """The wrapper module, with interpreted kernels when there is no GPU."""
-    with pytest.MonkeyPatch.context() as mp:
-        if DEVICE == "cpu":
-            mp.setenv("TRITON_INTERPRET", "1")
-        mods = [importlib.import_module(f"palu_fx.kernels.latent_attention.{m}") for m in _MODULES]
-        from triton.runtime.interpreter import InterpretedFunction
+    if not IN_PROCESS:
+        pytest.skip("Triton was imported without the interpreter: see test_kernels_in_fresh_process")
+    mods = [importlib.import_module(f"palu_fx.kernels.latent_attention.{m}") for m in _MODULES]
+    from triton.runtime.interpreter import InterpretedFunction
 
-        if DEVICE == "cpu" and not isinstance(mods[1].rebuild_attention_kernel, InterpretedFunction):
-            # defined earlier without the interpreter in this process: define them again
-            mods = [importlib.reload(sys.modules[m.__name__]) for m in mods]
-        yield mods[-1]
+    if DEVICE == "cpu" and not isinstance(mods[1].rebuild_attention_kernel, InterpretedFunction):
+        # defined earlier without the interpreter in this process: define them again
+        mods = [importlib.reload(sys.modules[m.__name__]) for m in mods]
+    return mods[-1]
 
 
 def _rope_tables(B, Skv, rot, style, dtype, per_batch=False):

@@ -9,7 +9,8 @@ rewrite exists. Per layer and role (K, V) with projection input activations ``X`
     Ŷ  = ĥ_g L_gᵀ                  ĥ = dequantize(quantize(h, bits, group = rank))
 
 and reports ``||Y - Ŷ|| / ||Y||`` (total, over all layers), the part quantization adds
-``||Ŷ_fp - Ŷ|| / ||Y||``, the latent error ``||h - ĥ|| / ||h||``, and the real bytes per token
+``||Ŷ_fp - Ŷ|| / ||Y||``, the latent error ``||h - ĥ|| / ||h||`` (RMS over layers; invariant
+under the rotation, so it compares directly), and the real bytes per token
 (packed codes + fp16 scales and zeros, all layers, K and V) against the fp16 full cache.
 
     PYTHONPATH=. python benchmarks/quant_probe.py              # SmolLM2-135M, ratio 0.5
@@ -118,7 +119,7 @@ def probe(ep, sites, editor, plan, acts: dict, bits_list, quant_group: Optional[
                 "K err": (k[0] / k[2]) ** 0.5, "V err": (v[0] / v[2]) ** 0.5,
                 "K quant": (k[1] / k[2]) ** 0.5, "V quant": (v[1] / v[2]) ** 0.5,
                 "K latent": (k[3] / n_layers) ** 0.5, "V latent": (v[3] / n_layers) ** 0.5,
-                "bytes/token": str(token_bytes), "of fp16 KV": f"{100 * token_bytes / full_bytes:.1f}%",
+                "bytes/token": str(int(token_bytes)), "of fp16 KV": f"{100 * token_bytes / full_bytes:.1f}%",
             })
     return rows
 

@@ -86,7 +86,8 @@ def _scalar(node, leaf) -> Optional[float]:
     """A Python number, or a 0-d tensor computed from constants only."""
     if isinstance(node, (int, float)):
         return float(node)
-    if isinstance(node, fx.Node) and isinstance(val(node), torch.Tensor) and val(node).numel() == 1:
+    # shapes only (numel() on symbolic fake tensors raises on torch 2.11)
+    if isinstance(node, fx.Node) and isinstance(val(node), torch.Tensor) and all(s == 1 for s in val(node).shape):
         from palu_fx.passes.fx_utils import evaluate
 
         try:

@@ -37,7 +37,7 @@ def _nearest_int(node: fx.Node) -> Optional[fx.Node]:
     while queue:
         n = queue.popleft()
         v = val(n)
-        if isinstance(v, torch.Tensor) and v.dtype in _INT and v.numel() > 0:
+        if isinstance(v, torch.Tensor) and v.dtype in _INT and v.dim() > 0:
             return n
         for i in n.all_input_nodes:
             if i not in seen:

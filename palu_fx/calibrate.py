@@ -111,9 +111,28 @@ def collect_grams(ep: ExportedProgram, sites: list[AttentionSite], batches: Iter
     return Calibration(collector.grams, tokens)
 
 
+class _OutputRecorder(fx.Interpreter):
+    """Runs the graph with autograd and keeps the outputs of chosen nodes."""
+
+    def __init__(self, gm: fx.GraphModule, watched: set[str]):
+        super().__init__(gm)
+        self.watched, self.outputs = watched, {}
+
+    def run_node(self, n: fx.Node):
+        out = super().run_node(n)
+        if n.name in self.watched:
+            self.outputs[n.name] = out
+        return out
+
+
 def collect_fisher(ep: ExportedProgram, sites: list[AttentionSite], batches: Iterable[torch.Tensor],
-                   progress: bool = True) -> dict:
-    """Mean squared gradient of the LM loss w.r.t. each site's effective K and V weights."""
+                   progress: bool = True, output_grams: bool = False) -> dict:
+    """Mean squared gradient of the LM loss w.r.t. each site's effective K and V weights.
+
+    With ``output_grams`` also ``Σ_t g_t g_tᵀ`` of the loss gradient at each K/V projection
+    output (its rows, head-major), keyed ``(site, role, "out")``: the output side of a
+    Kronecker-factored Fisher, which the ``kfac`` factorization uses.
+    """
     targets = {}
     specs = {s.arg.name: s for s in ep.graph_signature.input_specs}
     for s in sites:
@@ -121,24 +140,34 @@ def collect_fisher(ep: ExportedProgram, sites: list[AttentionSite], batches: Ite
             targets[(s.index, role)] = (specs[chain.proj.weight.name].target, chain)
     wanted = frozenset(t for t, _ in targets.values())
     order = [s.target for s in ep.graph_signature.input_specs]
+    outs = {chain.proj.output.name for _, chain in targets.values()} if output_grams else set()
     acc: dict = {}
     n = 0
     for ids in _progress(list(_rows(ep, batches)), "calibrating (Fisher)", progress):
         args = program_args(ep, _inputs_for(ep, ids), requires_grad=wanted)
-        logits = _logits(ep.graph_module(*args))
+        rec = _OutputRecorder(ep.graph_module, outs)
+        logits = _logits(rec.run(*args))
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
         leaves = {t: a for t, a in zip(order, args) if t in wanted}
-        grads = torch.autograd.grad(loss, list(leaves.values()))
-        gmap = dict(zip(leaves, grads))
+        out_names = sorted(rec.outputs)
+        grads = torch.autograd.grad(loss, list(leaves.values()) + [rec.outputs[k] for k in out_names])
+        gmap = dict(zip(list(leaves) + out_names, grads))
         for key, (target, chain) in targets.items():
+            rows = chain.rows.reshape(-1)
             g = gmap[target].detach()
             g = g.t() if chain.proj.transposed else g
-            g2 = g[chain.rows.reshape(-1)].double() ** 2
+            g2 = g[rows].double() ** 2
             acc[key] = acc[key] + g2 if key in acc else g2
+            if output_grams:
+                go = gmap[chain.proj.output.name].detach()
+                go = go.reshape(-1, go.shape[-1])[:, rows].float()
+                gg = (go.T @ go).double()
+                okey = key + ("out",)
+                acc[okey] = acc[okey] + gg if okey in acc else gg
         n += 1
     if n == 0:
         raise ValueError("Fisher calibration needs at least one batch of tokens")
-    return {k: v / n for k, v in acc.items()}
+    return {k: (v / n if len(k) == 2 else v) for k, v in acc.items()}
 
 
 def _progress(items, desc: str, enabled: bool):
@@ -154,8 +183,8 @@ def _progress(items, desc: str, enabled: bool):
 def calibrated_plan(ep: ExportedProgram, cfg, batches: Iterable[torch.Tensor], progress: bool = True):
     """Calibrate on ``batches`` through ``ep``'s graph, allocate ranks, factor every site.
 
-    Whitened SVD needs the Grams (``cfg.method == "whitened"``); the ``fisher`` and
-    ``energy`` allocators also use the Fisher information. Returns a ``CompressionPlan`` that
+    Whitened SVD needs the activation Grams; ``kfac`` also the output-gradient Grams of a
+    backward pass; the ``fisher`` and ``energy`` allocators use the Fisher information. Returns a ``CompressionPlan`` that
     ``compress_exported`` applies to this or any other export of the same model.
     """
     from palu_fx.compress import MatrixStats, allocate, fisher_scores, singular_values
@@ -167,23 +196,30 @@ def calibrated_plan(ep: ExportedProgram, cfg, batches: Iterable[torch.Tensor], p
     if not sites:
         reasons = "; ".join(f"{u.node.name}: {u.reason}" for u in skipped) or "no attention found"
         raise ValueError(f"nothing to calibrate: {reasons}")
-    grams = collect_grams(ep, sites, batches, progress).grams if cfg.method == "whitened" else None
+    kfac = cfg.method == "kfac"
+    grams = collect_grams(ep, sites, batches, progress).grams if cfg.method in ("whitened", "kfac") else None
+    fisher = collect_fisher(ep, sites, batches, progress, output_grams=kfac) \
+        if cfg.allocator != "uniform" or kfac else None
+    grad_grams = {(s.index, role): fisher[(s.index, role, "out")] for s in sites for role in ("key", "value")} \
+        if kfac else None
     ranks = None
     if cfg.allocator != "uniform":
-        fisher = collect_fisher(ep, sites, batches, progress)
         stats = []
         for s in sites:
             gs = cfg.group_size_for(s.num_kv_heads)
             for role, chain, D in (("key", s.key, s.head_dim), ("value", s.value, s.v_head_dim)):
                 w, _ = effective_weight(chain, editor.tensor)
                 gram = grams.get(chain.proj.input.name) if grams is not None else None
+                gg = grad_grams[(s.index, role)] if kfac else None
                 score, trace = fisher_scores(fisher[(s.index, role)])
+                spectrum = "loss" if kfac else ("whitened" if gram is not None else "plain")
                 stats.append(MatrixStats(
                     f"{s.index}.{role}", s.num_kv_heads // gs, gs * D,
-                    singular_values=singular_values(w, s.num_kv_heads // gs, gram), fisher=score,
-                    fisher_trace=trace, input_energy=float(torch.trace(gram)) if gram is not None else None))
+                    singular_values=singular_values(w, s.num_kv_heads // gs, gram, grad_gram=gg), fisher=score,
+                    fisher_trace=trace, input_energy=float(torch.trace(gram)) if gram is not None else None,
+                    spectrum=spectrum))
         alloc = allocate(stats, cfg)
         ranks = [(alloc[f"{s.index}.key"], alloc[f"{s.index}.value"]) for s in sites]
-    plan = make_plan(sites, editor.tensor, cfg, grams=grams, ranks=ranks)
+    plan = make_plan(sites, editor.tensor, cfg, grams=grams, ranks=ranks, grad_grams=grad_grams)
     plan.meta["calibration_tokens"] = sum(b.numel() for b in batches)
     return plan

@@ -15,7 +15,7 @@ __all__ = ["PaluConfig", "GROUP_ALL"]
 # J-LRD: one group holding every KV head of a layer.
 GROUP_ALL = "all"
 
-_METHODS = ("svd", "whitened")
+_METHODS = ("svd", "whitened", "kfac")
 _BITS = (2, 3, 4)
 _ALLOCATORS = ("uniform", "fisher", "energy")
 
@@ -37,8 +37,11 @@ class PaluConfig:
             default per layer: the largest divisor of the KV heads that is at most 4.
         rank_multiple: ranks are rounded to a multiple of this (kernels like 16), never
             above the full rank of a group.
-        method: ``"svd"`` (data-free truncated SVD) or ``"whitened"`` (truncation-aware
-            SVD on calibration activations; needs calibration data).
+        method: ``"svd"`` (data-free truncated SVD), ``"whitened"`` (truncation-aware SVD
+            on calibration activations, Palu's) or ``"kfac"`` (whitened on both sides: inputs
+            by their Gram, outputs by the loss-gradient Gram, so truncation minimizes a
+            Kronecker-factored Fisher estimate of the loss increase). The last two need
+            calibration data.
         allocator: how ranks are spread: ``"uniform"`` (every matrix keeps
             ``rank_ratio``), ``"fisher"`` (Palu's Fisher-information allocation) or
             ``"energy"`` (whitened singular-value water-filling). Non-uniform allocators

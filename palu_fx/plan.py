@@ -97,6 +97,7 @@ def make_plan(
     cfg: PaluConfig,
     grams: Optional[dict] = None,
     ranks: Optional[list[tuple[int, int]]] = None,
+    grad_grams: Optional[dict] = None,
 ) -> CompressionPlan:
     """Factor every site's K and V weights.
 
@@ -105,19 +106,22 @@ def make_plan(
     """
     from palu_fx.compress.factorize import factorize
 
-    if cfg.method == "whitened" and grams is None:
-        raise ValueError("PaluConfig.method='whitened' needs calibration data (grams); use method='svd' "
-                         "or pass calibration batches")
+    if cfg.method in ("whitened", "kfac") and grams is None:
+        raise ValueError(f"PaluConfig.method={cfg.method!r} needs calibration data; use method='svd' or "
+                         "palu_fx.calibrate.calibrated_plan(program, cfg, batches)")
+    if cfg.method == "kfac" and grad_grams is None:
+        raise ValueError("PaluConfig.method='kfac' needs output-gradient Grams (calibrated_plan collects them)")
     plans = []
     for i, site in enumerate(sites):
         gs = cfg.group_size_for(site.num_kv_heads)
         G = site.num_kv_heads // gs
         mats = []
-        for j, (chain, D) in enumerate(((site.key, site.head_dim), (site.value, site.v_head_dim))):
+        for j, (role, chain, D) in enumerate((("key", site.key, site.head_dim), ("value", site.value, site.v_head_dim))):
             w, b = effective_weight(chain, leaf)
             rank = ranks[i][j] if ranks is not None else cfg.rank_for(gs * D)
             gram = grams.get(chain.proj.input.name) if grams is not None else None
-            L, R = factorize(w, G, rank, gram=gram)
+            gg = grad_grams.get((site.index, role)) if grad_grams is not None else None
+            L, R = factorize(w, G, rank, gram=gram, grad_gram=gg)
             mats.append(MatrixFactors(L.to(w.dtype), R.to(w.dtype), b))
         plans.append(SitePlan(gs, mats[0], mats[1], site_shape(site)))
     return CompressionPlan(cfg, plans)

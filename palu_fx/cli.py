@@ -95,15 +95,16 @@ def generate(ep, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
 
 
 def cmd_demo(args) -> int:
-    from palu_fx.data import austen_split
+    from palu_fx.data import austen_books, austen_split
     from palu_fx.export import export_decoder
     from palu_fx.models import load_model
 
     torch.manual_seed(0)
     _log("loading SmolLM2-135M (GGUF, dequantized to fp32)...")
     model, tok = load_model("smollm2-135m")
+    books = austen_books(["prideprejudice", "emma"], download=True)
     split = austen_split(tok, eval_windows=args.eval_windows, eval_window=args.window,
-                         calib_windows=args.calib_windows, calib_window=args.calib_window)
+                         calib_windows=args.calib_windows, calib_window=args.calib_window, books=books)
     cfg = _config(args)
     res = run_eval(model, tok, split, cfg, progress=not args.quiet)
     rep = res["_report"]
@@ -130,7 +131,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from palu_fx.data import austen_split, read_text_files, token_windows, tokenize, TextSplit
+    from palu_fx.data import TextSplit, austen_books, austen_split, read_text_files, token_windows, tokenize
     from palu_fx.models import load_model
 
     model, tok = load_model(args.model)
@@ -142,8 +143,9 @@ def cmd_eval(args) -> int:
         ev = token_windows(ids, args.window, args.eval_windows, bos, offset=n_cal)
         split = TextSplit(cal, ev, f"files[:{n_cal}]", f"files[{n_cal}:]")
     else:
+        books = austen_books(["prideprejudice", "emma"], download=True)
         split = austen_split(tok, eval_windows=args.eval_windows, eval_window=args.window,
-                             calib_windows=args.calib_windows, calib_window=args.calib_window)
+                             calib_windows=args.calib_windows, calib_window=args.calib_window, books=books)
     res = run_eval(model, tok, split, _config(args), progress=not args.quiet)
     print(res["_report"])
     out = {k: v for k, v in res.items() if not k.startswith("_")}

@@ -142,7 +142,8 @@ def compile_with_palu(gm: fx.GraphModule, example_inputs: list,
         plan = make_plan(sites, editor.tensor, compression)
     before = live_snapshot(aten_gm.graph)
     rotary = RotaryCaches(editor)
-    results = [rewrite_site(aten_gm.graph, s, sp, editor, rotary, plan.config.fold_values)
+    results = [rewrite_site(aten_gm.graph, s, sp, editor, rotary, plan.config.fold_values, plan.config.bits,
+                            plan.config.quant_group_size)
                for s, sp in zip(sites, plan.sites)]
     cleanup(aten_gm.graph, [], before)
     leftover = [n for n in aten_gm.graph.nodes if is_call(n, CACHE_UPDATE_OPS)]

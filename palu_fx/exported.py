@@ -159,7 +159,9 @@ def compress_exported(ep: ExportedProgram, cfg: Union[PaluConfig, CompressionPla
         plan = make_plan(sites, editor.tensor, cfg or PaluConfig(), grams=grams)
     before = live_snapshot(gm.graph)
     rotary = RotaryCaches(editor)
-    results = [rewrite_site(gm.graph, s, sp, editor, rotary, plan.config.fold_values) for s, sp in zip(sites, plan.sites)]
+    c = plan.config
+    results = [rewrite_site(gm.graph, s, sp, editor, rotary, c.fold_values, c.bits, c.quant_group_size)
+               for s, sp in zip(sites, plan.sites)]
     cleanup(gm.graph, old_writes(sites), before)
     new_ep = editor.build(gm)
     report = CompressionReport(plan.config, results, [SkipRecord(u.node.name, u.reason) for u in skipped],

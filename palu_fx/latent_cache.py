@@ -108,6 +108,10 @@ class LatentCache(StaticCache):
         compression = compression if compression is not None else PaluConfig()
         if not isinstance(compression, (PaluConfig, CompressionPlan)):
             raise TypeError(f"compression must be a PaluConfig or CompressionPlan, got {type(compression).__name__}")
+        cfg = compression.config if isinstance(compression, CompressionPlan) else compression
+        if cfg.bits is not None:
+            raise ValueError(f"PaluConfig.bits={cfg.bits}: quantized latents are supported by compress_exported only "
+                             "so far; use bits=None with LatentCache")
         text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         n_layers = getattr(text, "num_hidden_layers", None)
         if not isinstance(n_layers, int) or n_layers < 1:

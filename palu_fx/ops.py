@@ -97,3 +97,56 @@ def _cache_update_fake(hk, hv, positions, key_states, value_states, cache_positi
     smax = hk.shape[1]
     Dv = value_states.shape[-1]
     return key_states.new_empty(B, H, smax, D), value_states.new_empty(B, H, smax, Dv)
+
+
+@torch.library.custom_op("palu::quantize_latent", mutates_args=())
+def quantize_latent(h: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token asymmetric quantization of latents ``[..., C]`` for the cache write:
+    packed codes ``uint8 [..., code_bytes]`` and fp16 ``scale``/``zero`` ``[..., C // group_size]``
+    (layouts: ``palu_fx.quant``)."""
+    from palu_fx.quant import quantize_packed
+
+    return quantize_packed(h, bits, group_size)
+
+
+@quantize_latent.register_fake
+def _quantize_latent_fake(h, bits, group_size):
+    from palu_fx.quant import packed_shape
+
+    ps = packed_shape(h.shape[-1], bits, group_size)
+    lead = h.shape[:-1]
+    return (h.new_empty(*lead, ps.code_bytes, dtype=torch.uint8), h.new_empty(*lead, ps.groups, dtype=torch.float16),
+            h.new_empty(*lead, ps.groups, dtype=torch.float16))
+
+
+@torch.library.custom_op("palu::quant_latent_attention", mutates_args=())
+def quant_latent_attention(
+    q: torch.Tensor,
+    hk_codes: torch.Tensor, hk_scale: torch.Tensor, hk_zero: torch.Tensor,
+    hv_codes: torch.Tensor, hv_scale: torch.Tensor, hv_zero: torch.Tensor,
+    lk: Optional[torch.Tensor], k_bias: Optional[torch.Tensor],
+    cos: Optional[torch.Tensor], sin: Optional[torch.Tensor], k_norm_weight: Optional[torch.Tensor],
+    attn_mask: Optional[torch.Tensor], scale: float,
+    k_bits: int, k_group_size: int, v_bits: int, v_group_size: int,
+    softcap: float = 0.0, is_causal: bool = False, rope_style: int = 0, k_norm_eps: float = 1e-6,
+) -> torch.Tensor:
+    """``palu::latent_attention`` over a quantized latent cache (codes + fp16 scale/zero).
+
+    The latents are dequantized by the reference on every device for now; the Triton decode
+    kernels that dequantize in registers are not written yet.
+    """
+    from palu_fx.kernels.latent_attention.quant_naive import quant_latent_attention_ref
+
+    return quant_latent_attention_ref(q, hk_codes, hk_scale, hk_zero, hv_codes, hv_scale, hv_zero, lk, k_bias, cos,
+                                      sin, k_norm_weight, attn_mask, scale, k_bits, k_group_size, v_bits,
+                                      v_group_size, softcap, is_causal, rope_style, k_norm_eps)
+
+
+@quant_latent_attention.register_fake
+def _quant_latent_attention_fake(q, hk_codes, hk_scale, hk_zero, hv_codes, hv_scale, hv_zero, lk, k_bias, cos, sin,
+                                 k_norm_weight, attn_mask, scale, k_bits, k_group_size, v_bits, v_group_size,
+                                 softcap=0.0, is_causal=False, rope_style=0, k_norm_eps=1e-6):
+    B, Hq, Sq, Dq = q.shape
+    ck, cv = hk_scale.shape[-1] * k_group_size, hv_scale.shape[-1] * v_group_size
+    groups = lk.shape[0] if lk is not None else ck // Dq
+    return q.new_empty(B, Hq, Sq, cv // groups)

@@ -124,4 +124,9 @@ def make_plan(
             L, R = factorize(w, G, rank, gram=gram, grad_gram=gg)
             mats.append(MatrixFactors(L.to(w.dtype), R.to(w.dtype), b))
         plans.append(SitePlan(gs, mats[0], mats[1], site_shape(site)))
-    return CompressionPlan(cfg, plans)
+    plan = CompressionPlan(cfg, plans)
+    if cfg.hadamard:  # rotate the latents (exact): spreads the outliers SVD puts in the first channels
+        from palu_fx.compress.hadamard import rotate_plan
+
+        plan = rotate_plan(plan)
+    return plan

@@ -76,7 +76,8 @@ def _per_query_head(L: torch.Tensor, q_heads: int, kv_heads: int, head_dim: int)
 
 
 def rewrite_site(graph: fx.Graph, site: AttentionSite, sp: SitePlan, editor: StateEditor,
-                 rotary: RotaryCaches, fold: bool) -> SiteResult:
+                 rotary: RotaryCaches, fold: bool, bits: Optional[int] = None,
+                 quant_group_size: Optional[int] = None) -> SiteResult:
     call = site.call
     # insert after every input of the old attention (eager masks are built after the score matmul)
     anchor = max(call.nodes, key=lambda n: _order(graph)[n])
@@ -95,6 +96,9 @@ def rewrite_site(graph: fx.Graph, site: AttentionSite, sp: SitePlan, editor: Sta
         hk = b.call(aten.linear.default, site.key.proj.input, Rk)
         hv = b.call(aten.linear.default, site.value.proj.input, Rv)
         before = after = 0
+        quantized: dict = {}
+        if bits is not None and (site.key_cache is None or site.key_cache.latent):
+            raise SiteError("quantized latents need a static cache in an exported program (compress_exported)")
         if site.key_cache is not None:
             for role, cache, h in (("k", site.key_cache, hk), ("v", site.value_cache, hv)):
                 shp = cache.full_shape
@@ -105,6 +109,15 @@ def rewrite_site(graph: fx.Graph, site: AttentionSite, sp: SitePlan, editor: Sta
                                         f"needs {[shp[0], shp[cache.dim], val(h).shape[-1]]}: build the cache with the "
                                         "same config or plan as the backend")
                     before += math.prod(shp) * val(buf).element_size()
+                elif bits is not None:
+                    bv = val(cache.buffer)
+                    before += _nbytes(bv)
+                    rank = kf.rank if role == "k" else vf.rank
+                    written, nbytes = _quantized_write(b, editor, f"palu_{p}_{role}", cache, h, bits,
+                                                       quant_group_size or rank, shp)
+                    quantized[role] = written
+                    after += nbytes
+                    continue
                 else:
                     bv = val(cache.buffer)
                     buf = editor.add_buffer(f"palu_{p}_{role}_latent", torch.zeros(
@@ -140,8 +153,15 @@ def rewrite_site(graph: fx.Graph, site: AttentionSite, sp: SitePlan, editor: Sta
         mask = call.mask
         if mask is not None and call.mask_kind == "bool_masked":
             mask = b.call(aten.logical_not.default, mask)
-        z = b.call(palu.latent_attention.default, q, hk, hv, lk, k_bias, cos, sin, knw, mask, call.scale,
-                   call.softcap, call.is_causal, rope.style if rope is not None else ROPE_NONE, eps)
+        style = rope.style if rope is not None else ROPE_NONE
+        if quantized:
+            (kc, ks, kz), (vc, vs, vz) = quantized["k"], quantized["v"]
+            gk, gv = quant_group_size or kf.rank, quant_group_size or vf.rank
+            z = b.call(palu.quant_latent_attention.default, q, kc, ks, kz, vc, vs, vz, lk, k_bias, cos, sin, knw,
+                       mask, call.scale, bits, gk, bits, gv, call.softcap, call.is_causal, style, eps)
+        else:
+            z = b.call(palu.latent_attention.default, q, hk, hv, lk, k_bias, cos, sin, knw, mask, call.scale,
+                       call.softcap, call.is_causal, style, eps)
         folded = fold and fold_value_into_output(graph, b, site, sp, z, editor)
         if not folded:
             Lv = editor.add_param(f"palu_{p}_v_up", _per_query_head(vf.L, Hq, Hkv, Dv).transpose(1, 2).contiguous().to(dt))
@@ -157,6 +177,33 @@ def rewrite_site(graph: fx.Graph, site: AttentionSite, sp: SitePlan, editor: Sta
                 graph.erase_node(u)
     return SiteResult(p, site.index, site.rope_kind, Hq, Hkv, sp.group_size, kf.rank, vf.rank, D,
                       site.key_cache is not None, absorbed, folded, before, after, table_bytes)
+
+
+def _quantized_write(b: NodeBuilder, editor, prefix: str, cache, h: fx.Node, bits: int, group: int,
+                     full_shape: tuple) -> tuple[tuple, int]:
+    """Quantize the new latents and write codes, scales and zeros into their own caches."""
+    from palu_fx.quant import packed_shape, resolve_group_size
+
+    channels = val(h).shape[-1]
+    try:
+        resolve_group_size(channels, group)
+    except ValueError as e:
+        raise SiteError(f"PaluConfig.quant_group_size={group}: {e}") from None
+    ps = packed_shape(channels, bits, group)
+    q = b.call(palu.quantize_latent.default, h, bits, group)
+    B, smax = full_shape[0], full_shape[cache.dim]
+    dev = val(h).device
+    out, nbytes = [], 0
+    for i, (name, width, dtype) in enumerate((("codes", ps.code_bytes, torch.uint8), ("scale", ps.groups, torch.float16),
+                                               ("zero", ps.groups, torch.float16))):
+        buf = editor.add_buffer(f"{prefix}_{name}", torch.zeros(B, smax, width, dtype=dtype, device=dev))
+        nbytes += _nbytes(val(buf))
+        part = b.call(operator.getitem, q, i)
+        written = b.call(aten.index_copy_.default, buf, 1, cache.index, part)
+        if cache.read_end is not None:
+            written = b.call(aten.slice.Tensor, written, 1, 0, cache.read_end)
+        out.append(written)
+    return tuple(out), nbytes
 
 
 def _order(graph: fx.Graph) -> dict:

@@ -1,0 +1,60 @@
+"""Quantized latent cache: packed 2/3/4-bit codes with fp16 scales/zeros are what is stored."""
+import pytest
+import torch
+
+import palu_fx
+from palu_fx import PaluConfig, compress_exported
+from palu_fx.quant import bytes_per_token
+from tests.passes.helpers import BATCH, MAX_CACHE, cache_buffers, cache_bytes, exported, rel_err, run, tokens
+
+
+@pytest.fixture(scope="module")
+def reference():
+    ep = exported("llama")
+    ids = tokens()
+    return ep, ids, run(ep, ids)
+
+
+def test_bits_trade_bytes_for_error(reference):
+    ep, ids, ref = reference
+    errs, sizes = [], []
+    for bits in (4, 3, 2):
+        ep_q = compress_exported(ep, PaluConfig(rank_ratio=1.0, group_size=1, bits=bits))
+        bufs = cache_buffers(ep_q)
+        codes = [t for k, t in bufs.items() if k.endswith("_codes")]
+        assert codes and all(t.dtype == torch.uint8 for t in codes)
+        # codes + fp16 scale/zero per token for K and V of 2 layers (latent width 2 groups x 32),
+        # plus one int64 slot-position cache shared by the layers
+        expected = 2 * 2 * BATCH * MAX_CACHE * bytes_per_token(64, bits, 32) + BATCH * MAX_CACHE * 8
+        assert cache_bytes(ep_q) == expected == palu_fx.report(ep_q).cache_bytes_after
+        errs.append(rel_err(run(ep_q, ids), ref))
+        sizes.append(cache_bytes(ep_q))
+    assert errs[0] < errs[1] < errs[2] and errs[0] < 0.3
+    assert sizes[0] > sizes[1] > sizes[2] and sizes[0] < 0.2 * cache_bytes(ep)
+
+
+def test_hadamard_without_quantization_is_lossless(reference):
+    ep, ids, ref = reference
+    ep_h = compress_exported(ep, PaluConfig(rank_ratio=1.0, group_size=1, hadamard=True))
+    assert rel_err(run(ep_h, ids), ref) < 1e-4
+
+
+def test_quantized_program_saves_and_loads(reference, tmp_path):
+    ep, ids, _ = reference
+    ep_q = compress_exported(ep, PaluConfig(rank_ratio=0.5, group_size=1, bits=4, hadamard=True))
+    torch.export.save(ep_q, str(tmp_path / "q.pt2"))
+    assert torch.equal(run(torch.export.load(str(tmp_path / "q.pt2")), ids), run(ep_q, ids))
+
+
+def test_quant_group_size_must_divide_the_rank(reference):
+    ep, *_ = reference
+    with pytest.raises(Exception, match="quant_group_size=24"):
+        compress_exported(ep, PaluConfig(rank_ratio=1.0, group_size=1, bits=4, quant_group_size=24))
+
+
+def test_latent_cache_refuses_bits():
+    from palu_fx import LatentCache
+    from tests.zoo import build
+
+    with pytest.raises(ValueError, match="PaluConfig.bits=4"):
+        LatentCache(build("llama").config, 32, PaluConfig(bits=4))

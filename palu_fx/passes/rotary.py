@@ -19,6 +19,7 @@ import torch.fx as fx
 
 from palu_fx.passes.find import AttentionSite, SiteError
 from palu_fx.passes.fx_utils import NodeBuilder, aten, concrete_shape, evaluate, upper_bound, val
+from palu_fx.kernels.latent_attention.naive import ROPE_HALF
 from palu_fx.passes.rope import sign_pattern
 
 _INT = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
@@ -107,7 +108,13 @@ def rotary_table(site: AttentionSite, n_positions: int, leaf: Callable[[fx.Node]
         mm = m[:rot].to(dev)
         cos.append(torch.where(mm, om, on))
         sin.append(torch.where(mm, -on, om))
-    return torch.cat(cos)[:n_positions].contiguous(), torch.cat(sin)[:n_positions].contiguous()
+    cos, sin = torch.cat(cos)[:n_positions].contiguous(), torch.cat(sin)[:n_positions].contiguous()
+    # The kernels read one angle per rotated pair; every real RoPE shares it between partners.
+    for t in (cos, sin):
+        a, b = (t[:, : rot // 2], t[:, rot // 2:]) if link.style == ROPE_HALF else (t[:, 0::2], t[:, 1::2])
+        if not torch.equal(a, b):
+            raise SiteError("RoPE rotates the two members of a pair by different angles")
+    return cos, sin
 
 
 class RotaryCaches:

@@ -54,7 +54,7 @@ def _static_bytes(cache) -> int:
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3", "gemma", "phi3", "gpt_neox", "gpt2"])
+@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3", "phi3", "gpt_neox", "gpt2"])
 def test_full_rank_generate_matches_uncompressed(name):
     ref = _generate(_model(name), StaticCache(config=_model(name).config, max_cache_len=MAX_CACHE))
     m = _model(name)

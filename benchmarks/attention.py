@@ -35,7 +35,7 @@ import triton.language as tl  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 from palu_fx.kernels.latent_attention.naive import latent_attention_ref  # noqa: E402
-from palu_fx.kernels.latent_attention.wrapper import KernelConfig, choose_config, latent_attention_triton  # noqa: E402
+from palu_fx.kernels.latent_attention.wrapper import KernelConfig, latent_attention_triton  # noqa: E402
 
 # (query heads, KV heads, head dim): the MHA and GQA attention shapes of the issue
 SHAPES = {"32q/32kv d128": (32, 32, 128), "32q/8kv d128": (32, 8, 128)}

@@ -3,7 +3,7 @@ with the PyTorch reference (PALU_FX_KERNEL=reference), prefill and decode, fp16.
 import os
 
 import torch
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import palu_fx
 

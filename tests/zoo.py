@@ -16,8 +16,8 @@ the reason; tests mark them xfail (non-strict) so a transformers upgrade that fi
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 

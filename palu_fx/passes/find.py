@@ -9,7 +9,7 @@ explained attention op and an ``Unsupported`` with a reason for every other one.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Union
+from typing import Callable, Optional
 
 import torch
 import torch.fx as fx

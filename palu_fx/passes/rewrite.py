@@ -85,7 +85,6 @@ def rewrite_site(graph: fx.Graph, site: AttentionSite, sp: SitePlan, editor: Sta
     p = site.name
     Hq, Hkv, D, Dv = site.num_q_heads, site.num_kv_heads, site.head_dim, site.v_head_dim
     kf, vf = sp.key, sp.value
-    G = kf.groups
     rope, norm = site.key.rope, site.key.norm
     absorbed = rope is None and norm is None and (kf.bias is None or call.softcap == 0)
     with graph.inserting_before(anchor):

@@ -24,7 +24,7 @@ import torch.fx as fx
 
 from palu_fx.kernels.latent_attention.naive import ROPE_HALF, ROPE_INTERLEAVED, rotate
 from palu_fx.passes.fx_utils import (
-    CAST_OPS, MULTI_OUTPUT_LAYOUT_OPS, aten, concrete_shape, evaluate, getitem_parent, is_call, val,
+    CAST_OPS, MULTI_OUTPUT_LAYOUT_OPS, aten, concrete_shape, evaluate, is_call, val,
 )
 
 _REGION_OPS = {

@@ -4,7 +4,6 @@ For each model: at rank_ratio=1.0 the logits of a prefill plus 8 decode steps ma
 uncompressed program; at 0.5 the cache buffers shrink to at most 0.55x and decoding runs;
 torch.export.save/load gives the same logits.
 """
-import io
 
 import pytest
 import torch

@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 
 from palu_fx.passes.find import AttentionSite, SiteError
-from palu_fx.passes.fx_utils import NodeBuilder, aten, concrete_shape, evaluate, upper_bound, val
+from palu_fx.passes.fx_utils import NodeBuilder, aten, concrete_shape, evaluate, is_call, upper_bound, val
 from palu_fx.kernels.latent_attention.naive import ROPE_HALF
 from palu_fx.passes.rope import sign_pattern
 
@@ -45,6 +45,17 @@ def _nearest_int(node: fx.Node) -> Optional[fx.Node]:
                 seen.add(i)
                 queue.append(i)
     return None
+
+
+_REVIEWS = {aten.unsqueeze.default, aten.expand.default, aten.view.default, aten.reshape.default,
+            aten.to.dtype, aten._to_copy.default, aten.alias.default, aten.clone.default}
+
+
+def _root(node: fx.Node) -> fx.Node:
+    """The tensor a coefficient input merely re-views or re-types."""
+    while is_call(node, _REVIEWS):
+        node = node.args[0]
+    return node
 
 
 def rope_axes(site: AttentionSite) -> tuple[int, int, int]:
@@ -140,7 +151,8 @@ class RotaryCaches:
             n = upper_bound(val(rope.input).shape[rope_axes(site)[1]])
             seq_len = concrete_shape(rope.input)[rope_axes(site)[1]]
             pos_node, cache_bytes = b.call(aten.reshape.default, pos, [_seq_layout(pos, seq_len), -1]), 0
-        key = (tuple(sorted(c.name for c in rope.coefficients)), n)
+        # layers apply the same cos/sin (re-viewed per layer): one table serves them all
+        key = (tuple(sorted(_root(c).name for c in rope.coefficients)), rope.style, rope.rot_dim, n)
         table_bytes = 0
         if key not in self.tables:
             cos, sin = rotary_table(site, n, self.editor.tensor)

@@ -111,27 +111,29 @@ def collect_grams(ep: ExportedProgram, sites: list[AttentionSite], batches: Iter
     return Calibration(collector.grams, tokens)
 
 
-class _OutputRecorder(fx.Interpreter):
-    """Runs the graph with autograd and keeps the outputs of chosen nodes."""
+class _OutputRecorder(_GramCollector):
+    """Runs the graph with autograd, keeps the outputs of chosen nodes and accumulates the
+    Grams of others (so one pass gives both Fisher and activation statistics)."""
 
-    def __init__(self, gm: fx.GraphModule, watched: set[str]):
-        super().__init__(gm)
-        self.watched, self.outputs = watched, {}
+    def __init__(self, gm: fx.GraphModule, watched: set[str], grams_of: set[str], grams: dict):
+        super().__init__(gm, grams_of)
+        self.keep, self.outputs, self.grams = watched, {}, grams
 
     def run_node(self, n: fx.Node):
         out = super().run_node(n)
-        if n.name in self.watched:
+        if n.name in self.keep:
             self.outputs[n.name] = out
         return out
 
 
 def collect_fisher(ep: ExportedProgram, sites: list[AttentionSite], batches: Iterable[torch.Tensor],
-                   progress: bool = True, output_grams: bool = False) -> dict:
+                   progress: bool = True, output_grams: bool = False, input_grams: Optional[dict] = None) -> dict:
     """Mean squared gradient of the LM loss w.r.t. each site's effective K and V weights.
 
     With ``output_grams`` also ``Σ_t g_t g_tᵀ`` of the loss gradient at each K/V projection
     output (its rows, head-major), keyed ``(site, role, "out")``: the output side of a
-    Kronecker-factored Fisher, which the ``kfac`` factorization uses.
+    Kronecker-factored Fisher, which the ``kfac`` factorization uses. A dict passed as
+    ``input_grams`` is filled with the activation Grams of the same pass (as ``collect_grams``).
     """
     targets = {}
     specs = {s.arg.name: s for s in ep.graph_signature.input_specs}
@@ -145,7 +147,9 @@ def collect_fisher(ep: ExportedProgram, sites: list[AttentionSite], batches: Ite
     n = 0
     for ids in _progress(list(_rows(ep, batches)), "calibrating (Fisher)", progress):
         args = program_args(ep, _inputs_for(ep, ids), requires_grad=wanted)
-        rec = _OutputRecorder(ep.graph_module, outs)
+        watched_in = ({s.key.proj.input.name for s in sites} | {s.value.proj.input.name for s in sites}
+                      if input_grams is not None else set())
+        rec = _OutputRecorder(ep.graph_module, outs, watched_in, input_grams if input_grams is not None else {})
         logits = _logits(rec.run(*args))
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
         leaves = {t: a for t, a in zip(order, args) if t in wanted}
@@ -197,9 +201,13 @@ def calibrated_plan(ep: ExportedProgram, cfg, batches: Iterable[torch.Tensor], p
         reasons = "; ".join(f"{u.node.name}: {u.reason}" for u in skipped) or "no attention found"
         raise ValueError(f"nothing to calibrate: {reasons}")
     kfac = cfg.method == "kfac"
-    grams = collect_grams(ep, sites, batches, progress).grams if cfg.method in ("whitened", "kfac") else None
-    fisher = collect_fisher(ep, sites, batches, progress, output_grams=kfac) \
-        if cfg.allocator != "uniform" or kfac else None
+    need_grams = cfg.method in ("whitened", "kfac")
+    grams = None
+    if cfg.allocator != "uniform" or kfac:  # one forward/backward pass gives Grams and Fisher
+        grams = {} if need_grams else None
+        fisher = collect_fisher(ep, sites, batches, progress, output_grams=kfac, input_grams=grams)
+    elif need_grams:
+        grams = collect_grams(ep, sites, batches, progress).grams
     grad_grams = {(s.index, role): fisher[(s.index, role, "out")] for s in sites for role in ("key", "value")} \
         if kfac else None
     ranks = None

@@ -173,7 +173,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     _common(d, 0.5, GROUP_ALL, "energy")
     d.add_argument("--eval-windows", type=int, default=4)
     d.add_argument("--window", type=int, default=1024)
-    d.add_argument("--calib-windows", type=int, default=8)
+    d.add_argument("--calib-windows", type=int, default=6)
     d.add_argument("--calib-window", type=int, default=512)
     d.add_argument("--new-tokens", type=int, default=24)
     e = sub.add_parser("eval", help="perplexity of the original and the compressed model, as JSON")

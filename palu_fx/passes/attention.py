@@ -16,7 +16,7 @@ from typing import Optional, Union
 import torch
 import torch.fx as fx
 
-from palu_fx.passes.fx_utils import CAST_OPS, MATMUL_OPS, SCORE_OPS, SOFTMAX_OPS, aten, depends_on, is_call, real_users, val
+from palu_fx.passes.fx_utils import CAST_OPS, MATMUL_OPS, SCORE_OPS, SOFTMAX_OPS, aten, is_call, real_users, val
 from palu_fx.passes.recognize import strip_casts
 
 
@@ -195,4 +195,4 @@ def find_attention_calls(graph: fx.Graph, leaf) -> list[Union[AttentionCall, Uns
     return found
 
 
-__all__ = ["AttentionCall", "Unsupported", "find_attention_calls", "depends_on"]
+__all__ = ["AttentionCall", "Unsupported", "find_attention_calls"]

@@ -100,10 +100,6 @@ def real_users(node: fx.Node) -> list[fx.Node]:
     return [u for u in node.users if u.target != aten._assert_tensor_metadata.default]
 
 
-def tensor_inputs(node: fx.Node) -> list[fx.Node]:
-    return [a for a in node.all_input_nodes if isinstance(val(a), torch.Tensor)]
-
-
 def depends_on(node: fx.Node, target: fx.Node, limit: int = 400) -> bool:
     """Whether ``target`` is an ancestor of ``node`` (bounded backward search)."""
     seen, stack = set(), [node]

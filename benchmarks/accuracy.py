@@ -31,16 +31,16 @@ from pathlib import Path
 
 import torch
 
+from palu_fx.calibrate import plan_from_statistics
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from palu_fx.calibrate import collect_fisher, collect_grams  # noqa: E402
-from palu_fx.compress import MatrixStats, allocate, fisher_scores, singular_values  # noqa: E402
 from palu_fx.config import GROUP_ALL, PaluConfig  # noqa: E402
 from palu_fx.data import austen_split, default_cache_dir  # noqa: E402
 from palu_fx.evaluate import perplexity  # noqa: E402
 from palu_fx.export import export_prefill_only  # noqa: E402
 from palu_fx.exported import analyze_exported, compress_exported  # noqa: E402
-from palu_fx.plan import effective_weight, make_plan  # noqa: E402
 
 ALIASES = {"svd": "svd-uniform", "whitened": "whitened-uniform", "default": "kfac-energy",
            "palu-fisher": "whitened-fisher"}
@@ -109,25 +109,9 @@ def build_plan(sites, editor, cfg: PaluConfig, calib: dict):
             for role, chain in zip(ROLES, (s.key, s.value)):
                 grams[chain.proj.input.name] = calib[f"{s.index}.{role}.gram"]
     grad_grams = {(s.index, r): calib[f"{s.index}.{r}.grad_gram"] for s in sites for r in ROLES} if kfac else None
-    ranks = None
-    if cfg.allocator != "uniform":
-        stats = []
-        for s in sites:
-            gs = cfg.group_size_for(s.num_kv_heads)
-            for role, chain, D in (("key", s.key, s.head_dim), ("value", s.value, s.v_head_dim)):
-                w, _ = effective_weight(chain, editor.tensor)
-                gram = grams.get(chain.proj.input.name) if grams is not None else None
-                gg = grad_grams[(s.index, role)] if kfac else None
-                score, trace = fisher_scores(calib[f"{s.index}.{role}.fisher"])
-                spectrum = "loss" if kfac else ("whitened" if gram is not None else "plain")
-                stats.append(MatrixStats(
-                    f"{s.index}.{role}", s.num_kv_heads // gs, gs * D,
-                    singular_values=singular_values(w, s.num_kv_heads // gs, gram, grad_gram=gg), fisher=score,
-                    fisher_trace=trace, input_energy=float(torch.trace(gram)) if gram is not None else None,
-                    spectrum=spectrum))
-        alloc = allocate(stats, cfg)
-        ranks = [(alloc[f"{s.index}.key"], alloc[f"{s.index}.value"]) for s in sites]
-    plan = make_plan(sites, editor.tensor, cfg, grams=grams, ranks=ranks, grad_grams=grad_grams)
+    fisher = ({(s.index, r): calib[f"{s.index}.{r}.fisher"] for s in sites for r in ROLES}
+              if cfg.allocator != "uniform" else None)
+    plan = plan_from_statistics(sites, editor.tensor, cfg, grams, fisher, grad_grams)
     plan.meta["calibration_tokens"] = calib["tokens"] if calib else 0
     return plan
 

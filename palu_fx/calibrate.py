@@ -191,9 +191,7 @@ def calibrated_plan(ep: ExportedProgram, cfg, batches: Iterable[torch.Tensor], p
     backward pass; the ``fisher`` and ``energy`` allocators use the Fisher information. Returns a ``CompressionPlan`` that
     ``compress_exported`` applies to this or any other export of the same model.
     """
-    from palu_fx.compress import MatrixStats, allocate, fisher_scores, singular_values
     from palu_fx.exported import analyze_exported
-    from palu_fx.plan import effective_weight, make_plan
 
     batches = list(batches)
     sites, skipped, editor, _ = analyze_exported(ep)
@@ -202,7 +200,7 @@ def calibrated_plan(ep: ExportedProgram, cfg, batches: Iterable[torch.Tensor], p
         raise ValueError(f"nothing to calibrate: {reasons}")
     kfac = cfg.method == "kfac"
     need_grams = cfg.method in ("whitened", "kfac")
-    grams = None
+    grams = fisher = None
     if cfg.allocator != "uniform" or kfac:  # one forward/backward pass gives Grams and Fisher
         grams = {} if need_grams else None
         fisher = collect_fisher(ep, sites, batches, progress, output_grams=kfac, input_grams=grams)
@@ -210,13 +208,27 @@ def calibrated_plan(ep: ExportedProgram, cfg, batches: Iterable[torch.Tensor], p
         grams = collect_grams(ep, sites, batches, progress).grams
     grad_grams = {(s.index, role): fisher[(s.index, role, "out")] for s in sites for role in ("key", "value")} \
         if kfac else None
+    plan = plan_from_statistics(sites, editor.tensor, cfg, grams, fisher if cfg.allocator != "uniform" else None,
+                                grad_grams)
+    plan.meta["calibration_tokens"] = sum(b.numel() for b in batches)
+    return plan
+
+
+def plan_from_statistics(sites, leaf, cfg, grams: Optional[dict], fisher: Optional[dict],
+                         grad_grams: Optional[dict]):
+    """Allocate ranks (``fisher`` keyed ``(site, role)``, needed by non-uniform allocators)
+    and factor every site: the part of ``calibrated_plan`` after the statistics."""
+    from palu_fx.compress import MatrixStats, allocate, fisher_scores, singular_values
+    from palu_fx.plan import effective_weight, make_plan
+
+    kfac = grad_grams is not None
     ranks = None
     if cfg.allocator != "uniform":
         stats = []
         for s in sites:
             gs = cfg.group_size_for(s.num_kv_heads)
             for role, chain, D in (("key", s.key, s.head_dim), ("value", s.value, s.v_head_dim)):
-                w, _ = effective_weight(chain, editor.tensor)
+                w, _ = effective_weight(chain, leaf)
                 gram = grams.get(chain.proj.input.name) if grams is not None else None
                 gg = grad_grams[(s.index, role)] if kfac else None
                 score, trace = fisher_scores(fisher[(s.index, role)])
@@ -228,6 +240,4 @@ def calibrated_plan(ep: ExportedProgram, cfg, batches: Iterable[torch.Tensor], p
                     spectrum=spectrum))
         alloc = allocate(stats, cfg)
         ranks = [(alloc[f"{s.index}.key"], alloc[f"{s.index}.value"]) for s in sites]
-    plan = make_plan(sites, editor.tensor, cfg, grams=grams, ranks=ranks, grad_grams=grad_grams)
-    plan.meta["calibration_tokens"] = sum(b.numel() for b in batches)
-    return plan
+    return make_plan(sites, leaf, cfg, grams=grams, ranks=ranks, grad_grams=grad_grams)

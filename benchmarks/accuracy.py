@@ -39,8 +39,10 @@ from palu_fx.calibrate import collect_fisher, collect_grams  # noqa: E402
 from palu_fx.config import GROUP_ALL, PaluConfig  # noqa: E402
 from palu_fx.data import austen_split, default_cache_dir  # noqa: E402
 from palu_fx.evaluate import perplexity  # noqa: E402
-from palu_fx.export import export_prefill_only  # noqa: E402
+from palu_fx.export import export_decoder, export_prefill_only  # noqa: E402
 from palu_fx.exported import analyze_exported, compress_exported  # noqa: E402
+from palu_fx.quant import bytes_per_token as quant_bytes_per_token  # noqa: E402
+from palu_fx.report import report as palu_report  # noqa: E402
 
 ALIASES = {"svd": "svd-uniform", "whitened": "whitened-uniform", "default": "kfac-energy",
            "palu-fisher": "whitened-fisher"}
@@ -123,7 +125,120 @@ def cache_bytes_per_token(sites, plan=None, bytes_per_elem: int = 4) -> int:
     return sum(sp.key.groups * sp.key.rank + sp.value.groups * sp.value.rank for sp in plan.sites) * bytes_per_elem
 
 
+def quant_bytes_formula(plan) -> int:
+    """Expected latent cache bytes per token of ``plan``: packed codes + fp16 scale and zero per
+    quantization group (default: one per Palu group's latent), or fp32 latents when unquantized."""
+    c, total = plan.config, 0
+    for sp in plan.sites:
+        for m in (sp.key, sp.value):
+            channels = m.groups * m.rank
+            total += (quant_bytes_per_token(channels, c.bits, c.quant_group_size or m.rank) if c.bits is not None
+                      else channels * 4)
+    return total
+
+
+CACHE_SUFFIXES = ("_codes", "_scale", "_zero", "_latent")
+
+
+def program_cache_bytes(ep) -> dict:
+    """Cache bytes per token slot measured from a decoder program's buffers.
+
+    Each cache buffer is ``[B, slots, ...]`` (latents, packed codes, fp16 scales, zeros:
+    slot axis 1) or the original ``[B, H, slots, D]`` K/V caches (slot axis 2); a layer with
+    a sliding window has fewer slots, so bytes are summed per slot, i.e. per cached token.
+    ``positions`` is palu-fx's int64 slot-position cache (one per distinct cache length, shared
+    by the layers: RoPE needs each cached token's position).
+    """
+    mod = ep.module()
+    out = {"latents": 0, "positions": 0, "kv": 0, "codes": 0, "scales_zeros": 0}
+    for name, buf in mod.named_buffers():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf.startswith("palu_positions"):
+            out["positions"] += buf.element_size() * buf.numel() // buf.shape[1]
+        elif leaf.startswith("palu_") and leaf.endswith(CACHE_SUFFIXES):
+            nb = buf.element_size() * buf.numel() // buf.shape[1]
+            out["latents"] += nb
+            if leaf.endswith("_codes"):
+                out["codes"] += nb
+            elif leaf.endswith(("_scale", "_zero")):
+                out["scales_zeros"] += nb
+        elif buf.dim() == 4 and ("key_cache" in leaf or "value_cache" in leaf or leaf.endswith(("_keys", "_values"))):
+            out["kv"] += buf.element_size() * buf.numel() // buf.shape[2]
+    return out
+
+
 # --------------------------------------------------------------------------- evaluation
+def decoder_logits(ep):
+    """The static-cache decoder program: each window is one prefill call at positions 0..T-1
+    (it overwrites the slots the previous window wrote; the causal mask hides the rest)."""
+    mod = ep.module()
+
+    def fn(ids: torch.Tensor) -> torch.Tensor:
+        out = mod(input_ids=ids, cache_position=torch.arange(ids.shape[1]))
+        return getattr(out, "logits", out)
+
+    fn.module = mod
+    return fn
+
+
+def poison_caches(mod, seed: int = 0) -> int:
+    """Fill every cache buffer (K/V, latents, codes, scales, zeros; not positions) with random
+    data; returns how many buffers were filled. Logits that do not change afterwards read
+    no slot outside the current window."""
+    g = torch.Generator().manual_seed(seed)
+    n = 0
+    for name, buf in mod.named_buffers():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf.startswith("palu_positions") or not (leaf.endswith(CACHE_SUFFIXES) or "key_cache" in leaf
+                                                      or "value_cache" in leaf or leaf.endswith(("_keys", "_values"))):
+            continue
+        if buf.dtype == torch.uint8:
+            buf.copy_(torch.randint(0, 256, buf.shape, generator=g, dtype=torch.uint8))
+        elif buf.is_floating_point():
+            buf.copy_((torch.randn(buf.shape, generator=g) * 3).to(buf.dtype))
+        else:
+            continue
+        n += 1
+    return n
+
+
+def check_decoder(ep_pre, ep_dec, plans: dict, windows: torch.Tensor, progress: bool) -> dict:
+    """Decoder-program path vs prefill-program path, and the window-leak check.
+
+    ``plans`` maps a label to a plan (or None: the uncompressed programs). For unquantized
+    plans both programs compute the same function: perplexity over ``windows`` must agree.
+    For every plan, the logits of window 1 after window 0, and after filling every cache
+    buffer with random data, must equal those of window 1 in a fresh program.
+    """
+    res = {}
+    for label, plan in plans.items():
+        t = time.time()
+        entry = {}
+        dec = compress_exported(ep_dec, plan) if plan is not None else ep_dec
+        fn_dec = decoder_logits(dec)
+        if plan is None or plan.config.bits is None:
+            pre = compress_exported(ep_pre, plan) if plan is not None else ep_pre
+            p_pre = perplexity(program_logits(pre), windows, progress, f"check {label} prefill")
+            p_dec = perplexity(fn_dec, windows, progress, f"check {label} decoder")
+            entry.update(ppl_prefill=p_pre, ppl_decoder=p_dec, rel_diff=abs(p_dec / p_pre - 1))
+            with torch.no_grad():
+                a = program_logits(pre)(windows[:1])
+                b = fn_dec(windows[:1])
+            entry["logits_max_abs_diff_window0"] = float((a - b).abs().max())
+        # leak: fresh program on window 1 vs after window 0 vs after poisoning the caches
+        with torch.no_grad():
+            fn_dec(windows[0:1])
+            after = fn_dec(windows[1:2]).clone()
+            n = poison_caches(fn_dec.module)
+            poisoned = fn_dec(windows[1:2]).clone()
+        entry.update(poisoned_buffers=n, leak_max_abs_diff=float((after - poisoned).abs().max()))
+        entry["seconds"] = round(time.time() - t, 1)
+        log(f"check {label}: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                                          for k, v in entry.items()))
+        res[label] = entry
+    return res
+
+
 def program_logits(ep):
     mod = ep.module()
 
@@ -177,8 +292,29 @@ class WeightSubstitution:
         return fn
 
 
-def config_key(model: str, ratio: float, group, method: str, allocator: str) -> str:
-    return f"{model}|{ratio}|{group}|{method}|{allocator}"
+def config_key(model: str, ratio: float, group, method: str, allocator: str, bits=None, hadamard: bool = False,
+               quant_group=None) -> str:
+    """Row key; unquantized, unrotated configs keep the issue-6 key (``model|ratio|group|method|allocator``)."""
+    key = f"{model}|{ratio}|{group}|{method}|{allocator}"
+    if bits is None and not hadamard:
+        return key
+    return key + f"|bits={bits or 'none'}|hadamard={'on' if hadamard else 'off'}|qgroup={quant_group or 'rank'}"
+
+
+def parse_bits(v: str):
+    if v.lower() in ("none", "off", "fp", "16", "32"):
+        return None
+    b = int(v)
+    PaluConfig(bits=b)  # validates
+    return b
+
+
+def parse_quant_group(v: str):
+    return None if v.lower() in ("none", "rank", "r") else int(v)
+
+
+def is_quant_row(r: dict) -> bool:
+    return r.get("bits") is not None or bool(r.get("hadamard"))
 
 
 METHOD_ORDER = ["baseline", "svd-uniform", "whitened-uniform", "whitened-fisher", "whitened-energy", "kfac-uniform",
@@ -188,7 +324,7 @@ METHOD_ORDER = ["baseline", "svd-uniform", "whitened-uniform", "whitened-fisher"
 def format_table(doc: dict, model: str, markdown: bool = False) -> str:
     from tabulate import tabulate
 
-    rows = [r for r in doc["rows"] if r["model"] == model]
+    rows = [r for r in doc["rows"] if r["model"] == model and not is_quant_row(r)]
     base = next((r["ppl"] for r in rows if r["method"] == "baseline"), None)
 
     def name(r):
@@ -209,6 +345,35 @@ def format_table(doc: dict, model: str, markdown: bool = False) -> str:
                     floatfmt=(".2f", ".2f", "", "", ".2f", "+.1f", "", ".3f"))
 
 
+def format_quant_table(doc: dict, model: str, markdown: bool = False) -> str:
+    """Issue 5: quantized latent caches (decoder program). 'of fp16 full' is the latent cache
+    (codes + fp16 scales and zeros) over the uncompressed K/V cache stored in fp16."""
+    from tabulate import tabulate
+
+    rows = [r for r in doc["rows"] if r["model"] == model]
+    by_key = {r["key"]: r for r in rows}
+    base = next((r["ppl"] for r in rows if r["method"] == "baseline"), None)
+    quant = [r for r in rows if is_quant_row(r)]
+
+    def order(r):
+        return (r["method"] != "kfac", r["method"], -r["ratio"], str(r["group"]), -(r.get("bits") or 99),
+                r.get("quant_group") or 0, not r.get("hadamard"))
+
+    table = []
+    for r in sorted(quant, key=order):
+        unq = by_key.get(config_key(model, r["ratio"], r["group"], r["method"], r["allocator"]))
+        name = f"{r['method']}-{r['allocator']}"
+        table.append([r["ratio"], r["group"], name, r.get("bits") or "-", "on" if r.get("hadamard") else "off",
+                      r.get("quant_group") or "rank", r["ppl"], (r["ppl"] / base - 1) * 100 if base else float("nan"),
+                      unq["ppl"] if unq else float("nan"), r["cache_bytes_per_token"],
+                      r.get("cache_bytes_positions", 0), r["cache_fraction"], r.get("eval_seconds_decoder")])
+    return tabulate(table, headers=["ratio", "group", "method", "bits", "Hadamard", "quant group", "ppl",
+                                    "change %", "ppl unquantized", "cache B/token", "+ positions B/token",
+                                    "of fp16 full", "eval s"],
+                    tablefmt="github" if markdown else "simple",
+                    floatfmt=(".2f", "", "", "", "", "", ".2f", "+.1f", ".2f", "", "", ".4f", ".0f"))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m", help="smollm2-135m or gemma3-270m")
@@ -225,8 +390,24 @@ def main() -> int:
     ap.add_argument("--calib-windows", type=int, default=64)
     ap.add_argument("--calib-window", type=int, default=512)
     ap.add_argument("--rank-multiple", type=int, default=16)
-    ap.add_argument("--path", choices=["program", "weights"], default="program",
-                    help="program: the compressed palu-fx program; weights: L@R substituted into the prefill program")
+    ap.add_argument("--path", choices=["program", "weights", "decoder"], default="program",
+                    help="program: the compressed palu-fx prefill program; weights: L@R substituted into the prefill "
+                         "program; decoder: the compressed static-cache decoder program (one prefill call per window; "
+                         "always used for quantized configs)")
+    ap.add_argument("--bits", nargs="+", type=parse_bits, default=[None],
+                    help="latent cache bits: 2, 3, 4 or none (issue 5); quantized configs run through the decoder "
+                         "program, whose cache holds the packed codes")
+    ap.add_argument("--hadamard", nargs="+", choices=["off", "on"], default=["off"],
+                    help="rotate the latents by a Hadamard-type matrix folded into the factors")
+    ap.add_argument("--quant-groups", nargs="+", type=parse_quant_group, default=[None],
+                    help="latent channels per scale/zero: none (one group per Palu group's latent) or an integer "
+                         "that divides every rank; ignored for unquantized configs")
+    ap.add_argument("--check-decoder", type=int, default=0, metavar="N",
+                    help="before the sweep: on the first N windows compare the decoder and prefill programs "
+                         "(unquantized configs) and check that no window reads another's cache slots")
+    ap.add_argument("--check-only", action="store_true", help="stop after --check-decoder")
+    ap.add_argument("--quant-table", action="store_true",
+                    help="print the quantized-latent table (issue 5) instead of the issue-6 table")
     ap.add_argument("--check-paths", action="store_true", help="measure both paths for every config")
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--calib-cache", default="auto", help="calibration statistics file ('auto': in the palu-fx "
@@ -250,7 +431,7 @@ def main() -> int:
     doc = json.loads(out_path.read_text()) if out_path and out_path.is_file() else {"rows": []}
     done = {r["key"]: r for r in doc["rows"]}
     if args.table_only:
-        print(format_table(doc, args.model, args.markdown))
+        print((format_quant_table if args.quant_table else format_table)(doc, args.model, args.markdown))
         return 0
 
     def save() -> None:
@@ -305,55 +486,117 @@ def main() -> int:
             continue
         seen_groups.add(gsz)
         groups.append(group)
-    configs = [(ratio, group, *parse_method(name)) for name in args.methods for group in groups
-               for ratio in args.ratios]
+    configs = [(ratio, group, *parse_method(name), bits, had == "on", qg if bits is not None else None)
+               for name in args.methods for group in groups for ratio in args.ratios
+               for bits in args.bits for had in args.hadamard for qg in args.quant_groups]
+    configs = list(dict.fromkeys(configs))  # quant groups collapse for unquantized configs
     if args.full_rank_once:
         full = [c for c in configs if c[0] >= 1.0]
         configs = [c for c in configs if c[0] < 1.0 or c == full[0]]
 
     todo = [c for c in configs if args.force or config_key(args.model, *c) not in done]
     calib = None
-    if any(m != "svd" or a != "uniform" for _, _, m, a in todo):
+    if any(m != "svd" or a != "uniform" for _, _, m, a, *_ in todo + ([] if not args.check_decoder else configs)):
         cache = None
         if args.calib_cache == "auto":
             cache = default_cache_dir() / "accuracy" / (
                 f"{args.model}-calib{args.calib_windows}x{args.calib_window}.pt")
         elif args.calib_cache != "none":
             cache = Path(args.calib_cache)
-        need_fisher = any(m == "kfac" or a != "uniform" for _, _, m, a in todo)
+        need_fisher = any(m == "kfac" or a != "uniform" for _, _, m, a, *_ in todo + configs)
         calib = calibrate(ep, sites, list(split.calibration.unsqueeze(1)), cache, progress, need_fisher)
         doc["settings"]["calibration_tokens"] = calib["tokens"]
         doc["settings"]["calibration_seconds"] = {k[len("seconds_"):]: v for k, v in calib.items()
                                                   if k.startswith("seconds_")}
 
-    subst = WeightSubstitution(ep, sites) if args.path == "weights" or args.check_paths else None
-    for ratio, group, method, allocator in todo:
-        cfg = PaluConfig(rank_ratio=ratio, group_size=group, rank_multiple=args.rank_multiple, method=method,
-                         allocator=allocator)
-        t = time.time()
+    def make_cfg(ratio, group, method, allocator, bits, hadamard, qg):
+        return PaluConfig(rank_ratio=ratio, group_size=group, rank_multiple=args.rank_multiple, method=method,
+                          allocator=allocator, bits=bits, hadamard=hadamard, quant_group_size=qg)
+
+    def plan_for(cfg):
         # one thread for the small SVDs / Cholesky factorizations: with MKL's OpenMP threads on
         # a busy 2-core machine a 192 x 576 SVD took ~2 s instead of ~10 ms
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            plan = build_plan(sites, editor, cfg, calib)
+            return build_plan(sites, editor, cfg, calib)
         finally:
             torch.set_num_threads(threads)
+
+    ep_dec = None
+    window_len = int(split.evaluation.shape[1])
+
+    def decoder_program():
+        nonlocal ep_dec
+        if ep_dec is None:
+            t = time.time()
+            # one window per prefill call: the cache needs window + 1 slots (the program takes at
+            # most max_cache_len - 1 tokens per call); the last slot is never written or read
+            ep_dec = export_decoder(model, batch_size=1, max_cache_len=window_len + 1)
+            measured = program_cache_bytes(ep_dec)
+            doc["settings"]["decoder_max_cache_len"] = window_len + 1
+            doc["settings"]["decoder_full_cache_bytes_per_token_measured"] = measured["kv"]
+            log(f"exported the decoder program (cache {window_len + 1} slots, {measured['kv']} B/token of K/V "
+                f"buffers) in {time.time() - t:.0f}s")
+        return ep_dec
+
+    if args.check_decoder:
+        windows = split.evaluation[: args.check_decoder]
+        plans = {"uncompressed": None}
+        for c in configs:
+            plans[config_key(args.model, *c)] = plan_for(make_cfg(*c))
+        with torch.no_grad():
+            checks = check_decoder(ep, decoder_program(), plans, windows, progress)
+        doc.setdefault("checks", {})
+        for label, entry in checks.items():
+            entry["windows"] = args.check_decoder
+            doc["checks"][f"decoder|{args.model}|{label}"] = entry
+        save()
+        if args.check_only:
+            return 0
+
+    subst = WeightSubstitution(ep, sites) if args.path == "weights" or args.check_paths else None
+    for ratio, group, method, allocator, bits, hadamard, qg in todo:
+        cfg = make_cfg(ratio, group, method, allocator, bits, hadamard, qg)
+        t = time.time()
+        plan = plan_for(cfg)
         t_plan = time.time() - t
-        row = {"key": config_key(args.model, ratio, group, method, allocator), "model": args.model,
-               "ratio": ratio, "group": group, "method": method, "allocator": allocator,
+        row = {"key": config_key(args.model, ratio, group, method, allocator, bits, hadamard, qg),
+               "model": args.model, "ratio": ratio, "group": group, "method": method, "allocator": allocator,
                "ranks": [[sp.key.rank, sp.value.rank] for sp in plan.sites],
                "groups_per_layer": sorted({sp.key.groups for sp in plan.sites}),
                "cache_bytes_per_token": cache_bytes_per_token(sites, plan),
                "plan_seconds": round(t_plan, 1)}
         row["cache_fraction"] = row["cache_bytes_per_token"] / full_bpt
-        paths = ["program", "weights"] if args.check_paths else [args.path]
+        if bits is not None or hadamard:
+            row.update(bits=bits, hadamard=hadamard, quant_group=qg)
+        if bits is not None:
+            paths = ["decoder"]
+        else:
+            paths = ["program", "weights"] if args.check_paths else [args.path]
         for path in paths:
             t = time.time()
             with torch.no_grad():
                 if path == "program":
                     prog = compress_exported(ep, plan)
                     fn = program_logits(prog)
+                elif path == "decoder":
+                    prog = compress_exported(decoder_program(), plan)
+                    fn = decoder_logits(prog)
+                    measured = program_cache_bytes(prog)
+                    rep = palu_report(prog)
+                    # fp16 full cache: the K/V caches of the decoder program stored at 2 bytes per element
+                    fp16_full = full_bpt // 2
+                    row.update(
+                        cache_bytes_per_token=measured["latents"],
+                        cache_bytes_codes=measured["codes"], cache_bytes_scales_zeros=measured["scales_zeros"],
+                        cache_bytes_positions=measured["positions"],
+                        fp16_full_bytes_per_token=fp16_full,
+                        cache_fraction=measured["latents"] / (fp16_full if bits is not None else full_bpt),
+                        report_cache_bytes_before=rep.cache_bytes_before,
+                        report_cache_bytes_after=rep.cache_bytes_after,
+                        formula_bytes_per_token=quant_bytes_formula(plan),
+                    )
                 else:
                     subst.apply(plan)
                     fn = subst.logits_fn()
@@ -363,6 +606,7 @@ def main() -> int:
             row[f"ppl_{path}"] = ppl
             row[f"eval_seconds_{path}"] = round(time.time() - t, 1)
         row["path"] = paths[0] if len(paths) == 1 else "program (weights checked)"
+        row["eval_windows"] = int(split.evaluation.shape[0])
         row["ppl"] = row[f"ppl_{paths[0]}"]
         if args.check_paths:
             row["path_rel_diff"] = abs(row["ppl_weights"] / row["ppl_program"] - 1)
@@ -370,10 +614,13 @@ def main() -> int:
         doc["rows"] = list(done.values())
         save()
         timings = ", ".join(f"{p} {row['eval_seconds_' + p]}s" for p in paths)
-        log(f"{ratio} / {group} / {method}-{allocator}: ppl {row['ppl']:.4f} "
+        log(f"{ratio} / {group} / {method}-{allocator} / bits {bits} hadamard {hadamard} qgroup {qg}: "
+            f"ppl {row['ppl']:.4f}, {row['cache_bytes_per_token']} B/token ({row['cache_fraction']:.4f}) "
             f"({timings}, plan {row['plan_seconds']}s)"
             + (f", weights vs program rel diff {row['path_rel_diff']:.2e}" if args.check_paths else ""))
 
+    if any(is_quant_row(r) for r in doc["rows"] if r["model"] == args.model):
+        print(format_quant_table(doc, args.model, args.markdown))
     print(format_table(doc, args.model, args.markdown))
     log(f"done in {time.time() - t0:.0f}s")
     return 0

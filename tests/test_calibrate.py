@@ -70,3 +70,25 @@ def test_saved_plan_gives_identical_outputs(calib, tmp_path):
 def test_whitened_without_calibration_is_a_clear_error():
     with pytest.raises(ValueError, match="calibrat"):
         compress_exported(exported("qwen2"), PaluConfig(method="whitened"))
+
+
+def test_plan_from_statistics_rotates_with_hadamard(calib):
+    """The sweep's path (precomputed statistics) applies the Hadamard rotation like make_plan:
+    same ranks and products ``L @ R``, rotated factors, the rotation recorded in the plan."""
+    from palu_fx.calibrate import plan_from_statistics
+
+    _, ep, batches = calib
+    sites, _, editor, _ = analyze_exported(ep)
+    grams = {}
+    fi = collect_fisher(ep, sites, batches, progress=False, output_grams=True, input_grams=grams)
+    fisher = {(s.index, r): fi[(s.index, r)] for s in sites for r in ("key", "value")}
+    grad = {(s.index, r): fi[(s.index, r, "out")] for s in sites for r in ("key", "value")}
+    cfg = PaluConfig(rank_ratio=0.5, group_size="all", method="kfac", allocator="energy", bits=2)
+    plain = plan_from_statistics(sites, editor.tensor, cfg, grams, fisher, grad)
+    rot = plan_from_statistics(sites, editor.tensor, PaluConfig(**{**cfg.to_dict(), "hadamard": True}), grams,
+                               fisher, grad)
+    assert rot.config.hadamard and "hadamard" in rot.meta and "hadamard" not in plain.meta
+    for a, b in zip(plain.sites, rot.sites):
+        for m, n in ((a.key, b.key), (a.value, b.value)):
+            assert m.rank == n.rank and not torch.allclose(m.R, n.R)
+            assert torch.allclose(m.L @ m.R, n.L @ n.R, atol=1e-5)

@@ -130,16 +130,25 @@ def quant_latent_attention(
     k_bits: int, k_group_size: int, v_bits: int, v_group_size: int,
     softcap: float = 0.0, is_causal: bool = False, rope_style: int = 0, k_norm_eps: float = 1e-6,
 ) -> torch.Tensor:
-    """``palu::latent_attention`` over a quantized latent cache (codes + fp16 scale/zero).
+    """``palu::latent_attention`` over a quantized latent cache; returns ``[B, Hq, Sq, rv]``.
 
-    The latents are dequantized by the reference on every device for now; the Triton decode
-    kernels that dequantize in registers are not written yet.
+    ``hk_codes`` uint8 ``[B, Skv, code_bytes]`` with fp16 ``hk_scale``/``hk_zero``
+    ``[B, Skv, G*rk // k_group_size]`` (the same for the values); shapes and semantics:
+    ``palu_fx.kernels.latent_attention.quant_naive``. Dispatch follows ``kernel_choice``:
+    on CUDA (or with ``PALU_FX_KERNEL=triton``) decode-shaped calls run the fused Triton
+    kernels that read the packed codes and dequantize in registers, prefill-shaped calls
+    dequantize the cache once and take the unquantized Triton path (see
+    ``kernels/latent_attention/quant.py``); otherwise the reference dequantizes and attends.
     """
+    args = (q, hk_codes, hk_scale, hk_zero, hv_codes, hv_scale, hv_zero, lk, k_bias, cos, sin, k_norm_weight,
+            attn_mask, scale, k_bits, k_group_size, v_bits, v_group_size, softcap, is_causal, rope_style, k_norm_eps)
+    if kernel_choice(q.device) == "triton":
+        from palu_fx.kernels.latent_attention import triton_quant_latent_attention
+
+        return triton_quant_latent_attention(*args)
     from palu_fx.kernels.latent_attention.quant_naive import quant_latent_attention_ref
 
-    return quant_latent_attention_ref(q, hk_codes, hk_scale, hk_zero, hv_codes, hv_scale, hv_zero, lk, k_bias, cos,
-                                      sin, k_norm_weight, attn_mask, scale, k_bits, k_group_size, v_bits,
-                                      v_group_size, softcap, is_causal, rope_style, k_norm_eps)
+    return quant_latent_attention_ref(*args)
 
 
 @quant_latent_attention.register_fake

@@ -35,23 +35,27 @@ IN_PROCESS = _interpreter_ready()
 from palu_fx.kernels.latent_attention.naive import latent_attention_ref  # noqa: E402
 
 TOL = {torch.float32: 2e-5 if DEVICE == "cpu" else 1e-4, torch.float16: 4e-3, torch.bfloat16: 2.5e-2}
-_MODULES = ["common", "decode", "absorbed", "prefill", "wrapper"]
+_MODULES = ["common", "decode", "absorbed", "prefill", "wrapper", "quant"]
 
 
-@pytest.mark.skipif(IN_PROCESS, reason="the kernels run in this process")
-def test_kernels_in_fresh_process():
+def run_in_fresh_process(test_file: str) -> None:
+    """Run ``test_file``'s kernel tests in a new interpreter with ``TRITON_INTERPRET=1``."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "not fresh_process",
-           os.path.abspath(__file__)]
+           os.path.abspath(test_file)]
     r = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0 and " passed" in r.stdout, r.stdout[-6000:] + r.stderr[-3000:]
 
 
-@pytest.fixture(scope="module")
-def kern():
-    """The wrapper module, with interpreted kernels when there is no GPU."""
+@pytest.mark.skipif(IN_PROCESS, reason="the kernels run in this process")
+def test_kernels_in_fresh_process():
+    run_in_fresh_process(__file__)
+
+
+def kernel_modules() -> dict:
+    """The kernel modules by short name, with interpreted kernels when there is no GPU."""
     if not IN_PROCESS:
         pytest.skip("Triton was imported without the interpreter: see test_kernels_in_fresh_process")
     mods = [importlib.import_module(f"palu_fx.kernels.latent_attention.{m}") for m in _MODULES]
@@ -60,7 +64,13 @@ def kern():
     if DEVICE == "cpu" and not isinstance(mods[1].rebuild_attention_kernel, InterpretedFunction):
         # defined earlier without the interpreter in this process: define them again
         mods = [importlib.reload(sys.modules[m.__name__]) for m in mods]
-    return mods[-1]
+    return dict(zip(_MODULES, mods))
+
+
+@pytest.fixture(scope="module")
+def kern():
+    """The wrapper module."""
+    return kernel_modules()["wrapper"]
 
 
 def _rope_tables(B, Skv, rot, style, dtype, per_batch=False):

@@ -6,7 +6,7 @@ compiled or interpreted (``TRITON_INTERPRET=1``), so tests must be able to set t
 """
 from palu_fx.kernels.latent_attention.naive import latent_attention_ref, reconstruct_keys
 
-__all__ = ["latent_attention_ref", "reconstruct_keys", "triton_latent_attention"]
+__all__ = ["latent_attention_ref", "reconstruct_keys", "triton_latent_attention", "triton_quant_latent_attention"]
 
 
 def triton_latent_attention(*args, **kwargs):
@@ -17,3 +17,13 @@ def triton_latent_attention(*args, **kwargs):
     from palu_fx.kernels.latent_attention.wrapper import latent_attention_triton
 
     return latent_attention_triton(*args, **kwargs)
+
+
+def triton_quant_latent_attention(*args, **kwargs):
+    """Triton latent attention over a packed quantized cache (arguments of ``quant_latent_attention_ref``).
+
+    Keyword-only extras (``config``, ``path``): see ``quant.quant_latent_attention_triton``.
+    """
+    from palu_fx.kernels.latent_attention.quant import quant_latent_attention_triton
+
+    return quant_latent_attention_triton(*args, **kwargs)

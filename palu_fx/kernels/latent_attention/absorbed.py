@@ -12,14 +12,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from palu_fx.kernels.latent_attention.common import finish_rows, kv_range, mma, row_coords, scores_to_log2, softmax_step
+from palu_fx.kernels.latent_attention.common import (
+    finish_rows, kv_range, load_latent, mma, row_coords, scores_to_log2, softmax_step,
+)
 
 
 @triton.jit
 def absorbed_attention_kernel(
-    q_ptr, hk_ptr, hv_ptr, mask_ptr, out_ptr, part_ptr, lse_ptr,
+    q_ptr, hk_ptr, hv_ptr, hks_ptr, hkz_ptr, hvs_ptr, hvz_ptr, mask_ptr, out_ptr, part_ptr, lse_ptr,
     sq_b, sq_h, sq_s, sq_d,
-    shk_b, shk_s, shv_b, shv_s,
+    shk_b, shk_s, shv_b, shv_s, shks_b, shks_s, shvs_b, shvs_s, K_W, V_W,
     sm_b, sm_h, sm_q, sm_k,
     so_b, so_h, so_s,
     G, Hq, Sq, Skv, chunk, NSPLIT, RK, RV, scale, softcap,
@@ -27,6 +29,9 @@ def absorbed_attention_kernel(
     M_BLOCK: tl.constexpr, BLOCK_S: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, USE_SOFTCAP: tl.constexpr,
     DIRECT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    K_BITS: tl.constexpr = 0, K_QG: tl.constexpr = 1, K_QG_P: tl.constexpr = 1, K_NQG: tl.constexpr = 1,
+    K_NQG_P: tl.constexpr = 1, V_BITS: tl.constexpr = 0, V_QG: tl.constexpr = 1, V_QG_P: tl.constexpr = 1,
+    V_NQG: tl.constexpr = 1, V_NQG_P: tl.constexpr = 1,
 ):
     pid_s = tl.program_id(0)
     pid_bg = tl.program_id(1)
@@ -39,12 +44,13 @@ def absorbed_attention_kernel(
     lo, hi = kv_range(pid_s, pid_q, chunk, Skv, Sq, IS_CAUSAL, SQB)
 
     rk = tl.arange(0, RK_P)
-    rv = tl.arange(0, RV_P)
     # query tile, transposed [RK_P, M]: the B operand of the score dot
     q_t = tl.load(q_ptr + (b * sq_b + head * sq_h + qi * sq_s)[None, :] + rk[:, None] * sq_d,
                   mask=row_ok[None, :] & (rk[:, None] < RK), other=0.0)
-    hk_base = hk_ptr + b * shk_b + (g * RK + rk)[None, :]
-    hv_base = hv_ptr + b * shv_b + (g * RV + rv)[None, :]
+    hk_base = hk_ptr + b * shk_b + g * K_W  # plain (RK elements) or packed (K_W bytes) per group
+    hv_base = hv_ptr + b * shv_b + g * V_W
+    hks_off = b * shks_b + g * K_NQG
+    hvs_off = b * shvs_b + g * V_NQG
 
     m_i = tl.full([M_BLOCK], float("-inf"), tl.float32)
     l_i = tl.zeros([M_BLOCK], tl.float32)
@@ -52,11 +58,13 @@ def absorbed_attention_kernel(
     for start in range(lo, hi, BLOCK_S):
         kv = start + tl.arange(0, BLOCK_S)
         kv_ok = kv < hi
-        hk_t = tl.load(hk_base + kv[:, None] * shk_s, mask=kv_ok[:, None] & (rk[None, :] < RK), other=0.0)
+        hk_t = load_latent(hk_base, hks_ptr + hks_off, hkz_ptr + hks_off, kv, kv_ok, shk_s, shks_s, RK, RK_P,
+                           K_BITS, K_QG, K_QG_P, K_NQG, K_NQG_P, q_ptr.dtype.element_ty)
         s = mma(hk_t, q_t, UPCAST, IEEE)
         s2 = scores_to_log2(s, kv, kv_ok, qi, row_ok, m_off, mask_ptr, sm_k, scale, softcap,
                             MASK_KIND, IS_CAUSAL, USE_SOFTCAP)
-        v_t = tl.load(hv_base + kv[:, None] * shv_s, mask=kv_ok[:, None] & (rv[None, :] < RV), other=0.0)
+        v_t = load_latent(hv_base, hvs_ptr + hvs_off, hvz_ptr + hvs_off, kv, kv_ok, shv_s, shvs_s, RV, RV_P,
+                          V_BITS, V_QG, V_QG_P, V_NQG, V_NQG_P, q_ptr.dtype.element_ty)
         m_i, l_i, acc = softmax_step(s2, m_i, l_i, acc, v_t, UPCAST, IEEE)
 
     finish_rows(acc, m_i, l_i, out_ptr, part_ptr, lse_ptr, b, head, qi, row_ok, so_b, so_h, so_s,

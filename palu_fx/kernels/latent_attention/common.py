@@ -316,3 +316,83 @@ def rebuild_head(
         k_lo = r_lo
         k_hi = r_hi
     return k_lo, k_hi, k_ps
+
+
+# ---------------------------------------------------------------- latent tiles (plain or packed)
+# A latent tile is the [BLOCK_S, R_P] slice of one Palu group's latents for a token tile.
+# Plain caches load it; quantized caches (layouts: ``palu_fx.quant.pack``) load the packed
+# bytes of the group as contiguous rows, spread the bit fields of each byte over its
+# channels with ``tl.join`` + ``tl.reshape`` (channel ``k*i + m`` of a plane of ``k``
+# codes per byte is field ``m`` of byte ``i``), and dequantize ``code * scale + zero`` in
+# fp32. Tiles are handled as [BLOCK_S, NQG_P, QG_P] (quantization groups x their channels),
+# so each group's scale broadcasts without a gather; the wrapper only picks this layout
+# when the flattened index ``group * QG_P + channel`` is the real channel index (one
+# group per Palu group, or power-of-two groups).
+
+
+@triton.jit
+def _interleave(a, b):
+    """``out[..., 2i] = a[..., i]``, ``out[..., 2i+1] = b[..., i]`` for 3-d tiles."""
+    return tl.reshape(tl.join(a, b), [a.shape[0], a.shape[1], 2 * a.shape[2]])
+
+
+@triton.jit
+def _unpack_plane(w, WIDTH: tl.constexpr):
+    """int32 byte tile [S, G, X] -> its ``8 // WIDTH`` fields per byte, [S, G, X * 8 // WIDTH], low bits first."""
+    if WIDTH == 4:
+        c = _interleave(w & 15, w >> 4)
+    elif WIDTH == 2:
+        c = _interleave(_interleave(w & 3, (w >> 4) & 3), _interleave((w >> 2) & 3, w >> 6))
+    else:
+        ev = _interleave(_interleave(w & 1, (w >> 4) & 1), _interleave((w >> 2) & 1, (w >> 6) & 1))
+        od = _interleave(_interleave((w >> 1) & 1, (w >> 5) & 1), _interleave((w >> 3) & 1, w >> 7))
+        c = _interleave(ev, od)
+    return c
+
+
+@triton.jit
+def _load_bytes(ptr, tok_off, grp_off, tok_ok, first, n, N_P: tl.constexpr):
+    """Bytes ``first .. first+n`` of every (token, group) as int32 [S, G, N_P] (zeros past ``n``)."""
+    i = tl.arange(0, N_P)[None, None, :]
+    w = tl.load(ptr + tok_off + grp_off + first + i, mask=tok_ok & (i < n), other=0)
+    return w.to(tl.int32)
+
+
+@triton.jit
+def load_latent(
+    ptr, sc_ptr, zr_ptr, kv, kv_ok, s_stride, sc_stride, R,
+    R_P: tl.constexpr, BITS: tl.constexpr, QG: tl.constexpr, QG_P: tl.constexpr, NQG: tl.constexpr,
+    NQG_P: tl.constexpr, DTYPE: tl.constexpr,
+):
+    """One Palu group's latents [BLOCK_S, R_P] for tokens ``kv``, in ``DTYPE``; zero rows past ``kv_ok``.
+
+    ``ptr`` points at the group's first element (``BITS`` 0: a plain cache, ``R`` channels)
+    or first code byte (``BITS`` 2, 3, 4) in token 0's row; ``sc_ptr``/``zr_ptr`` at its
+    first fp16 scale/zero. Packed: ``NQG`` groups of ``QG`` channels (padded to ``QG_P``,
+    ``NQG_P * QG_P == R_P``), no byte padding inside a group. Channels past the real ones
+    decode to the group's zero point (finite; the other operand is zero there).
+    """
+    if BITS == 0:
+        r = tl.arange(0, R_P)
+        t = tl.load(ptr + kv[:, None] * s_stride + r[None, :], mask=kv_ok[:, None] & (r[None, :] < R), other=0.0)
+        out = t.to(DTYPE)
+    else:
+        grp = tl.arange(0, NQG_P)
+        tok_off = kv[:, None, None] * s_stride
+        grp_off = grp[None, :, None] * (QG * BITS // 8)
+        ok = kv_ok[:, None, None] & (grp[None, :, None] < NQG)
+        if BITS == 3:  # two planes per group: low 2 bits of every code, then the high bits
+            lo = _load_bytes(ptr, tok_off, grp_off, ok, 0, QG // 4, QG_P // 4)
+            hi = _load_bytes(ptr, tok_off, grp_off, ok, QG // 4, QG // 8, QG_P // 8)
+            c = _unpack_plane(lo, 2) | (_unpack_plane(hi, 1) << 2)
+        else:
+            c = _unpack_plane(_load_bytes(ptr, tok_off, grp_off, ok, 0, QG * BITS // 8, QG_P * BITS // 8), BITS)
+        # code -> float exactly without an int->float conversion: the bits of 2**23 + code
+        cf = (c | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        sz_off = kv[:, None] * sc_stride + grp[None, :]
+        sz_ok = kv_ok[:, None] & (grp[None, :] < NQG)
+        s = tl.load(sc_ptr + sz_off, mask=sz_ok, other=0.0).to(tl.float32)
+        z = tl.load(zr_ptr + sz_off, mask=sz_ok, other=0.0).to(tl.float32)
+        x = cf * s[:, :, None] + z[:, :, None]
+        out = tl.reshape(x, [kv.shape[0], R_P]).to(DTYPE)
+    return out

@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from palu_fx.kernels.latent_attention.common import (
-    finish_rows, kv_range, load_rope_pairs, mma, row_coords, scores_to_log2, softmax_step,
+    finish_rows, kv_range, load_latent, load_rope_pairs, mma, row_coords, scores_to_log2, softmax_step,
 )
 
 
@@ -126,10 +126,10 @@ def _pass_chunk(hk_t, t_ps, u_ps, bias_ptr, w_ptr, hb, e, ROT: tl.constexpr,
 
 @triton.jit
 def rebuild_attention_kernel(
-    q_ptr, hk_ptr, hv_ptr, lk_ptr, bias_ptr, cos_ptr, sin_ptr, w_ptr, mask_ptr,
+    q_ptr, hk_ptr, hv_ptr, hks_ptr, hkz_ptr, hvs_ptr, hvz_ptr, lk_ptr, bias_ptr, cos_ptr, sin_ptr, w_ptr, mask_ptr,
     out_ptr, part_ptr, lse_ptr,
     sq_b, sq_h, sq_s, sq_d,
-    shk_b, shk_s, shv_b, shv_s,
+    shk_b, shk_s, shv_b, shv_s, shks_b, shks_s, shvs_b, shvs_s, K_W, V_W,
     slk_g, slk_r,
     sc_b, sc_s, sc_d, ss_b, ss_s, ss_d,
     sm_b, sm_h, sm_q, sm_k,
@@ -143,6 +143,9 @@ def rebuild_attention_kernel(
     HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, HOIST: tl.constexpr, DYN_HEADS: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, USE_SOFTCAP: tl.constexpr,
     DIRECT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    K_BITS: tl.constexpr = 0, K_QG: tl.constexpr = 1, K_QG_P: tl.constexpr = 1, K_NQG: tl.constexpr = 1,
+    K_NQG_P: tl.constexpr = 1, V_BITS: tl.constexpr = 0, V_QG: tl.constexpr = 1, V_QG_P: tl.constexpr = 1,
+    V_NQG: tl.constexpr = 1, V_NQG_P: tl.constexpr = 1,
 ):
     pid_s = tl.program_id(0)
     pid_x = tl.program_id(1)
@@ -160,10 +163,12 @@ def rebuild_attention_kernel(
     m_off = b * sm_b + head * sm_h + qi * sm_q
     lo, hi = kv_range(pid_s, pid_q, chunk, Skv, Sq, IS_CAUSAL, SQB)
 
-    rk = tl.arange(0, RK_P)
-    rv = tl.arange(0, RV_P)
-    hk_base = hk_ptr + b * shk_b + (g * RK + rk)[None, :]
-    hv_base = hv_ptr + b * shv_b + (g * RV + rv)[None, :]
+    # the group's latents: plain (K_W = RK elements per group) or packed (K_W code bytes,
+    # K_NQG scales per group); the same for the values
+    hk_base = hk_ptr + b * shk_b + g * K_W
+    hv_base = hv_ptr + b * shv_b + g * V_W
+    hks_off = b * shks_b + g * K_NQG
+    hvs_off = b * shvs_b + g * V_NQG
     dc = tl.arange(0, CH)
     ec = tl.arange(0, PCH)
 
@@ -181,7 +186,8 @@ def rebuild_attention_kernel(
     for start in range(lo, hi, BLOCK_S):
         kv = start + tl.arange(0, BLOCK_S)
         kv_ok = kv < hi
-        hk_t = tl.load(hk_base + kv[:, None] * shk_s, mask=kv_ok[:, None] & (rk[None, :] < RK), other=0.0)
+        hk_t = load_latent(hk_base, hks_ptr + hks_off, hkz_ptr + hks_off, kv, kv_ok, shk_s, shks_s, RK, RK_P,
+                           K_BITS, K_QG, K_QG_P, K_NQG, K_NQG_P, q_ptr.dtype.element_ty)
         s = tl.zeros([BLOCK_S, M_BLOCK], tl.float32)
         if DYN_HEADS:  # runtime head loop (never HOIST): one head's operands live at a time
             for j in range(j0, j0 + HPP):
@@ -273,7 +279,8 @@ def rebuild_attention_kernel(
                     s += sc
         s2 = scores_to_log2(s, kv, kv_ok, qi, row_ok, m_off, mask_ptr, sm_k, scale, softcap,
                             MASK_KIND, IS_CAUSAL, USE_SOFTCAP)
-        v_t = tl.load(hv_base + kv[:, None] * shv_s, mask=kv_ok[:, None] & (rv[None, :] < RV), other=0.0)
+        v_t = load_latent(hv_base, hvs_ptr + hvs_off, hvz_ptr + hvs_off, kv, kv_ok, shv_s, shvs_s, RV, RV_P,
+                          V_BITS, V_QG, V_QG_P, V_NQG, V_NQG_P, q_ptr.dtype.element_ty)
         m_i, l_i, acc = softmax_step(s2, m_i, l_i, acc, v_t, UPCAST, IEEE)
 
     finish_rows(acc, m_i, l_i, out_ptr, part_ptr, lse_ptr, b, head, qi, row_ok, so_b, so_h, so_s,

@@ -28,7 +28,7 @@ from palu_fx.kernels.latent_attention.decode import rebuild_attention_kernel
 from palu_fx.kernels.latent_attention.naive import ROPE_HALF, ROPE_INTERLEAVED, ROPE_NONE, latent_attention_ref
 from palu_fx.kernels.latent_attention.prefill import rebuild_keys, sdpa_latent
 
-__all__ = ["KernelConfig", "latent_attention_triton", "choose_config"]
+__all__ = ["KernelConfig", "Latent", "latent_attention_triton", "fused_attention", "fused_fits", "choose_config"]
 
 # Fused kernel when (query heads per group, padded) x (query tokens, padded) fits one block.
 MAX_FUSED_ROWS = 64
@@ -197,46 +197,102 @@ def latent_attention_triton(
     if q.dtype == torch.float64:
         return latent_attention_ref(q, hk, hv, lk, k_bias, cos, sin, k_norm_weight, attn_mask, scale,
                                     softcap, is_causal, rope_style, k_norm_eps)
-    interpret = _interpreting(q)
+    hk = hk if hk.stride(-1) == 1 else hk.contiguous()
+    hv = hv if hv.stride(-1) == 1 else hv.contiguous()
+    if path is None:
+        path = "fused" if fused_fits(q, lk, hk.shape[-1], softcap) else "prefill"
+    if path == "prefill":
+        return _prefill(q, hk, hv, lk, k_bias, cos, sin, k_norm_weight, attn_mask, scale, softcap, is_causal,
+                        rope_style, k_norm_eps)
+    return fused_attention(q, Latent(hk), Latent(hv), lk, k_bias, cos, sin, k_norm_weight, attn_mask, scale, softcap,
+                           is_causal, rope_style, k_norm_eps, config, hk.dtype)
+
+
+def fused_fits(q: torch.Tensor, lk: Optional[torch.Tensor], k_channels: int, softcap: float) -> bool:
+    """Whether a call is decode-shaped: its (query heads per group) x (query tokens) fit one
+    fused block. With a softcap (which SDPA lacks) the fused kernel serves prefill too."""
+    G = lk.shape[0] if lk is not None else k_channels // q.shape[-1]
+    return _p2(q.shape[1] // max(G, 1)) * _p2(q.shape[2]) <= MAX_FUSED_ROWS or softcap > 0
+
+
+@dataclass(frozen=True)
+class Latent:
+    """A latent cache as the fused kernels read it: plain ``data`` [B, S, C] (``bits`` 0), or
+    packed codes ``data`` uint8 [B, S, code_bytes] with fp16 ``scale``/``zero`` [B, S, C // group_size]
+    (layouts: ``palu_fx.quant``; scale and zero share strides)."""
+
+    data: torch.Tensor
+    scale: Optional[torch.Tensor] = None
+    zero: Optional[torch.Tensor] = None
+    bits: int = 0
+    group_size: int = 1
+
+    @property
+    def channels(self) -> int:
+        return self.data.shape[-1] if self.bits == 0 else self.scale.shape[-1] * self.group_size
+
+    def kernel_args(self, rank: int, rank_p: int):
+        """(pointers, strides + per-group width, constexprs) of one Palu group of ``rank`` channels."""
+        t = self.data
+        if self.bits == 0:
+            return (t, t, t), (t.stride(0), t.stride(1), 0, 0, rank), (0, 1, 1, 1, 1)
+        n = rank // self.group_size
+        qg_p = rank_p if n == 1 else self.group_size
+        return ((t, self.scale, self.zero), (t.stride(0), t.stride(1), self.scale.stride(0), self.scale.stride(1),
+                                             rank * self.bits // 8),
+                (self.bits, self.group_size, qg_p, n, _p2(n)))
+
+
+def _prefill(q, hk, hv, lk, k_bias, cos, sin, k_norm_weight, attn_mask, scale, softcap, is_causal, rope_style,
+             k_norm_eps):
+    """Prefill path: keys rebuilt once (rebuild mode), then SDPA."""
+    if softcap > 0:
+        raise ValueError("the prefill path (SDPA) has no softcap")
     B, Hq, Sq, Dq = q.shape
     Skv = hk.shape[1]
     dtype = hk.dtype
-    rebuild = lk is not None
-    G = lk.shape[0] if rebuild else hk.shape[-1] // Dq
-    RK = lk.shape[-1] if rebuild else Dq
-    if hk.shape[-1] != G * RK or hv.shape[-1] % G or Hq % G:
-        raise ValueError(f"latent shapes do not match: hk {tuple(hk.shape)}, hv {tuple(hv.shape)}, "
+    G, RK, RV, GS = _groups(q, hk.shape[-1], hv.shape[-1], lk)
+    if lk is not None:
+        lk = lk.to(dtype).contiguous()
+        p = _parts(q, lk, k_bias, cos, sin, k_norm_weight, rope_style, B, Skv, _interpreting(q), dtype)
+        keys = rebuild_keys(hk, lk, k_bias, p["cos"], p["sin"], k_norm_weight, k_norm_eps, p, max(Dq, RV), dtype,
+                            _interpreting(q))
+    else:
+        keys = hk.view(B, Skv, G, RK).transpose(1, 2)
+    return sdpa_latent(q.to(dtype), keys, hv, G, attn_mask, scale, is_causal).to(q.dtype).contiguous()
+
+
+def _groups(q, k_channels, v_channels, lk):
+    """(groups, key rank, value rank, KV heads per group), checked against the query heads."""
+    Hq, Dq = q.shape[1], q.shape[-1]
+    G = lk.shape[0] if lk is not None else k_channels // Dq
+    RK = lk.shape[-1] if lk is not None else Dq
+    if k_channels != G * RK or v_channels % G or Hq % G:
+        raise ValueError(f"latent shapes do not match: {k_channels} key and {v_channels} value latent channels, "
                          f"{G} groups of rank {RK}, {Hq} query heads")
-    RV = hv.shape[-1] // G
-    HPG = Hq // G
-    GS = lk.shape[1] // Dq if rebuild else 1
-    NREP = HPG // GS
-    if HPG % GS:
+    GS = lk.shape[1] // Dq if lk is not None else 1
+    if (Hq // G) % GS:
         raise ValueError(f"{Hq} query heads do not split over {G * GS} KV heads")
-    hk = hk if hk.stride(-1) == 1 else hk.contiguous()
-    hv = hv if hv.stride(-1) == 1 else hv.contiguous()
+    return G, RK, v_channels // G, GS
+
+
+def fused_attention(q, kl: Latent, vl: Latent, lk, k_bias, cos, sin, k_norm_weight, attn_mask, scale, softcap,
+                    is_causal, rope_style, k_norm_eps, config, dtype):
+    """The fused (flash-decoding) kernels over plain or packed latents; operands in ``dtype``."""
+    interpret = _interpreting(q)
+    B, Hq, Sq, Dq = q.shape
+    Skv = kl.data.shape[1]
+    rebuild = lk is not None
+    G, RK, RV, GS = _groups(q, kl.channels, vl.channels, lk)
+    HPG = Hq // G
+    NREP = HPG // GS
     p = None
     if rebuild:
         lk = lk.to(dtype).contiguous()
         p = _parts(q, lk, k_bias, cos, sin, k_norm_weight, rope_style, B, Skv, interpret, dtype)
     qc = q.to(dtype)
 
-    HPG_P = _p2(HPG)
-    fused_rows = HPG_P * _p2(Sq)
-    if path is None:
-        path = "fused" if fused_rows <= MAX_FUSED_ROWS or softcap > 0 else "prefill"
-    if path == "prefill":
-        if softcap > 0:
-            raise ValueError("the prefill path (SDPA) has no softcap")
-        if rebuild:
-            width = max(Dq, RV)
-            keys = rebuild_keys(hk, lk, k_bias, p["cos"], p["sin"], k_norm_weight, k_norm_eps, p, width, dtype,
-                                interpret)
-        else:
-            keys = hk.view(B, Skv, G, RK).transpose(1, 2)
-        return sdpa_latent(qc, keys, hv, G, attn_mask, scale, is_causal).to(q.dtype).contiguous()
-
-    cfg = config or choose_config(rebuild, GS, RK, RV, Dq, HPG_P * _p2(Sq), interpret)
+    cfg = config or choose_config(rebuild, GS, RK, RV, Dq, _p2(HPG) * _p2(Sq), interpret)
     # a rebuild program may take a subset of its group's KV heads ("virtual groups")
     HPP = GS if not rebuild or cfg.heads_per_program <= 0 else math.gcd(GS, cfg.heads_per_program)
     NHS = GS // HPP
@@ -248,17 +304,22 @@ def latent_attention_triton(
     NSPLIT, chunk = _split_plan(cfg, B * VG * NQB, Skv, q.device, interpret)
     direct = NSPLIT == 1
     out = torch.empty(B, Hq, Sq, RV, dtype=q.dtype, device=q.device)
-    RV_P = max(16, _p2(RV))
+    RK_P, RV_P = max(16, _p2(RK)), max(16, _p2(RV))
     if direct:
         part = lse = out
     else:
         part = torch.empty(B * VG * NQB * NSPLIT * M_BLOCK * RV_P, dtype=torch.float32, device=q.device)
         lse = torch.empty(B * VG * NQB * NSPLIT * M_BLOCK, dtype=torch.float32, device=q.device)
     mask_kind, mask, mstr = _mask_args(attn_mask, B, Hq, Sq, Skv, q)
+    (hk, hks, hkz), k_strides, k_q = kl.kernel_args(RK, RK_P)
+    (hv, hvs, hvz), v_strides, v_q = vl.kernel_args(RV, RV_P)
+    latent_strides = (*k_strides[:2], *v_strides[:2], *k_strides[2:4], *v_strides[2:4], k_strides[4], v_strides[4])
     common_args = dict(
-        RK_P=max(16, _p2(RK)), RV_P=RV_P, HPG=VHPG, HPG_P=HPG_P, M_BLOCK=M_BLOCK, BLOCK_S=cfg.block_s,
+        RK_P=RK_P, RV_P=RV_P, HPG=VHPG, HPG_P=HPG_P, M_BLOCK=M_BLOCK, BLOCK_S=cfg.block_s,
         MASK_KIND=mask_kind, IS_CAUSAL=bool(is_causal), USE_SOFTCAP=softcap > 0, DIRECT=direct,
         UPCAST=interpret and dtype == torch.bfloat16, IEEE=dtype == torch.float32,
+        **dict(zip(("K_BITS", "K_QG", "K_QG_P", "K_NQG", "K_NQG_P"), k_q)),
+        **dict(zip(("V_BITS", "V_QG", "V_QG_P", "V_NQG", "V_NQG_P"), v_q)),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     grid = (NSPLIT, B * VG, NQB)
@@ -267,8 +328,8 @@ def latent_attention_triton(
         ch, pch = min(half_p, cfg.chunk), min(pass_p, cfg.chunk)
         nch, npc = (half_p // ch if p["ROPE"] else 0), (pass_p // pch if p["HAS_PASS"] else 0)
         hoist = HPP == 1 and nch <= 1 and npc <= 1
-        args = (qc, hk, hv, lk, p["bias"], p["cos"], p["sin"], p["w"], mask, out, part, lse,
-                *qc.stride(), hk.stride(0), hk.stride(1), hv.stride(0), hv.stride(1),
+        args = (qc, hk, hv, hks, hkz, hvs, hvz, lk, p["bias"], p["cos"], p["sin"], p["w"], mask, out, part, lse,
+                *qc.stride(), *latent_strides,
                 lk.stride(0), lk.stride(1), *p["cos_strides"], *p["sin_strides"], *mstr,
                 out.stride(0), out.stride(1), out.stride(2),
                 G, Hq, Sq, Skv, chunk, NSPLIT, RK, RV, float(scale), float(softcap), float(k_norm_eps))
@@ -278,8 +339,8 @@ def latent_attention_triton(
                       DYN_HEADS=cfg.dynamic_heads and HPP > 1, **common_args)
         _launch(rebuild_attention_kernel, grid, args, consts)
     else:
-        args = (qc, hk, hv, mask, out, part, lse,
-                *qc.stride(), hk.stride(0), hk.stride(1), hv.stride(0), hv.stride(1), *mstr,
+        args = (qc, hk, hv, hks, hkz, hvs, hvz, mask, out, part, lse,
+                *qc.stride(), *latent_strides, *mstr,
                 out.stride(0), out.stride(1), out.stride(2),
                 G, Hq, Sq, Skv, chunk, NSPLIT, RK, RV, float(scale), float(softcap))
         _launch(absorbed_attention_kernel, grid, args, common_args)

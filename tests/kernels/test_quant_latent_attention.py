@@ -1,0 +1,138 @@
+"""Triton latent attention over packed quantized latents against ``quant_latent_attention_ref``.
+
+Same set-up as ``test_latent_attention`` (interpreter in a fresh process when there is no
+GPU, fresh random inputs, relative RMS error against the reference in float64). The
+reference dequantizes the same packed codes, so the kernels must match it to rounding,
+whatever the quantization error itself is.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from test_latent_attention import DEVICE, IN_PROCESS, TOL, kernel_modules, make_inputs, run_in_fresh_process
+
+from palu_fx.kernels.latent_attention.quant_naive import quant_latent_attention_ref
+from palu_fx.quant import quantize_packed
+
+
+@pytest.mark.skipif(IN_PROCESS, reason="the kernels run in this process")
+def test_quant_kernels_in_fresh_process():
+    run_in_fresh_process(__file__)
+
+
+@pytest.fixture(scope="module")
+def qk():
+    """The quantized-cache host module."""
+    return kernel_modules()["quant"]
+
+
+def quant_inputs(k_bits=4, v_bits=None, k_group=None, v_group=None, **case):
+    """Positional args of ``quant_latent_attention_ref`` for one random case of ``make_inputs``.
+
+    Group sizes default to one Palu group's rank (what the pass uses).
+    """
+    q, hk, hv, lk, kb, cos, sin, w, m, scale, softcap, causal, rope, eps = make_inputs(**case)
+    G = lk.shape[0] if lk is not None else hk.shape[-1] // q.shape[-1]
+    k_group = k_group or hk.shape[-1] // G
+    v_group = v_group or hv.shape[-1] // G
+    v_bits = v_bits or k_bits
+    return (q, *quantize_packed(hk, k_bits, k_group), *quantize_packed(hv, v_bits, v_group), lk, kb, cos, sin, w, m,
+            scale, k_bits, k_group, v_bits, v_group, softcap, causal, rope, eps)
+
+
+def check(out, args):
+    # float64 everywhere but the stored fp16 scales and zeros (args 2, 3, 5, 6)
+    up = [a.double() if torch.is_tensor(a) and a.is_floating_point() and i not in (2, 3, 5, 6) else a
+          for i, a in enumerate(args)]
+    ref = quant_latent_attention_ref(*up)
+    assert out.shape == ref.shape and out.dtype == args[0].dtype
+    assert torch.isfinite(out).all()
+    err = ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    assert err < TOL[args[0].dtype], f"relative RMS error {err:.2e}"
+
+
+def no_dequantize(qk, monkeypatch):
+    """Make the dequantize-first fallback fail: the call must read the packed codes in the kernel."""
+    def refuse(*a, **k):
+        raise AssertionError("the cache was dequantized outside the kernel")
+
+    monkeypatch.setattr(qk, "dequantize_packed", refuse)
+
+
+def cfg(qk, splits):
+    return qk.KernelConfig(block_s=64 if DEVICE == "cpu" else 32, num_warps=4, num_stages=1, num_splits=splits)
+
+
+# ------------------------------------------------------------------ RoPE: keys rebuilt from dequantized latents
+ROPE_CASES = [
+    pytest.param(dict(k_bits=4, Hq=2, Hkv=2, gs=1), id="q4-mha-gs1-half"),
+    pytest.param(dict(k_bits=3, k_group=16, Hq=8, Hkv=4, gs=2, rope=2, Skv=131), id="q3-g16-gqa-gs2-interleaved-S131"),
+    pytest.param(dict(k_bits=2, k_group=32, Hq=8, Hkv=4, gs=4, rk=64, rv=64, dtype=torch.float16),
+                 id="q2-g32-gs4-fp16"),
+    pytest.param(dict(k_bits=4, Hq=4, Hkv=1, gs=1, rk=16, rv=16, Skv=37), id="q4-mqa-rk16-S37"),
+    pytest.param(dict(k_bits=4, rk=48, rv=48, Skv=70), id="q4-rank48-one-group"),
+    pytest.param(dict(k_bits=3, k_group=16, v_group=16, rk=48, rv=48, Hq=8, Hkv=4, gs=2), id="q3-rank48-g16"),
+    pytest.param(dict(k_bits=4, v_bits=2, k_group=16, v_group=32, Hq=8, Hkv=4, gs=2, rv=64, dtype=torch.float16),
+                 id="k4-g16-v2-g32-fp16"),
+    pytest.param(dict(k_bits=3, v_bits=4, rot=16, bias=True, norm=True, mask="bool"), id="q3-partial-bias-knorm-mask"),
+    pytest.param(dict(k_bits=4, k_group=24, v_group=24, rk=48, rv=48), id="q4-g24-dequantized-fallback"),
+]
+
+
+@pytest.mark.parametrize("splits", [1, 3], ids=["split1", "split3"])
+@pytest.mark.parametrize("case", ROPE_CASES)
+def test_quant_decode_rope(qk, case, splits, monkeypatch):
+    args = quant_inputs(**case)
+    if case.get("k_group") != 24:
+        no_dequantize(qk, monkeypatch)
+    check(qk.quant_latent_attention_triton(*args, config=cfg(qk, splits)), args)
+
+
+# ------------------------------------------------------------------ absorbed: scores on dequantized latents
+ABSORBED_CASES = [
+    pytest.param(dict(k_bits=4, Hq=4, Hkv=4, gs=1), id="q4-mha-gs1"),
+    pytest.param(dict(k_bits=3, k_group=16, v_group=32, Hq=8, Hkv=4, gs=2, rk=48, rv=64, Skv=129),
+                 id="q3-g16-gqa-gs2-rk48-rv64-S129"),
+    pytest.param(dict(k_bits=2, Hq=8, Hkv=1, gs=1, rk=16, rv=16, dtype=torch.float16), id="q2-mqa-fp16"),
+    pytest.param(dict(k_bits=4, v_bits=3, k_group=16, Hq=8, Hkv=8, gs=4, rk=64, rv=32, mask="add"),
+                 id="k4-g16-v3-gs4-add-mask"),
+    pytest.param(dict(k_bits=2, k_group=16, v_group=16, Sq=5, Skv=77, causal=True), id="q2-g16-5-queries-causal"),
+]
+
+
+@pytest.mark.parametrize("case", ABSORBED_CASES)
+def test_quant_decode_absorbed(qk, case, monkeypatch):
+    args = quant_inputs(absorbed=True, **case)
+    no_dequantize(qk, monkeypatch)
+    check(qk.quant_latent_attention_triton(*args, config=cfg(qk, 2)), args)
+
+
+def test_fully_masked_row_gives_zeros(qk):
+    args = list(quant_inputs(k_bits=4, mask="bool", Skv=70))
+    args[12][1] = False  # sequence 1 sees nothing
+    out = qk.quant_latent_attention_triton(*args, config=cfg(qk, 2))
+    assert (out[1] == 0).all()
+    check(out, args)
+
+
+@pytest.mark.parametrize("absorbed", [False, True], ids=["rope", "absorbed"])
+def test_prefill_dequantizes_then_unquantized_path(qk, absorbed):
+    args = quant_inputs(k_bits=3, k_group=16, Sq=48, Skv=48, causal=True, absorbed=absorbed)
+    check(qk.quant_latent_attention_triton(*args), args)  # Sq * heads per group > the fused limit
+
+
+def test_op_runs_triton_when_forced(qk, monkeypatch):
+    import palu_fx.ops  # noqa: F401  (registers torch.ops.palu)
+
+    args = quant_inputs(k_bits=4, k_group=16, Hq=8, Hkv=4, gs=2, mask="bool")
+    monkeypatch.setenv("PALU_FX_KERNEL", "triton")
+    out = torch.ops.palu.quant_latent_attention(*args)
+    torch.testing.assert_close(out, qk.quant_latent_attention_triton(*args), rtol=0, atol=0)
+    check(out, args)
+
+
+def test_tile_layouts(qk):
+    assert qk.tile_layout_ok(64, 4, 64) and qk.tile_layout_ok(48, 3, 48) and qk.tile_layout_ok(48, 2, 16)
+    assert not qk.tile_layout_ok(48, 4, 24)  # two groups of 24: not a power of two
+    assert not qk.tile_layout_ok(64, 3, 4)  # 3-bit groups need 8 channels per byte plane
+    assert not qk.tile_layout_ok(64, 4, 128)  # a group wider than the Palu group

@@ -2,12 +2,23 @@
 
     PYTHONPATH=. python benchmarks/attention.py            # H200: check, tune, table
     PYTHONPATH=. python benchmarks/attention.py --smoke    # CPU: interpreter, tiny shapes
+    # issue 5: quantized rows and checks, Llama-2-7B shape only, one (batch, context)
+    PYTHONPATH=. python benchmarks/attention.py --no-sweep --check --shapes llama2 --batch 8 --ctx 32k \
+        --quant-bits 4 2 --no-prefill
 
 One table row per (attention shape, batch, context, group size, RoPE or not) at rank ratio
 0.5. Columns: our time; SDPA (flash backend) on the full fp16 cache; the naive PyTorch
 latent reference; speedup vs SDPA; the bytes floor (latent bytes / copy bandwidth); the
 FLOPs floor (key-reconstruction FLOPs / matmul rate), both ceilings measured in the same
 run; efficiency = max(floors) / ours.
+
+Quantized rows (``--quant-bits``, modes "RoPE q4", "absorbed q4", ...): the cache holds
+packed codes with fp16 scale and zero per token and Palu group (the pass's default
+quantization group), read by the same fused kernels that dequantize in registers; the
+bytes floor counts the real packed bytes (codes + scales + zeros), the FLOPs floor and
+the efficiency are defined as above, SDPA is the same full fp16 cache. ``--check`` runs
+the quantized kernels against ``quant_latent_attention_ref`` first (bits 2/3/4, group
+sizes 1/2/4, masks, ragged lengths) and exits non-zero if any case fails.
 
 Timing: the op runs inside a CUDA graph (one call per input set, several sets rotated so
 small cases do not sit in L2), median of replays with CUDA events: GPU time, no Python
@@ -35,10 +46,14 @@ import triton.language as tl  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 from palu_fx.kernels.latent_attention.naive import latent_attention_ref  # noqa: E402
+from palu_fx.kernels.latent_attention.quant import quant_latent_attention_triton  # noqa: E402
+from palu_fx.kernels.latent_attention.quant_naive import quant_latent_attention_ref  # noqa: E402
 from palu_fx.kernels.latent_attention.wrapper import KernelConfig, latent_attention_triton  # noqa: E402
+from palu_fx.quant import bytes_per_token, quantize_packed  # noqa: E402
 
 # (query heads, KV heads, head dim): the MHA and GQA attention shapes of the issue
 SHAPES = {"32q/32kv d128": (32, 32, 128), "32q/8kv d128": (32, 8, 128)}
+SHAPE_ALIASES = {"llama2": "32q/32kv d128", "mha": "32q/32kv d128", "gqa": "32q/8kv d128"}
 RANK_RATIO = 0.5
 DEV = "cpu" if SMOKE else "cuda"
 DT = torch.float32 if SMOKE else torch.float16
@@ -163,8 +178,25 @@ def latent_case(Hq, Hkv, D, gs, B, S, rope, tables=None, mask=False):
     return (q, hk, hv, None, None, None, None, None, m, r ** -0.5, 0.0, False, 0, 1e-6)
 
 
-def latent_bytes(Hkv, D, gs, B, S):
-    return B * S * (Hkv // gs) * 2 * int(RANK_RATIO * gs * D) * 2
+def quantized(args, bits, group_size=None):
+    """Op args of a plain latent case -> those of the quantized op (hk, hv packed; group size
+    default: one Palu group's rank, as the pass stores them)."""
+    q, hk, hv, lk, *rest = args
+    G = lk.shape[0] if lk is not None else hk.shape[-1] // q.shape[-1]
+    kg = group_size or hk.shape[-1] // G
+    vg = group_size or hv.shape[-1] // G
+    tail = rest[:6]  # k_bias, cos, sin, k_norm_weight, attn_mask, scale
+    softcap, causal, rope, eps = rest[6:]
+    return (q, *quantize_packed(hk, bits, kg), *quantize_packed(hv, bits, vg), lk, *tail, bits, kg, bits, vg,
+            softcap, causal, rope, eps)
+
+
+def latent_bytes(Hkv, D, gs, B, S, bits=0):
+    """Bytes of both latent caches: fp16, or packed codes + fp16 scale/zero per Palu group."""
+    G, r = Hkv // gs, int(RANK_RATIO * gs * D)
+    if not bits:
+        return B * S * G * 2 * r * 2
+    return B * S * 2 * G * bytes_per_token(r, bits)
 
 
 def recon_flops(Hkv, D, gs, B, S, rope):
@@ -174,6 +206,10 @@ def recon_flops(Hkv, D, gs, B, S, rope):
 # ------------------------------------------------------------------ runners
 def run_ours(args, cfg=None):
     return latent_attention_triton(*args, config=cfg)
+
+
+def run_ours_quant(args, cfg=None):
+    return quant_latent_attention_triton(*args, config=cfg)
 
 
 def sdpa_time(Hq, Hkv, D, B, S):
@@ -217,14 +253,26 @@ def naive_fits(Hq, Hkv, D, gs, B, S):
     return est < 40e9 and B * S <= 8 * 32768
 
 
-def check_case(name, args, tol):
-    out = latent_attention_triton(*args)
-    up = [a.double() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
-    ref = latent_attention_ref(*up)
+def check_case(name, args, tol, quant=False, cfg=None):
+    """Ours vs the float64 reference (quant: the packed-cache op; stored fp16 scales/zeros kept)."""
+    out = (quant_latent_attention_triton if quant else latent_attention_triton)(*args, config=cfg)
+    keep = (2, 3, 5, 6) if quant else ()
+    up = [a.double() if torch.is_tensor(a) and a.is_floating_point() and i not in keep else a
+          for i, a in enumerate(args)]
+    ref = (quant_latent_attention_ref if quant else latent_attention_ref)(*up)
     err = ((out.double() - ref).norm() / ref.norm()).item()
     ok = bool(torch.isfinite(out).all()) and err < tol
     print(f"  check {name:<42} rel-RMS {err:.2e} {'ok' if ok else 'FAIL'}")
     return ok
+
+
+def masked_cases(shapes, S):
+    """(name, group size, op args) of the masked decode checks: every shape, group size and mode."""
+    for sname, (Hq, Hkv, D) in shapes.items():
+        for gs in (1, 2, 4):
+            for rope in (True, False):
+                yield f"{sname} gs{gs} {'rope' if rope else 'absorbed'}", gs, latent_case(Hq, Hkv, D, gs, 2, S, rope,
+                                                                                          mask=True)
 
 
 def correctness(shapes):
@@ -232,11 +280,8 @@ def correctness(shapes):
     print("correctness (fp16 unless noted):")
     ok = True
     S = 67 if SMOKE else 4099
-    for sname, (Hq, Hkv, D) in shapes.items():
-        for gs in (1, 2, 4):
-            for rope in (True, False):
-                args = latent_case(Hq, Hkv, D, gs, 2, S, rope, mask=True)
-                ok &= check_case(f"{sname} gs{gs} {'rope' if rope else 'absorbed'} masked", args, 5e-3)
+    for name, _, args in masked_cases(shapes, S):
+        ok &= check_case(f"{name} masked", args, 5e-3)
     Hq, Hkv, D = next(iter(shapes.values()))
     args = list(latent_case(Hq, Hkv, D, 2, 2, S, True))
     args[4] = torch.randn(Hkv * D, device=DEV, dtype=DT)           # key bias
@@ -255,6 +300,63 @@ def correctness(shapes):
     args = [a.to(torch.bfloat16) if torch.is_tensor(a) and a.is_floating_point() else a
             for a in latent_case(Hq, Hkv, D, 2, 2, S, True)]
     ok &= check_case("bf16 gs2 rope", args, 2.5e-2)
+    return ok
+
+
+def row_candidates(tuned, rope, gs, Hq, Hkv, bits):
+    """(label, config) pairs a table row takes the fastest of: the tuned or built-in config,
+    plus, where it applies (RoPE, group size 1, one query head per KV head), the
+    rotated-query kernel at 1, 2 and 4 heads per program and the rebuild kernel, so both
+    are measured for fp16 and packed caches."""
+    cands = [("default", tuned)]
+    if rope and gs == 1 and Hq == Hkv and not SMOKE:
+        base = dict(block_s=64, num_warps=4, num_stages=3, chunk=64, programs_per_sm=8)
+        cands += [(f"query-rope x{h}", KernelConfig(**base, query_rope_heads=h)) for h in (1, 2, 4)]
+        cands += [("query-rope x2 128/8w", KernelConfig(**dict(base, block_s=128, num_warps=8, num_stages=2),
+                                                        query_rope_heads=2)),
+                  ("rebuild", KernelConfig(**base))]
+    return cands
+
+
+def quant_correctness(shapes):
+    """Quantized kernels vs ``quant_latent_attention_ref``: every group size and mode at 4
+    bits, 3 and 2 bits with smaller quantization groups, per-sequence lengths (masks), a
+    context that is not a multiple of any block, and the few-query / prefill / bf16 paths."""
+    print("quantized-cache correctness (fp16 unless noted):")
+    ok = True
+    S = 67 if SMOKE else 4099
+    for name, gs, base in masked_cases(shapes, S):
+        for bits, qg in [(4, None)] + ([(3, 32), (2, 16)] if gs != 2 else []):
+            ok &= check_case(f"{name} q{bits} group {qg or 'rank'} masked", quantized(base, bits, qg), 5e-3, quant=True)
+    for sname, (Hq, Hkv, D) in shapes.items():
+        if Hq == Hkv:  # the rotated-query kernel (one query head per group) at every program width
+            base = latent_case(Hq, Hkv, D, 1, 2, S, True, mask=True)
+            for h in (1, 2, 4):
+                c = KernelConfig(block_s=32 if SMOKE else 64, num_warps=4, num_stages=1 if SMOKE else 3,
+                                 query_rope_heads=h)
+                ok &= check_case(f"{sname} gs1 query-rope x{h} fp16 cache masked", base, 5e-3, cfg=c)
+                ok &= check_case(f"{sname} gs1 query-rope x{h} q4 masked", quantized(base, 4), 5e-3, quant=True,
+                                 cfg=c)
+            ok &= check_case(f"{sname} gs1 rebuild kernel q4 masked", quantized(base, 4), 5e-3, quant=True,
+                             cfg=KernelConfig(block_s=64, num_warps=4, num_stages=1 if SMOKE else 3))
+    Hq, Hkv, D = next(iter(shapes.values()))
+    args = list(quantized(latent_case(Hq, Hkv, D, 2, 2, S, True), 4))
+    args[0], args[18] = torch.randn(2, Hq, 33, D, device=DEV, dtype=DT), 30.0
+    ok &= check_case("q4 33 queries, softcap (fused, query tiles)", args, 5e-3, quant=True)
+    args = list(quantized(latent_case(Hq, Hkv, D, 4, 1, 1030, True), 3, 32))
+    args[0], args[19] = torch.randn(1, Hq, 1030, D, device=DEV, dtype=DT), True
+    ok &= check_case("q3 prefill 1030 tokens causal gs4 (dequantize + SDPA)", args, 5e-3, quant=True)
+    args = [a.to(torch.bfloat16) if torch.is_tensor(a) and a.is_floating_point() and i not in (2, 3, 5, 6) else a
+            for i, a in enumerate(quantized(latent_case(Hq, Hkv, D, 2, 2, S, True), 4))]
+    ok &= check_case("bf16 q4 gs2 rope", args, 2.5e-2, quant=True)
+    if DEV == "cuda":  # the op's dispatch on CUDA is the Triton path
+        import palu_fx.ops  # noqa: F401
+
+        args = quantized(latent_case(Hq, Hkv, D, 1, 2, S, True, mask=True), 4)
+        same = torch.equal(torch.ops.palu.quant_latent_attention(*args), quant_latent_attention_triton(*args))
+        print(f"  check {'palu::quant_latent_attention runs the Triton kernels':<42} {'ok' if same else 'FAIL'}")
+        ok &= same
+    print(f"quantized-cache correctness: {'all ok' if ok else 'FAILED'}", flush=True)
     return ok
 
 
@@ -334,7 +436,9 @@ def sweep(shapes, B, S, deadline):
 
 
 # ------------------------------------------------------------------ table
-def table(shapes, batches, contexts, ceilings, best, deadline):
+def table(shapes, batches, contexts, ceilings, best, deadline, group_sizes=(1, 2, 4), bit_widths=(0,)):
+    """Rows per (shape, batch, context, group size, mode); ``bit_widths``: 0 = fp16 latents,
+    2/3/4 = packed latents (the quantized op)."""
     bw, mm = ceilings
     rows = []
     total_mem = torch.cuda.get_device_properties(0).total_memory if DEV == "cuda" else 1 << 40
@@ -351,26 +455,40 @@ def table(shapes, batches, contexts, ceilings, best, deadline):
                 t_sdpa, sdpa_name = sdpa_time(Hq, Hkv, D, B, S)
                 print(f"  SDPA {sname} B={B} S={S}: {t_sdpa:.3f} ms ({sdpa_name})", flush=True)
                 tables = rope_tables(S, D)
-                for gs in (1, 2, 4):
-                    for rope in (True, False):
-                        lb = latent_bytes(Hkv, D, gs, B, S)
-                        cfg = best.get((sname, gs, rope))
-                        sets = [(latent_case(Hq, Hkv, D, gs, B, S, rope, tables), cfg) for _ in range(n_sets(lb))]
-                        try:
-                            t_ours = gpu_time(run_ours, sets)
-                        except Exception as e:  # noqa: BLE001 - report the row, keep going
-                            print(f"  {sname} B={B} S={S} gs{gs} rope={rope}: {type(e).__name__} {str(e)[:300]}")
-                            t_ours = float("nan")
-                        t_naive = float("nan")
-                        if naive_fits(Hq, Hkv, D, gs, B, S):
+                for gs in group_sizes:
+                    for rope, bits in [(r, b) for b in bit_widths for r in (True, False)]:
+                        lb = latent_bytes(Hkv, D, gs, B, S, bits)
+                        run, ref = (run_ours_quant, quant_latent_attention_ref) if bits else (run_ours,
+                                                                                            latent_attention_ref)
+
+                        def case():
+                            a = latent_case(Hq, Hkv, D, gs, B, S, rope, tables)
+                            return quantized(a, bits) if bits else a
+
+                        sets, t_ours, timed = [], float("nan"), []
+                        for label, cfg in row_candidates(best.get((sname, gs, rope)), rope, gs, Hq, Hkv, bits):
                             try:
-                                t_naive = eager_time(latent_attention_ref, sets[0][0])
+                                sets = sets or [case() for _ in range(n_sets(lb))]
+                                t = gpu_time(run, [(a, cfg) for a in sets])
+                                timed.append(f"{label} {t:.3f}")
+                                t_ours = min(t_ours, t) if t_ours == t_ours else t
+                            except Exception as e:  # noqa: BLE001 - report the row, keep going
+                                print(f"  {sname} B={B} S={S} gs{gs} rope={rope} bits={bits} {label}: "
+                                      f"{type(e).__name__} {str(e)[:300]}")
+                        if len(timed) > 1:
+                            print(f"  {sname} B={B} S={S} gs{gs} rope={rope} bits={bits} ms: {', '.join(timed)}")
+                        sets = [(a, None) for a in sets]
+                        t_naive = float("nan")
+                        if sets and naive_fits(Hq, Hkv, D, gs, B, S):
+                            try:
+                                t_naive = eager_time(ref, sets[0][0])
                             except torch.OutOfMemoryError:
                                 pass
                         del sets
                         f_bytes = lb / bw * 1e3
                         f_flops = recon_flops(Hkv, D, gs, B, S, rope) / mm * 1e3
-                        rows.append([sname, B, f"{S // 1024}k", gs, "RoPE" if rope else "absorbed",
+                        mode = ("RoPE" if rope else "absorbed") + (f" q{bits}" if bits else "")
+                        rows.append([sname, B, f"{S // 1024}k", gs, mode,
                                      t_ours, t_sdpa, t_naive, t_sdpa / t_ours, f_bytes, f_flops,
                                      max(f_bytes, f_flops) / t_ours])
                         print("  " + " ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in rows[-1]),
@@ -416,6 +534,17 @@ def main():
     ap.add_argument("--no-sweep", action="store_true", help="use the built-in config heuristic only")
     ap.add_argument("--budget-s", type=float, default=480.0, help="stop adding rows after this many seconds")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--shapes", help="comma list of shape names or aliases (llama2/mha, gqa); default all")
+    ap.add_argument("--batch", type=int, nargs="+", help="batch sizes of the table (default 1 8 32)")
+    ap.add_argument("--ctx", nargs="+", help="contexts of the table, e.g. 4k 32k 128k (default those three)")
+    ap.add_argument("--gs", type=int, nargs="+", default=[1, 2, 4], help="group sizes of the table")
+    ap.add_argument("--quant-bits", type=int, nargs="*", default=[],
+                    help="add quantized rows (packed latents) at these bit widths, e.g. 4 2")
+    ap.add_argument("--quant-only", action="store_true", help="table rows for the quantized cache only")
+    ap.add_argument("--check", action="store_true",
+                    help="check the quantized kernels against the reference first; exit 1 if any case fails")
+    ap.add_argument("--check-only", action="store_true", help="checks only (implies --check), no timing")
+    ap.add_argument("--no-prefill", action="store_true", help="skip the prefill table")
     a = ap.parse_args()
     t0 = time.time()
     deadline = t0 + a.budget_s
@@ -424,39 +553,62 @@ def main():
         batches, contexts, sw_b, sw_s, pre_s = (1, 2), (1024, 2048), 2, 1024, (1024,)
     else:
         shapes, batches, contexts, sw_b, sw_s, pre_s = SHAPES, (1, 8, 32), (4096, 32768, 131072), 8, 32768, (4096, 16384)
+    if a.shapes:
+        names = [SHAPE_ALIASES.get(n.strip(), n.strip()) for n in a.shapes.split(",")]
+        unknown = [n for n in names if n not in shapes]
+        if unknown:
+            ap.error(f"unknown shapes {unknown}: choose from {list(shapes)} or {list(SHAPE_ALIASES)}")
+        shapes = {n: shapes[n] for n in names}
+    batches = tuple(a.batch or batches)
+    if a.ctx:
+        contexts = tuple(int(c[:-1]) * 1024 if c.lower().endswith("k") else int(c) for c in a.ctx)
+    bit_widths = tuple(([] if a.quant_only else [0]) + list(a.quant_bits))
+    if not bit_widths:
+        ap.error("--quant-only needs --quant-bits")
     dev_name = torch.cuda.get_device_name(0) if DEV == "cuda" else "CPU (Triton interpreter)"
 
     header = (f"{dev_name}, torch {torch.__version__}, triton {triton.__version__}, "
               f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
     print(header, flush=True)
-    ok = correctness(shapes)
+    quant_ok = True
+    if a.check or a.check_only:
+        quant_ok = quant_correctness(shapes)
+        print(f"[{time.time() - t0:.0f}s]", flush=True)
+        if a.check_only:
+            sys.exit(0 if quant_ok else 1)
+    ok = correctness(shapes) if 0 in bit_widths else True
     bw, mm, bws = measure_ceilings()
     probes = ", ".join(f"{k} {v / 1e12:.2f}" for k, v in bws.items())
     print(f"ceilings: copy {bw / 1e12:.2f} TB/s ({probes}), fp16 matmul {mm / 1e12:.0f} TFLOP/s  "
           f"[{time.time() - t0:.0f}s]", flush=True)
     best = {}
-    if not a.no_sweep:
+    if not a.no_sweep and 0 in bit_widths:
         best = sweep(shapes, sw_b, sw_s, t0 + 0.45 * a.budget_s)
         print(f"sweep done [{time.time() - t0:.0f}s]", flush=True)
-    rows = table(shapes, batches, contexts, (bw, mm), best, deadline)
+    rows = table(shapes, batches, contexts, (bw, mm), best, deadline, tuple(a.gs), bit_widths)
     print(f"table done [{time.time() - t0:.0f}s]", flush=True)
-    prows = prefill_table(shapes, pre_s, deadline + 60)
+    prows = [] if a.no_prefill else prefill_table(shapes, pre_s, deadline + 60)
     heads = ["shape", "B", "ctx", "gs", "mode", "ours ms", "SDPA ms", "naive ms", "x SDPA", "bytes floor ms",
              "FLOPs floor ms", "efficiency"]
     text = [header, f"copy {bw / 1e12:.2f} TB/s ({probes}), fp16 matmul {mm / 1e12:.0f} TFLOP/s, "
                     f"rank ratio {RANK_RATIO}",
-            tabulate(rows, heads, floatfmt=".3f", tablefmt="github"), "",
-            "prefill (B=1, causal, RoPE): ours = rebuild keys + SDPA; keys = the rebuild kernel alone",
-            tabulate(prows, ["shape", "ctx", "gs", "rank v", "ours ms", "keys ms", "SDPA full ms", "overhead"],
-                     floatfmt=".3f", tablefmt="github")]
+            tabulate(rows, heads, floatfmt=".3f", tablefmt="github")]
+    if prows:
+        text += ["", "prefill (B=1, causal, RoPE): ours = rebuild keys + SDPA; keys = the rebuild kernel alone",
+                 tabulate(prows, ["shape", "ctx", "gs", "rank v", "ours ms", "keys ms", "SDPA full ms", "overhead"],
+                          floatfmt=".3f", tablefmt="github")]
     if best:
         text += ["", "tuned configs: " + "; ".join(f"{k}: {v}" for k, v in best.items())]
     text.append(f"correctness: {'all ok' if ok else 'FAILURES (see log)'}")
+    if a.check:
+        text.append(f"quantized-cache correctness: {'all ok' if quant_ok else 'FAILURES (see log)'}")
     report = "\n".join(text)
     print(report)
     if a.out and os.path.isdir(a.out):
         with open(os.path.join(a.out, "attention_table.md"), "w") as f:
             f.write(report + "\n")
+    if not (ok and quant_ok):
+        sys.exit("FAILED: kernel output differs from the reference (see the check lines above)")
 
 
 if __name__ == "__main__":

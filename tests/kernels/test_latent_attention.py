@@ -35,7 +35,7 @@ IN_PROCESS = _interpreter_ready()
 from palu_fx.kernels.latent_attention.naive import latent_attention_ref  # noqa: E402
 
 TOL = {torch.float32: 2e-5 if DEVICE == "cpu" else 1e-4, torch.float16: 4e-3, torch.bfloat16: 2.5e-2}
-_MODULES = ["common", "decode", "absorbed", "prefill", "wrapper", "quant"]
+_MODULES = ["common", "decode", "absorbed", "prefill", "query_rope", "wrapper", "quant"]
 
 
 def run_in_fresh_process(test_file: str) -> None:
@@ -177,6 +177,33 @@ def test_decode_rebuild_head_subsets(kern, case, hpp, dyn):
     c = kern.KernelConfig(block_s=64 if DEVICE == "cpu" else 32, num_warps=4, num_stages=1, num_splits=2,
                           heads_per_program=hpp, dynamic_heads=dyn)
     check(kern.latent_attention_triton(*args, config=c), args)
+
+
+@pytest.mark.parametrize("hpp", [1, 2, 4], ids=["1-head", "2-heads", "4-heads"])
+@pytest.mark.parametrize("case", [
+    pytest.param(dict(Skv=100), id="half"),
+    pytest.param(dict(rope=2, Skv=131, dtype=torch.float16), id="interleaved-fp16-S131"),
+    pytest.param(dict(rot=16, mask="bool", rk=48, rv=16), id="partial-rot16-masked-rk48"),
+    pytest.param(dict(softcap=2.0, mask="add", Skv=37), id="softcap-add-mask-S37"),
+])
+def test_decode_query_rope(kern, case, hpp):
+    # one query head per latent group: the rotated-query kernel (query_rope.py)
+    args = make_inputs(Hq=4, Hkv=4, gs=1, **case)
+    assert kern.query_rope_applies(args[0], args[3], args[4], args[7], args[12], hpp)
+    c = kern.KernelConfig(block_s=64 if DEVICE == "cpu" else 32, num_warps=4, num_stages=1, num_splits=3,
+                          query_rope_heads=hpp)
+    check(kern.latent_attention_triton(*args, config=c), args)
+
+
+def test_query_rope_only_where_it_applies(kern):
+    q, hk, hv, lk, kb, cos, sin, w, *_ = make_inputs(Hq=8, Hkv=4, gs=1, bias=True, norm=True)
+    assert not kern.query_rope_applies(q, lk, None, None, 1, 2)  # GQA: two query heads share a group
+    q, hk, hv, lk, kb, cos, sin, w, *_ = make_inputs(Hq=4, Hkv=4, gs=1, bias=True, norm=True)
+    assert kern.query_rope_applies(q, lk, None, None, 1, 4)
+    assert not kern.query_rope_applies(q, lk, kb, None, 1, 4) and not kern.query_rope_applies(q, lk, None, w, 1, 4)
+    assert not kern.query_rope_applies(q, lk, None, None, 0, 4)  # no RoPE
+    assert not kern.query_rope_applies(q, lk, None, None, 1, 3)  # not a power of two
+    assert not kern.query_rope_applies(torch.cat([q, q], 2), lk, None, None, 1, 4)  # two query tokens
 
 
 @pytest.mark.parametrize("mask", ["bool", "add", "bool-full", "bool-1d"])

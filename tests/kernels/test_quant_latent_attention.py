@@ -88,6 +88,21 @@ def test_quant_decode_rope(qk, case, splits, monkeypatch):
     check(qk.quant_latent_attention_triton(*args, config=cfg(qk, splits)), args)
 
 
+@pytest.mark.parametrize("hpp", [1, 2], ids=["1-head", "2-heads"])
+@pytest.mark.parametrize("case", [
+    pytest.param(dict(k_bits=4, Skv=100), id="q4-half"),
+    pytest.param(dict(k_bits=3, k_group=16, rope=2, Skv=131, dtype=torch.float16), id="q3-g16-interleaved-fp16"),
+    pytest.param(dict(k_bits=2, v_bits=4, rot=16, mask="bool", rv=16), id="k2-v4-partial-masked"),
+])
+def test_quant_decode_query_rope(qk, case, hpp, monkeypatch):
+    # one query head per latent group: the rotated-query kernel over packed latents
+    args = quant_inputs(Hq=4, Hkv=4, gs=1, **case)
+    no_dequantize(qk, monkeypatch)
+    c = qk.KernelConfig(block_s=64 if DEVICE == "cpu" else 32, num_warps=4, num_stages=1, num_splits=2,
+                        query_rope_heads=hpp)
+    check(qk.quant_latent_attention_triton(*args, config=c), args)
+
+
 # ------------------------------------------------------------------ absorbed: scores on dequantized latents
 ABSORBED_CASES = [
     pytest.param(dict(k_bits=4, Hq=4, Hkv=4, gs=1), id="q4-mha-gs1"),

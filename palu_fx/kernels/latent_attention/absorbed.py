@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from palu_fx.kernels.latent_attention.common import (
-    finish_rows, kv_range, load_latent, mma, row_coords, scores_to_log2, softmax_step,
+    finish_rows, kv_range, load_latent, mma, row_coords, scores_to_log2, softmax_init, softmax_step,
 )
 
 
@@ -52,9 +52,7 @@ def absorbed_attention_kernel(
     hks_off = b * shks_b + g * K_NQG
     hvs_off = b * shvs_b + g * V_NQG
 
-    m_i = tl.full([M_BLOCK], float("-inf"), tl.float32)
-    l_i = tl.zeros([M_BLOCK], tl.float32)
-    acc = tl.zeros([RV_P, M_BLOCK], tl.float32)
+    m_i, l_i, acc = softmax_init(M_BLOCK, RV_P)
     for start in range(lo, hi, BLOCK_S):
         kv = start + tl.arange(0, BLOCK_S)
         kv_ok = kv < hi

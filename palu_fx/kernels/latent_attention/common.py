@@ -103,17 +103,31 @@ def scores_to_log2(
 
 
 @triton.jit
-def softmax_step(s2, m_i, l_i, acc, v_t, UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    """One online-softmax step over a token tile.
+def softmax_init(M_BLOCK: tl.constexpr, RV_P: tl.constexpr):
+    """Empty online-softmax state: running max, running sum [M], transposed output [RV_P, M]."""
+    return (tl.full([M_BLOCK], float("-inf"), tl.float32), tl.zeros([M_BLOCK], tl.float32),
+            tl.zeros([RV_P, M_BLOCK], tl.float32))
 
-    s2 [BLOCK_S, M] base-2 logits, acc [RV_P, M] (transposed output), v_t [BLOCK_S, RV_P].
-    """
+
+@triton.jit
+def softmax_weights(s2, m_i, l_i):
+    """Online-softmax bookkeeping of a token tile: (weights p [BLOCK_S, M], rescale alpha [M], m, l)."""
     m_new = tl.maximum(m_i, tl.max(s2, axis=0))
     # a row with no finite logit yet keeps a finite reference so exp2 gives 0, not NaN
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.math.exp2(s2 - m_use[None, :])
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, axis=0)
+    return p, alpha, m_new, l_i
+
+
+@triton.jit
+def softmax_step(s2, m_i, l_i, acc, v_t, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """One online-softmax step over a token tile.
+
+    s2 [BLOCK_S, M] base-2 logits, acc [RV_P, M] (transposed output), v_t [BLOCK_S, RV_P].
+    """
+    p, alpha, m_new, l_i = softmax_weights(s2, m_i, l_i)
     acc = acc * alpha[None, :] + mma(tl.trans(v_t), p.to(v_t.dtype), UPCAST, IEEE)
     return m_new, l_i, acc
 
@@ -387,12 +401,18 @@ def load_latent(
             c = _unpack_plane(lo, 2) | (_unpack_plane(hi, 1) << 2)
         else:
             c = _unpack_plane(_load_bytes(ptr, tok_off, grp_off, ok, 0, QG * BITS // 8, QG_P * BITS // 8), BITS)
-        # code -> float exactly without an int->float conversion: the bits of 2**23 + code
-        cf = (c | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
         sz_off = kv[:, None] * sc_stride + grp[None, :]
         sz_ok = kv_ok[:, None] & (grp[None, :] < NQG)
-        s = tl.load(sc_ptr + sz_off, mask=sz_ok, other=0.0).to(tl.float32)
-        z = tl.load(zr_ptr + sz_off, mask=sz_ok, other=0.0).to(tl.float32)
-        x = cf * s[:, :, None] + z[:, :, None]
+        s = tl.load(sc_ptr + sz_off, mask=sz_ok, other=0.0)
+        z = tl.load(zr_ptr + sz_off, mask=sz_ok, other=0.0)
+        # code -> float exactly without an int->float conversion (a slow instruction): the
+        # bits of 1024 + code as fp16, or of 2**23 + code as fp32, minus that constant
+        if DTYPE == tl.float16:  # fp16 operands: dequantize in fp16 (one rounding, as an fp16 cache holds it)
+            one = tl.full([1, 1, 1], 1024.0, tl.float16)
+            cf = (c | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - one
+            x = cf * s[:, :, None] + z[:, :, None]
+        else:
+            cf = (c | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            x = cf * s.to(tl.float32)[:, :, None] + z.to(tl.float32)[:, :, None]
         out = tl.reshape(x, [kv.shape[0], R_P]).to(DTYPE)
     return out

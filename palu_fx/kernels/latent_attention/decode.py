@@ -40,7 +40,8 @@ import triton
 import triton.language as tl
 
 from palu_fx.kernels.latent_attention.common import (
-    finish_rows, kv_range, load_latent, load_rope_pairs, mma, row_coords, scores_to_log2, softmax_step,
+    finish_rows, kv_range, load_latent, load_rope_pairs, mma, row_coords, scores_to_log2, softmax_init,
+    softmax_step,
 )
 
 
@@ -180,9 +181,7 @@ def rebuild_attention_kernel(
             h_ps = _lk_pass(lk_ptr, g, j0, 0, slk_g, slk_r, RK, D, RK_P, ROT, PASS, PCH)
             hq_ps = _q_pass(q_ptr, q_row, row_ok, 0, sq_d, ROT, PASS, PCH)
 
-    m_i = tl.full([M_BLOCK], float("-inf"), tl.float32)
-    l_i = tl.zeros([M_BLOCK], tl.float32)
-    acc = tl.zeros([RV_P, M_BLOCK], tl.float32)
+    m_i, l_i, acc = softmax_init(M_BLOCK, RV_P)
     for start in range(lo, hi, BLOCK_S):
         kv = start + tl.arange(0, BLOCK_S)
         kv_ok = kv < hi

@@ -27,6 +27,7 @@ from palu_fx.kernels.latent_attention.common import MASK_ADD, MASK_BOOL, MASK_NO
 from palu_fx.kernels.latent_attention.decode import rebuild_attention_kernel
 from palu_fx.kernels.latent_attention.naive import ROPE_HALF, ROPE_INTERLEAVED, ROPE_NONE, latent_attention_ref
 from palu_fx.kernels.latent_attention.prefill import rebuild_keys, sdpa_latent
+from palu_fx.kernels.latent_attention.query_rope import query_rope_applies, query_rope_launch
 
 __all__ = ["KernelConfig", "Latent", "latent_attention_triton", "fused_attention", "fused_fits", "choose_config"]
 
@@ -46,7 +47,9 @@ class KernelConfig:
     chunk: widest column chunk of a rebuilt key head (rotary pairs or pass-through dims).
     heads_per_program: KV heads of a group one rebuild program handles (0: all of them).
     dynamic_heads: loop over those heads at run time instead of unrolling (fewer live
-    registers for large groups).
+    registers for large groups). query_rope_heads: when every query head has its own latent
+    group (M-LRD, no GQA sharing, one query token), RoPE calls run ``query_rope.py``'s
+    kernel with this many heads per program (0: ``decode.py``'s rebuild kernel).
     """
 
     block_s: int = 64
@@ -57,6 +60,7 @@ class KernelConfig:
     chunk: int = 64
     heads_per_program: int = 0
     dynamic_heads: bool = False
+    query_rope_heads: int = 0
 
 
 def _p2(n: int) -> int:
@@ -73,14 +77,20 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def choose_config(rebuild: bool, gs: int, rk: int, rv: int, head_dim: int, rows: int, interpret: bool) -> KernelConfig:
+def choose_config(rebuild: bool, gs: int, rk: int, rv: int, head_dim: int, rows: int, interpret: bool,
+                  quantized: bool = False) -> KernelConfig:
     """Default launch knobs for a shape: the fastest spill-free configs of a sweep on an
     H200 at batch 8, 32k context, head dim 128 (see benchmarks/RESULTS.md).
 
+    Quantized caches use the same knobs; RoPE at group size 1 takes the rotated-query
+    kernel there (a guess, not yet measured: the fp16 cache keeps the measured rebuild
+    kernel; ``benchmarks/attention.py --quant-bits`` times both).
     Under the interpreter: big blocks, few programs (each program costs Python time).
     """
     if interpret:
         return KernelConfig(block_s=64, num_warps=4, num_stages=1, programs_per_sm=1)
+    if rebuild and gs == 1 and quantized:
+        return KernelConfig(block_s=64, num_warps=4, num_stages=3, programs_per_sm=8, query_rope_heads=2)
     if not rebuild:
         # bandwidth bound: long tiles keep bytes in flight; shared memory caps the stages
         if rk + rv <= 128:
@@ -292,11 +302,15 @@ def fused_attention(q, kl: Latent, vl: Latent, lk, k_bias, cos, sin, k_norm_weig
         p = _parts(q, lk, k_bias, cos, sin, k_norm_weight, rope_style, B, Skv, interpret, dtype)
     qc = q.to(dtype)
 
-    cfg = config or choose_config(rebuild, GS, RK, RV, Dq, _p2(HPG) * _p2(Sq), interpret)
-    # a rebuild program may take a subset of its group's KV heads ("virtual groups")
-    HPP = GS if not rebuild or cfg.heads_per_program <= 0 else math.gcd(GS, cfg.heads_per_program)
-    NHS = GS // HPP
-    VG, VHPG = G * NHS, HPG // NHS  # virtual groups and their query heads
+    cfg = config or choose_config(rebuild, GS, RK, RV, Dq, _p2(HPG) * _p2(Sq), interpret, quantized=kl.bits > 0)
+    query_rope = query_rope_applies(q, lk, k_bias, k_norm_weight, rope_style, cfg.query_rope_heads)
+    if query_rope:  # one query head per latent group: programs of query_rope_heads heads
+        VG, VHPG = Hq // cfg.query_rope_heads, cfg.query_rope_heads
+    else:
+        # a rebuild program may take a subset of its group's KV heads ("virtual groups")
+        HPP = GS if not rebuild or cfg.heads_per_program <= 0 else math.gcd(GS, cfg.heads_per_program)
+        NHS = GS // HPP
+        VG, VHPG = G * NHS, HPG // NHS  # virtual groups and their query heads
     HPG_P = _p2(VHPG)
     fused_rows = HPG_P * _p2(Sq)
     M_BLOCK = max(16, min(fused_rows, max(MAX_FUSED_ROWS, HPG_P)))
@@ -323,7 +337,11 @@ def fused_attention(q, kl: Latent, vl: Latent, lk, k_bias, cos, sin, k_norm_weig
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     grid = (NSPLIT, B * VG, NQB)
-    if rebuild:
+    runtime = (G, Hq, Sq, Skv, chunk, NSPLIT, RK, RV, float(scale), float(softcap))
+    if query_rope:
+        query_rope_launch(grid, qc, lk, p, (hk, hv, hks, hkz, hvs, hvz), latent_strides, mask, mstr, out, part, lse,
+                          runtime, common_args, dtype)
+    elif rebuild:
         half_p, pass_p = p["HALF_P"], p["PASS_P"]
         ch, pch = min(half_p, cfg.chunk), min(pass_p, cfg.chunk)
         nch, npc = (half_p // ch if p["ROPE"] else 0), (pass_p // pch if p["HAS_PASS"] else 0)
@@ -332,7 +350,7 @@ def fused_attention(q, kl: Latent, vl: Latent, lk, k_bias, cos, sin, k_norm_weig
                 *qc.stride(), *latent_strides,
                 lk.stride(0), lk.stride(1), *p["cos_strides"], *p["sin_strides"], *mstr,
                 out.stride(0), out.stride(1), out.stride(2),
-                G, Hq, Sq, Skv, chunk, NSPLIT, RK, RV, float(scale), float(softcap), float(k_norm_eps))
+                *runtime, float(k_norm_eps))
         consts = dict(D=Dq, GS=GS, HPP=HPP, NREP=NREP, ROPE=p["ROPE"], ROT=p["ROT"], HALF=p["HALF"],
                       CH=ch, NCH=nch, STEP=p["STEP"], HI_OFF=p["HI_OFF"], PASS=p["PASS"], PCH=pch, NPC=npc,
                       HAS_BIAS=p["HAS_BIAS"], HAS_NORM=p["HAS_NORM"], HOIST=hoist,
@@ -342,7 +360,7 @@ def fused_attention(q, kl: Latent, vl: Latent, lk, k_bias, cos, sin, k_norm_weig
         args = (qc, hk, hv, hks, hkz, hvs, hvz, mask, out, part, lse,
                 *qc.stride(), *latent_strides, *mstr,
                 out.stride(0), out.stride(1), out.stride(2),
-                G, Hq, Sq, Skv, chunk, NSPLIT, RK, RV, float(scale), float(softcap))
+                *runtime)
         _launch(absorbed_attention_kernel, grid, args, common_args)
     if not direct:
         cols = min(RV_P, 64)

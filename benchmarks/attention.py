@@ -309,12 +309,16 @@ def row_candidates(tuned, rope, gs, Hq, Hkv, bits):
     rotated-query kernel at 1, 2 and 4 heads per program and the rebuild kernel, so both
     are measured for fp16 and packed caches."""
     cands = [("default", tuned)]
-    if rope and gs == 1 and Hq == Hkv and not SMOKE:
-        base = dict(block_s=64, num_warps=4, num_stages=3, chunk=64, programs_per_sm=8)
-        cands += [(f"query-rope x{h}", KernelConfig(**base, query_rope_heads=h)) for h in (1, 2, 4)]
-        cands += [("query-rope x2 128/8w", KernelConfig(**dict(base, block_s=128, num_warps=8, num_stages=2),
-                                                        query_rope_heads=2)),
-                  ("rebuild", KernelConfig(**base))]
+    if SMOKE:
+        return cands
+    if rope and gs == 1 and Hq == Hkv:  # (block_s, warps, stages, heads per program): spill-free on sm_90
+        for bs, w, st, h in ((64, 4, 3, 1), (64, 4, 2, 1), (128, 8, 2, 1), (32, 4, 3, 2), (32, 4, 3, 4)):
+            cands.append((f"query-rope x{h} {bs}/{w}w/{st}s", KernelConfig(block_s=bs, num_warps=w, num_stages=st,
+                                                                            programs_per_sm=8, query_rope_heads=h)))
+        cands.append(("rebuild 64/4w/3s", KernelConfig(block_s=64, num_warps=4, num_stages=3, programs_per_sm=8)))
+    elif not rope and bits:
+        for bs, w, st in ((64, 4, 3), (128, 8, 3), (256, 8, 3)):
+            cands.append((f"absorbed {bs}/{w}w/{st}s", KernelConfig(block_s=bs, num_warps=w, num_stages=st)))
     return cands
 
 

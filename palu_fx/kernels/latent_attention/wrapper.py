@@ -83,14 +83,15 @@ def choose_config(rebuild: bool, gs: int, rk: int, rv: int, head_dim: int, rows:
     H200 at batch 8, 32k context, head dim 128 (see benchmarks/RESULTS.md).
 
     Quantized caches use the same knobs; RoPE at group size 1 takes the rotated-query
-    kernel there (a guess, not yet measured: the fp16 cache keeps the measured rebuild
-    kernel; ``benchmarks/attention.py --quant-bits`` times both).
+    kernel there, one head per program (the widest spill-free choice in an sm_90 compile;
+    not yet timed: the fp16 cache keeps the measured rebuild kernel, and
+    ``benchmarks/attention.py --quant-bits`` times both).
     Under the interpreter: big blocks, few programs (each program costs Python time).
     """
     if interpret:
         return KernelConfig(block_s=64, num_warps=4, num_stages=1, programs_per_sm=1)
     if rebuild and gs == 1 and quantized:
-        return KernelConfig(block_s=64, num_warps=4, num_stages=3, programs_per_sm=8, query_rope_heads=2)
+        return KernelConfig(block_s=64, num_warps=4, num_stages=3, programs_per_sm=8, query_rope_heads=1)
     if not rebuild:
         # bandwidth bound: long tiles keep bytes in flight; shared memory caps the stages
         if rk + rv <= 128:

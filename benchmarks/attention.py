@@ -312,7 +312,8 @@ def row_candidates(tuned, rope, gs, Hq, Hkv, bits):
     if SMOKE:
         return cands
     if rope and gs == 1 and Hq == Hkv:  # (block_s, warps, stages, heads per program): spill-free on sm_90
-        for bs, w, st, h in ((64, 4, 3, 1), (64, 4, 2, 1), (128, 8, 2, 1), (32, 4, 3, 2), (32, 4, 3, 4)):
+        for bs, w, st, h in ((64, 4, 3, 1), (64, 4, 2, 1), (128, 8, 2, 1), (64, 4, 3, 2), (32, 4, 3, 2),
+                             (32, 4, 3, 4)):
             cands.append((f"query-rope x{h} {bs}/{w}w/{st}s", KernelConfig(block_s=bs, num_warps=w, num_stages=st,
                                                                             programs_per_sm=8, query_rope_heads=h)))
         cands.append(("rebuild 64/4w/3s", KernelConfig(block_s=64, num_warps=4, num_stages=3, programs_per_sm=8)))

@@ -19,8 +19,8 @@ the Llama-2 decode shape; otherwise the rebuilt keys are shared by several query
 
 A program takes ``HPP`` consecutive heads of one sequence (their latents are adjacent
 groups) so each cos/sin tile, the largest operand after the latents, is read once for
-all of them. With one head per program ``Wa``/``Wb`` are hoisted out of the token loop;
-otherwise they are re-read per tile with an L1-friendly eviction hint.
+all of them. With one or two heads per program ``Wa``/``Wb`` are hoisted out of the
+token loop; with more they are re-read per tile with an L1-friendly eviction hint.
 """
 from __future__ import annotations
 
@@ -51,6 +51,16 @@ def _rotated_query(w_ptr, w_off, sw_p, sw_r, RK, HALF, RK_P: tl.constexpr, HALF_
 
 
 @triton.jit
+def _pass_weights(wps_ptr, off, RK, RK_P: tl.constexpr, HAS_PASS: tl.constexpr):
+    """Pass-through weights [RK_P] of one head (fp32; zeros without pass-through dims)."""
+    r = tl.arange(0, RK_P)
+    w = tl.zeros([RK_P], tl.float32)
+    if HAS_PASS:
+        w = tl.load(wps_ptr + off + r, mask=r < RK, other=0.0)
+    return w
+
+
+@triton.jit
 def query_rope_attention_kernel(
     w_ptr, wps_ptr, hk_ptr, hv_ptr, hks_ptr, hkz_ptr, hvs_ptr, hvz_ptr, cos_ptr, sin_ptr, mask_ptr,
     out_ptr, part_ptr, lse_ptr,
@@ -78,11 +88,13 @@ def query_rope_attention_kernel(
     dtype = w_ptr.dtype.element_ty
     h0 = blk * HPP
 
-    if HPP == 1:  # loop-invariant operands of a single-head program
+    HOIST: tl.constexpr = HPP <= 2  # loop-invariant operands of one or two heads stay resident
+    if HOIST:
         wa0, wb0 = _rotated_query(w_ptr, b * sw_b + h0 * sw_h, sw_p, sw_r, RK, HALF, RK_P, HALF_P, "")
-        if HAS_PASS:
-            wps0 = tl.load(wps_ptr + b * swp_b + h0 * swp_h + tl.arange(0, RK_P), mask=tl.arange(0, RK_P) < RK,
-                           other=0.0)
+        wps0 = _pass_weights(wps_ptr, b * swp_b + h0 * swp_h, RK, RK_P, HAS_PASS)
+        if HPP == 2:
+            wa1, wb1 = _rotated_query(w_ptr, b * sw_b + (h0 + 1) * sw_h, sw_p, sw_r, RK, HALF, RK_P, HALF_P, "")
+            wps1 = _pass_weights(wps_ptr, b * swp_b + (h0 + 1) * swp_h, RK, RK_P, HAS_PASS)
 
     m_i, l_i, acc = softmax_init(M_BLOCK, RV_P)
     for start in range(lo, hi, BLOCK_S):
@@ -96,18 +108,16 @@ def query_rope_attention_kernel(
             hk_t = load_latent(hk_ptr + b * shk_b + h * K_W, hks_ptr + b * shks_b + h * K_NQG,
                                hkz_ptr + b * shks_b + h * K_NQG, kv, kv_ok, shk_s, shks_s, RK, RK_P,
                                K_BITS, K_QG, K_QG_P, K_NQG, K_NQG_P, dtype)
-            if HPP == 1:
-                wa, wb = wa0, wb0
+            if HOIST and jj == 0:
+                wa, wb, wps = wa0, wb0, wps0
+            elif HOIST:
+                wa, wb, wps = wa1, wb1, wps1
             else:
                 wa, wb = _rotated_query(w_ptr, b * sw_b + h * sw_h, sw_p, sw_r, RK, HALF, RK_P, HALF_P,
                                         "evict_last")
+                wps = _pass_weights(wps_ptr, b * swp_b + h * swp_h, RK, RK_P, HAS_PASS)
             sc = tl.sum(mma(hk_t, wa, UPCAST, IEEE) * cs + mma(hk_t, wb, UPCAST, IEEE) * sn, axis=1)
             if HAS_PASS:
-                if HPP == 1:
-                    wps = wps0
-                else:
-                    wps = tl.load(wps_ptr + b * swp_b + h * swp_h + tl.arange(0, RK_P),
-                                  mask=tl.arange(0, RK_P) < RK, other=0.0)
                 sc += tl.sum(hk_t.to(tl.float32) * wps[None, :], axis=1)
             s += tl.where(cols[None, :] == jj, sc[:, None], 0.0)
         s2 = scores_to_log2(s, kv, kv_ok, qi, row_ok, m_off, mask_ptr, sm_k, scale, softcap,

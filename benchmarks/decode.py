@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import sys
 import time
 
 import torch
@@ -42,12 +43,17 @@ def cache_bytes(cache) -> int:
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
-def run(model, cache, batch: int, steps: int, prompt: int = 16) -> tuple[float, float, int, torch.Tensor]:
-    """(ms per decode step, peak GiB, cache bytes, greedy tokens) after a short prefill.
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
-    The step is timed with the cache nearly empty: the kernels read the whole static cache
+
+def run(model, cache, batch: int, steps: int, prompt: int = 1) -> tuple[float, float, int, torch.Tensor]:
+    """(ms per decode step, peak GiB, cache bytes, greedy tokens), decoding from position 0.
+
+    Every call, the first included, is a one-token step, so one graph is compiled per path.
+    The step is timed with the cache nearly empty: both paths read the whole static cache
     (``context`` slots) and mask the unwritten ones, so the cost of a step does not depend on
-    how many tokens were written; the masked slots cost the same bytes as real ones.
+    how many tokens were written.
     """
     dev = model.device
     cuda = dev.type == "cuda"
@@ -57,7 +63,8 @@ def run(model, cache, batch: int, steps: int, prompt: int = 16) -> tuple[float, 
         torch.cuda.reset_peak_memory_stats()
     tokens = []
     with torch.no_grad():
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(prompt, device=dev))
+        # same keyword arguments as the steps below: a different set recompiles
+        out = model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(prompt, device=dev))
         nxt = out.logits[:, -1:].argmax(-1)
         tokens.append(nxt)
         pos = prompt
@@ -69,7 +76,8 @@ def run(model, cache, batch: int, steps: int, prompt: int = 16) -> tuple[float, 
             tokens.append(nxt)
             pos += 1
 
-        for _ in range(3):  # compile + warm up the decode graph
+        log("first step (compiled)")
+        for _ in range(3):  # warm up
             step()
         if cuda:
             torch.cuda.synchronize()
@@ -79,6 +87,7 @@ def run(model, cache, batch: int, steps: int, prompt: int = 16) -> tuple[float, 
         if cuda:
             torch.cuda.synchronize()
         ms = (time.perf_counter() - t0) * 1000 / steps
+        log(f"{steps} steps timed: {ms:.2f} ms/step")
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     return ms, peak, cache_bytes(cache), torch.cat(tokens, 1)
 
@@ -106,6 +115,7 @@ def main() -> None:
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
+        log(f"{name}: building the model")
         model = build(args.layers, args.tiny, device)
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         t0 = time.time()

@@ -25,6 +25,13 @@ from palu_fx.report import CompressionReport, SkipRecord
 __all__ = ["compress_exported", "ProgramEditor", "analyze_exported"]
 
 
+def _get_attr(module: torch.nn.Module, target: str):
+    obj = module
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 class ProgramEditor:
     """Placeholders and their tensors for an ExportedProgram's graph."""
 
@@ -37,6 +44,10 @@ class ProgramEditor:
     def tensor(self, node: fx.Node) -> torch.Tensor:
         if node.name in self.new:
             return self.new[node.name][1]
+        if node.op == "get_attr" and node.graph.owning_module is not None:
+            # e.g. the body of a higher-order op (torch 2.11 exports transformers 5.17's
+            # rotary embedding inside wrap_with_autocast / wrap_with_set_grad_enabled)
+            return _get_attr(node.graph.owning_module, node.target)
         spec = self.specs.get(node.name)
         if spec is None or spec.target is None:
             raise ValueError(f"{node.name} is not a parameter, buffer or constant of the program")

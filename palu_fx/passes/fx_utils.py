@@ -11,6 +11,7 @@ import operator
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
+from torch._dispatch.python import enable_python_dispatcher
 import torch.fx as fx
 
 aten = torch.ops.aten
@@ -182,7 +183,10 @@ class NodeBuilder:
         node = self.graph.call_function(target, args, kwargs)
         fargs = fx.node.map_arg(args, val)
         fkwargs = fx.node.map_arg(kwargs, val)
-        with self.fake_mode:
+        # The Python dispatcher routes composite ops (linear, matmul) through their symbolic-
+        # shape-aware decompositions, as export's own tracing does; without it torch 2.11
+        # runs the C++ composite, which calls numel() on symbolic batch sizes and raises.
+        with self.fake_mode, enable_python_dispatcher():
             node.meta["val"] = target(*fargs, **fkwargs)
         if self.meta_from is not None:
             for key in ("nn_module_stack", "stack_trace", "source_fn_stack", "torch_fn"):

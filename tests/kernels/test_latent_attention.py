@@ -57,7 +57,7 @@ def test_kernels_in_fresh_process():
 def kernel_modules() -> dict:
     """The kernel modules by short name, with interpreted kernels when there is no GPU."""
     if not IN_PROCESS:
-        pytest.skip("Triton was imported without the interpreter: see test_kernels_in_fresh_process")
+        pytest.skip("Triton was imported without the interpreter: see the *_in_fresh_process tests")
     mods = [importlib.import_module(f"palu_fx.kernels.latent_attention.{m}") for m in _MODULES]
     from triton.runtime.interpreter import InterpretedFunction
 

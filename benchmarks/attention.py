@@ -304,20 +304,25 @@ def correctness(shapes):
 
 
 def row_candidates(tuned, rope, gs, Hq, Hkv, bits):
-    """(label, config) pairs a table row takes the fastest of: the tuned or built-in config,
-    plus, where it applies (RoPE, group size 1, one query head per KV head), the
-    rotated-query kernel at 1, 2 and 4 heads per program and the rebuild kernel, so both
-    are measured for fp16 and packed caches."""
+    """(label, config) pairs a table row takes the fastest of (all are printed): the tuned or
+    built-in config, plus, where one query head owns each latent group (group size 1, as
+    many KV heads as query heads), ``per_head.py``'s kernel at 1, 2 and 4 heads per
+    program and the group kernel, for fp16 and packed caches; absorbed rows over packed
+    caches also try three token tiles of the group kernel. Every candidate compiles
+    without register spills for sm_90."""
     cands = [("default", tuned)]
     if SMOKE:
         return cands
-    if rope and gs == 1 and Hq == Hkv:  # (block_s, warps, stages, heads per program): spill-free on sm_90
-        for bs, w, st, h in ((64, 4, 3, 1), (64, 4, 2, 1), (128, 8, 2, 1), (64, 4, 3, 2), (32, 4, 3, 2),
-                             (32, 4, 3, 4)):
-            cands.append((f"query-rope x{h} {bs}/{w}w/{st}s", KernelConfig(block_s=bs, num_warps=w, num_stages=st,
-                                                                            programs_per_sm=8, query_rope_heads=h)))
-        cands.append(("rebuild 64/4w/3s", KernelConfig(block_s=64, num_warps=4, num_stages=3, programs_per_sm=8)))
-    elif not rope and bits:
+    if gs == 1 and Hq == Hkv:
+        tiles = ((64, 4, 3, 1), (64, 4, 2, 1), (128, 8, 2, 1), (64, 4, 3, 2), (32, 4, 3, 2), (32, 4, 3, 4)) if rope \
+            else ((128, 4, 3, 1), (128, 4, 3, 2), (64, 4, 3, 4), (128, 8, 3, 4))
+        for bs, w, st, h in tiles:  # (block_s, warps, stages, heads per program)
+            cands.append((f"per-head x{h} {bs}/{w}w/{st}s", KernelConfig(block_s=bs, num_warps=w, num_stages=st,
+                                                                          programs_per_sm=8 if rope else 4,
+                                                                          group_heads=h)))
+        if rope:
+            cands.append(("rebuild 64/4w/3s", KernelConfig(block_s=64, num_warps=4, num_stages=3, programs_per_sm=8)))
+    if not rope and bits:
         for bs, w, st in ((64, 4, 3), (128, 8, 3), (256, 8, 3)):
             cands.append((f"absorbed {bs}/{w}w/{st}s", KernelConfig(block_s=bs, num_warps=w, num_stages=st)))
     return cands
@@ -334,15 +339,18 @@ def quant_correctness(shapes):
         for bits, qg in [(4, None)] + ([(3, 32), (2, 16)] if gs != 2 else []):
             ok &= check_case(f"{name} q{bits} group {qg or 'rank'} masked", quantized(base, bits, qg), 5e-3, quant=True)
     for sname, (Hq, Hkv, D) in shapes.items():
-        if Hq == Hkv:  # the rotated-query kernel (one query head per group) at every program width
-            base = latent_case(Hq, Hkv, D, 1, 2, S, True, mask=True)
-            for h in (1, 2, 4):
-                c = KernelConfig(block_s=32 if SMOKE else 64, num_warps=4, num_stages=1 if SMOKE else 3,
-                                 query_rope_heads=h)
-                ok &= check_case(f"{sname} gs1 query-rope x{h} unquantized masked", base, 5e-3, cfg=c)
-                ok &= check_case(f"{sname} gs1 query-rope x{h} q4 masked", quantized(base, 4), 5e-3, quant=True,
-                                 cfg=c)
-            ok &= check_case(f"{sname} gs1 rebuild kernel q4 masked", quantized(base, 4), 5e-3, quant=True,
+        if Hq == Hkv:  # per_head.py's kernel (one query head per group) at every program width
+            for rope in (True, False):
+                mode = "rope" if rope else "absorbed"
+                base = latent_case(Hq, Hkv, D, 1, 2, S, rope, mask=True)
+                for h in (1, 2, 4):
+                    c = KernelConfig(block_s=32 if SMOKE else 64, num_warps=4, num_stages=1 if SMOKE else 3,
+                                     group_heads=h)
+                    ok &= check_case(f"{sname} gs1 {mode} per-head x{h} unquantized masked", base, 5e-3, cfg=c)
+                    ok &= check_case(f"{sname} gs1 {mode} per-head x{h} q4 masked", quantized(base, 4), 5e-3,
+                                     quant=True, cfg=c)
+            ok &= check_case(f"{sname} gs1 rope group kernel q4 masked",
+                             quantized(latent_case(Hq, Hkv, D, 1, 2, S, True, mask=True), 4), 5e-3, quant=True,
                              cfg=KernelConfig(block_s=64, num_warps=4, num_stages=1 if SMOKE else 3))
     Hq, Hkv, D = next(iter(shapes.values()))
     args = list(quantized(latent_case(Hq, Hkv, D, 2, 2, S, True), 4))

@@ -35,7 +35,7 @@ IN_PROCESS = _interpreter_ready()
 from palu_fx.kernels.latent_attention.naive import latent_attention_ref  # noqa: E402
 
 TOL = {torch.float32: 2e-5 if DEVICE == "cpu" else 1e-4, torch.float16: 4e-3, torch.bfloat16: 2.5e-2}
-_MODULES = ["common", "decode", "absorbed", "prefill", "query_rope", "wrapper", "quant"]
+_MODULES = ["common", "decode", "absorbed", "prefill", "per_head", "wrapper", "quant"]
 
 
 def run_in_fresh_process(test_file: str) -> None:
@@ -181,29 +181,35 @@ def test_decode_rebuild_head_subsets(kern, case, hpp, dyn):
 
 @pytest.mark.parametrize("hpp", [1, 2, 4], ids=["1-head", "2-heads", "4-heads"])
 @pytest.mark.parametrize("case", [
-    pytest.param(dict(Skv=100), id="half"),
-    pytest.param(dict(rope=2, Skv=131, dtype=torch.float16), id="interleaved-fp16-S131"),
-    pytest.param(dict(rot=16, mask="bool", rk=48, rv=16), id="partial-rot16-masked-rk48"),
-    pytest.param(dict(softcap=2.0, mask="add", Skv=37), id="softcap-add-mask-S37"),
+    pytest.param(dict(Skv=100), id="rope-half"),
+    pytest.param(dict(rope=2, Skv=131, dtype=torch.float16), id="rope-interleaved-fp16-S131"),
+    pytest.param(dict(rot=16, mask="bool", rk=48, rv=16), id="rope-partial-rot16-masked-rk48"),
+    pytest.param(dict(softcap=2.0, mask="add", Skv=37), id="rope-softcap-add-mask-S37"),
+    pytest.param(dict(absorbed=True, Skv=100), id="absorbed"),
+    pytest.param(dict(absorbed=True, rk=48, rv=64, mask="bool", dtype=torch.float16, Skv=77),
+                 id="absorbed-rk48-rv64-masked-fp16"),
 ])
-def test_decode_query_rope(kern, case, hpp):
-    # one query head per latent group: the rotated-query kernel (query_rope.py)
+def test_decode_per_head(kern, case, hpp):
+    # one query head per latent group: per_head.py's kernel, hpp heads per program
     args = make_inputs(Hq=4, Hkv=4, gs=1, **case)
-    assert kern.query_rope_applies(args[0], args[3], args[4], args[7], args[12], hpp)
+    G = args[3].shape[0] if args[3] is not None else args[1].shape[-1] // args[0].shape[-1]
+    assert kern.per_head_applies(args[0], args[3], args[4], args[7], args[12], G, hpp)
     c = kern.KernelConfig(block_s=64 if DEVICE == "cpu" else 32, num_warps=4, num_stages=1, num_splits=3,
-                          query_rope_heads=hpp)
+                          group_heads=hpp)
     check(kern.latent_attention_triton(*args, config=c), args)
 
 
-def test_query_rope_only_where_it_applies(kern):
-    q, hk, hv, lk, kb, cos, sin, w, *_ = make_inputs(Hq=8, Hkv=4, gs=1, bias=True, norm=True)
-    assert not kern.query_rope_applies(q, lk, None, None, 1, 2)  # GQA: two query heads share a group
+def test_per_head_only_where_it_applies(kern):
+    q, hk, hv, lk, kb, cos, sin, w, *_ = make_inputs(Hq=8, Hkv=4, gs=1)
+    assert not kern.per_head_applies(q, lk, None, None, 1, 4, 2)  # GQA: two query heads share a group
     q, hk, hv, lk, kb, cos, sin, w, *_ = make_inputs(Hq=4, Hkv=4, gs=1, bias=True, norm=True)
-    assert kern.query_rope_applies(q, lk, None, None, 1, 4)
-    assert not kern.query_rope_applies(q, lk, kb, None, 1, 4) and not kern.query_rope_applies(q, lk, None, w, 1, 4)
-    assert not kern.query_rope_applies(q, lk, None, None, 0, 4)  # no RoPE
-    assert not kern.query_rope_applies(q, lk, None, None, 1, 3)  # not a power of two
-    assert not kern.query_rope_applies(torch.cat([q, q], 2), lk, None, None, 1, 4)  # two query tokens
+    assert kern.per_head_applies(q, lk, None, None, 1, 4, 4)
+    assert not kern.per_head_applies(q, lk, kb, None, 1, 4, 4) and not kern.per_head_applies(q, lk, None, w, 1, 4, 4)
+    assert not kern.per_head_applies(q, lk, None, None, 1, 4, 3)  # not a power of two
+    assert not kern.per_head_applies(q, lk, None, None, 1, 4, 0)  # off
+    assert not kern.per_head_applies(torch.cat([q, q], 2), lk, None, None, 1, 4, 4)  # two query tokens
+    q2, hk2, *_ = make_inputs(Hq=8, Hkv=4, gs=2, absorbed=True)
+    assert not kern.per_head_applies(q2, None, None, None, 0, 2, 2)  # absorbed, 4 query heads per group
 
 
 @pytest.mark.parametrize("mask", ["bool", "add", "bool-full", "bool-1d"])

@@ -90,16 +90,17 @@ def test_quant_decode_rope(qk, case, splits, monkeypatch):
 
 @pytest.mark.parametrize("hpp", [1, 2], ids=["1-head", "2-heads"])
 @pytest.mark.parametrize("case", [
-    pytest.param(dict(k_bits=4, Skv=100), id="q4-half"),
-    pytest.param(dict(k_bits=3, k_group=16, rope=2, Skv=131, dtype=torch.float16), id="q3-g16-interleaved-fp16"),
-    pytest.param(dict(k_bits=2, v_bits=4, rot=16, mask="bool", rv=16), id="k2-v4-partial-masked"),
+    pytest.param(dict(k_bits=4, Skv=100), id="q4-rope-half"),
+    pytest.param(dict(k_bits=3, k_group=16, rope=2, Skv=131, dtype=torch.float16), id="q3-g16-rope-interleaved-fp16"),
+    pytest.param(dict(k_bits=2, v_bits=4, rot=16, mask="bool", rv=16), id="k2-v4-rope-partial-masked"),
+    pytest.param(dict(k_bits=4, v_bits=2, k_group=16, absorbed=True, mask="bool", Skv=70), id="k4-g16-v2-absorbed"),
 ])
-def test_quant_decode_query_rope(qk, case, hpp, monkeypatch):
-    # one query head per latent group: the rotated-query kernel over packed latents
+def test_quant_decode_per_head(qk, case, hpp, monkeypatch):
+    # one query head per latent group: per_head.py's kernel over packed latents
     args = quant_inputs(Hq=4, Hkv=4, gs=1, **case)
     no_dequantize(qk, monkeypatch)
     c = qk.KernelConfig(block_s=64 if DEVICE == "cpu" else 32, num_warps=4, num_stages=1, num_splits=2,
-                        query_rope_heads=hpp)
+                        group_heads=hpp)
     check(qk.quant_latent_attention_triton(*args, config=c), args)
 
 

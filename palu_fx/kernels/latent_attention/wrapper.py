@@ -27,7 +27,7 @@ from palu_fx.kernels.latent_attention.common import MASK_ADD, MASK_BOOL, MASK_NO
 from palu_fx.kernels.latent_attention.decode import rebuild_attention_kernel
 from palu_fx.kernels.latent_attention.naive import ROPE_HALF, ROPE_INTERLEAVED, ROPE_NONE, latent_attention_ref
 from palu_fx.kernels.latent_attention.prefill import rebuild_keys, sdpa_latent
-from palu_fx.kernels.latent_attention.query_rope import query_rope_applies, query_rope_launch
+from palu_fx.kernels.latent_attention.per_head import per_head_applies, per_head_launch
 
 __all__ = ["KernelConfig", "Latent", "latent_attention_triton", "fused_attention", "fused_fits", "choose_config"]
 
@@ -47,9 +47,9 @@ class KernelConfig:
     chunk: widest column chunk of a rebuilt key head (rotary pairs or pass-through dims).
     heads_per_program: KV heads of a group one rebuild program handles (0: all of them).
     dynamic_heads: loop over those heads at run time instead of unrolling (fewer live
-    registers for large groups). query_rope_heads: when every query head has its own latent
-    group (M-LRD, no GQA sharing, one query token), RoPE calls run ``query_rope.py``'s
-    kernel with this many heads per program (0: ``decode.py``'s rebuild kernel).
+    registers for large groups). group_heads: when every query head has its own latent
+    group (M-LRD, no GQA sharing, one query token), run ``per_head.py``'s kernel with this
+    many heads (groups) per program (0: the group kernels ``decode.py`` / ``absorbed.py``).
     """
 
     block_s: int = 64
@@ -60,7 +60,7 @@ class KernelConfig:
     chunk: int = 64
     heads_per_program: int = 0
     dynamic_heads: bool = False
-    query_rope_heads: int = 0
+    group_heads: int = 0
 
 
 def _p2(n: int) -> int:
@@ -82,8 +82,8 @@ def choose_config(rebuild: bool, gs: int, rk: int, rv: int, head_dim: int, rows:
     """Default launch knobs for a shape: the fastest spill-free configs of a sweep on an
     H200 at batch 8, 32k context, head dim 128 (see benchmarks/RESULTS.md).
 
-    Quantized caches use the same knobs; RoPE at group size 1 takes the rotated-query
-    kernel there, one head per program (the widest spill-free choice in an sm_90 compile;
+    Quantized caches use the same knobs; RoPE at group size 1 takes ``per_head.py``'s
+    rotated-query kernel there, one head per program (the widest spill-free choice in an sm_90 compile;
     not yet timed: the fp16 cache keeps the measured rebuild kernel, and
     ``benchmarks/attention.py --quant-bits`` times both).
     Under the interpreter: big blocks, few programs (each program costs Python time).
@@ -91,7 +91,7 @@ def choose_config(rebuild: bool, gs: int, rk: int, rv: int, head_dim: int, rows:
     if interpret:
         return KernelConfig(block_s=64, num_warps=4, num_stages=1, programs_per_sm=1)
     if rebuild and gs == 1 and quantized:
-        return KernelConfig(block_s=64, num_warps=4, num_stages=3, programs_per_sm=8, query_rope_heads=1)
+        return KernelConfig(block_s=64, num_warps=4, num_stages=3, programs_per_sm=8, group_heads=1)
     if not rebuild:
         # bandwidth bound: long tiles keep bytes in flight; shared memory caps the stages
         if rk + rv <= 128:
@@ -304,9 +304,9 @@ def fused_attention(q, kl: Latent, vl: Latent, lk, k_bias, cos, sin, k_norm_weig
     qc = q.to(dtype)
 
     cfg = config or choose_config(rebuild, GS, RK, RV, Dq, _p2(HPG) * _p2(Sq), interpret, quantized=kl.bits > 0)
-    query_rope = query_rope_applies(q, lk, k_bias, k_norm_weight, rope_style, cfg.query_rope_heads)
-    if query_rope:  # one query head per latent group: programs of query_rope_heads heads
-        VG, VHPG = Hq // cfg.query_rope_heads, cfg.query_rope_heads
+    per_head = per_head_applies(q, lk, k_bias, k_norm_weight, rope_style, G, cfg.group_heads)
+    if per_head:  # one query head per latent group: programs of group_heads heads
+        VG, VHPG = Hq // cfg.group_heads, cfg.group_heads
     else:
         # a rebuild program may take a subset of its group's KV heads ("virtual groups")
         HPP = GS if not rebuild or cfg.heads_per_program <= 0 else math.gcd(GS, cfg.heads_per_program)
@@ -339,9 +339,9 @@ def fused_attention(q, kl: Latent, vl: Latent, lk, k_bias, cos, sin, k_norm_weig
     )
     grid = (NSPLIT, B * VG, NQB)
     runtime = (G, Hq, Sq, Skv, chunk, NSPLIT, RK, RV, float(scale), float(softcap))
-    if query_rope:
-        query_rope_launch(grid, qc, lk, p, (hk, hv, hks, hkz, hvs, hvz), latent_strides, mask, mstr, out, part, lse,
-                          runtime, common_args, dtype)
+    if per_head:
+        per_head_launch(grid, qc, lk, p, (hk, hv, hks, hkz, hvs, hvz), latent_strides, mask, mstr, out, part, lse,
+                        runtime, common_args, dtype)
     elif rebuild:
         half_p, pass_p = p["HALF_P"], p["PASS_P"]
         ch, pch = min(half_p, cfg.chunk), min(pass_p, cfg.chunk)

@@ -1,0 +1,223 @@
+"""Decode kernel for calls where every query head has its own latent group.
+
+That is one query token with M-LRD and no GQA sharing (the Llama-2 decode shape): the
+group kernels (``decode.py``, ``absorbed.py``) would then fill one of the 16 rows of their
+score tiles, and rebuild keys that no other query row reuses. Here a program takes
+``HPP`` consecutive heads of one sequence (their latents are adjacent groups), one
+score column each, so the online softmax, the masks and each cos/sin tile are shared by
+``HPP`` heads; each head's latents are dequantized in registers as in the group kernels.
+
+Scores per head and token tile:
+
+* absorbed (no RoPE): ``h_t . q'`` as a tensor-core product with the head's query in its
+  own column of a ``[r, 16]`` tile;
+* RoPE: the rotation moves to the query side. For a rotary pair ``i`` (partners ``lo``/``hi``)
+  the score of a rebuilt, rotated key ``k = L h_t`` is
+
+      q . rope_t(k) = sum_i cos_ti (q_lo,i k_lo,i + q_hi,i k_hi,i) + sin_ti (q_hi,i k_lo,i - q_lo,i k_hi,i)
+
+  Both brackets are linear in ``h_t``: rows of two ``[half, r]`` matrices built once per
+  call from the query and ``L_k``::
+
+      Wa_i = q_lo,i L_lo,i + q_hi,i L_hi,i        Wb_i = q_hi,i L_lo,i - q_lo,i L_hi,i
+      score_t = sum_i cos_ti (h_t Wa^T)_i + sin_ti (h_t Wb^T)_i  (+ h_t . w_pass past the rotary dims)
+
+  Two tensor-core products ``[BLOCK_S, r] x [r, half]`` (the FLOPs of rebuilding the key
+  halves), then two multiply-adds and a row sum per pair: no rotated key tile, no
+  rounding of keys to fp16, no score product. Without bias or k-norm (the wrapper checks).
+
+With one or two heads per program the per-head operands (``Wa``/``Wb`` or the query
+column) are hoisted out of the token loop; with more they are re-read per tile with an
+L1-friendly eviction hint.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from palu_fx.kernels.latent_attention.common import (
+    finish_rows, kv_range, load_latent, load_rope_pairs, mma, row_coords, scores_to_log2, softmax_init,
+    softmax_weights,
+)
+
+# Wa and Wb tiles [RK_P, HALF_P] per head stay within this many elements (registers / L1)
+MAX_W_TILE = 128 * 64
+
+
+@triton.jit
+def _rotated_query(w_ptr, w_off, sw_p, sw_r, RK, HALF, RK_P: tl.constexpr, HALF_P: tl.constexpr,
+                   EVICT: tl.constexpr):
+    """``Wa^T``, ``Wb^T`` [RK_P, HALF_P] of one head (zeros padded)."""
+    r = tl.arange(0, RK_P)[:, None]
+    i = tl.arange(0, HALF_P)[None, :]
+    ok = (r < RK) & (i < HALF)
+    ptr = w_ptr + w_off + r * sw_r + i
+    wa = tl.load(ptr, mask=ok, other=0.0, eviction_policy=EVICT)
+    wb = tl.load(ptr + sw_p, mask=ok, other=0.0, eviction_policy=EVICT)
+    return wa, wb
+
+
+@triton.jit
+def _query_column(q_ptr, off, sq_d, RK, COL: tl.constexpr, RK_P: tl.constexpr, M_BLOCK: tl.constexpr,
+                  EVICT: tl.constexpr):
+    """An absorbed query ``q'`` [RK] as column ``COL`` of a zero [RK_P, M_BLOCK] tile."""
+    r = tl.arange(0, RK_P)[:, None]
+    c = tl.arange(0, M_BLOCK)[None, :]
+    return tl.load(q_ptr + off + r * sq_d + c * 0, mask=(r < RK) & (c == COL), other=0.0, eviction_policy=EVICT)
+
+
+@triton.jit
+def _head_operands(w_ptr, wps_ptr, w_off, wps_off, sw_p, sw_r, RK, HALF, COL: tl.constexpr, RK_P: tl.constexpr,
+                   HALF_P: tl.constexpr, M_BLOCK: tl.constexpr, ROPE: tl.constexpr, HAS_PASS: tl.constexpr,
+                   EVICT: tl.constexpr):
+    """Per-head score operands: (Wa^T, Wb^T, pass weights) with RoPE, else (query column tile, -, -)."""
+    if ROPE:
+        wa, wb = _rotated_query(w_ptr, w_off, sw_p, sw_r, RK, HALF, RK_P, HALF_P, EVICT)
+    else:
+        wa = _query_column(w_ptr, w_off, sw_r, RK, COL, RK_P, M_BLOCK, EVICT)
+        wb = wa
+    return wa, wb, _pass_weights(wps_ptr, wps_off, RK, RK_P, HAS_PASS)
+
+
+@triton.jit
+def _pass_weights(wps_ptr, off, RK, RK_P: tl.constexpr, HAS_PASS: tl.constexpr):
+    """Pass-through weights [RK_P] of one head (fp32; zeros without pass-through dims)."""
+    r = tl.arange(0, RK_P)
+    w = tl.zeros([RK_P], tl.float32)
+    if HAS_PASS:
+        w = tl.load(wps_ptr + off + r, mask=r < RK, other=0.0)
+    return w
+
+
+@triton.jit
+def per_head_attention_kernel(
+    w_ptr, wps_ptr, hk_ptr, hv_ptr, hks_ptr, hkz_ptr, hvs_ptr, hvz_ptr, cos_ptr, sin_ptr, mask_ptr,
+    out_ptr, part_ptr, lse_ptr,
+    sw_b, sw_h, sw_p, sw_r, swp_b, swp_h,
+    shk_b, shk_s, shv_b, shv_s, shks_b, shks_s, shvs_b, shvs_s, K_W, V_W,
+    sc_b, sc_s, sc_d, ss_b, ss_s, ss_d,
+    sm_b, sm_h, sm_q, sm_k,
+    so_b, so_h, so_s,
+    G, Hq, Sq, Skv, chunk, NSPLIT, RK, RV, scale, softcap,
+    RK_P: tl.constexpr, RV_P: tl.constexpr, HPG: tl.constexpr, HPG_P: tl.constexpr, M_BLOCK: tl.constexpr,
+    BLOCK_S: tl.constexpr, ROPE: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr, STEP: tl.constexpr,
+    HAS_PASS: tl.constexpr,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, USE_SOFTCAP: tl.constexpr,
+    DIRECT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    K_BITS: tl.constexpr, K_QG: tl.constexpr, K_QG_P: tl.constexpr, K_NQG: tl.constexpr, K_NQG_P: tl.constexpr,
+    V_BITS: tl.constexpr, V_QG: tl.constexpr, V_QG_P: tl.constexpr, V_NQG: tl.constexpr, V_NQG_P: tl.constexpr,
+):
+    pid_s = tl.program_id(0)
+    pid_x = tl.program_id(1)
+    HPP: tl.constexpr = HPG  # heads per program (a power of two: HPG_P == HPG)
+    # rows: the HPP heads of this program (one query token); head h reads latent group h
+    b, blk, h_loc, head, qi, row_ok = row_coords(pid_x, 0, Hq // HPP, Hq, 1, HPP, HPG_P, M_BLOCK)
+    m_off = b * sm_b + head * sm_h + qi * sm_q
+    lo, hi = kv_range(pid_s, 0, chunk, Skv, 1, IS_CAUSAL, 1)
+    cols = tl.arange(0, M_BLOCK)
+    dtype = w_ptr.dtype.element_ty
+    h0 = blk * HPP
+
+    HOIST: tl.constexpr = HPP <= 2  # loop-invariant operands of one or two heads stay resident
+    if HOIST:
+        wa0, wb0, wps0 = _head_operands(w_ptr, wps_ptr, b * sw_b + h0 * sw_h, b * swp_b + h0 * swp_h, sw_p, sw_r,
+                                        RK, HALF, 0, RK_P, HALF_P, M_BLOCK, ROPE, HAS_PASS, "")
+        if HPP == 2:
+            wa1, wb1, wps1 = _head_operands(w_ptr, wps_ptr, b * sw_b + (h0 + 1) * sw_h, b * swp_b + (h0 + 1) * swp_h,
+                                            sw_p, sw_r, RK, HALF, 1, RK_P, HALF_P, M_BLOCK, ROPE, HAS_PASS, "")
+
+    m_i, l_i, acc = softmax_init(M_BLOCK, RV_P)
+    for start in range(lo, hi, BLOCK_S):
+        kv = start + tl.arange(0, BLOCK_S)
+        kv_ok = kv < hi
+        if ROPE:
+            cs, sn = load_rope_pairs(cos_ptr, sin_ptr, b, kv, kv_ok, sc_b, sc_s, sc_d, ss_b, ss_s, ss_d, 0,
+                                     HALF, HALF_P, STEP)
+        s = tl.zeros([BLOCK_S, M_BLOCK], tl.float32)
+        for jj in tl.static_range(HPP):
+            h = h0 + jj
+            hk_t = load_latent(hk_ptr + b * shk_b + h * K_W, hks_ptr + b * shks_b + h * K_NQG,
+                               hkz_ptr + b * shks_b + h * K_NQG, kv, kv_ok, shk_s, shks_s, RK, RK_P,
+                               K_BITS, K_QG, K_QG_P, K_NQG, K_NQG_P, dtype)
+            if HOIST and jj == 0:
+                wa, wb, wps = wa0, wb0, wps0
+            elif HOIST:
+                wa, wb, wps = wa1, wb1, wps1
+            else:
+                wa, wb, wps = _head_operands(w_ptr, wps_ptr, b * sw_b + h * sw_h, b * swp_b + h * swp_h, sw_p, sw_r,
+                                             RK, HALF, jj, RK_P, HALF_P, M_BLOCK, ROPE, HAS_PASS, "evict_last")
+            if ROPE:
+                sc = tl.sum(mma(hk_t, wa, UPCAST, IEEE) * cs + mma(hk_t, wb, UPCAST, IEEE) * sn, axis=1)
+                if HAS_PASS:
+                    sc += tl.sum(hk_t.to(tl.float32) * wps[None, :], axis=1)
+                s += tl.where(cols[None, :] == jj, sc[:, None], 0.0)
+            else:  # the head's query sits in column jj: the product fills that column only
+                s += mma(hk_t, wa, UPCAST, IEEE)
+        s2 = scores_to_log2(s, kv, kv_ok, qi, row_ok, m_off, mask_ptr, sm_k, scale, softcap,
+                            MASK_KIND, IS_CAUSAL, USE_SOFTCAP)
+        p, alpha, m_i, l_i = softmax_weights(s2, m_i, l_i)
+        acc = acc * alpha[None, :]
+        for jj in tl.static_range(HPP):  # each head's weights meet its own latent values
+            h = h0 + jj
+            v_t = load_latent(hv_ptr + b * shv_b + h * V_W, hvs_ptr + b * shvs_b + h * V_NQG,
+                              hvz_ptr + b * shvs_b + h * V_NQG, kv, kv_ok, shv_s, shvs_s, RV, RV_P,
+                              V_BITS, V_QG, V_QG_P, V_NQG, V_NQG_P, dtype)
+            pj = tl.where(cols[None, :] == jj, p, 0.0)
+            acc += mma(tl.trans(v_t), pj.to(dtype), UPCAST, IEEE)
+
+    finish_rows(acc, m_i, l_i, out_ptr, part_ptr, lse_ptr, b, head, qi, row_ok, so_b, so_h, so_s,
+                pid_x, 0, pid_s, 1, NSPLIT, RV, RV_P, M_BLOCK, DIRECT)
+
+
+def per_head_applies(q, lk, k_bias, k_norm_weight, rope_style, groups, heads_per_program) -> bool:
+    """Whether ``per_head_attention_kernel`` serves a call (see the module docstring)."""
+    B, Hq, Sq, D = q.shape
+    hpp = heads_per_program
+    if hpp < 1 or hpp & (hpp - 1) or Hq % hpp or Sq != 1 or groups != Hq:
+        return False
+    if lk is None:  # absorbed
+        return True
+    if rope_style == 0 or k_bias is not None or k_norm_weight is not None or lk.shape[1] != D:
+        return False
+    half_p = max(16, 1 << max(0, (D // 2 - 1)).bit_length())
+    rk_p = max(16, 1 << max(0, lk.shape[-1] - 1).bit_length())
+    return half_p * rk_p <= MAX_W_TILE
+
+
+def rotated_queries(q, lk, p, dtype):
+    """(Wa, Wb)^T per query head, ``[B, Hq, 2, RK, half]`` in ``dtype``, and the pass-through
+    weights ``[B, Hq, RK]`` (float32; None without pass-through dims). ``p``: ``wrapper._parts``."""
+    half, step, hi_off, rot = p["HALF"], p["STEP"], p["HI_OFF"], p["ROT"]
+    lo = torch.arange(half, device=q.device) * step
+    hi = lo + hi_off
+    qf = q[:, :, 0].float()  # [B, H, D]
+    L = lk.float()  # [H, D, RK]
+    q_lo, q_hi = qf[..., lo, None], qf[..., hi, None]
+    wa = q_lo * L[:, lo] + q_hi * L[:, hi]  # [B, H, half, RK]
+    wb = q_hi * L[:, lo] - q_lo * L[:, hi]
+    w = torch.stack((wa, wb), 2).transpose(-1, -2).to(dtype).contiguous()
+    wps = torch.einsum("bhe,her->bhr", qf[..., rot:], L[:, rot:]).contiguous() if rot < q.shape[-1] else None
+    return w, wps
+
+
+def per_head_launch(grid, q, lk, p, latent_ptrs, latent_strides, mask, mstr, out, part, lse, runtime, consts,
+                    dtype):
+    """Launch the kernel with the wrapper's shared arguments (``consts`` as for the group kernels);
+    ``lk``/``p`` None in absorbed mode, where ``q`` is the absorbed query."""
+    from palu_fx.kernels.latent_attention.wrapper import _launch
+
+    if lk is not None:
+        w, wps = rotated_queries(q, lk, p, dtype)
+        w_strides = (w.stride(0), w.stride(1), w.stride(2), w.stride(3))
+        rope = dict(ROPE=True, HALF=p["HALF"], HALF_P=p["HALF_P"], STEP=p["STEP"])
+        tables = (p["cos"], p["sin"], *p["cos_strides"], *p["sin_strides"])
+    else:  # the query itself: [B, Hq, 1, RK]
+        w, wps = q, None
+        w_strides = (q.stride(0), q.stride(1), 0, q.stride(3))
+        rope = dict(ROPE=False, HALF=1, HALF_P=16, STEP=1)
+        tables = (q, q, 0, 0, 0, 0, 0, 0)
+    wp = wps if wps is not None else w
+    args = (w, wp, *latent_ptrs, *tables[:2], mask, out, part, lse, *w_strides, wp.stride(0), wp.stride(1),
+            *latent_strides, *tables[2:], *mstr, out.stride(0), out.stride(1), out.stride(2), *runtime)
+    _launch(per_head_attention_kernel, grid, args, dict(consts, HAS_PASS=wps is not None, **rope))

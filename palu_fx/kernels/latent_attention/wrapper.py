@@ -5,7 +5,10 @@ Paths (same semantics as ``naive.latent_attention_ref``):
 * fused (``decode.py`` / ``absorbed.py``): few query tokens per sequence. The query heads of
   a group and the query positions share one program, so every latent tile is read once
   per group; the cached sequence is split over programs (flash-decoding) and merged by
-  ``combine_splits_kernel``.
+  ``combine_splits_kernel``. When every query head has its own group and one query token
+  (``KernelConfig.group_heads``), ``per_head.py``'s kernel takes several groups per
+  program instead. The fused kernels read plain latents or packed quantized ones
+  (``Latent``; the quantized op's host side is ``quant.py``).
 * prefill (``prefill.py``): many query tokens and no softcap: keys rebuilt once, then SDPA.
   With a softcap (which SDPA lacks) the fused kernel also serves prefill, tiling the
   query positions over a third grid axis.

@@ -152,3 +152,30 @@ def test_tile_layouts(qk):
     assert not qk.tile_layout_ok(48, 4, 24)  # two groups of 24: not a power of two
     assert not qk.tile_layout_ok(64, 3, 4)  # 3-bit groups need 8 channels per byte plane
     assert not qk.tile_layout_ok(64, 4, 128)  # a group wider than the Palu group
+
+
+def test_compressed_program_runs_the_kernels(qk, monkeypatch):
+    # a quantized exported decoder (3 bits, G-LRD): prefill and decode steps through the
+    # Triton path agree with the reference path
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import palu_fx
+
+    cfg = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128, head_dim=32)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).to(DEVICE).eval()
+    ep = palu_fx.compress_exported(palu_fx.export_decoder(model, batch_size=2, max_cache_len=80),
+                                   palu_fx.PaluConfig(rank_ratio=0.5, group_size=2, bits=3))
+    ids = torch.randint(3, 128, (2, 67), device=DEVICE)
+    outs = []
+    for kernel in ("triton", "reference"):
+        monkeypatch.setenv("PALU_FX_KERNEL", kernel)
+        mod = ep.module()
+        with torch.no_grad():
+            o = [mod(input_ids=ids[:, :64], cache_position=torch.arange(64, device=DEVICE))]
+            o += [mod(input_ids=ids[:, t:t + 1], cache_position=torch.tensor([t], device=DEVICE))
+                  for t in range(64, 67)]
+        outs.append(torch.cat(o, 1).double())
+    err = ((outs[0] - outs[1]).norm() / outs[1].norm()).item()
+    assert err < (1e-5 if DEVICE == "cpu" else 1e-3), f"relative error {err:.2e}"  # GPU: other summation orders

@@ -314,7 +314,7 @@ def row_candidates(tuned, rope, gs, Hq, Hkv, bits):
     if SMOKE:
         return cands
     if gs == 1 and Hq == Hkv:
-        tiles = ((64, 4, 3, 1), (64, 4, 2, 1), (128, 8, 2, 1), (64, 4, 3, 2), (32, 4, 3, 2), (32, 4, 3, 4)) if rope \
+        tiles = ((64, 4, 3, 1), (64, 4, 2, 1), (128, 8, 2, 1), (64, 4, 3, 2), (64, 8, 2, 2), (128, 8, 2, 2)) if rope \
             else ((128, 4, 3, 1), (128, 4, 3, 2), (64, 4, 3, 4), (128, 8, 3, 4))
         for bs, w, st, h in tiles:  # (block_s, warps, stages, heads per program)
             cands.append((f"per-head x{h} {bs}/{w}w/{st}s", KernelConfig(block_s=bs, num_warps=w, num_stages=st,

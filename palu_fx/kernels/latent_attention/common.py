@@ -256,9 +256,9 @@ def load_q_head(
 @triton.jit
 def load_rope_pairs(
     cos_ptr, sin_ptr, b, kv, kv_ok, sc_b, sc_s, sc_d, ss_b, ss_s, ss_d, d0,
-    HALF: tl.constexpr, CH: tl.constexpr, STEP: tl.constexpr,
+    HALF: tl.constexpr, CH: tl.constexpr, STEP: tl.constexpr, DTYPE: tl.constexpr = tl.float32,
 ):
-    """cos/sin of rotary pairs ``d0 .. d0+CH`` of each cached slot, fp32 [BLOCK_S, CH].
+    """cos/sin of rotary pairs ``d0 .. d0+CH`` of each cached slot, [BLOCK_S, CH] in ``DTYPE``.
 
     Both partners of a pair rotate by one angle, so only the "lo" column of each pair is
     read: half the table bytes, which every (batch, group) program streams from L2.
@@ -267,7 +267,7 @@ def load_rope_pairs(
     ok = kv_ok[:, None] & (d < HALF)
     c = tl.load(cos_ptr + b * sc_b + kv[:, None] * sc_s + (d * STEP) * sc_d, mask=ok, other=0.0)
     sn = tl.load(sin_ptr + b * ss_b + kv[:, None] * ss_s + (d * STEP) * ss_d, mask=ok, other=0.0)
-    return c.to(tl.float32), sn.to(tl.float32)
+    return c.to(DTYPE), sn.to(DTYPE)
 
 
 @triton.jit

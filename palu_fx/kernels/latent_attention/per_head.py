@@ -131,9 +131,9 @@ def per_head_attention_kernel(
     for start in range(lo, hi, BLOCK_S):
         kv = start + tl.arange(0, BLOCK_S)
         kv_ok = kv < hi
-        if ROPE:
+        if ROPE:  # fp32 operands: fp32 pair terms; fp16/bf16: pair terms in that dtype, summed by a dot
             cs, sn = load_rope_pairs(cos_ptr, sin_ptr, b, kv, kv_ok, sc_b, sc_s, sc_d, ss_b, ss_s, ss_d, 0,
-                                     HALF, HALF_P, STEP)
+                                     HALF, HALF_P, STEP, tl.float32 if IEEE else dtype)
         s = tl.zeros([BLOCK_S, M_BLOCK], tl.float32)
         for jj in tl.static_range(HPP):
             h = h0 + jj
@@ -147,11 +147,22 @@ def per_head_attention_kernel(
             else:
                 wa, wb, wps = _head_operands(w_ptr, wps_ptr, b * sw_b + h * sw_h, b * swp_b + h * swp_h, sw_p, sw_r,
                                              RK, HALF, jj, RK_P, HALF_P, M_BLOCK, ROPE, HAS_PASS, "evict_last")
-            if ROPE:
+            if ROPE and IEEE:
                 sc = tl.sum(mma(hk_t, wa, UPCAST, IEEE) * cs + mma(hk_t, wb, UPCAST, IEEE) * sn, axis=1)
                 if HAS_PASS:
                     sc += tl.sum(hk_t.to(tl.float32) * wps[None, :], axis=1)
                 s += tl.where(cols[None, :] == jj, sc[:, None], 0.0)
+            elif ROPE:
+                # the pair terms rounded to the operand dtype (the rounding the group kernel
+                # applies to rotated keys), their row sums by a dot with a one-hot column:
+                # packed half-precision math and a tensor-core reduction instead of fp32
+                # conversions, products and shuffles
+                t = mma(hk_t, wa, UPCAST, IEEE).to(dtype) * cs + mma(hk_t, wb, UPCAST, IEEE).to(dtype) * sn
+                s += mma(t, tl.where(cols[None, :] == jj, 1.0, 0.0).to(dtype) + tl.zeros([HALF_P, 1], dtype),
+                         UPCAST, IEEE)
+                if HAS_PASS:
+                    sc = tl.sum(hk_t.to(tl.float32) * wps[None, :], axis=1)
+                    s += tl.where(cols[None, :] == jj, sc[:, None], 0.0)
             else:  # the head's query sits in column jj: the product fills that column only
                 s += mma(hk_t, wa, UPCAST, IEEE)
         s2 = scores_to_log2(s, kv, kv_ok, qi, row_ok, m_off, mask_ptr, sm_k, scale, softcap,

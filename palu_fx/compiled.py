@@ -12,6 +12,7 @@ without it.
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Callable, Optional, Union
 
 import torch
@@ -109,8 +110,44 @@ def _has_latent_cache(gm: fx.GraphModule) -> bool:
                for n in gm.graph.nodes)
 
 
+class _PlanMemo:
+    """Plans already made by one backend, keyed by the K/V weights they factor.
+
+    A plan is reused only while the very same weight tensors are alive, with the same
+    version counter (an in-place update bumps it): addresses alone could be recycled by
+    another model's weights after the first one is freed.
+    """
+
+    def __init__(self):
+        self._entries: dict[tuple, tuple[CompressionPlan, list]] = {}
+
+    @staticmethod
+    def _weights(sites, tensor) -> list[torch.Tensor]:
+        return [tensor(chain.proj.weight) for s in sites for chain in (s.key, s.value)]
+
+    @staticmethod
+    def _key(weights) -> tuple:
+        return tuple((w.untyped_storage().data_ptr(), w.storage_offset(), tuple(w.shape), w.dtype, w._version)
+                     for w in weights)
+
+    def get(self, sites, tensor) -> Optional[CompressionPlan]:
+        weights = self._weights(sites, tensor)
+        hit = self._entries.get(self._key(weights))
+        if hit is None or any(ref() is not w for ref, w in zip(hit[1], weights)):
+            return None
+        return hit[0]
+
+    def put(self, sites, tensor, plan: CompressionPlan) -> None:
+        weights = self._weights(sites, tensor)
+        self._entries = {k: v for k, v in self._entries.items() if all(ref() is not None for ref in v[1])}
+        self._entries[self._key(weights)] = (plan, [weakref.ref(w) for w in weights])
+
+
 def compile_with_palu(gm: fx.GraphModule, example_inputs: list,
-                      compression: Union[PaluConfig, CompressionPlan], eager: bool = False) -> Callable:
+                      compression: Union[PaluConfig, CompressionPlan], eager: bool = False,
+                      plans: Optional[_PlanMemo] = None) -> Callable:
+    """``plans`` memoizes the factorization across the graphs one backend compiles (the
+    prefill and decode graphs, recompiles): it depends only on the weights and the config."""
     latent = _has_latent_cache(gm)
     try:
         aten_gm, fake_mode = _to_aten(gm, example_inputs)
@@ -139,7 +176,11 @@ def compile_with_palu(gm: fx.GraphModule, example_inputs: list,
         plan = compression
         plan.check(sites)
     else:
-        plan = make_plan(sites, editor.tensor, compression)
+        plan = plans.get(sites, editor.tensor) if plans is not None else None
+        if plan is None:
+            plan = make_plan(sites, editor.tensor, compression)
+            if plans is not None:
+                plans.put(sites, editor.tensor, plan)
     before = live_snapshot(aten_gm.graph)
     rotary = RotaryCaches(editor)
     results = [rewrite_site(aten_gm.graph, s, sp, editor, rotary, plan.config.fold_values, plan.config.bits,
@@ -167,8 +208,10 @@ def backend(compression: Union[PaluConfig, CompressionPlan, None] = None, *, eag
     if not isinstance(compression, (PaluConfig, CompressionPlan)):
         raise TypeError(f"backend() takes a PaluConfig or CompressionPlan, got {type(compression).__name__}")
 
+    plans = _PlanMemo()
+
     def palu(gm: fx.GraphModule, example_inputs: list):
-        return compile_with_palu(gm, example_inputs, compression, eager)
+        return compile_with_palu(gm, example_inputs, compression, eager, plans)
 
     return palu
 

@@ -164,3 +164,22 @@ def test_registered_backend_name_with_defaults():
     cache = LatentCache(m.config, MAX_CACHE)
     out = _generate(m, cache)
     assert out.shape == (2, 9 + NEW) and cache.nbytes > 0
+
+
+def test_factorization_is_reused_across_the_graphs_of_one_model(monkeypatch):
+    """Prefill and decode graphs (and recompiles) of one model factor its weights once; a
+    new model, or an in-place weight update, gets a fresh plan."""
+    calls = []
+    real = palu_fx.compiled.make_plan
+    monkeypatch.setattr(palu_fx.compiled, "make_plan", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg = PaluConfig(rank_ratio=0.5, group_size=1)
+    be = palu_fx.backend(cfg, eager=True)
+    m = _model("llama")
+    m.forward = torch.compile(m.forward, backend=be)
+    _generate(m, LatentCache(m.config, max_cache_len=MAX_CACHE, compression=cfg))
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert graphs >= 2 and len(calls) == 1
+    m.model.layers[0].self_attn.k_proj.weight.mul_(1.5)  # a changed weight must be re-factored
+    torch._dynamo.reset()  # m.forward recompiles with the same backend
+    _generate(m, LatentCache(m.config, max_cache_len=MAX_CACHE, compression=cfg))
+    assert len(calls) == 2

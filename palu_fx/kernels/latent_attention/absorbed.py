@@ -5,7 +5,9 @@ scores are ``q' . hk`` directly and no key is ever rebuilt: the kernel is a plai
 flash-decoding loop over the latent caches, purely bandwidth bound. One program handles
 every query head of a group (they share ``hk``/``hv``), one query block and one split of
 the cached tokens; the query tile is loaded once, the token loop streams ``hk`` and ``hv``
-tiles, which is where all the bytes are.
+tiles, which is where all the bytes are. Tiles come from ``common.load_latent``: a plain
+cache, or packed 2/3/4-bit codes dequantized in registers (then the stream is the packed
+bytes plus the fp16 scales and zeros).
 """
 from __future__ import annotations
 

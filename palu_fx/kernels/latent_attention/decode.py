@@ -5,7 +5,9 @@ One program = one (batch, group) pair x one query block x one split of the cache
 and rebuilds the keys of every KV head of the group from it with ``tl.dot`` (tensor cores),
 so the reconstruction is amortised over all the query heads that share the group (GQA,
 MQA, and the ``gs`` heads of a G-LRD group). Scores, the online softmax and ``P @ hv``
-follow in the same loop; the output stays in value-latent space.
+follow in the same loop; the output stays in value-latent space. The latent tiles come
+from ``common.load_latent``: a plain cache, or packed 2/3/4-bit codes dequantized in
+registers.
 
 A head's key is rebuilt in column chunks of ``CH`` rotary pairs (and ``PCH`` pass-through
 dims): the fp32 tiles of a chunk are [BLOCK_S, CH], so long token tiles fit the registers,

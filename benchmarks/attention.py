@@ -308,14 +308,14 @@ def row_candidates(tuned, rope, gs, Hq, Hkv, bits):
     built-in config, plus, where one query head owns each latent group (group size 1, as
     many KV heads as query heads), ``per_head.py``'s kernel at 1, 2 and 4 heads per
     program and the group kernel, for fp16 and packed caches; absorbed rows over packed
-    caches also try three token tiles of the group kernel. Every candidate compiles
+    caches also try two more token tiles of the group kernel. Every candidate compiles
     without register spills for sm_90."""
     cands = [("default", tuned)]
     if SMOKE:
         return cands
     if gs == 1 and Hq == Hkv:
-        tiles = ((64, 4, 3, 1), (64, 4, 2, 1), (128, 8, 2, 1), (64, 4, 3, 2), (64, 8, 2, 2), (128, 8, 2, 2)) if rope \
-            else ((128, 4, 3, 1), (128, 4, 3, 2), (64, 4, 3, 4), (128, 8, 3, 4))
+        tiles = ((64, 4, 3, 1), (128, 8, 2, 1), (64, 4, 3, 2), (128, 8, 2, 2)) if rope \
+            else ((128, 4, 3, 1), (128, 4, 3, 2), (64, 4, 3, 4))
         for bs, w, st, h in tiles:  # (block_s, warps, stages, heads per program)
             cands.append((f"per-head x{h} {bs}/{w}w/{st}s", KernelConfig(block_s=bs, num_warps=w, num_stages=st,
                                                                           programs_per_sm=8 if rope else 4,
@@ -323,7 +323,7 @@ def row_candidates(tuned, rope, gs, Hq, Hkv, bits):
         if rope:
             cands.append(("rebuild 64/4w/3s", KernelConfig(block_s=64, num_warps=4, num_stages=3, programs_per_sm=8)))
     if not rope and bits:
-        for bs, w, st in ((64, 4, 3), (128, 8, 3), (256, 8, 3)):
+        for bs, w, st in ((64, 4, 3), (128, 8, 3)):
             cands.append((f"absorbed {bs}/{w}w/{st}s", KernelConfig(block_s=bs, num_warps=w, num_stages=st)))
     return cands
 

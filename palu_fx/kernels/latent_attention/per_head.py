@@ -131,9 +131,12 @@ def per_head_attention_kernel(
     for start in range(lo, hi, BLOCK_S):
         kv = start + tl.arange(0, BLOCK_S)
         kv_ok = kv < hi
-        if ROPE:  # fp32 operands: fp32 pair terms; fp16/bf16: pair terms in that dtype, summed by a dot
+        if ROPE and IEEE:  # fp32 operands: fp32 pair terms
             cs, sn = load_rope_pairs(cos_ptr, sin_ptr, b, kv, kv_ok, sc_b, sc_s, sc_d, ss_b, ss_s, ss_d, 0,
-                                     HALF, HALF_P, STEP, tl.float32 if IEEE else dtype)
+                                     HALF, HALF_P, STEP)
+        elif ROPE:  # fp16/bf16: pair terms in that dtype, summed by a dot
+            cs, sn = load_rope_pairs(cos_ptr, sin_ptr, b, kv, kv_ok, sc_b, sc_s, sc_d, ss_b, ss_s, ss_d, 0,
+                                     HALF, HALF_P, STEP, dtype)
         s = tl.zeros([BLOCK_S, M_BLOCK], tl.float32)
         for jj in tl.static_range(HPP):
             h = h0 + jj

@@ -16,7 +16,9 @@ Quantized rows (``--quant-bits``, modes "RoPE q4", "absorbed q4", ...): the cach
 packed codes with fp16 scale and zero per token and Palu group (the pass's default
 quantization group), read by the same fused kernels that dequantize in registers; the
 bytes floor counts the real packed bytes (codes + scales + zeros), the FLOPs floor and
-the efficiency are defined as above, SDPA is the same full fp16 cache. ``--check`` runs
+the efficiency are defined as above, SDPA is the same full fp16 cache. "ours" is the
+fastest of the configs ``row_candidates`` lists (every candidate's time is printed, so a
+default that loses shows in the log). ``--check`` runs
 the quantized kernels against ``quant_latent_attention_ref`` first (bits 2/3/4, group
 sizes 1/2/4, masks, ragged lengths) and exits non-zero if any case fails.
 

@@ -140,6 +140,15 @@ def quant_bytes_formula(plan) -> int:
 CACHE_SUFFIXES = ("_codes", "_scale", "_zero", "_latent")
 
 
+def is_palu_cache(leaf: str) -> bool:
+    return leaf.startswith("palu_") and leaf.endswith(CACHE_SUFFIXES)
+
+
+def is_kv_cache(leaf: str, buf: torch.Tensor) -> bool:
+    """The export wrapper's static K/V caches (``key_cache_{i}`` / ``value_cache_{i}``)."""
+    return buf.dim() == 4 and leaf.startswith(("key_cache_", "value_cache_"))
+
+
 def program_cache_bytes(ep) -> dict:
     """Cache bytes per token slot measured from a decoder program's buffers.
 
@@ -155,14 +164,14 @@ def program_cache_bytes(ep) -> dict:
         leaf = name.rsplit(".", 1)[-1]
         if leaf.startswith("palu_positions"):
             out["positions"] += buf.element_size() * buf.numel() // buf.shape[1]
-        elif leaf.startswith("palu_") and leaf.endswith(CACHE_SUFFIXES):
+        elif is_palu_cache(leaf):
             nb = buf.element_size() * buf.numel() // buf.shape[1]
             out["latents"] += nb
             if leaf.endswith("_codes"):
                 out["codes"] += nb
             elif leaf.endswith(("_scale", "_zero")):
                 out["scales_zeros"] += nb
-        elif buf.dim() == 4 and ("key_cache" in leaf or "value_cache" in leaf or leaf.endswith(("_keys", "_values"))):
+        elif is_kv_cache(leaf, buf):
             out["kv"] += buf.element_size() * buf.numel() // buf.shape[2]
     return out
 
@@ -189,8 +198,8 @@ def poison_caches(mod, seed: int = 0) -> int:
     n = 0
     for name, buf in mod.named_buffers():
         leaf = name.rsplit(".", 1)[-1]
-        if leaf.startswith("palu_positions") or not (leaf.endswith(CACHE_SUFFIXES) or "key_cache" in leaf
-                                                      or "value_cache" in leaf or leaf.endswith(("_keys", "_values"))):
+        # only palu-fx's latent caches and the wrapper's K/V caches (not e.g. Gemma's ``embed_scale``)
+        if not (is_palu_cache(leaf) or is_kv_cache(leaf, buf)):
             continue
         if buf.dtype == torch.uint8:
             buf.copy_(torch.randint(0, 256, buf.shape, generator=g, dtype=torch.uint8))
@@ -231,7 +240,13 @@ def check_decoder(ep_pre, ep_dec, plans: dict, windows: torch.Tensor, progress: 
             after = fn_dec(windows[1:2]).clone()
             n = poison_caches(fn_dec.module)
             poisoned = fn_dec(windows[1:2]).clone()
-        entry.update(poisoned_buffers=n, leak_max_abs_diff=float((after - poisoned).abs().max()))
+            # positive control: the same window one slot later reads slot 0, which holds random data now
+            T = windows.shape[1]
+            poison_caches(fn_dec.module, seed=1)
+            shifted = fn_dec.module(input_ids=windows[1:2, : T - 1], cache_position=torch.arange(1, T))
+            shifted = getattr(shifted, "logits", shifted)
+        entry.update(poisoned_buffers=n, leak_max_abs_diff=float((after - poisoned).abs().max()),
+                     control_max_abs_diff=float((after[:, : T - 1] - shifted).abs().max()))
         entry["seconds"] = round(time.time() - t, 1)
         log(f"check {label}: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
                                           for k, v in entry.items()))

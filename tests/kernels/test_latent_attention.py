@@ -185,6 +185,7 @@ def test_decode_rebuild_head_subsets(kern, case, hpp, dyn):
     pytest.param(dict(rope=2, Skv=131, dtype=torch.float16), id="rope-interleaved-fp16-S131"),
     pytest.param(dict(rot=16, mask="bool", rk=48, rv=16), id="rope-partial-rot16-masked-rk48"),
     pytest.param(dict(softcap=2.0, mask="add", Skv=37), id="rope-softcap-add-mask-S37"),
+    pytest.param(dict(dtype=torch.bfloat16, Skv=70), id="rope-bf16"),
     pytest.param(dict(absorbed=True, Skv=100), id="absorbed"),
     pytest.param(dict(absorbed=True, rk=48, rv=64, mask="bool", dtype=torch.float16, Skv=77),
                  id="absorbed-rk48-rv64-masked-fp16"),

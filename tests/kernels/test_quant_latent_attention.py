@@ -94,6 +94,7 @@ def test_quant_decode_rope(qk, case, splits, monkeypatch):
     pytest.param(dict(k_bits=3, k_group=16, rope=2, Skv=131, dtype=torch.float16), id="q3-g16-rope-interleaved-fp16"),
     pytest.param(dict(k_bits=2, v_bits=4, rot=16, mask="bool", rv=16), id="k2-v4-rope-partial-masked"),
     pytest.param(dict(k_bits=4, v_bits=2, k_group=16, absorbed=True, mask="bool", Skv=70), id="k4-g16-v2-absorbed"),
+    pytest.param(dict(k_bits=4, dtype=torch.bfloat16, Skv=70), id="q4-rope-bf16"),
 ])
 def test_quant_decode_per_head(qk, case, hpp, monkeypatch):
     # one query head per latent group: per_head.py's kernel over packed latents

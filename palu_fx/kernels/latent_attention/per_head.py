@@ -119,6 +119,9 @@ def per_head_attention_kernel(
     dtype = w_ptr.dtype.element_ty
     h0 = blk * HPP
 
+    # RoPE pair terms in fp32 for fp32 operands (and bf16 under the interpreter, whose bf16
+    # arithmetic is wrong); otherwise in the operand dtype, summed by a dot
+    F32_PAIRS: tl.constexpr = IEEE or UPCAST
     HOIST: tl.constexpr = HPP <= 2  # loop-invariant operands of one or two heads stay resident
     if HOIST:
         wa0, wb0, wps0 = _head_operands(w_ptr, wps_ptr, b * sw_b + h0 * sw_h, b * swp_b + h0 * swp_h, sw_p, sw_r,
@@ -131,10 +134,10 @@ def per_head_attention_kernel(
     for start in range(lo, hi, BLOCK_S):
         kv = start + tl.arange(0, BLOCK_S)
         kv_ok = kv < hi
-        if ROPE and IEEE:  # fp32 operands: fp32 pair terms
+        if ROPE and F32_PAIRS:
             cs, sn = load_rope_pairs(cos_ptr, sin_ptr, b, kv, kv_ok, sc_b, sc_s, sc_d, ss_b, ss_s, ss_d, 0,
                                      HALF, HALF_P, STEP)
-        elif ROPE:  # fp16/bf16: pair terms in that dtype, summed by a dot
+        elif ROPE:
             cs, sn = load_rope_pairs(cos_ptr, sin_ptr, b, kv, kv_ok, sc_b, sc_s, sc_d, ss_b, ss_s, ss_d, 0,
                                      HALF, HALF_P, STEP, dtype)
         s = tl.zeros([BLOCK_S, M_BLOCK], tl.float32)
@@ -150,7 +153,7 @@ def per_head_attention_kernel(
             else:
                 wa, wb, wps = _head_operands(w_ptr, wps_ptr, b * sw_b + h * sw_h, b * swp_b + h * swp_h, sw_p, sw_r,
                                              RK, HALF, jj, RK_P, HALF_P, M_BLOCK, ROPE, HAS_PASS, "evict_last")
-            if ROPE and IEEE:
+            if ROPE and F32_PAIRS:
                 sc = tl.sum(mma(hk_t, wa, UPCAST, IEEE) * cs + mma(hk_t, wb, UPCAST, IEEE) * sn, axis=1)
                 if HAS_PASS:
                     sc += tl.sum(hk_t.to(tl.float32) * wps[None, :], axis=1)

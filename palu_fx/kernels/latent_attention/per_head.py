@@ -121,7 +121,7 @@ def per_head_attention_kernel(
 
     # RoPE pair terms in fp32 for fp32 operands (and bf16 under the interpreter, whose bf16
     # arithmetic is wrong); otherwise in the operand dtype, summed by a dot
-    F32_PAIRS: tl.constexpr = IEEE or UPCAST
+    F32_PAIRS: tl.constexpr = IEEE | UPCAST
     HOIST: tl.constexpr = HPP <= 2  # loop-invariant operands of one or two heads stay resident
     if HOIST:
         wa0, wb0, wps0 = _head_operands(w_ptr, wps_ptr, b * sw_b + h0 * sw_h, b * swp_b + h0 * swp_h, sw_p, sw_r,
@@ -134,38 +134,39 @@ def per_head_attention_kernel(
     for start in range(lo, hi, BLOCK_S):
         kv = start + tl.arange(0, BLOCK_S)
         kv_ok = kv < hi
-        if ROPE and F32_PAIRS:
-            cs, sn = load_rope_pairs(cos_ptr, sin_ptr, b, kv, kv_ok, sc_b, sc_s, sc_d, ss_b, ss_s, ss_d, 0,
-                                     HALF, HALF_P, STEP)
-        elif ROPE:
-            cs, sn = load_rope_pairs(cos_ptr, sin_ptr, b, kv, kv_ok, sc_b, sc_s, sc_d, ss_b, ss_s, ss_d, 0,
-                                     HALF, HALF_P, STEP, dtype)
+        if ROPE:
+            if F32_PAIRS:
+                cs, sn = load_rope_pairs(cos_ptr, sin_ptr, b, kv, kv_ok, sc_b, sc_s, sc_d, ss_b, ss_s, ss_d, 0,
+                                         HALF, HALF_P, STEP)
+            else:
+                cs, sn = load_rope_pairs(cos_ptr, sin_ptr, b, kv, kv_ok, sc_b, sc_s, sc_d, ss_b, ss_s, ss_d, 0,
+                                         HALF, HALF_P, STEP, dtype)
         s = tl.zeros([BLOCK_S, M_BLOCK], tl.float32)
         for jj in tl.static_range(HPP):
             h = h0 + jj
             hk_t = load_latent(hk_ptr + b * shk_b + h * K_W, hks_ptr + b * shks_b + h * K_NQG,
                                hkz_ptr + b * shks_b + h * K_NQG, kv, kv_ok, shk_s, shks_s, RK, RK_P,
                                K_BITS, K_QG, K_QG_P, K_NQG, K_NQG_P, dtype)
-            if HOIST and jj == 0:
-                wa, wb, wps = wa0, wb0, wps0
-            elif HOIST:
-                wa, wb, wps = wa1, wb1, wps1
+            if HOIST:
+                if jj == 0:
+                    wa, wb, wps = wa0, wb0, wps0
+                else:
+                    wa, wb, wps = wa1, wb1, wps1
             else:
                 wa, wb, wps = _head_operands(w_ptr, wps_ptr, b * sw_b + h * sw_h, b * swp_b + h * swp_h, sw_p, sw_r,
                                              RK, HALF, jj, RK_P, HALF_P, M_BLOCK, ROPE, HAS_PASS, "evict_last")
-            if ROPE and F32_PAIRS:
-                sc = tl.sum(mma(hk_t, wa, UPCAST, IEEE) * cs + mma(hk_t, wb, UPCAST, IEEE) * sn, axis=1)
-                if HAS_PASS:
-                    sc += tl.sum(hk_t.to(tl.float32) * wps[None, :], axis=1)
-                s += tl.where(cols[None, :] == jj, sc[:, None], 0.0)
-            elif ROPE:
-                # the pair terms rounded to the operand dtype (the rounding the group kernel
-                # applies to rotated keys), their row sums by a dot with a one-hot column:
-                # packed half-precision math and a tensor-core reduction instead of fp32
-                # conversions, products and shuffles
-                t = mma(hk_t, wa, UPCAST, IEEE).to(dtype) * cs + mma(hk_t, wb, UPCAST, IEEE).to(dtype) * sn
-                s += mma(t, tl.where(cols[None, :] == jj, 1.0, 0.0).to(dtype) + tl.zeros([HALF_P, 1], dtype),
-                         UPCAST, IEEE)
+            if ROPE:
+                if F32_PAIRS:
+                    sc = tl.sum(mma(hk_t, wa, UPCAST, IEEE) * cs + mma(hk_t, wb, UPCAST, IEEE) * sn, axis=1)
+                    s += tl.where(cols[None, :] == jj, sc[:, None], 0.0)
+                else:
+                    # the pair terms rounded to the operand dtype (the rounding the group kernel
+                    # applies to rotated keys), their row sums by a dot with a one-hot column:
+                    # packed half-precision math and a tensor-core reduction instead of fp32
+                    # conversions, products and shuffles
+                    t = mma(hk_t, wa, UPCAST, IEEE).to(dtype) * cs + mma(hk_t, wb, UPCAST, IEEE).to(dtype) * sn
+                    s += mma(t, tl.where(cols[None, :] == jj, 1.0, 0.0).to(dtype) + tl.zeros([HALF_P, 1], dtype),
+                             UPCAST, IEEE)
                 if HAS_PASS:
                     sc = tl.sum(hk_t.to(tl.float32) * wps[None, :], axis=1)
                     s += tl.where(cols[None, :] == jj, sc[:, None], 0.0)

@@ -183,3 +183,24 @@ def test_factorization_is_reused_across_the_graphs_of_one_model(monkeypatch):
     torch._dynamo.reset()  # m.forward recompiles with the same backend
     _generate(m, LatentCache(m.config, max_cache_len=MAX_CACHE, compression=cfg))
     assert len(calls) == 2
+
+
+def test_slot_positions_are_shared_and_gathered_once(monkeypatch):
+    """The rotary coefficients of the cached slots are gathered once per step, not per layer
+    (the per-layer gather cost as much memory traffic as the latent reads on a GPU)."""
+    graphs = []
+    real = palu_fx.compiled._inner
+    monkeypatch.setattr(palu_fx.compiled, "_inner", lambda gm, ex, eager: graphs.append(gm) or real(gm, ex, eager))
+    cfg = PaluConfig(rank_ratio=0.5, group_size=1)
+    m = _model("llama")
+    assert m.config.num_hidden_layers >= 2
+    m.forward = torch.compile(m.forward, backend=palu_fx.backend(cfg, eager=True))
+    cache = LatentCache(m.config, max_cache_len=MAX_CACHE, compression=cfg)
+    _generate(m, cache)
+    assert len({id(layer.positions) for layer in cache.layers}) == 1
+    latents = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    assert cache.nbytes == latents + cache.layers[0].positions.nbytes
+    for gm in graphs:
+        slot_gathers = [n for n in gm.graph.nodes if n.target is torch.ops.aten.embedding.default
+                        and n.meta["val"].shape[1] == MAX_CACHE]
+        assert len(slot_gathers) == 2, [n.name for n in slot_gathers]  # cos and sin

@@ -167,7 +167,10 @@ class RotaryCaches:
         return cos, sin, cache_bytes, table_bytes
 
     def _position_cache(self, b, site, pos, cache, smax) -> tuple[fx.Node, int]:
-        key = (pos, cache.index, smax)
+        # A LatentCache's slot positions are one buffer shared by all its layers, which
+        # advance together: the first layer's write serves every layer (and so does the
+        # gather of the rotary tables at those positions, keyed by the written node).
+        key = ("shared", cache.positions, pos, smax) if cache.positions is not None else (pos, cache.index, smax)
         if key in self.positions:
             return self.positions[key], 0
         seq_len = concrete_shape(site.key.rope.input)[rope_axes(site)[1]]

@@ -47,7 +47,7 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def run(model, cache, batch: int, steps: int, prompt: int = 1) -> tuple[float, float, int, torch.Tensor]:
+def run(model, cache, batch: int, steps: int, prompt: int = 1, profile: bool = False) -> tuple[float, float, int, torch.Tensor]:
     """(ms per decode step, peak GiB, cache bytes, greedy tokens), decoding from position 0.
 
     Every call, the first included, is a one-token step, so one graph is compiled per path.
@@ -88,6 +88,13 @@ def run(model, cache, batch: int, steps: int, prompt: int = 1) -> tuple[float, f
             torch.cuda.synchronize()
         ms = (time.perf_counter() - t0) * 1000 / steps
         log(f"{steps} steps timed: {ms:.2f} ms/step")
+        if profile and cuda:
+            from torch.profiler import ProfilerActivity, profile as prof
+
+            with prof(activities=[ProfilerActivity.CUDA]) as p:
+                step()
+                torch.cuda.synchronize()
+            print(p.key_averages().table(sort_by="cuda_time_total", row_limit=12), file=sys.stderr, flush=True)
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     return ms, peak, cache_bytes(cache), torch.cat(tokens, 1)
 
@@ -102,7 +109,9 @@ def main() -> None:
     p.add_argument("--group-size", type=int, default=1)
     p.add_argument("--budget-gb", type=float, default=100.0)
     p.add_argument("--capacity-context", type=int, default=32768, help="context for the max-batch column")
+    p.add_argument("--capacity-layers", type=int, default=32, help="model depth for the max-batch column")
     p.add_argument("--paths", nargs="+", default=["inductor", "palu"], choices=["inductor", "palu"])
+    p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one step per path")
     p.add_argument("--tiny", action="store_true", help="a small model, to check the script on the CPU")
     p.add_argument("--full-rank-check", action="store_true",
                    help="also run palu at rank ratio 1.0 and compare its greedy tokens with inductor's")
@@ -128,9 +137,13 @@ def main() -> None:
             cfg = PaluConfig(rank_ratio=ratio, group_size=args.group_size)
             model.forward = torch.compile(model.forward, backend=palu_fx.backend(cfg))
             cache = LatentCache(model.config, max_cache_len=args.context, compression=cfg)
-        ms, peak, cbytes, tokens[name] = run(model, cache, args.batch, args.steps)
-        per_seq = cbytes / args.batch * args.capacity_context / args.context
-        max_batch = int((args.budget_gb * 1e9 - weights) // per_seq)
+        ms, peak, cbytes, tokens[name] = run(model, cache, args.batch, args.steps, profile=args.profile)
+        # capacity of the full-depth model (--capacity-layers) from this run's per-layer bytes
+        in_layers = sum(p.numel() * p.element_size() for p in model.model.layers.parameters())
+        scale = args.capacity_layers / args.layers
+        full_weights = weights + in_layers * (scale - 1)
+        per_seq = cbytes / args.batch * args.capacity_context / args.context * scale
+        max_batch = int((args.budget_gb * 1e9 - full_weights) // per_seq)
         rows.append([name, f"{ms:.2f}", f"{args.batch * 1000 / ms:.0f}", f"{peak:.1f}", f"{cbytes / 2**30:.3f}",
                      max_batch, f"{time.time() - t0:.0f}"])
         del model, cache
@@ -138,7 +151,7 @@ def main() -> None:
     print(f"{shape}, {args.layers} layers, batch {args.batch}, context {args.context}, fp16, "
           f"rank ratio {args.ratio}, group {args.group_size}; weights {weights / 2**30:.1f} GiB")
     print(tabulate(rows, headers=["path", "ms/step", "tokens/s", "peak GiB", "cache GiB",
-                                  f"max batch @{args.capacity_context // 1024}k in {args.budget_gb:.0f} GB", "wall s"]))
+                                  f"max batch @{args.capacity_context // 1024}k, {args.capacity_layers} layers, {args.budget_gb:.0f} GB", "wall s"]))
     by = {r[0]: r for r in rows}
     if "inductor" in by and "palu" in by:
         print(f"speedup {float(by['inductor'][1]) / float(by['palu'][1]):.2f}x, "

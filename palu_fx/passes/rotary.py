@@ -125,7 +125,12 @@ def rotary_table(site: AttentionSite, n_positions: int, leaf: Callable[[fx.Node]
         a, b = (t[:, : rot // 2], t[:, rot // 2:]) if link.style == ROPE_HALF else (t[:, 0::2], t[:, 1::2])
         if not torch.equal(a, b):
             raise SiteError("RoPE rotates the two members of a pair by different angles")
-    return cos, sin
+    # The values were computed in the model's dtype, so storing them in it loses nothing. A
+    # float32 table doubles what the decode kernels stream per cached slot: every (batch,
+    # group) program reads the slot's rotary pairs, 512 B per token in float32 against 256 B
+    # for the latents of a group-size-1 Llama-2-7B head (the in-model kernel ran at half the
+    # benchmark's speed, which used half-precision tables; not yet re-timed).
+    return cos.to(dt), sin.to(dt)
 
 
 class RotaryCaches:

@@ -77,3 +77,22 @@ def test_compiled_with_inductor_matches():
     for t in range(5, ids.shape[1]):
         outs.append(mod(input_ids=ids[:, t:t + 1], cache_position=torch.tensor([t])))
     assert rel_err(torch.cat(outs, 1), eager) < 1e-4
+
+
+def test_rotary_tables_are_stored_in_the_model_dtype():
+    """A half-precision model gets half-precision cos/sin tables: the values are the model's
+    own (exact in its dtype), and float32 tables doubled what the kernels stream per slot."""
+    from palu_fx.export import export_decoder
+    from tests.passes.helpers import perturbed
+    from tests.zoo import build
+
+    model = perturbed(build("llama")).to(torch.bfloat16)
+    ep = export_decoder(model, batch_size=2, max_cache_len=32)
+    out = compress_exported(ep, PaluConfig(rank_ratio=1.0))
+    tables = {k: v for k, v in out.state_dict.items() if "rope" in k}
+    assert tables and all(t.dtype == torch.bfloat16 for t in tables.values()), {k: t.dtype for k, t in tables.items()}
+    ids = torch.randint(3, 200, (2, 6))
+    with torch.no_grad():
+        ref = ep.module()(input_ids=ids, cache_position=torch.arange(6)).float()
+        got = out.module()(input_ids=ids, cache_position=torch.arange(6)).float()
+    assert rel_err(got, ref) < 2e-2

@@ -380,13 +380,15 @@ def format_quant_table(doc: dict, model: str, markdown: bool = False) -> str:
         name = f"{r['method']}-{r['allocator']}"
         table.append([r["ratio"], r["group"], name, r.get("bits") or "-", "on" if r.get("hadamard") else "off",
                       r.get("quant_group") or "rank", r["ppl"], (r["ppl"] / base - 1) * 100 if base else float("nan"),
-                      unq["ppl"] if unq else float("nan"), r["cache_bytes_per_token"],
-                      r.get("cache_bytes_positions", 0), r["cache_fraction"], r.get("eval_seconds_decoder")])
+                      unq["ppl"] if unq else float("nan"), r["cache_bytes_per_token"], r["cache_fraction"],
+                      r.get("cache_bytes_positions", 0),
+                      (r["cache_bytes_per_token"] + r.get("cache_bytes_positions", 0)) / r["fp16_full_bytes_per_token"]
+                      if r.get("fp16_full_bytes_per_token") else float("nan"), r.get("eval_seconds_decoder")])
     return tabulate(table, headers=["ratio", "group", "method", "bits", "Hadamard", "quant group", "ppl",
-                                    "change %", "ppl unquantized", "cache B/token", "+ positions B/token",
-                                    "of fp16 full", "eval s"],
+                                    "change %", "ppl unquantized", "latent B/token", "of fp16 full",
+                                    "positions B/token", "of fp16 full, with positions", "eval s"],
                     tablefmt="github" if markdown else "simple",
-                    floatfmt=(".2f", "", "", "", "", "", ".2f", "+.1f", ".2f", "", "", ".4f", ".0f"))
+                    floatfmt=(".2f", "", "", "", "", "", ".2f", "+.1f", ".2f", "", ".4f", "", ".4f", ".0f"))
 
 
 def main() -> int:

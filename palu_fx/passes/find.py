@@ -259,9 +259,61 @@ def trace_cache(attn_input: fx.Node) -> tuple[Optional[CacheWrite], list]:
     return CacheWrite(write, buf, dim, index, value), steps
 
 
+def _step_key(steps: list, sources: set) -> tuple:
+    """What the layout steps do, independent of which layer's nodes carry them: each step's
+    target and arguments, with the tensor flowing along the chain replaced by a marker (other
+    node arguments, e.g. a symbolic read end, keep their identity)."""
+    chain = {*sources, *steps}
+
+    def norm(a):
+        if isinstance(a, fx.Node):
+            return "<chain>" if a in chain else a
+        if isinstance(a, (list, tuple)):
+            return tuple(norm(x) for x in a)
+        if isinstance(a, dict):
+            return tuple(sorted((k, norm(v)) for k, v in a.items()))
+        return a
+
+    return tuple((s.target, norm(s.args), norm(dict(s.kwargs))) for s in steps)
+
+
+# check_expansion's verdicts by (cache shape, seq dim, query heads, steps): every layer of a
+# model repeats the same steps, and each check replays index probes of the full cache shape
+# (B x H x S x D elements each: gigabytes for a 7B model at batch 8 and 16k slots).
+_EXPANSION_VERDICTS: dict = {}
+
+
 def check_expansion(cache: CacheWrite, steps: list, num_q_heads: int) -> None:
     """The layout steps from cache to attention are GQA expansion (q head h -> kv h // n_rep),
     optionally reading only the first slots (``cache[:, :, :end]``, recorded as ``read_end``)."""
+    try:
+        key = (tuple(cache.full_shape), cache.dim, cache.read_end, num_q_heads, _step_key(steps, {cache.write, cache.buffer, cache.full}))
+        hash(key)
+    except TypeError:  # an unhashable argument: just run the check
+        key = None
+    if key is not None and key in _EXPANSION_VERDICTS:
+        read_end, error = _EXPANSION_VERDICTS[key]
+        if error is not None:
+            raise SiteError(error)
+        cache.read_end = read_end
+        return
+    try:
+        _check_expansion(cache, steps, num_q_heads)
+    except SiteError as e:
+        if key is not None:
+            _remember(key, (cache.read_end, str(e)))
+        raise
+    if key is not None:
+        _remember(key, (cache.read_end, None))
+
+
+def _remember(key, verdict) -> None:
+    if len(_EXPANSION_VERDICTS) > 1024:
+        _EXPANSION_VERDICTS.clear()
+    _EXPANSION_VERDICTS[key] = verdict
+
+
+def _check_expansion(cache: CacheWrite, steps: list, num_q_heads: int) -> None:
     shp = cache.full_shape
     seq, head = cache.dim, 3 - cache.dim
     idx = [torch.arange(n).view([-1 if a == i else 1 for a in range(4)]).expand(shp).clone() for i, n in enumerate(shp)]

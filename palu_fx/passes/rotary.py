@@ -89,6 +89,36 @@ def _seq_layout(pos: fx.Node, seq_len: int) -> int:
     return rows
 
 
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# elements of the probe batch one vectorized evaluation may hold (per region input)
+_PROBE_ELEMENTS = 1 << 24
+
+
+def _map_probes(fn: Callable[[torch.Tensor], torch.Tensor], probes: torch.Tensor, elements: int) -> torch.Tensor:
+    """``torch.stack([fn(p) for p in probes])``, vectorized with ``vmap`` where it gives the
+    same values.
+
+    A decode graph computes RoPE for one position at a time, so a table of S_max rows is
+    S_max evaluations of the region: minutes of Python for 16k slots. ``vmap`` evaluates a
+    chunk of positions at once. The first probe is checked against a plain evaluation (bit
+    for bit) and any failure (an op without a batching rule, a higher-order op) falls back
+    to the loop.
+    """
+    first = fn(probes[0])
+    chunk = max(1, _PROBE_ELEMENTS // max(1, elements))
+    try:
+        batched = torch.func.vmap(fn)
+        out = torch.cat([batched(probes[i:i + chunk]) for i in range(0, len(probes), chunk)])
+        if torch.equal(out[0], first):
+            return out
+    except Exception:  # noqa: BLE001 - any vmap limitation: use the exact loop below
+        pass
+    return torch.stack([first] + [fn(p) for p in probes[1:]])
+
+
 def rotary_table(site: AttentionSite, n_positions: int, leaf: Callable[[fx.Node], torch.Tensor]):
     """``(cos, sin)`` tables ``[n_positions, rot]`` read off the model's own RoPE region.
 
@@ -107,19 +137,19 @@ def rotary_table(site: AttentionSite, n_positions: int, leaf: Callable[[fx.Node]
     dt = val(link.input).dtype
     xm = m.to(dev, dt).expand(xshape).contiguous()
     xn = (~m).to(dev, dt).expand(xshape).contiguous()
-    perm = [b_ax, s_ax, h_ax, len(xshape) - 1]
-    cos, sin = [], []
-    for start in range(0, n_positions, seq_len):
-        p = torch.arange(start, start + seq_len, dtype=val(pos).dtype, device=val(pos).device)
-        p = p.repeat(rows).view(concrete_shape(pos))
-        om, on = (evaluate([link.output], {pos: p, link.input: x}, leaf)[0].permute(perm) for x in (xm, xn))
-        if not (torch.equal(om, om[:1, :, :1].expand_as(om)) and torch.equal(on, on[:1, :, :1].expand_as(on))):
-            raise SiteError("RoPE coefficients differ between heads")
-        om, on = om[0, :, 0, :rot].float(), on[0, :, 0, :rot].float()
-        mm = m[:rot].to(dev)
-        cos.append(torch.where(mm, om, on))
-        sin.append(torch.where(mm, -on, om))
-    cos, sin = torch.cat(cos)[:n_positions].contiguous(), torch.cat(sin)[:n_positions].contiguous()
+    perm = [0] + [1 + a for a in (b_ax, s_ax, h_ax, len(xshape) - 1)]
+    # one probe per ``seq_len`` positions: [steps, *positions' shape]
+    probes = torch.arange(0, triton_cdiv(n_positions, seq_len) * seq_len, dtype=val(pos).dtype,
+                          device=val(pos).device).view(-1, 1, seq_len).expand(-1, rows, -1)
+    probes = probes.reshape(-1, *concrete_shape(pos))
+    om, on = (_map_probes(lambda p, x=x: evaluate([link.output], {pos: p, link.input: x}, leaf)[0], probes,
+                          x.numel()).permute(perm) for x in (xm, xn))
+    if not (torch.equal(om, om[:, :1, :, :1].expand_as(om)) and torch.equal(on, on[:, :1, :, :1].expand_as(on))):
+        raise SiteError("RoPE coefficients differ between heads")
+    om, on = om[:, 0, :, 0, :rot].reshape(-1, rot).float(), on[:, 0, :, 0, :rot].reshape(-1, rot).float()
+    mm = m[:rot].to(dev)
+    cos, sin = torch.where(mm, om, on), torch.where(mm, -on, om)
+    cos, sin = cos[:n_positions].contiguous(), sin[:n_positions].contiguous()
     # The kernels read one angle per rotated pair; every real RoPE shares it between partners.
     for t in (cos, sin):
         a, b = (t[:, : rot // 2], t[:, rot // 2:]) if link.style == ROPE_HALF else (t[:, 0::2], t[:, 1::2])

@@ -96,3 +96,23 @@ def test_rotary_tables_are_stored_in_the_model_dtype():
         ref = ep.module()(input_ids=ids, cache_position=torch.arange(6)).float()
         got = out.module()(input_ids=ids, cache_position=torch.arange(6)).float()
     assert rel_err(got, ref) < 2e-2
+
+
+def test_layers_share_one_expansion_check_and_vectorized_rotary_probes(monkeypatch):
+    """Long caches stay cheap to rewrite: the GQA-expansion check (index probes of the full
+    cache shape) runs once for layers that repeat the same layout steps, and the rotary
+    tables come from vmapped probes, equal to a plain loop."""
+    import palu_fx.passes.find as find
+    import palu_fx.passes.rotary as rotary
+
+    find._EXPANSION_VERDICTS.clear()
+    checks = []
+    real = find._check_expansion
+    monkeypatch.setattr(find, "_check_expansion", lambda *a: checks.append(1) or real(*a))
+    ep = exported("llama")
+    out = compress_exported(ep, PaluConfig(rank_ratio=1.0))
+    n_layers = len(palu_fx.report(out).sites)
+    assert n_layers >= 2 and len(checks) == 1
+    fn = lambda p: torch.stack([p.float().sin(), (p * 3).float().cos()], -1)  # noqa: E731
+    probes = torch.arange(40).view(10, 1, 4)
+    assert torch.equal(rotary._map_probes(fn, probes, 4), torch.stack([fn(p) for p in probes]))

@@ -463,6 +463,29 @@ def sweep(shapes, B, S, deadline):
     return best
 
 
+def model_args_diag(run, args, label):
+    """Time the default config on the arguments a compiled Hugging Face model passes (an
+    additive mask ``[B, 1, 1, S]``; cos/sin per sequence ``[B, S, D]``, fp16 or fp32) next
+    to the benchmark's (no mask, one ``[1, S, D]`` table): in a Llama-2-7B decode step the
+    kernel ran at half the benchmark's speed (RESULTS.md, issue 4)."""
+    q, hk, hv, lk, kb, cos, sin, knw, mask, *rest = args
+    B, S = hk.shape[:2]
+    add_mask = torch.zeros(B, 1, 1, S, device=DEV, dtype=DT)
+    variants = {"benchmark args": args,
+                "+ additive mask": (q, hk, hv, lk, kb, cos, sin, knw, add_mask, *rest)}
+    for dt in (DT, torch.float32):
+        c, sn = (t.expand(B, S, t.shape[-1]).to(dt).contiguous() for t in (cos, sin))
+        variants[f"+ mask, per-sequence {str(dt).split('.')[-1]} tables"] = (q, hk, hv, lk, kb, c, sn, knw, add_mask,
+                                                                            *rest)
+    times = []
+    for name, a in variants.items():
+        try:
+            times.append(f"{name} {gpu_time(run, [(a, None)], max_iters=15):.3f}")
+        except Exception as e:  # noqa: BLE001
+            times.append(f"{name} failed ({type(e).__name__})")
+    print(f"  diag in-model args {label}: " + ", ".join(times) + " ms", flush=True)
+
+
 # ------------------------------------------------------------------ table
 def table(shapes, batches, contexts, ceilings, best, deadline, group_sizes=(1, 2, 4), bit_widths=(0,)):
     """Rows per (shape, batch, context, group size, mode); ``bit_widths``: 0 = fp16 latents,
@@ -505,6 +528,8 @@ def table(shapes, batches, contexts, ceilings, best, deadline, group_sizes=(1, 2
                                       f"{type(e).__name__} {str(e)[:300]}")
                         if len(timed) > 1:
                             print(f"  {sname} B={B} S={S} gs{gs} rope={rope} bits={bits} ms: {', '.join(timed)}")
+                        if rope and not bits and B >= 8 and sets:
+                            model_args_diag(run, sets[0], f"{sname} B={B} S={S} gs{gs}")
                         sets = [(a, None) for a in sets]
                         t_naive = float("nan")
                         if sets and naive_fits(Hq, Hkv, D, gs, B, S):

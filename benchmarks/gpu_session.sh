@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The GPU measurements still owed by issues 3, 4 and 5, in two device calls of < 10 minutes
+# each (logs land in $OUT; the device tool copies them back):
+#   bash benchmarks/gpu_session.sh 1   # end-to-end check + issue-4 decode (8 layers, profiled)
+#   bash benchmarks/gpu_session.sh 2   # issue-3/5 kernel table at the target point (cuDNN baseline)
+set -u
+export PYTHONPATH=.
+OUT=${OUT:-/tmp/palu_gpu}
+mkdir -p "$OUT"
+step() {  # name, time limit (s), command...
+    local name=$1 limit=$2; shift 2
+    echo "=== $name ($(date -u +%H:%M:%S))"
+    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    echo "rc $?" >> "$OUT/$name.log"
+    grep -v -i warn "$OUT/$name.log" | grep -E "^\[|^\||rel err|smoke|speedup|ms/step|identical|diag|FAIL|Error|^rc|---|path|shape" | tail -40
+}
+case "${1:-1}" in
+1)
+    step smoke 120 python -u benchmarks/gpu_smoke.py
+    step decode8 420 python -u benchmarks/decode.py --layers 8 --batch 8 --context 16384 --steps 20 --profile
+    ;;
+2)
+    step kernels 560 python -u benchmarks/attention.py --no-sweep --check --shapes llama2 --batch 8 --ctx 32k \
+        --gs 1 2 --quant-bits 4 --no-prefill --budget-s 420
+    ;;
+esac

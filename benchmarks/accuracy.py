@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from palu_fx.calibrate import collect_fisher, collect_grams  # noqa: E402
 from palu_fx.config import GROUP_ALL, PaluConfig  # noqa: E402
 from palu_fx.data import austen_split, default_cache_dir  # noqa: E402
-from palu_fx.evaluate import perplexity  # noqa: E402
+from palu_fx.evaluate import perplexity, program_logits_fn  # noqa: E402
 from palu_fx.export import export_decoder, export_prefill_only  # noqa: E402
 from palu_fx.exported import analyze_exported, compress_exported  # noqa: E402
 from palu_fx.quant import bytes_per_token as quant_bytes_per_token  # noqa: E402
@@ -227,11 +227,11 @@ def check_decoder(ep_pre, ep_dec, plans: dict, windows: torch.Tensor, progress: 
         fn_dec = decoder_logits(dec)
         if plan is None or plan.config.bits is None:
             pre = compress_exported(ep_pre, plan) if plan is not None else ep_pre
-            p_pre = perplexity(program_logits(pre), windows, progress, f"check {label} prefill")
+            p_pre = perplexity(program_logits_fn(pre), windows, progress, f"check {label} prefill")
             p_dec = perplexity(fn_dec, windows, progress, f"check {label} decoder")
             entry.update(ppl_prefill=p_pre, ppl_decoder=p_dec, rel_diff=abs(p_dec / p_pre - 1))
             with torch.no_grad():
-                a = program_logits(pre)(windows[:1])
+                a = program_logits_fn(pre)(windows[:1])
                 b = fn_dec(windows[:1])
             entry["logits_max_abs_diff_window0"] = float((a - b).abs().max())
         # leak: fresh program on window 1 vs after window 0 vs after poisoning the caches
@@ -252,16 +252,6 @@ def check_decoder(ep_pre, ep_dec, plans: dict, windows: torch.Tensor, progress: 
                                           for k, v in entry.items()))
         res[label] = entry
     return res
-
-
-def program_logits(ep):
-    mod = ep.module()
-
-    def fn(ids: torch.Tensor) -> torch.Tensor:
-        out = mod(input_ids=ids)
-        return getattr(out, "logits", out)
-
-    return fn
 
 
 class WeightSubstitution:
@@ -479,7 +469,7 @@ def main() -> int:
     if not args.no_baseline and (args.force or base_key not in done):
         t = time.time()
         with torch.no_grad():
-            ppl = perplexity(program_logits(ep), split.evaluation, progress, "baseline")
+            ppl = perplexity(program_logits_fn(ep), split.evaluation, progress, "baseline")
         row = {"key": base_key, "model": args.model, "ratio": 1.0, "group": "-", "method": "baseline",
                "allocator": "-", "path": "program", "ppl": ppl, "cache_bytes_per_token": full_bpt,
                "cache_fraction": 1.0, "eval_seconds": round(time.time() - t, 1)}
@@ -596,7 +586,7 @@ def main() -> int:
             with torch.no_grad():
                 if path == "program":
                     prog = compress_exported(ep, plan)
-                    fn = program_logits(prog)
+                    fn = program_logits_fn(prog)
                 elif path == "decoder":
                     prog = compress_exported(decoder_program(), plan)
                     fn = decoder_logits(prog)

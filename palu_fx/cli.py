@@ -39,20 +39,10 @@ def _config(args) -> PaluConfig:
                       method=args.method, allocator=args.allocator)
 
 
-def _program_logits(ep):
-    mod = ep.module()
-
-    def logits_fn(ids: torch.Tensor) -> torch.Tensor:
-        out = mod(input_ids=ids)
-        return getattr(out, "logits", out)
-
-    return logits_fn
-
-
 def run_eval(model, tokenizer, split, cfg: PaluConfig, *, progress: bool = True, baseline: bool = True) -> dict:
     """Calibrate, compress and measure perplexity and cache bytes; returns the result dict."""
     from palu_fx.calibrate import calibrated_plan
-    from palu_fx.evaluate import perplexity
+    from palu_fx.evaluate import perplexity, program_logits_fn
     from palu_fx.export import export_decoder, export_prefill_only
     from palu_fx.exported import compress_exported
     from palu_fx.report import report
@@ -65,8 +55,8 @@ def run_eval(model, tokenizer, split, cfg: PaluConfig, *, progress: bool = True,
     _log(f"calibrated on {plan.meta['calibration_tokens']} tokens ({time.time() - t0:.0f}s)")
     compressed = compress_exported(ep_pre, plan)
     with torch.no_grad():
-        base = perplexity(_program_logits(ep_pre), split.evaluation, progress, "ppl (original)") if baseline else None
-        ppl = perplexity(_program_logits(compressed), split.evaluation, progress, "ppl (palu)")
+        base = perplexity(program_logits_fn(ep_pre), split.evaluation, progress, "ppl (original)") if baseline else None
+        ppl = perplexity(program_logits_fn(compressed), split.evaluation, progress, "ppl (palu)")
     # Cache bytes are measured on the decoding program (static KV cache of one window).
     ep_dec = export_decoder(model, batch_size=1, max_cache_len=window + 1)
     dec = compress_exported(ep_dec, plan)

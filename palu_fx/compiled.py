@@ -111,36 +111,31 @@ def _has_latent_cache(gm: fx.GraphModule) -> bool:
 
 
 class _PlanMemo:
-    """Plans already made by one backend, keyed by the K/V weights they factor.
+    """Plans already made by one backend, for the K/V weights they factor.
 
-    A plan is reused only while the very same weight tensors are alive, with the same
-    version counter (an in-place update bumps it): addresses alone could be recycled by
-    another model's weights after the first one is freed.
+    A plan is reused only for the very same weight tensors (held weakly, so a freed model's
+    plan goes with it) at the same version counters (an in-place update bumps them).
     """
 
     def __init__(self):
-        self._entries: dict[tuple, tuple[CompressionPlan, list]] = {}
+        self._entries: list[tuple[list, list[int], CompressionPlan]] = []
 
     @staticmethod
     def _weights(sites, tensor) -> list[torch.Tensor]:
         return [tensor(chain.proj.weight) for s in sites for chain in (s.key, s.value)]
 
-    @staticmethod
-    def _key(weights) -> tuple:
-        return tuple((w.untyped_storage().data_ptr(), w.storage_offset(), tuple(w.shape), w.dtype, w._version)
-                     for w in weights)
-
     def get(self, sites, tensor) -> Optional[CompressionPlan]:
         weights = self._weights(sites, tensor)
-        hit = self._entries.get(self._key(weights))
-        if hit is None or any(ref() is not w for ref, w in zip(hit[1], weights)):
-            return None
-        return hit[0]
+        for refs, versions, plan in self._entries:
+            if (len(refs) == len(weights) and all(r() is w for r, w in zip(refs, weights))
+                    and versions == [w._version for w in weights]):
+                return plan
+        return None
 
     def put(self, sites, tensor, plan: CompressionPlan) -> None:
         weights = self._weights(sites, tensor)
-        self._entries = {k: v for k, v in self._entries.items() if all(ref() is not None for ref in v[1])}
-        self._entries[self._key(weights)] = (plan, [weakref.ref(w) for w in weights])
+        self._entries = [e for e in self._entries if all(r() is not None for r in e[0])]
+        self._entries.append(([weakref.ref(w) for w in weights], [w._version for w in weights], plan))
 
 
 def compile_with_palu(gm: fx.GraphModule, example_inputs: list,

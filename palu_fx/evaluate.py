@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-__all__ = ["perplexity", "window_nll", "hf_logits_fn"]
+__all__ = ["perplexity", "window_nll", "hf_logits_fn", "program_logits_fn"]
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -82,5 +82,16 @@ def hf_logits_fn(model: torch.nn.Module) -> LogitsFn:
 
     def logits_fn(ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids.to(device), use_cache=False).logits
+
+    return logits_fn
+
+
+def program_logits_fn(ep) -> LogitsFn:
+    """Adapter for an exported program (``export_prefill_only`` / ``compress_exported``)."""
+    mod = ep.module()
+
+    def logits_fn(ids: torch.Tensor) -> torch.Tensor:
+        out = mod(input_ids=ids)
+        return getattr(out, "logits", out)
 
     return logits_fn

@@ -39,10 +39,9 @@ class SlotPositions:
     """The position of the token in every slot, ``[B, S_max]`` int64, shared by all layers.
 
     All layers of a static cache advance together (every forward appends the same tokens to
-    each of them), so their slot positions are equal; one shared buffer lets the compiled
-    graph gather the rotary coefficients of the cached slots once per step instead of once
-    per layer (at batch 8 and 16k slots that gather is 64 MB of traffic per layer). Every
-    layer still writes its new positions (the same values at the same slots).
+    each of them), so their slot positions are equal. With one shared buffer the rewritten
+    graph writes the new positions and gathers the rotary coefficients of the cached slots
+    once per step (the first layer's), not once per layer, and the cache holds one buffer.
     """
 
     def __init__(self):
@@ -142,13 +141,12 @@ class LatentCache(StaticCache):
         if not isinstance(n_layers, int) or n_layers < 1:
             raise ValueError("LatentCache needs config.num_hidden_layers")
         self.compression = compression
-        slots = SlotPositions()
-        Cache.__init__(self, layers=[LatentLayer(max_cache_len, _rank_fn(compression, i), slots)
+        self._slots = SlotPositions()
+        Cache.__init__(self, layers=[LatentLayer(max_cache_len, _rank_fn(compression, i), self._slots)
                                      for i in range(n_layers)])
 
     @property
     def nbytes(self) -> int:
         """Bytes this cache has allocated (latents of all layers and the shared slot positions)."""
-        positions = {id(layer.positions): layer.positions for layer in self.layers if layer.is_initialized}
-        return sum(layer.nbytes for layer in self.layers) + sum(t.numel() * t.element_size()
-                                                                 for t in positions.values())
+        slots = self._slots.tensor
+        return sum(layer.nbytes for layer in self.layers) + (slots.nbytes if slots is not None else 0)

@@ -171,7 +171,7 @@ def _svd(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     small square ``Tᵀ = U·S·Zᵀ``, so ``w = U·S·(Q·Z)ᵀ``: the same factors to rounding (QR is
     backward stable, unlike an eigendecomposition of ``w·wᵀ``), about 10x cheaper than a wide
     SVD on the CPU, and one batched call per step instead of ``G`` small ones on a GPU, where
-    a Llama-2-7B model otherwise spends minutes in 2048 cuSOLVER launches.
+    a 32-layer model with 32 KV heads per layer otherwise makes 2048 cuSOLVER calls.
     """
     g, m, n = w.shape
     if n >= 2 * m:

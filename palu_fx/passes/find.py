@@ -277,40 +277,33 @@ def _step_key(steps: list, sources: set) -> tuple:
     return tuple((s.target, norm(s.args), norm(dict(s.kwargs))) for s in steps)
 
 
-# check_expansion's verdicts by (cache shape, seq dim, query heads, steps): every layer of a
-# model repeats the same steps, and each check replays index probes of the full cache shape
-# (B x H x S x D elements each: gigabytes for a 7B model at batch 8 and 16k slots).
-_EXPANSION_VERDICTS: dict = {}
-
-
-def check_expansion(cache: CacheWrite, steps: list, num_q_heads: int) -> None:
+def check_expansion(cache: CacheWrite, steps: list, num_q_heads: int, verdicts: dict) -> None:
     """The layout steps from cache to attention are GQA expansion (q head h -> kv h // n_rep),
-    optionally reading only the first slots (``cache[:, :, :end]``, recorded as ``read_end``)."""
+    optionally reading only the first slots (``cache[:, :, :end]``, recorded as ``read_end``).
+
+    ``verdicts`` (one dict per graph) remembers the outcome per distinct layout: every layer
+    repeats the same steps, and each check replays index probes of the full cache shape
+    (gigabytes for a 7B model at batch 8 and 16k slots).
+    """
+    key = (tuple(cache.full_shape), cache.dim, cache.read_end, num_q_heads,
+           _step_key(steps, {cache.write, cache.buffer, cache.full}))
     try:
-        key = (tuple(cache.full_shape), cache.dim, cache.read_end, num_q_heads, _step_key(steps, {cache.write, cache.buffer, cache.full}))
-        hash(key)
-    except TypeError:  # an unhashable argument: just run the check
-        key = None
-    if key is not None and key in _EXPANSION_VERDICTS:
-        read_end, error = _EXPANSION_VERDICTS[key]
-        if error is not None:
-            raise SiteError(error)
-        cache.read_end = read_end
-        return
-    try:
+        hit = verdicts.get(key)
+    except TypeError:  # an unhashable argument: check without remembering
         _check_expansion(cache, steps, num_q_heads)
-    except SiteError as e:
-        if key is not None:
-            _remember(key, (cache.read_end, str(e)))
-        raise
-    if key is not None:
-        _remember(key, (cache.read_end, None))
-
-
-def _remember(key, verdict) -> None:
-    if len(_EXPANSION_VERDICTS) > 1024:
-        _EXPANSION_VERDICTS.clear()
-    _EXPANSION_VERDICTS[key] = verdict
+        return
+    if hit is None:
+        try:
+            _check_expansion(cache, steps, num_q_heads)
+        except SiteError as e:
+            verdicts[key] = (cache.read_end, str(e))
+            raise
+        verdicts[key] = (cache.read_end, None)
+        return
+    read_end, error = hit
+    if error is not None:
+        raise SiteError(error)
+    cache.read_end = read_end
 
 
 def _check_expansion(cache: CacheWrite, steps: list, num_q_heads: int) -> None:
@@ -350,7 +343,7 @@ def _varies(t: torch.Tensor, dim) -> bool:
 
 
 # --------------------------------------------------------------------------- sites
-def _site(index: int, call: AttentionCall, is_weight, is_data, sources) -> AttentionSite:
+def _site(index: int, call: AttentionCall, is_weight, is_data, sources, verdicts: dict) -> AttentionSite:
     qv = val(call.q)
     if len(qv.shape) != 4:
         raise SiteError(f"queries have shape {list(qv.shape)}; expected [batch, heads, seq, head_dim]")
@@ -359,7 +352,7 @@ def _site(index: int, call: AttentionCall, is_weight, is_data, sources) -> Atten
     for role, node in (("keys", call.k), ("values", call.v)):
         cache, steps = trace_cache(node)
         if cache is not None:
-            check_expansion(cache, steps, Hq)
+            check_expansion(cache, steps, Hq, verdicts)
             proj, links = trace_chain(cache.value, role == "keys", is_weight, role, is_data)
             chain = replay_chain(proj, links, 0, cache.dim, allow_repeat=False, ndim=len(cache.full_shape))
         else:
@@ -414,12 +407,13 @@ def find_sites(graph: fx.Graph, leaf, is_weight) -> tuple[list[AttentionSite], l
     sites, skipped = [], []
     is_data = data_dependence(graph, is_weight)
     sources = input_sources(graph, is_weight)
+    verdicts: dict = {}
     for call in find_attention_calls(graph, leaf):
         if isinstance(call, Unsupported):
             skipped.append(call)
             continue
         try:
-            sites.append(_site(len(sites), call, is_weight, is_data, sources))
+            sites.append(_site(len(sites), call, is_weight, is_data, sources, verdicts))
         except SiteError as e:
             skipped.append(Unsupported(call.output, str(e)))
     return sites, skipped

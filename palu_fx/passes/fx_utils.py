@@ -11,8 +11,8 @@ import operator
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
-from torch._dispatch.python import enable_python_dispatcher
 import torch.fx as fx
+from torch._dispatch.python import enable_python_dispatcher
 
 aten = torch.ops.aten
 

@@ -89,10 +89,6 @@ def _seq_layout(pos: fx.Node, seq_len: int) -> int:
     return rows
 
 
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 # elements of the probe batch one vectorized evaluation may hold (per region input)
 _PROBE_ELEMENTS = 1 << 24
 
@@ -139,7 +135,7 @@ def rotary_table(site: AttentionSite, n_positions: int, leaf: Callable[[fx.Node]
     xn = (~m).to(dev, dt).expand(xshape).contiguous()
     perm = [0] + [1 + a for a in (b_ax, s_ax, h_ax, len(xshape) - 1)]
     # one probe per ``seq_len`` positions: [steps, *positions' shape]
-    probes = torch.arange(0, triton_cdiv(n_positions, seq_len) * seq_len, dtype=val(pos).dtype,
+    probes = torch.arange(0, -(-n_positions // seq_len) * seq_len, dtype=val(pos).dtype,
                           device=val(pos).device).view(-1, 1, seq_len).expand(-1, rows, -1)
     probes = probes.reshape(-1, *concrete_shape(pos))
     om, on = (_map_probes(lambda p, x=x: evaluate([link.output], {pos: p, link.input: x}, leaf)[0], probes,
@@ -155,11 +151,10 @@ def rotary_table(site: AttentionSite, n_positions: int, leaf: Callable[[fx.Node]
         a, b = (t[:, : rot // 2], t[:, rot // 2:]) if link.style == ROPE_HALF else (t[:, 0::2], t[:, 1::2])
         if not torch.equal(a, b):
             raise SiteError("RoPE rotates the two members of a pair by different angles")
-    # The values were computed in the model's dtype, so storing them in it loses nothing. A
-    # float32 table doubles what the decode kernels stream per cached slot: every (batch,
-    # group) program reads the slot's rotary pairs, 512 B per token in float32 against 256 B
-    # for the latents of a group-size-1 Llama-2-7B head (the in-model kernel ran at half the
-    # benchmark's speed, which used half-precision tables; not yet re-timed).
+    # The values were computed in the model's dtype, so storing them in it loses nothing,
+    # while a float32 table would double what the decode kernels stream per cached slot
+    # (every (batch, group) program reads the slot's rotary pairs: as many bytes as the
+    # latents of a group-size-1 head of dim 128).
     return cos.to(dt), sin.to(dt)
 
 

@@ -105,7 +105,6 @@ def test_layers_share_one_expansion_check_and_vectorized_rotary_probes(monkeypat
     import palu_fx.passes.find as find
     import palu_fx.passes.rotary as rotary
 
-    find._EXPANSION_VERDICTS.clear()
     checks = []
     real = find._check_expansion
     monkeypatch.setattr(find, "_check_expansion", lambda *a: checks.append(1) or real(*a))

@@ -317,3 +317,15 @@ def test_split_plan_covers_sequence(kern):
             c = kern.KernelConfig(programs_per_sm=4)
             splits, chunk = kern._split_plan(c, n_base, skv, torch.device("cpu"), True)
             assert splits >= 1 and (splits - 1) * chunk < skv <= splits * chunk
+
+
+def test_mask_rows_shared_only_when_broadcast(kern):
+    """A [B, 1, 1, S] decode mask is read as one row per sequence; per-head or per-query
+    masks keep their per-row loads."""
+    wrapper = common = kern
+    q = torch.zeros(1)
+    pad = torch.ones(2, 1, 1, 40, dtype=torch.bool)
+    assert wrapper._mask_args(pad, 2, 8, 1, 40, q)[0] == common.MASK_BOOL_SHARED
+    assert wrapper._mask_args(pad.float(), 2, 8, 1, 40, q)[0] == common.MASK_ADD_SHARED
+    assert wrapper._mask_args(torch.ones(2, 8, 1, 40), 2, 8, 1, 40, q)[0] == common.MASK_ADD
+    assert wrapper._mask_args(torch.ones(2, 1, 3, 40), 2, 8, 3, 40, q)[0] == common.MASK_ADD

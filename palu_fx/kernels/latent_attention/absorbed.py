@@ -61,7 +61,7 @@ def absorbed_attention_kernel(
         hk_t = load_latent(hk_base, hks_ptr + hks_off, hkz_ptr + hks_off, kv, kv_ok, shk_s, shks_s, RK, RK_P,
                            K_BITS, K_QG, K_QG_P, K_NQG, K_NQG_P, q_ptr.dtype.element_ty)
         s = mma(hk_t, q_t, UPCAST, IEEE)
-        s2 = scores_to_log2(s, kv, kv_ok, qi, row_ok, m_off, mask_ptr, sm_k, scale, softcap,
+        s2 = scores_to_log2(s, kv, kv_ok, qi, row_ok, m_off, b * sm_b, mask_ptr, sm_k, scale, softcap,
                             MASK_KIND, IS_CAUSAL, USE_SOFTCAP)
         v_t = load_latent(hv_base, hvs_ptr + hvs_off, hvz_ptr + hvs_off, kv, kv_ok, shv_s, shvs_s, RV, RV_P,
                           V_BITS, V_QG, V_QG_P, V_NQG, V_NQG_P, q_ptr.dtype.element_ty)

@@ -22,8 +22,11 @@ import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
-# mask kinds (constexpr MASK_KIND)
-MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
+# mask kinds (constexpr MASK_KIND); the *_SHARED kinds: every row of a program reads the
+# same mask row (a [B, 1, 1, S] padding mask at one query token, the usual decode case), so
+# a tile loads one [BLOCK_S] vector instead of a [BLOCK_S, M_BLOCK] tile: the per-row load
+# cost about as much as the score math of a whole tile
+MASK_NONE, MASK_BOOL, MASK_ADD, MASK_BOOL_SHARED, MASK_ADD_SHARED = 0, 1, 2, 3, 4
 
 
 @triton.jit
@@ -75,13 +78,14 @@ def tanh_f32(x):
 
 @triton.jit
 def scores_to_log2(
-    s, kv, kv_ok, qi, row_ok, m_off, mask_ptr, sm_k, scale, softcap,
+    s, kv, kv_ok, qi, row_ok, m_off, m_base, mask_ptr, sm_k, scale, softcap,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, USE_SOFTCAP: tl.constexpr,
 ):
     """Raw dot products ``s`` [BLOCK_S, M] -> base-2 logits with scale, softcap and masks.
 
     ``m_off`` [M] is each row's offset into the (broadcast-strided) mask; padding rows
     (``row_ok`` False) must not read it: their offsets can point past the tensor.
+    ``m_base``: the offset of the one mask row every row reads (shared mask kinds).
     """
     if USE_SOFTCAP:
         s = softcap * tanh_f32(s * (scale / softcap))
@@ -99,6 +103,12 @@ def scores_to_log2(
         mv = tl.load(mask_ptr + m_off[None, :] + kv[:, None] * sm_k, mask=kv_ok[:, None] & row_ok[None, :],
                      other=0.0)
         s = s + mv.to(tl.float32) * LOG2E
+    if MASK_KIND == 3:
+        mv = tl.load(mask_ptr + m_base + kv * sm_k, mask=kv_ok, other=0)
+        keep = keep & (mv != 0)[:, None]
+    if MASK_KIND == 4:
+        mv = tl.load(mask_ptr + m_base + kv * sm_k, mask=kv_ok, other=0.0)
+        s = s + (mv.to(tl.float32) * LOG2E)[:, None]
     return tl.where(keep, s, float("-inf"))
 
 

@@ -278,7 +278,7 @@ def rebuild_attention_kernel(
                     sc, sq = _pass_chunk(hk_t, t_ps, u_ps, bias_ptr, w_ptr, (g * GS + j) * D, c * PCH + ec,
                                          ROT, PASS, HAS_BIAS, HAS_NORM, UPCAST, IEEE)
                     s += sc
-        s2 = scores_to_log2(s, kv, kv_ok, qi, row_ok, m_off, mask_ptr, sm_k, scale, softcap,
+        s2 = scores_to_log2(s, kv, kv_ok, qi, row_ok, m_off, b * sm_b, mask_ptr, sm_k, scale, softcap,
                             MASK_KIND, IS_CAUSAL, USE_SOFTCAP)
         v_t = load_latent(hv_base, hvs_ptr + hvs_off, hvz_ptr + hvs_off, kv, kv_ok, shv_s, shvs_s, RV, RV_P,
                           V_BITS, V_QG, V_QG_P, V_NQG, V_NQG_P, q_ptr.dtype.element_ty)

@@ -172,7 +172,7 @@ def per_head_attention_kernel(
                     s += tl.where(cols[None, :] == jj, sc[:, None], 0.0)
             else:  # the head's query sits in column jj: the product fills that column only
                 s += mma(hk_t, wa, UPCAST, IEEE)
-        s2 = scores_to_log2(s, kv, kv_ok, qi, row_ok, m_off, mask_ptr, sm_k, scale, softcap,
+        s2 = scores_to_log2(s, kv, kv_ok, qi, row_ok, m_off, b * sm_b, mask_ptr, sm_k, scale, softcap,
                             MASK_KIND, IS_CAUSAL, USE_SOFTCAP)
         p, alpha, m_i, l_i = softmax_weights(s2, m_i, l_i)
         acc = acc * alpha[None, :]

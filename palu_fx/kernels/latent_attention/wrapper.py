@@ -26,7 +26,9 @@ import triton
 from triton.runtime.errors import OutOfResources
 
 from palu_fx.kernels.latent_attention.absorbed import absorbed_attention_kernel
-from palu_fx.kernels.latent_attention.common import MASK_ADD, MASK_BOOL, MASK_NONE, combine_splits_kernel
+from palu_fx.kernels.latent_attention.common import (
+    MASK_ADD, MASK_ADD_SHARED, MASK_BOOL, MASK_BOOL_SHARED, MASK_NONE, combine_splits_kernel,
+)
 from palu_fx.kernels.latent_attention.decode import rebuild_attention_kernel
 from palu_fx.kernels.latent_attention.naive import ROPE_HALF, ROPE_INTERLEAVED, ROPE_NONE, latent_attention_ref
 from palu_fx.kernels.latent_attention.prefill import rebuild_keys, sdpa_latent
@@ -152,9 +154,12 @@ def _mask_args(attn_mask, B, Hq, Sq, Skv, dummy):
     if attn_mask is None:
         return MASK_NONE, dummy, (0, 0, 0, 0)
     m = attn_mask.expand(B, Hq, Sq, Skv)
+    sb, sh, sq, sk = m.stride()
+    # one mask row per sequence (broadcast over heads and query positions)
+    shared = (sh == 0 or Hq == 1) and (sq == 0 or Sq == 1)
     if m.dtype == torch.bool:
-        return MASK_BOOL, m.view(torch.uint8), m.stride()
-    return MASK_ADD, m, m.stride()
+        return (MASK_BOOL_SHARED if shared else MASK_BOOL), m.view(torch.uint8), m.stride()
+    return (MASK_ADD_SHARED if shared else MASK_ADD), m, m.stride()
 
 
 def _split_plan(cfg, n_base, Skv, device, interpret):

@@ -111,6 +111,8 @@ def main() -> None:
     p.add_argument("--capacity-context", type=int, default=32768, help="context for the max-batch column")
     p.add_argument("--capacity-layers", type=int, default=32, help="model depth for the max-batch column")
     p.add_argument("--paths", nargs="+", default=["inductor", "palu"], choices=["inductor", "palu"])
+    p.add_argument("--modes", nargs="+", default=["default"], choices=["default", "reduce-overhead"],
+                   help="torch.compile modes, each run for every path (reduce-overhead: CUDA graphs)")
     p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one step per path")
     p.add_argument("--tiny", action="store_true", help="a small model, to check the script on the CPU")
     p.add_argument("--full-rank-check", action="store_true",
@@ -119,9 +121,12 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows, tokens = [], {}
     weights = None
-    runs = [(n, r) for n, r in (("inductor", None), ("palu", args.ratio)) if n in args.paths]
-    runs += [("palu r=1.0", 1.0)] if args.full_rank_check else []
-    for name, ratio in runs:
+    runs = []
+    for mode in args.modes:
+        tag = "" if mode == "default" else f" ({mode})"
+        runs += [(n + tag, r, mode) for n, r in (("inductor", None), ("palu", args.ratio)) if n in args.paths]
+    runs += [("palu r=1.0", 1.0, "default")] if args.full_rank_check else []
+    for name, ratio, mode in runs:
         torch._dynamo.reset()
         gc.collect()
         if device == "cuda":
@@ -130,14 +135,20 @@ def main() -> None:
         model = build(args.layers, args.tiny, device)
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         t0 = time.time()
+        mode_arg = None if mode == "default" else mode
         if ratio is None:
-            model.forward = torch.compile(model.forward, backend="inductor")
+            model.forward = torch.compile(model.forward, backend="inductor", mode=mode_arg)
             cache = StaticCache(config=model.config, max_cache_len=args.context)
         else:
             cfg = PaluConfig(rank_ratio=ratio, group_size=args.group_size)
-            model.forward = torch.compile(model.forward, backend=palu_fx.backend(cfg))
+            model.forward = torch.compile(model.forward, backend=palu_fx.backend(cfg, mode=mode_arg))
             cache = LatentCache(model.config, max_cache_len=args.context, compression=cfg)
-        ms, peak, cbytes, tokens[name] = run(model, cache, args.batch, args.steps, profile=args.profile)
+        try:
+            ms, peak, cbytes, tokens[name] = run(model, cache, args.batch, args.steps, profile=args.profile)
+        except Exception as e:  # report and go on: the other rows still mean something
+            log(f"{name} FAILED: {type(e).__name__}: {str(e)[:2000]}")
+            del model, cache
+            continue
         # capacity of the full-depth model (--capacity-layers) from this run's per-layer bytes
         in_layers = sum(p.numel() * p.element_size() for p in model.model.layers.parameters())
         scale = args.capacity_layers / args.layers
@@ -153,9 +164,12 @@ def main() -> None:
     print(tabulate(rows, headers=["path", "ms/step", "tokens/s", "peak GiB", "cache GiB",
                                   f"max batch @{args.capacity_context // 1024}k, {args.capacity_layers} layers, {args.budget_gb:.0f} GB", "wall s"]))
     by = {r[0]: r for r in rows}
-    if "inductor" in by and "palu" in by:
-        print(f"speedup {float(by['inductor'][1]) / float(by['palu'][1]):.2f}x, "
-              f"batch capacity {by['palu'][5] / max(by['inductor'][5], 1):.2f}x")
+    for mode in args.modes:
+        tag = "" if mode == "default" else f" ({mode})"
+        ind, pal = by.get("inductor" + tag), by.get("palu" + tag)
+        if ind and pal:
+            print(f"{mode}: speedup {float(ind[1]) / float(pal[1]):.2f}x, "
+                  f"batch capacity {pal[5] / max(ind[5], 1):.2f}x")
     if "palu r=1.0" in tokens:
         same = (tokens["palu r=1.0"] == tokens["inductor"]).float().mean().item()
         print(f"full-rank palu vs inductor: {same:.3f} of greedy tokens identical")

@@ -3,6 +3,7 @@
 # each (logs land in $OUT; the device tool copies them back):
 #   bash benchmarks/gpu_session.sh 1   # end-to-end check + issue-4 decode (8 layers, profiled)
 #   bash benchmarks/gpu_session.sh 2   # issue-3/5 kernel table at the target point (cuDNN baseline)
+#   bash benchmarks/gpu_session.sh 3   # gs1 kernel rows with the in-model diag; decode with and without CUDA graphs
 set -u
 export PYTHONPATH=.
 OUT=${OUT:-/tmp/palu_gpu}
@@ -22,5 +23,11 @@ case "${1:-1}" in
 2)
     step kernels 560 python -u benchmarks/attention.py --no-sweep --check --shapes llama2 --batch 8 --ctx 32k \
         --gs 1 2 --quant-bits 4 --no-prefill --budget-s 420
+    ;;
+3)
+    step kernels_gs1 300 python -u benchmarks/attention.py --no-sweep --check --shapes llama2 --batch 8 --ctx 32k \
+        --gs 1 --no-prefill --budget-s 200
+    step decode8_modes 420 python -u benchmarks/decode.py --layers 8 --batch 8 --context 16384 --steps 20 \
+        --modes default reduce-overhead
     ;;
 esac

@@ -93,12 +93,34 @@ def _to_aten(gm: fx.GraphModule, example_inputs: list):
     return aten_gm, fake_mode
 
 
-def _inner(gm: fx.GraphModule, example_inputs: list, eager: bool):
+def _inner(gm: fx.GraphModule, example_inputs: list, eager: bool, inductor_options: Optional[dict] = None):
     if eager:
         return gm.forward
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, example_inputs)
+    return compile_fx(gm, example_inputs, config_patches=dict(inductor_options or {}))
+
+
+def inductor_options(mode: Optional[str], options: Optional[dict]) -> dict:
+    """Inductor config patches for a ``torch.compile``-style ``mode`` plus explicit ``options``
+    (``options`` win), checked here so a bad value fails when the backend is built."""
+    from torch._inductor import config as inductor_config, list_mode_options
+
+    try:
+        patches = dict(list_mode_options(mode)) if mode is not None else {}
+    except RuntimeError as e:
+        raise ValueError(f"backend(mode={mode!r}): {e}") from None
+    if options is not None and not isinstance(options, dict):
+        raise TypeError(f"backend(options=...) takes a dict of Inductor settings, got {type(options).__name__}")
+    for key in options or {}:
+        # dotted keys name nested settings (``triton.cudagraphs``); check that each one exists
+        obj = inductor_config
+        for part in key.split("."):
+            if not hasattr(obj, part):
+                raise ValueError(f"backend(options=...): {key!r} is not an Inductor setting")
+            obj = getattr(obj, part)
+    patches.update(options or {})
+    return patches
 
 
 def _warn(reason: str) -> None:
@@ -140,7 +162,7 @@ class _PlanMemo:
 
 def compile_with_palu(gm: fx.GraphModule, example_inputs: list,
                       compression: Union[PaluConfig, CompressionPlan], eager: bool = False,
-                      plans: Optional[_PlanMemo] = None) -> Callable:
+                      plans: Optional[_PlanMemo] = None, options: Optional[dict] = None) -> Callable:
     """``plans`` memoizes the factorization across the graphs one backend compiles (the
     prefill and decode graphs, recompiles): it depends only on the weights and the config."""
     latent = _has_latent_cache(gm)
@@ -150,7 +172,7 @@ def compile_with_palu(gm: fx.GraphModule, example_inputs: list,
         if latent:
             raise
         _warn(f"the graph could not be lowered to aten ({type(e).__name__}: {e})")
-        return _inner(gm, example_inputs, eager)
+        return _inner(gm, example_inputs, eager, options)
     editor = ModuleEditor(aten_gm, example_inputs, fake_mode)
     found, skipped = find_sites(aten_gm.graph, editor.tensor, editor.is_param)
     # Only a LatentCache saves memory under compile: a caller-owned full cache stays allocated.
@@ -166,7 +188,7 @@ def compile_with_palu(gm: fx.GraphModule, example_inputs: list,
         if latent:
             raise RuntimeError(f"palu-fx cannot rewrite the attention that reads the LatentCache: {reason}")
         _warn(reason)
-        return _inner(gm, example_inputs, eager)
+        return _inner(gm, example_inputs, eager, options)
     if isinstance(compression, CompressionPlan):
         plan = compression
         plan.check(sites)
@@ -191,22 +213,28 @@ def compile_with_palu(gm: fx.GraphModule, example_inputs: list,
     aten_gm.recompile()
     _REPORTS.append(CompressionReport(plan.config, results, [SkipRecord(u.node.name, u.reason) for u in skipped],
                                       cache_found=any(r.cached for r in results)))
-    return _inner(aten_gm, example_inputs, eager)
+    return _inner(aten_gm, example_inputs, eager, options)
 
 
-def backend(compression: Union[PaluConfig, CompressionPlan, None] = None, *, eager: bool = False) -> Callable:
+def backend(compression: Union[PaluConfig, CompressionPlan, None] = None, *, eager: bool = False,
+            mode: Optional[str] = None, options: Optional[dict] = None) -> Callable:
     """A ``torch.compile`` backend applying Palu with ``compression`` (a config or a plan).
 
-    ``eager=True`` runs the rewritten aten graph without Inductor (for debugging).
+    ``mode`` and ``options`` mean what they mean to ``torch.compile`` with Inductor (which
+    takes neither alongside a custom backend): ``mode="reduce-overhead"`` replays each
+    decode step as a CUDA graph, which removes the per-layer launch overhead of the
+    latent-attention op (a ``LatentCache``'s buffers are static addresses, as CUDA graphs
+    need). ``eager=True`` runs the rewritten aten graph without Inductor (for debugging).
     """
     compression = compression if compression is not None else PaluConfig()
     if not isinstance(compression, (PaluConfig, CompressionPlan)):
         raise TypeError(f"backend() takes a PaluConfig or CompressionPlan, got {type(compression).__name__}")
 
+    patches = inductor_options(mode, options)
     plans = _PlanMemo()
 
     def palu(gm: fx.GraphModule, example_inputs: list):
-        return compile_with_palu(gm, example_inputs, compression, eager, plans)
+        return compile_with_palu(gm, example_inputs, compression, eager, plans, patches)
 
     return palu
 

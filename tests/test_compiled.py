@@ -158,6 +158,31 @@ def test_bad_backend_arguments():
         LatentCache(_model("llama").config, MAX_CACHE, compression="half")
 
 
+def test_backend_mode_and_options_are_checked_and_reach_inductor(monkeypatch):
+    with pytest.raises(ValueError, match="mode='fastest'"):
+        palu_fx.backend(mode="fastest")
+    with pytest.raises(ValueError, match="'triton.nope' is not an Inductor setting"):
+        palu_fx.backend(options={"triton.nope": True})
+    seen = []
+    import torch._inductor.compile_fx as cfx
+
+    real = cfx.compile_fx
+    def spy(gm, ex, config_patches=None, **kw):
+        if "inner_compile" not in kw:  # our call, not compile_fx's call to itself
+            seen.append(config_patches)
+        return real(gm, ex, config_patches=config_patches, **kw)
+
+    monkeypatch.setattr(cfx, "compile_fx", spy)
+    m = _model("llama")
+    cfg = PaluConfig(rank_ratio=0.5, group_size=1)
+    # on the CPU Inductor skips CUDA graphs and compiles as usual
+    m.forward = torch.compile(m.forward, backend=palu_fx.backend(cfg, mode="reduce-overhead",
+                                                                 options={"max_autotune": False}))
+    out = _generate(m, LatentCache(m.config, max_cache_len=MAX_CACHE, compression=cfg))
+    assert out.shape == (2, 9 + NEW)
+    assert seen and all(p == {"triton.cudagraphs": True, "max_autotune": False} for p in seen)
+
+
 def test_registered_backend_name_with_defaults():
     m = _model("gpt2")
     m.forward = torch.compile(m.forward, backend="palu")  # PaluConfig() defaults, Inductor

@@ -50,7 +50,8 @@ def log(msg: str) -> None:
 def run(model, cache, batch: int, steps: int, prompt: int = 1, profile: bool = False) -> tuple[float, float, int, torch.Tensor]:
     """(ms per decode step, peak GiB, cache bytes, greedy tokens), decoding from position 0.
 
-    Every call, the first included, is a one-token step, so one graph is compiled per path.
+    Every call, the first included, is a one-token step, so one graph is compiled per path
+    (the cache is allocated before it).
     The step is timed with the cache nearly empty: both paths read the whole static cache
     (``context`` slots) and mask the unwritten ones, so the cost of a step does not depend on
     how many tokens were written.
@@ -91,10 +92,13 @@ def run(model, cache, batch: int, steps: int, prompt: int = 1, profile: bool = F
         if profile and cuda:
             from torch.profiler import ProfilerActivity, profile as prof
 
-            with prof(activities=[ProfilerActivity.CUDA]) as p:
+            with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
                 step()
                 torch.cuda.synchronize()
-            print(p.key_averages().table(sort_by="cuda_time_total", row_limit=12), file=sys.stderr, flush=True)
+            ka = p.key_averages()
+            print(ka.table(sort_by="cuda_time_total", row_limit=12), file=sys.stderr, flush=True)
+            # host time: a decode step whose launches take longer than its kernels is CPU-bound
+            print(ka.table(sort_by="self_cpu_time_total", row_limit=15), file=sys.stderr, flush=True)
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     return ms, peak, cache_bytes(cache), torch.cat(tokens, 1)
 
@@ -124,7 +128,7 @@ def main() -> None:
     runs = []
     for mode in args.modes:
         tag = "" if mode == "default" else f" ({mode})"
-        runs += [(n + tag, r, mode) for n, r in (("inductor", None), ("palu", args.ratio)) if n in args.paths]
+        runs += [(n + tag, {"inductor": None, "palu": args.ratio}[n], mode) for n in args.paths]
     runs += [("palu r=1.0", 1.0, "default")] if args.full_rank_check else []
     for name, ratio, mode in runs:
         torch._dynamo.reset()
@@ -143,6 +147,12 @@ def main() -> None:
             cfg = PaluConfig(rank_ratio=ratio, group_size=args.group_size)
             model.forward = torch.compile(model.forward, backend=palu_fx.backend(cfg, mode=mode_arg))
             cache = LatentCache(model.config, max_cache_len=args.context, compression=cfg)
+        # allocate the cache before the first compiled call: buffers created inside a graph
+        # replayed as a CUDA graph would belong to the graph's memory pool (reduce-overhead
+        # then fails with "accessing tensor output of CUDAGraphs that has been overwritten")
+        cfg_m = model.config
+        cache.early_initialization(args.batch, cfg_m.num_key_value_heads, cfg_m.hidden_size // cfg_m.num_attention_heads,
+                                   model.dtype, model.device)
         try:
             ms, peak, cbytes, tokens[name] = run(model, cache, args.batch, args.steps, profile=args.profile)
         except Exception as e:  # report and go on: the other rows still mean something

@@ -30,4 +30,10 @@ case "${1:-1}" in
     step decode8_modes 420 python -u benchmarks/decode.py --layers 8 --batch 8 --context 16384 --steps 20 \
         --modes default reduce-overhead
     ;;
+4)  # palu first: Inductor's reduce-overhead run segfaulted with a lazily allocated StaticCache (torch 2.11)
+    step decode8_palu 300 python -u benchmarks/decode.py --layers 8 --batch 8 --context 16384 --steps 20 \
+        --paths palu --modes reduce-overhead default --profile
+    step decode8_inductor 240 python -u benchmarks/decode.py --layers 8 --batch 8 --context 16384 --steps 20 \
+        --paths inductor --modes default reduce-overhead
+    ;;
 esac

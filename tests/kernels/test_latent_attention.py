@@ -329,36 +329,3 @@ def test_mask_rows_shared_only_when_broadcast(kern):
     assert wrapper._mask_args(pad.float(), 2, 8, 1, 40, q)[0] == common.MASK_ADD_SHARED
     assert wrapper._mask_args(torch.ones(2, 8, 1, 40), 2, 8, 1, 40, q)[0] == common.MASK_ADD
     assert wrapper._mask_args(torch.ones(2, 1, 3, 40), 2, 8, 3, 40, q)[0] == common.MASK_ADD
-
-
-@pytest.mark.parametrize("case", [
-    pytest.param(dict(kind="per_head", Hq=4, Hkv=4, gs=1, rope=1), id="per-head-half"),
-    pytest.param(dict(kind="group", Hq=8, Hkv=4, gs=2, rope=2, rot=16), id="group-gs2-interleaved-partial"),
-    pytest.param(dict(kind="prefill", Hq=4, Hkv=4, gs=2, rope=1, Sq=70, causal=True), id="prefill"),
-])
-def test_rope_angles_match_tables(kern, case):
-    """RoPE coefficients computed in the kernel from slot positions and ``inv_freq`` give
-    what the same tables give, at positions far past 2 pi (range reduction), with a
-    different position offset per sequence (left padding)."""
-    case = dict(case)
-    kind = case.pop("kind")
-    Skv = case.get("Sq", 1) if kind == "prefill" else 90
-    args = list(make_inputs(Skv=Skv, mask=None if kind == "prefill" else "bool", **case))
-    D = args[0].shape[-1]
-    rot = case.get("rot") or D
-    inv_freq = 1.0 / 10000 ** (torch.arange(0, rot, 2, dtype=torch.float32) / rot)
-    positions = torch.arange(Skv)[None] + torch.tensor([[5], [30001]])  # [B, S]
-    angles = kern.RopeAngles(positions.to(DEVICE), inv_freq.to(DEVICE))
-    args[5], args[6] = angles.tables(torch.float64, interleaved=case["rope"] == 2)
-    if kind == "per_head":
-        config = kern.KernelConfig(block_s=64, num_warps=4, num_stages=1, group_heads=1)
-    elif kind == "group":
-        config = cfg(kern, 2)
-    else:
-        config = None
-    targs = list(args)
-    targs[5], targs[6] = angles, None
-    out = kern.latent_attention_triton(*targs, config=config, path="prefill" if kind == "prefill" else None)
-    check(out, args)
-    if kind == "per_head":
-        assert kern.per_head_applies(args[0], args[3], None, None, 1, args[3].shape[0], 1)

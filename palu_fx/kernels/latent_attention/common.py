@@ -263,44 +263,20 @@ def load_q_head(
     return lo, hi, ps
 
 
-TWO_PI_HI = tl.constexpr(6.2831854820251465)  # float32(2 pi)
-TWO_PI_LO = tl.constexpr(-1.7484555314695172e-07)  # 2 pi - TWO_PI_HI
-INV_TWO_PI = tl.constexpr(0.15915493667125702)
-
-
 @triton.jit
 def load_rope_pairs(
     cos_ptr, sin_ptr, b, kv, kv_ok, sc_b, sc_s, sc_d, ss_b, ss_s, ss_d, d0,
     HALF: tl.constexpr, CH: tl.constexpr, STEP: tl.constexpr, DTYPE: tl.constexpr = tl.float32,
-    ANGLES: tl.constexpr = False,
 ):
     """cos/sin of rotary pairs ``d0 .. d0+CH`` of each cached slot, [BLOCK_S, CH] in ``DTYPE``.
 
-    Tables (``ANGLES`` False): both partners of a pair rotate by one angle, so only the "lo"
-    column of each pair is read: half the table bytes, which every (batch, group) program
-    streams from L2.
-
-    ``ANGLES``: computed here instead, for rotaries whose angle is ``position * inv_freq``:
-    ``cos_ptr`` points at the slot positions ``[B, S]`` (strides ``sc_b``, ``sc_s``) and
-    ``sin_ptr`` at ``inv_freq`` [HALF] float32 (stride ``ss_d``). The angle is the float32
-    product a model forms, reduced to [-pi, pi] in two steps (``2 pi`` split in a float32
-    part and its remainder) before the hardware's approximate cos/sin, which are accurate
-    there (absolute error ~2**-21, far below the fp16 rounding of a table).
+    Both partners of a pair rotate by one angle, so only the "lo" column of each pair is
+    read: half the table bytes, which every (batch, group) program streams from L2.
     """
     d = d0 + tl.arange(0, CH)[None, :]
     ok = kv_ok[:, None] & (d < HALF)
-    if ANGLES:
-        pos = tl.load(cos_ptr + b * sc_b + kv * sc_s, mask=kv_ok, other=0).to(tl.float32)
-        f = tl.load(sin_ptr + d * ss_d, mask=d < HALF, other=0.0)
-        a = pos[:, None] * f
-        k = tl.floor(a * INV_TWO_PI + 0.5)
-        r = tl.fma(-k, TWO_PI_HI, a)  # exact product inside the fma: no cancellation error
-        r = tl.fma(-k, TWO_PI_LO, r)
-        c = tl.cos(r)
-        sn = tl.sin(r)
-    else:
-        c = tl.load(cos_ptr + b * sc_b + kv[:, None] * sc_s + (d * STEP) * sc_d, mask=ok, other=0.0)
-        sn = tl.load(sin_ptr + b * ss_b + kv[:, None] * ss_s + (d * STEP) * ss_d, mask=ok, other=0.0)
+    c = tl.load(cos_ptr + b * sc_b + kv[:, None] * sc_s + (d * STEP) * sc_d, mask=ok, other=0.0)
+    sn = tl.load(sin_ptr + b * ss_b + kv[:, None] * ss_s + (d * STEP) * ss_d, mask=ok, other=0.0)
     return c.to(DTYPE), sn.to(DTYPE)
 
 

@@ -148,7 +148,7 @@ def rebuild_attention_kernel(
     DIRECT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     K_BITS: tl.constexpr = 0, K_QG: tl.constexpr = 1, K_QG_P: tl.constexpr = 1, K_NQG: tl.constexpr = 1,
     K_NQG_P: tl.constexpr = 1, V_BITS: tl.constexpr = 0, V_QG: tl.constexpr = 1, V_QG_P: tl.constexpr = 1,
-    V_NQG: tl.constexpr = 1, V_NQG_P: tl.constexpr = 1, ANGLES: tl.constexpr = False,
+    V_NQG: tl.constexpr = 1, V_NQG_P: tl.constexpr = 1,
 ):
     pid_s = tl.program_id(0)
     pid_x = tl.program_id(1)
@@ -199,7 +199,7 @@ def rebuild_attention_kernel(
                 if ROPE:
                     for c in tl.static_range(NCH):
                         cs, sn = load_rope_pairs(cos_ptr, sin_ptr, b, kv, kv_ok, sc_b, sc_s, sc_d, ss_b, ss_s,
-                                                 ss_d, c * CH, HALF, CH, STEP, ANGLES=ANGLES)
+                                                 ss_d, c * CH, HALF, CH, STEP)
                         t_lo, t_hi = _lk_pairs(lk_ptr, g, j, c * CH, slk_g, slk_r, RK, D, RK_P, HALF, CH, STEP,
                                                HI_OFF)
                         u_lo, u_hi = _q_pairs(q_ptr, q_row, mine, c * CH, sq_d, HALF, CH, STEP, HI_OFF)
@@ -227,7 +227,7 @@ def rebuild_attention_kernel(
                 if ROPE:
                     for c in tl.static_range(NCH):
                         cs, sn = load_rope_pairs(cos_ptr, sin_ptr, b, kv, kv_ok, sc_b, sc_s, sc_d, ss_b, ss_s,
-                                                 ss_d, c * CH, HALF, CH, STEP, ANGLES=ANGLES)
+                                                 ss_d, c * CH, HALF, CH, STEP)
                         if HOIST:
                             t_lo, t_hi, u_lo, u_hi = h_lo, h_hi, hq_lo, hq_hi
                         else:
@@ -253,7 +253,7 @@ def rebuild_attention_kernel(
             if ROPE:
                 for c in tl.static_range(NCH):
                     cs, sn = load_rope_pairs(cos_ptr, sin_ptr, b, kv, kv_ok, sc_b, sc_s, sc_d, ss_b, ss_s, ss_d,
-                                             c * CH, HALF, CH, STEP, ANGLES=ANGLES)
+                                             c * CH, HALF, CH, STEP)
                     for jj in tl.static_range(HPP):
                         j = j0 + jj
                         if HOIST:

@@ -107,7 +107,6 @@ def per_head_attention_kernel(
     DIRECT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     K_BITS: tl.constexpr, K_QG: tl.constexpr, K_QG_P: tl.constexpr, K_NQG: tl.constexpr, K_NQG_P: tl.constexpr,
     V_BITS: tl.constexpr, V_QG: tl.constexpr, V_QG_P: tl.constexpr, V_NQG: tl.constexpr, V_NQG_P: tl.constexpr,
-    ANGLES: tl.constexpr = False,
 ):
     pid_s = tl.program_id(0)
     pid_x = tl.program_id(1)
@@ -138,10 +137,10 @@ def per_head_attention_kernel(
         if ROPE:
             if F32_PAIRS:
                 cs, sn = load_rope_pairs(cos_ptr, sin_ptr, b, kv, kv_ok, sc_b, sc_s, sc_d, ss_b, ss_s, ss_d, 0,
-                                         HALF, HALF_P, STEP, ANGLES=ANGLES)
+                                         HALF, HALF_P, STEP)
             else:
                 cs, sn = load_rope_pairs(cos_ptr, sin_ptr, b, kv, kv_ok, sc_b, sc_s, sc_d, ss_b, ss_s, ss_d, 0,
-                                         HALF, HALF_P, STEP, dtype, ANGLES=ANGLES)
+                                         HALF, HALF_P, STEP, dtype)
         s = tl.zeros([BLOCK_S, M_BLOCK], tl.float32)
         for jj in tl.static_range(HPP):
             h = h0 + jj
@@ -229,7 +228,7 @@ def per_head_launch(grid, q, lk, p, latent_ptrs, latent_strides, mask, mstr, out
     if lk is not None:
         w, wps = rotated_queries(q, lk, p, dtype)
         w_strides = (w.stride(0), w.stride(1), w.stride(2), w.stride(3))
-        rope = dict(ROPE=True, HALF=p["HALF"], HALF_P=p["HALF_P"], STEP=p["STEP"], ANGLES=p["ANGLES"])
+        rope = dict(ROPE=True, HALF=p["HALF"], HALF_P=p["HALF_P"], STEP=p["STEP"])
         tables = (p["cos"], p["sin"], *p["cos_strides"], *p["sin_strides"])
     else:  # the query itself: [B, Hq, 1, RK]
         w, wps = q, None

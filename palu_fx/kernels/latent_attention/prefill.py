@@ -34,7 +34,7 @@ def rebuild_keys_kernel(
     ROPE: tl.constexpr, ROT: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr,
     STEP: tl.constexpr, HI_OFF: tl.constexpr, PASS: tl.constexpr, PASS_P: tl.constexpr,
     HAS_PASS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr, ANGLES: tl.constexpr = False,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     """Keys [B, Hkv, Skv, >=D] of one token tile and one group; one hk read per tile."""
     pid_t = tl.program_id(0)
@@ -48,7 +48,7 @@ def rebuild_keys_kernel(
                    mask=kv_ok[:, None] & (rk[None, :] < RK), other=0.0)
     if ROPE:
         cs, sn = load_rope_pairs(cos_ptr, sin_ptr, b, kv, kv_ok, sc_b, sc_s, sc_d, ss_b, ss_s, ss_d, 0,
-                                 HALF, HALF_P, STEP, ANGLES=ANGLES)
+                                 HALF, HALF_P, STEP)
     else:
         cs = tl.zeros([BLOCK_S, HALF_P], tl.float32)
         sn = cs
@@ -91,7 +91,7 @@ def rebuild_keys(hk, lk, k_bias, cos, sin, k_norm_weight, eps, p, width, dtype, 
         D=D, RK_P=p["RK_P"], GS=GS, BLOCK_S=block_s,
         ROPE=p["ROPE"], ROT=p["ROT"], HALF=p["HALF"], HALF_P=p["HALF_P"], STEP=p["STEP"], HI_OFF=p["HI_OFF"],
         PASS=p["PASS"], PASS_P=p["PASS_P"], HAS_PASS=p["HAS_PASS"], HAS_BIAS=p["HAS_BIAS"],
-        HAS_NORM=p["HAS_NORM"], UPCAST=p["UPCAST"], IEEE=p["IEEE"], ANGLES=p["ANGLES"],
+        HAS_NORM=p["HAS_NORM"], UPCAST=p["UPCAST"], IEEE=p["IEEE"],
         num_warps=4, num_stages=2,
     )
     return keys

@@ -34,8 +34,7 @@ from palu_fx.kernels.latent_attention.naive import ROPE_HALF, ROPE_INTERLEAVED, 
 from palu_fx.kernels.latent_attention.prefill import rebuild_keys, sdpa_latent
 from palu_fx.kernels.latent_attention.per_head import per_head_applies, per_head_launch
 
-__all__ = ["KernelConfig", "Latent", "RopeAngles", "latent_attention_triton", "fused_attention", "fused_fits",
-           "choose_config"]
+__all__ = ["KernelConfig", "Latent", "latent_attention_triton", "fused_attention", "fused_fits", "choose_config"]
 
 # Fused kernel when (query heads per group, padded) x (query tokens, padded) fits one block.
 MAX_FUSED_ROWS = 64
@@ -119,11 +118,7 @@ def choose_config(rebuild: bool, gs: int, rk: int, rv: int, head_dim: int, rows:
 
 
 def _parts(q, lk, k_bias, cos, sin, k_norm_weight, rope_style, B, Skv, interpret, dtype):
-    """Constants and prepared tensors of the key pipeline (rebuild mode).
-
-    ``cos`` may be ``RopeAngles`` (``sin`` None): the kernels then compute the coefficients
-    from positions and ``inv_freq`` instead of reading tables."""
-    angles = cos if isinstance(cos, RopeAngles) else None
+    """Constants and prepared tensors of the key pipeline (rebuild mode)."""
     G, gsD, RK = lk.shape
     D = q.shape[-1]
     if gsD % D:
@@ -131,8 +126,8 @@ def _parts(q, lk, k_bias, cos, sin, k_norm_weight, rope_style, B, Skv, interpret
     if rope_style not in (ROPE_NONE, ROPE_HALF, ROPE_INTERLEAVED):
         raise ValueError(f"unknown rope style {rope_style}")
     rope = rope_style != ROPE_NONE
-    rot = (2 * angles.inv_freq.shape[-1] if angles is not None else cos.shape[-1]) if rope else 0
-    if rope and (rot % 2 or rot > D or (angles is None and sin.shape[-1] != rot)):
+    rot = cos.shape[-1] if rope else 0
+    if rope and (rot % 2 or rot > D or sin.shape[-1] != rot):
         raise ValueError(f"rotary width {rot} must be even and at most the head dim {D}")
     half, pas = rot // 2, D - rot
     dummy = q
@@ -146,39 +141,13 @@ def _parts(q, lk, k_bias, cos, sin, k_norm_weight, rope_style, B, Skv, interpret
         bias=k_bias.reshape(-1).contiguous() if k_bias is not None else dummy,
         w=k_norm_weight.contiguous() if k_norm_weight is not None else dummy,
     )
-    p["ANGLES"] = rope and angles is not None
-    if p["ANGLES"]:
-        pos = angles.positions.expand(B, Skv)
-        f = angles.inv_freq.float().contiguous()
-        p.update(cos=pos, sin=f, cos_strides=(*pos.stride(), 0), sin_strides=(0, 0, f.stride(0)))
-    elif rope:
+    if rope:
         cos = cos.expand(B, Skv, rot)
         sin = sin.expand(B, Skv, rot)
         p.update(cos=cos, sin=sin, cos_strides=cos.stride(), sin_strides=sin.stride())
     else:
         p.update(cos=dummy, sin=dummy, cos_strides=(0, 0, 0), sin_strides=(0, 0, 0))
     return p
-
-
-@dataclass(frozen=True)
-class RopeAngles:
-    """Rotary coefficients as a model computes them when its angles are linear in the
-    position: ``angle[b, s, i] = float32(positions[b, s]) * inv_freq[i]`` (float32 product,
-    as a model forms it; ``cos``/``sin`` of it with no extra scaling). The kernels then
-    compute cos/sin in registers instead of streaming ``[B, S, rot]`` tables: in decode every
-    (sequence, head) program reads those tables, as many bytes as the latents themselves.
-
-    positions: ``[B or 1, S]`` integer slot positions; inv_freq: ``[rot / 2]`` float32.
-    """
-
-    positions: torch.Tensor
-    inv_freq: torch.Tensor
-
-    def tables(self, dtype=torch.float32, interleaved: bool = False):
-        """The cos/sin tables ``[B or 1, S, rot]`` these angles stand for (reference paths)."""
-        ang = (self.positions.to(torch.float32)[..., None] * self.inv_freq.to(torch.float32)).double()
-        ang = ang.repeat_interleave(2, -1) if interleaved else torch.cat([ang, ang], -1)
-        return ang.cos().to(dtype), ang.sin().to(dtype)
 
 
 def _mask_args(attn_mask, B, Hq, Sq, Skv, dummy):
@@ -248,8 +217,6 @@ def latent_attention_triton(
     (benchmarks and tests).
     """
     if q.dtype == torch.float64:
-        if isinstance(cos, RopeAngles):
-            cos, sin = cos.tables(torch.float64, rope_style == ROPE_INTERLEAVED)
         return latent_attention_ref(q, hk, hv, lk, k_bias, cos, sin, k_norm_weight, attn_mask, scale,
                                     softcap, is_causal, rope_style, k_norm_eps)
     hk = hk if hk.stride(-1) == 1 else hk.contiguous()
@@ -397,7 +364,6 @@ def fused_attention(q, kl: Latent, vl: Latent, lk, k_bias, cos, sin, k_norm_weig
                 out.stride(0), out.stride(1), out.stride(2),
                 *runtime, float(k_norm_eps))
         consts = dict(D=Dq, GS=GS, HPP=HPP, NREP=NREP, ROPE=p["ROPE"], ROT=p["ROT"], HALF=p["HALF"],
-                      ANGLES=p["ANGLES"],
                       CH=ch, NCH=nch, STEP=p["STEP"], HI_OFF=p["HI_OFF"], PASS=p["PASS"], PCH=pch, NPC=npc,
                       HAS_BIAS=p["HAS_BIAS"], HAS_NORM=p["HAS_NORM"], HOIST=hoist,
                       DYN_HEADS=cfg.dynamic_heads and HPP > 1, **common_args)

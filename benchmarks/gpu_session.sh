@@ -36,4 +36,10 @@ case "${1:-1}" in
     step decode8_inductor 240 python -u benchmarks/decode.py --layers 8 --batch 8 --context 16384 --steps 20 \
         --paths inductor --modes default reduce-overhead
     ;;
+5)  # the issue-4 table at full depth, with and without CUDA graphs
+    step decode32_palu 300 python -u benchmarks/decode.py --layers 32 --batch 8 --context 16384 --steps 20 \
+        --paths palu --modes reduce-overhead default
+    step decode32_inductor 270 python -u benchmarks/decode.py --layers 32 --batch 8 --context 16384 --steps 20 \
+        --paths inductor --modes reduce-overhead default
+    ;;
 esac

@@ -93,6 +93,32 @@ def _to_aten(gm: fx.GraphModule, example_inputs: list):
     return aten_gm, fake_mode
 
 
+def _keep_dynamo_input_meta(aten_gm: fx.GraphModule, gm: fx.GraphModule) -> None:
+    """Carry Dynamo's per-input metadata over to the rewritten aten graph.
+
+    AOTAutograd finds the inputs whose address never changes (parameters, and tensors
+    marked with ``mark_static_address`` such as a ``LatentCache``'s buffers) from that
+    metadata; CUDA graphs (``mode="reduce-overhead"``) need it, and without it skip every
+    graph that writes the cache ("mutated inputs"). ``make_fx`` keeps the inputs in order,
+    one placeholder per Dynamo placeholder. The factors the rewrite registered are buffers
+    of the new graph module with no Dynamo source: they get constant sources of their own.
+    """
+    from torch._dynamo.source import ConstantSource
+
+    old = gm.graph.find_nodes(op="placeholder")
+    new = aten_gm.graph.find_nodes(op="placeholder")
+    if "dynamo_compile_id" not in gm.meta or not hasattr(gm, "_param_name_to_source") or len(old) != len(new):
+        return
+    for o, n in zip(old, new):
+        n._dynamo_source = getattr(o, "_dynamo_source", None)
+        if "tensor_dict" in o.meta:
+            n.meta["tensor_dict"] = o.meta["tensor_dict"]
+    known = dict(gm._param_name_to_source)
+    names = [name for name, _ in aten_gm.named_parameters()] + [name for name, _ in aten_gm.named_buffers()]
+    aten_gm._param_name_to_source = {name: known.get(name) or ConstantSource(f"palu_fx.{name}") for name in names}
+    aten_gm.meta["dynamo_compile_id"] = gm.meta["dynamo_compile_id"]
+
+
 def _inner(gm: fx.GraphModule, example_inputs: list, eager: bool, inductor_options: Optional[dict] = None):
     if eager:
         return gm.forward
@@ -211,6 +237,7 @@ def compile_with_palu(gm: fx.GraphModule, example_inputs: list,
                            "use transformers' StaticCache for this model")
     aten_gm.graph.lint()
     aten_gm.recompile()
+    _keep_dynamo_input_meta(aten_gm, gm)
     _REPORTS.append(CompressionReport(plan.config, results, [SkipRecord(u.node.name, u.reason) for u in skipped],
                                       cache_found=any(r.cached for r in results)))
     return _inner(aten_gm, example_inputs, eager, options)

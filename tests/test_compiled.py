@@ -183,6 +183,26 @@ def test_backend_mode_and_options_are_checked_and_reach_inductor(monkeypatch):
     assert seen and all(p == {"triton.cudagraphs": True, "max_autotune": False} for p in seen)
 
 
+def test_cache_buffers_stay_static_inputs_for_cuda_graphs(monkeypatch):
+    """The rewritten graph keeps Dynamo's input metadata: CUDA graphs (reduce-overhead) skip
+    any graph that writes an input not known to be static, i.e. every decode step."""
+    graphs = []
+    real = palu_fx.compiled._inner
+    monkeypatch.setattr(palu_fx.compiled, "_inner", lambda gm, ex, *a: graphs.append((gm, ex)) or real(gm, ex, *a))
+    m = _model("llama")
+    cfg = PaluConfig(rank_ratio=0.5, group_size=1)
+    m.forward = torch.compile(m.forward, backend=palu_fx.backend(cfg, eager=True))
+    cache = LatentCache(m.config, max_cache_len=MAX_CACHE, compression=cfg)
+    cache.early_initialization(2, m.config.num_key_value_heads, m.config.head_dim, m.dtype, m.device)
+    _generate(m, cache)
+    buffers = {id(t) for layer in cache.layers for t in (layer.keys, layer.values, layer.positions)}
+    gm, ex = graphs[-1]
+    static = [n.meta.get("tensor_dict", {}).get("_dynamo_static_input_type") is not None
+              for n, x in zip(gm.graph.find_nodes(op="placeholder"), ex) if id(x) in buffers]
+    assert len(static) == 2 * m.config.num_hidden_layers + 1 and all(static)
+    assert gm._param_name_to_source and "dynamo_compile_id" in gm.meta
+
+
 def test_registered_backend_name_with_defaults():
     m = _model("gpt2")
     m.forward = torch.compile(m.forward, backend="palu")  # PaluConfig() defaults, Inductor
@@ -215,7 +235,7 @@ def test_slot_positions_are_shared_and_gathered_once(monkeypatch):
     (the per-layer gather cost as much memory traffic as the latent reads on a GPU)."""
     graphs = []
     real = palu_fx.compiled._inner
-    monkeypatch.setattr(palu_fx.compiled, "_inner", lambda gm, ex, eager: graphs.append(gm) or real(gm, ex, eager))
+    monkeypatch.setattr(palu_fx.compiled, "_inner", lambda gm, ex, *a: graphs.append(gm) or real(gm, ex, *a))
     cfg = PaluConfig(rank_ratio=0.5, group_size=1)
     m = _model("llama")
     assert m.config.num_hidden_layers >= 2

@@ -121,7 +121,22 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help="a small model, to check the script on the CPU")
     p.add_argument("--full-rank-check", action="store_true",
                    help="also run palu at rank ratio 1.0 and compare its greedy tokens with inductor's")
+    p.add_argument("--gs1-kernel", choices=["default", "group", "per-head"], default="default",
+                   help="force the kernel of group-size-1 RoPE decode (experiment; the library picks by default)")
     args = p.parse_args()
+    if args.gs1_kernel != "default":
+        from palu_fx.kernels.latent_attention import wrapper
+
+        pick = wrapper.choose_config
+
+        def forced(rebuild, gs, *rest, **kw):
+            c = pick(rebuild, gs, *rest, **kw)
+            if rebuild and gs == 1 and not rest[-1]:  # not under the interpreter
+                heads = 1 if args.gs1_kernel == "per-head" else 0
+                c = wrapper.KernelConfig(**{**c.__dict__, "group_heads": heads})
+            return c
+
+        wrapper.choose_config = forced
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows, tokens = [], {}
     weights = None

@@ -87,12 +87,11 @@ def choose_config(rebuild: bool, gs: int, rk: int, rv: int, head_dim: int, rows:
     """Default launch knobs for a shape: the fastest spill-free configs of a sweep on an
     H200 at batch 8, 32k context, head dim 128 (see benchmarks/RESULTS.md).
 
-    Quantized caches use the same knobs, plus ``group_heads=2`` at group size 1 (RoPE) and
-    for small absorbed ranks: where every query head owns its latent group, ``per_head.py``'s
-    kernel with two heads per program, spill-free in an sm_90 compile and the fewest SASS
-    instructions per token and head of the candidates. Not yet timed on a GPU: the fp16
-    cache keeps the measured group kernels; ``benchmarks/attention.py --quant-bits`` times
-    both.
+    Quantized caches use the same knobs, except where every query head owns its latent
+    group: ``per_head.py``'s kernel with two heads per program at group size 1 with RoPE, and
+    four for small absorbed ranks (the fastest candidates at 4 bits on the H200,
+    RESULTS.md). The fp16 cache keeps the group kernels: inside a compiled model the
+    per-head kernel lost to them (its decode-mask read costs more, cause not found).
     Under the interpreter: big blocks, few programs (each program costs Python time).
     """
     if interpret:
@@ -102,8 +101,9 @@ def choose_config(rebuild: bool, gs: int, rk: int, rv: int, head_dim: int, rows:
     if not rebuild:
         # bandwidth bound: long tiles keep bytes in flight; shared memory caps the stages
         if rk + rv <= 128:
-            return KernelConfig(block_s=128, num_warps=4, num_stages=3, programs_per_sm=4,
-                                group_heads=2 if quantized else 0)
+            if quantized:  # H200, 4 bits, B=8 x 32k: per-head x4 0.614 ms, x2 0.703, group kernel 0.663
+                return KernelConfig(block_s=64, num_warps=4, num_stages=3, programs_per_sm=4, group_heads=4)
+            return KernelConfig(block_s=128, num_warps=4, num_stages=3, programs_per_sm=4)
         if rk + rv <= 256:
             return KernelConfig(block_s=128, num_warps=8, num_stages=3, programs_per_sm=4)
         return KernelConfig(block_s=64, num_warps=4, num_stages=3, programs_per_sm=4)

@@ -68,6 +68,12 @@ class KernelConfig:
     group_heads: int = 0
 
 
+def _cdiv(a: int, b: int) -> int:
+    # not triton.cdiv: that is a jit function, ~6 us per call from Python, and a decode call
+    # made six of them (host time is what a decode step without CUDA graphs is bound by)
+    return -(-a // b)
+
+
 def _p2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
@@ -165,13 +171,13 @@ def _mask_args(attn_mask, B, Hq, Sq, Skv, dummy):
 def _split_plan(cfg, n_base, Skv, device, interpret):
     if cfg.num_splits is not None:
         splits = max(1, min(cfg.num_splits, Skv))
-        chunk = triton.cdiv(Skv, splits)
+        chunk = _cdiv(Skv, splits)
     else:
         sms = 1 if interpret else _num_sms(device.index if device.index is not None else 0)
-        want = triton.cdiv(cfg.programs_per_sm * sms, n_base)
-        splits = max(1, min(want, triton.cdiv(Skv, CHUNK_QUANTUM)))
-        chunk = triton.cdiv(triton.cdiv(Skv, splits), CHUNK_QUANTUM) * CHUNK_QUANTUM
-    splits = triton.cdiv(Skv, chunk)
+        want = _cdiv(cfg.programs_per_sm * sms, n_base)
+        splits = max(1, min(want, _cdiv(Skv, CHUNK_QUANTUM)))
+        chunk = _cdiv(_cdiv(Skv, splits), CHUNK_QUANTUM) * CHUNK_QUANTUM
+    splits = _cdiv(Skv, chunk)
     return splits, chunk
 
 
@@ -326,7 +332,7 @@ def fused_attention(q, kl: Latent, vl: Latent, lk, k_bias, cos, sin, k_norm_weig
     HPG_P = _p2(VHPG)
     fused_rows = HPG_P * _p2(Sq)
     M_BLOCK = max(16, min(fused_rows, max(MAX_FUSED_ROWS, HPG_P)))
-    NQB = triton.cdiv(Sq, M_BLOCK // HPG_P)
+    NQB = _cdiv(Sq, M_BLOCK // HPG_P)
     NSPLIT, chunk = _split_plan(cfg, B * VG * NQB, Skv, q.device, interpret)
     direct = NSPLIT == 1
     out = torch.empty(B, Hq, Sq, RV, dtype=q.dtype, device=q.device)

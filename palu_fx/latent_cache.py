@@ -25,6 +25,7 @@ from transformers.cache_utils import Cache, StaticCache, StaticLayer
 from palu_fx import ops  # noqa: F401  (registers palu::cache_update)
 from palu_fx.config import PaluConfig
 from palu_fx.plan import CompressionPlan
+from palu_fx.quant.rows import row_layout
 
 __all__ = ["LatentCache", "LatentLayer"]
 
@@ -60,10 +61,12 @@ class LatentLayer(StaticLayer):
     """One layer's latent keys/values ``[B, S_max, G*r]``; slot positions ``[B, S_max]`` are
     shared with the other layers of the cache (``SlotPositions``)."""
 
-    def __init__(self, max_cache_len: int, ranks: RankFn, slots: SlotPositions | None = None):
+    def __init__(self, max_cache_len: int, ranks: RankFn, slots: SlotPositions | None = None,
+                 quant: tuple[int, int | None] | None = None):
         super().__init__(max_cache_len=max_cache_len)
         self._ranks = ranks
         self._slots = slots if slots is not None else SlotPositions()
+        self._quant = quant  # (bits, quantization group size or None = one per Palu group)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
@@ -71,8 +74,15 @@ class LatentLayer(StaticLayer):
         self.k_head_dim, self.v_head_dim = key_states.shape[-1], value_states.shape[-1]
         groups, rk, rv = self._ranks(self.num_heads, self.k_head_dim, self.v_head_dim)
         shape = (self.batch_size, self.max_cache_len)
-        self.keys = torch.zeros(*shape, groups * rk, dtype=key_states.dtype, device=self.device)
-        self.values = torch.zeros(*shape, groups * rv, dtype=value_states.dtype, device=self.device)
+        if self._quant is None:
+            self.keys = torch.zeros(*shape, groups * rk, dtype=key_states.dtype, device=self.device)
+            self.values = torch.zeros(*shape, groups * rv, dtype=value_states.dtype, device=self.device)
+        else:  # packed codes + fp16 scales and zeros, one uint8 row per slot (palu_fx.quant.rows)
+            bits, qgs = self._quant
+            k_row = row_layout(groups * rk, bits, qgs or rk).row_bytes
+            v_row = row_layout(groups * rv, bits, qgs or rv).row_bytes
+            self.keys = torch.zeros(*shape, k_row, dtype=torch.uint8, device=self.device)
+            self.values = torch.zeros(*shape, v_row, dtype=torch.uint8, device=self.device)
         self.positions = self._slots.get(self.batch_size, self.max_cache_len, self.device)
         self.cumulative_length = self.cumulative_length.to(self.device)
         if not _is_compiling():
@@ -133,16 +143,14 @@ class LatentCache(StaticCache):
         if not isinstance(compression, (PaluConfig, CompressionPlan)):
             raise TypeError(f"compression must be a PaluConfig or CompressionPlan, got {type(compression).__name__}")
         cfg = compression.config if isinstance(compression, CompressionPlan) else compression
-        if cfg.bits is not None:
-            raise ValueError(f"PaluConfig.bits={cfg.bits}: quantized latents are supported by compress_exported only "
-                             "so far; use bits=None with LatentCache")
+        quant = (cfg.bits, cfg.quant_group_size) if cfg.bits is not None else None
         text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         n_layers = getattr(text, "num_hidden_layers", None)
         if not isinstance(n_layers, int) or n_layers < 1:
             raise ValueError("LatentCache needs config.num_hidden_layers")
         self.compression = compression
         self._slots = SlotPositions()
-        Cache.__init__(self, layers=[LatentLayer(max_cache_len, _rank_fn(compression, i), self._slots)
+        Cache.__init__(self, layers=[LatentLayer(max_cache_len, _rank_fn(compression, i), self._slots, quant)
                                      for i in range(n_layers)])
 
     @property

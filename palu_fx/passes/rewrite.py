@@ -96,11 +96,18 @@ def rewrite_site(graph: fx.Graph, site: AttentionSite, sp: SitePlan, editor: Sta
         hv = b.call(aten.linear.default, site.value.proj.input, Rv)
         before = after = 0
         quantized: dict = {}
-        if bits is not None and (site.key_cache is None or site.key_cache.latent):
-            raise SiteError("quantized latents need a static cache in an exported program (compress_exported)")
+        if bits is not None and site.key_cache is None:
+            raise SiteError("quantized latents need a static cache (an exported program's or a LatentCache)")
         if site.key_cache is not None:
             for role, cache, h in (("k", site.key_cache, hk), ("v", site.value_cache, hv)):
                 shp = cache.full_shape
+                if cache.latent and bits is not None:  # a quantized LatentCache: rows of codes, scales, zeros
+                    rank = kf.rank if role == "k" else vf.rank
+                    quantized[role], nbytes = _quantized_row_write(b, p, role, cache, h, bits, quant_group_size or rank,
+                                                                   shp)
+                    before += math.prod(shp) * val(h).element_size()
+                    after += nbytes
+                    continue
                 if cache.latent:  # a LatentCache: the caller already allocated the latents
                     buf = cache.buffer
                     if tuple(concrete_shape(buf)) != (shp[0], shp[cache.dim], val(h).shape[-1]):
@@ -203,6 +210,41 @@ def _quantized_write(b: NodeBuilder, editor, prefix: str, cache, h: fx.Node, bit
             written = b.call(aten.slice.Tensor, written, 1, 0, cache.read_end)
         out.append(written)
     return tuple(out), nbytes
+
+
+def _quantized_row_write(b: NodeBuilder, p: str, role: str, cache, h: fx.Node, bits: int, group: int,
+                         full_shape: tuple) -> tuple[tuple, int]:
+    """Quantize the new latents into a LatentCache's rows (``palu_fx.quant.rows``): one write
+    of whole rows, then views of the codes, scales and zeros for the attention."""
+    from palu_fx.quant import resolve_group_size
+    from palu_fx.quant.pack import SCALE_BYTES
+    from palu_fx.quant.rows import row_layout
+
+    channels = val(h).shape[-1]
+    try:
+        resolve_group_size(channels, group)
+        layout = row_layout(channels, bits, group)
+    except ValueError as e:
+        raise SiteError(f"PaluConfig.quant_group_size={group}: {e}") from None
+    buf = cache.buffer
+    want = [full_shape[0], full_shape[cache.dim], layout.row_bytes]
+    if list(concrete_shape(buf)) != want or val(buf).dtype != torch.uint8:
+        raise SiteError(f"the LatentCache holds {val(buf).dtype} {list(concrete_shape(buf))} for {p}.{role} but the "
+                        f"plan needs uint8 {want} ({bits}-bit rows): build the cache with the same config or plan as "
+                        "the backend")
+    codes, scale, zero = (b.call(operator.getitem, b.call(palu.quantize_latent.default, h, bits, group), i)
+                          for i in range(3))
+    row = b.call(aten.cat.default, [codes, b.call(aten.view.dtype, scale, torch.uint8),
+                                    b.call(aten.view.dtype, zero, torch.uint8)], -1)
+    rows = b.call(aten.index_copy_.default, buf, 1, cache.index, row)
+    if cache.read_end is not None:  # the attention reads only the first slots
+        rows = b.call(aten.slice.Tensor, rows, 1, 0, cache.read_end)
+    cb, g = layout.code_bytes, layout.groups
+    views = (b.call(aten.slice.Tensor, rows, 2, 0, cb),
+             b.call(aten.view.dtype, b.call(aten.slice.Tensor, rows, 2, cb, cb + SCALE_BYTES * g), torch.float16),
+             b.call(aten.view.dtype, b.call(aten.slice.Tensor, rows, 2, cb + SCALE_BYTES * g, layout.row_bytes),
+                    torch.float16))
+    return views, math.prod(concrete_shape(buf))
 
 
 def _order(graph: fx.Graph) -> dict:

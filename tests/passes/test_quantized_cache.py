@@ -52,9 +52,30 @@ def test_quant_group_size_must_divide_the_rank(reference):
         compress_exported(ep, PaluConfig(rank_ratio=1.0, group_size=1, bits=4, quant_group_size=24))
 
 
-def test_latent_cache_refuses_bits():
+@pytest.mark.parametrize("eager", [True, False], ids=["eager", "inductor"])
+def test_latent_cache_under_compile_matches_the_exported_program(reference, eager):
+    """A quantized LatentCache under torch.compile holds packed rows (codes, fp16 scales and
+    zeros) and gives the logits of the quantized exported program of the same model."""
     from palu_fx import LatentCache
+    from palu_fx.quant.rows import row_layout
+    from tests.passes.helpers import DECODE, PREFILL, perturbed
     from tests.zoo import build
 
-    with pytest.raises(ValueError, match="PaluConfig.bits=4"):
-        LatentCache(build("llama").config, 32, PaluConfig(bits=4))
+    ep, ids, _ = reference
+    cfg = PaluConfig(rank_ratio=0.5, group_size=1, bits=4, hadamard=True)
+    want = run(compress_exported(ep, cfg), ids)
+    torch._dynamo.reset()
+    model = perturbed(build("llama"))
+    model.forward = torch.compile(model.forward, backend=palu_fx.backend(cfg, eager=eager))
+    cache = LatentCache(model.config, MAX_CACHE, cfg)
+    with torch.no_grad():
+        outs = [model(input_ids=ids[:, :PREFILL], past_key_values=cache, cache_position=torch.arange(PREFILL)).logits]
+        for t in range(PREFILL, PREFILL + DECODE):
+            outs.append(model(input_ids=ids[:, t:t + 1], past_key_values=cache,
+                              cache_position=torch.tensor([t])).logits)
+    torch._dynamo.reset()
+    assert rel_err(torch.cat(outs, 1), want) < 1e-4
+    row = row_layout(32, 4, 16).row_bytes  # 2 KV heads x rank 16, one scale/zero per head
+    for layer in cache.layers:
+        assert layer.keys.dtype == torch.uint8 and layer.keys.shape == (BATCH, MAX_CACHE, row)
+    assert cache.nbytes == 2 * len(cache.layers) * BATCH * MAX_CACHE * row + BATCH * MAX_CACHE * 8

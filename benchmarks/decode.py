@@ -111,6 +111,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--ratio", type=float, default=0.5)
     p.add_argument("--group-size", type=int, default=1)
+    p.add_argument("--bits", type=int, choices=[2, 3, 4], help="quantize palu's latents (packed rows in the LatentCache)")
     p.add_argument("--budget-gb", type=float, default=100.0)
     p.add_argument("--capacity-context", type=int, default=32768, help="context for the max-batch column")
     p.add_argument("--capacity-layers", type=int, default=32, help="model depth for the max-batch column")
@@ -159,7 +160,7 @@ def main() -> None:
             model.forward = torch.compile(model.forward, backend="inductor", mode=mode_arg)
             cache = StaticCache(config=model.config, max_cache_len=args.context)
         else:
-            cfg = PaluConfig(rank_ratio=ratio, group_size=args.group_size)
+            cfg = PaluConfig(rank_ratio=ratio, group_size=args.group_size, bits=args.bits)
             model.forward = torch.compile(model.forward, backend=palu_fx.backend(cfg, mode=mode_arg))
             cache = LatentCache(model.config, max_cache_len=args.context, compression=cfg)
         # allocate the cache before the first compiled call: buffers created inside a graph
@@ -185,7 +186,7 @@ def main() -> None:
         del model, cache
     shape = "tiny Llama (hidden 256, 4 heads)" if args.tiny else "Llama-2-7B shape (32 heads, head dim 128)"
     print(f"{shape}, {args.layers} layers, batch {args.batch}, context {args.context}, fp16, "
-          f"rank ratio {args.ratio}, group {args.group_size}; weights {weights / 2**30:.1f} GiB")
+          f"rank ratio {args.ratio}, group {args.group_size}, bits {args.bits or 16}; weights {weights / 2**30:.1f} GiB")
     print(tabulate(rows, headers=["path", "ms/step", "tokens/s", "peak GiB", "cache GiB",
                                   f"max batch @{args.capacity_context // 1024}k, {args.capacity_layers} layers, {args.budget_gb:.0f} GB", "wall s"]))
     by = {r[0]: r for r in rows}

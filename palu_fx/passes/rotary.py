@@ -21,6 +21,7 @@ from palu_fx.passes.find import AttentionSite, SiteError
 from palu_fx.passes.fx_utils import NodeBuilder, aten, concrete_shape, evaluate, is_call, upper_bound, val
 from palu_fx.kernels.latent_attention.naive import ROPE_HALF
 from palu_fx.passes.rope import sign_pattern
+from palu_fx.passes.value_key import ValueKeys
 
 _INT = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
@@ -166,6 +167,12 @@ class RotaryCaches:
         self.tables: dict = {}
         self.positions: dict = {}
         self.gathered: dict = {}
+        self._keys: ValueKeys | None = None
+
+    def value_key(self, node: fx.Node):
+        if self._keys is None:  # built on the graph as it is before the first rewrite
+            self._keys = ValueKeys(node.graph)
+        return self._keys(node)
 
     def coefficients(self, b: NodeBuilder, site: AttentionSite) -> tuple[fx.Node, fx.Node, int, int]:
         """(cos, sin) ``[B or 1, S_kv, rot]`` for every key the attention reads, the bytes of
@@ -200,7 +207,10 @@ class RotaryCaches:
         # A LatentCache's slot positions are one buffer shared by all its layers, which
         # advance together: the first layer's write serves every layer (and so does the
         # gather of the rotary tables at those positions, keyed by the written node).
-        key = ("shared", cache.positions, pos, smax) if cache.positions is not None else (pos, cache.index, smax)
+        # In a program, every layer's static cache has its own write index node; when they
+        # provably hold the same value (``ValueKeys``) the layers share one position cache.
+        key = ("shared", cache.positions, pos, smax) if cache.positions is not None else \
+            (self.value_key(pos), self.value_key(cache.index), smax)
         if key in self.positions:
             return self.positions[key], 0
         seq_len = concrete_shape(site.key.rope.input)[rope_axes(site)[1]]

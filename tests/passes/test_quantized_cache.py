@@ -24,8 +24,8 @@ def test_bits_trade_bytes_for_error(reference):
         codes = [t for k, t in bufs.items() if k.endswith("_codes")]
         assert codes and all(t.dtype == torch.uint8 for t in codes)
         # codes + fp16 scale/zero per token for K and V of 2 layers (latent width 2 groups x 32),
-        # plus one int64 slot-position cache shared by the layers
-        expected = 2 * 2 * BATCH * MAX_CACHE * bytes_per_token(64, bits, 32) + BATCH * MAX_CACHE * 8
+        # plus one int64 slot-position row shared by the sequences and the layers
+        expected = 2 * 2 * BATCH * MAX_CACHE * bytes_per_token(64, bits, 32) + MAX_CACHE * 8
         assert cache_bytes(ep_q) == expected == palu_fx.report(ep_q).cache_bytes_after
         errs.append(rel_err(run(ep_q, ids), ref))
         sizes.append(cache_bytes(ep_q))

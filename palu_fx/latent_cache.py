@@ -2,9 +2,10 @@
 
 Under ``torch.compile`` the KV cache belongs to the caller: Dynamo passes its tensors into
 the graph, so a backend alone cannot shrink them. This cache allocates, per layer, only
-the latents ``[B, S_max, G*r]`` (sized from the compression config or plan), a
-slot-indexed position buffer (rotated keys are rebuilt at their own positions, which
-differ from the slot under left padding), and routes ``update()`` through the opaque
+the latents ``[B, S_max, G*r]`` (sized from the compression config or plan; quantized
+configs get packed rows of codes, scales and zeros), a slot-indexed position buffer
+(rotated keys are rebuilt at their own positions, which differ from the slot under left
+padding), and routes ``update()`` through the opaque
 ``palu::cache_update`` op. ``palu_backend`` finds that op in the graph, follows the keys
 and values back to their projections like the export pass does, and rewrites the block
 into latent writes and ``palu::latent_attention``.
@@ -58,8 +59,9 @@ class SlotPositions:
 
 
 class LatentLayer(StaticLayer):
-    """One layer's latent keys/values ``[B, S_max, G*r]``; slot positions ``[B, S_max]`` are
-    shared with the other layers of the cache (``SlotPositions``)."""
+    """One layer's latent keys/values ``[B, S_max, G*r]`` (with ``bits``: ``uint8`` rows of
+    packed codes, fp16 scales and zeros, ``palu_fx.quant.rows``); slot positions
+    ``[B, S_max]`` are shared with the other layers of the cache (``SlotPositions``)."""
 
     def __init__(self, max_cache_len: int, ranks: RankFn, slots: SlotPositions | None = None,
                  quant: tuple[int, int | None] | None = None):

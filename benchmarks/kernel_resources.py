@@ -1,0 +1,133 @@
+"""Compile the decode kernels for an H100/H200 (sm_90) without a GPU and print their
+resources: registers, spill stack, shared memory, SASS size.
+
+The wrapper runs on CPU tensors with its kernels replaced by recorders, so the launch it
+would make (arguments, constexprs, warps, stages) is exactly what a GPU call of that shape
+and config would make; each recorded launch is then compiled with ``triton.compile`` for
+``GPUTarget("cuda", 90, 64)`` and inspected with the ``cuobjdump`` Triton ships. Use it to
+screen configs before spending device time (a config at the 255-register cap or with a
+spill stack is suspect), and to compare what a change does to the code:
+
+    PYTHONPATH=. python benchmarks/kernel_resources.py                       # Llama-2-7B shape, gs1 RoPE
+    PYTHONPATH=. python benchmarks/kernel_resources.py --gs 2 --block-s 128 --warps 8 --stages 2
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+import palu_fx.kernels.latent_attention.per_head as per_head
+import palu_fx.kernels.latent_attention.wrapper as wrapper
+
+_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.uint8: "u8",
+          torch.int64: "i64", torch.int32: "i32", torch.bool: "i1"}
+
+
+class _Recorder:
+    """Stands in for a JIT kernel: ``kernel[grid](...)`` records the launch."""
+
+    def __init__(self, fn, log):
+        self.fn, self.log = fn, log
+
+    def __getitem__(self, grid):
+        return lambda *args, **kw: self.log.append((self.fn, args, kw))
+
+
+def _arg_type(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return "*" + _TYPES[x.dtype]
+    if isinstance(x, bool):
+        return "i1"
+    if isinstance(x, int):
+        return "i64" if abs(x) >= 2**31 else "i32"
+    if isinstance(x, float):
+        return "fp32"
+    raise TypeError(f"cannot type a kernel argument of type {type(x).__name__}")
+
+
+def record(call) -> list:
+    """The kernel launches ``call()`` makes, as (jit function, args, kwargs)."""
+    log: list = []
+    saved = (wrapper.rebuild_attention_kernel, wrapper.absorbed_attention_kernel, wrapper.combine_splits_kernel,
+             per_head.per_head_attention_kernel, wrapper._interpreting, wrapper._num_sms)
+    try:
+        wrapper.rebuild_attention_kernel = _Recorder(saved[0], log)
+        wrapper.absorbed_attention_kernel = _Recorder(saved[1], log)
+        wrapper.combine_splits_kernel = _Recorder(saved[2], log)
+        per_head.per_head_attention_kernel = _Recorder(saved[3], log)
+        wrapper._interpreting = lambda t: False  # pick the GPU configs, not the interpreter's
+        wrapper._num_sms = lambda index: 132  # H100 SXM / H200
+        call()
+    finally:
+        (wrapper.rebuild_attention_kernel, wrapper.absorbed_attention_kernel, wrapper.combine_splits_kernel,
+         per_head.per_head_attention_kernel, wrapper._interpreting, wrapper._num_sms) = saved
+    return log
+
+
+def compile_sm90(fn, args, kw):
+    kw = dict(kw)
+    options = {"num_warps": kw.pop("num_warps", 4), "num_stages": kw.pop("num_stages", 3)}
+    signature, constexprs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if i < len(args):
+            signature[name] = _arg_type(args[i])
+        else:
+            signature[name] = "constexpr"
+            constexprs[name] = kw[name] if name in kw else fn.params[i].default
+    return triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 64),
+                          options=options)
+
+
+def resources(kernel) -> dict:
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        sass = subprocess.run([tool, "--dump-sass", f.name], capture_output=True, text=True).stdout
+    field = lambda name: int(m.group(1)) if (m := re.search(rf"{name}:(\d+)", usage)) else -1  # noqa: E731
+    return {"regs": field("REG"), "stack": field("STACK"), "shared": kernel.metadata.shared,
+            "sass": sum(1 for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", line))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=32)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--rank-ratio", type=float, default=0.5)
+    ap.add_argument("--gs", type=int, default=1, help="KV heads per latent group")
+    ap.add_argument("--absorbed", action="store_true", help="no RoPE: the absorbed kernel")
+    ap.add_argument("--block-s", type=int, default=64)
+    ap.add_argument("--warps", type=int, default=4)
+    ap.add_argument("--stages", type=int, default=3)
+    ap.add_argument("--group-heads", type=int, default=0, help="per-head kernel with this many heads per program")
+    args = ap.parse_args()
+    H, Hkv, D, gs = args.heads, args.kv_heads, args.head_dim, args.gs
+    G, rank = Hkv // gs, int(args.rank_ratio * gs * D)
+    B, S, dt = 8, 4096, torch.float16
+    q = torch.randn(B, H, 1, rank if args.absorbed else D, dtype=dt)
+    hk, hv = torch.randn(B, S, G * rank, dtype=dt), torch.randn(B, S, G * rank, dtype=dt)
+    lk = None if args.absorbed else torch.randn(G, gs * D, rank, dtype=dt)
+    cos = sin = None if args.absorbed else torch.randn(1, S, D, dtype=dt)
+    cfg = wrapper.KernelConfig(block_s=args.block_s, num_warps=args.warps, num_stages=args.stages,
+                               group_heads=args.group_heads)
+    print(f"{H}q/{Hkv}kv d{D} gs{gs} rank {rank} {'absorbed' if args.absorbed else 'RoPE'}, {cfg}; sm_90, "
+          f"triton {triton.__version__}")
+    for label, mask in (("no mask", None), ("[B,1,1,S] mask", torch.zeros(B, 1, 1, S, dtype=dt))):
+        launches = record(lambda: wrapper.latent_attention_triton(
+            q, hk, hv, lk, None, cos, sin, None, mask, 0.1, 0.0, False, 0 if args.absorbed else 1, 1e-6, config=cfg))
+        for fn, a, kw in launches:
+            print(f"  {label:<15} {fn.__name__:<28} {resources(compile_sm90(fn, a, kw))}")
+
+
+if __name__ == "__main__":
+    main()

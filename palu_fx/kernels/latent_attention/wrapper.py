@@ -113,8 +113,9 @@ def choose_config(rebuild: bool, gs: int, rk: int, rv: int, head_dim: int, rows:
         if rk + rv <= 256:
             return KernelConfig(block_s=128, num_warps=8, num_stages=3, programs_per_sm=4)
         return KernelConfig(block_s=64, num_warps=4, num_stages=3, programs_per_sm=4)
-    # rebuild: compiled without register spills for head dim 128 (2 heads: one program per
-    # KV head; 4 heads: a runtime loop over the heads, the least spilling option)
+    # rebuild: the fastest configs of the H200 sweep for head dim 128 (2 heads: one program
+    # per KV head; 4 heads: a runtime loop over the heads, the least spilling option). Under
+    # Triton 3.6 even the gs1 config spills 64 B (benchmarks/kernel_resources.py)
     if gs == 1:
         return KernelConfig(block_s=64, num_warps=4, num_stages=3, chunk=64, programs_per_sm=8)
     if gs == 2:

@@ -110,6 +110,9 @@ def rewrite_site(graph: fx.Graph, site: AttentionSite, sp: SitePlan, editor: Sta
                     continue
                 if cache.latent:  # a LatentCache: the caller already allocated the latents
                     buf = cache.buffer
+                    if val(buf).dtype == torch.uint8:
+                        raise SiteError(f"the LatentCache holds quantized rows for {p}.{role} but the backend's config "
+                                        "has bits=None: build the cache with the same config or plan as the backend")
                     if tuple(concrete_shape(buf)) != (shp[0], shp[cache.dim], val(h).shape[-1]):
                         raise SiteError(f"the LatentCache holds {list(concrete_shape(buf))} for {p}.{role} but the plan "
                                         f"needs {[shp[0], shp[cache.dim], val(h).shape[-1]]}: build the cache with the "

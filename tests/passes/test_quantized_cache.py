@@ -79,3 +79,21 @@ def test_latent_cache_under_compile_matches_the_exported_program(reference, eage
     for layer in cache.layers:
         assert layer.keys.dtype == torch.uint8 and layer.keys.shape == (BATCH, MAX_CACHE, row)
     assert cache.nbytes == 2 * len(cache.layers) * BATCH * MAX_CACHE * row + BATCH * MAX_CACHE * 8
+
+
+@pytest.mark.parametrize("cache_bits,backend_bits", [(4, None), (None, 4), (2, 4)])
+def test_latent_cache_and_backend_must_agree_on_bits(cache_bits, backend_bits):
+    """A LatentCache built for other bits than the backend's config: a clear error, not garbage."""
+    from palu_fx import LatentCache
+    from tests.passes.helpers import PREFILL
+    from tests.zoo import build
+
+    torch._dynamo.reset()
+    model = build("llama")
+    model.forward = torch.compile(model.forward, backend=palu_fx.backend(
+        PaluConfig(rank_ratio=0.5, group_size=1, bits=backend_bits), eager=True))
+    cache = LatentCache(model.config, MAX_CACHE, PaluConfig(rank_ratio=0.5, group_size=1, bits=cache_bits))
+    with pytest.raises(Exception, match="build the cache with the same config or plan as the backend"):
+        with torch.no_grad():
+            model(input_ids=tokens()[:, :PREFILL], past_key_values=cache, cache_position=torch.arange(PREFILL))
+    torch._dynamo.reset()

@@ -101,10 +101,9 @@ def rewrite_site(graph: fx.Graph, site: AttentionSite, sp: SitePlan, editor: Sta
         if site.key_cache is not None:
             for role, cache, h in (("k", site.key_cache, hk), ("v", site.value_cache, hv)):
                 shp = cache.full_shape
+                group = quant_group_size or (kf.rank if role == "k" else vf.rank)
                 if cache.latent and bits is not None:  # a quantized LatentCache: rows of codes, scales, zeros
-                    rank = kf.rank if role == "k" else vf.rank
-                    quantized[role], nbytes = _quantized_row_write(b, p, role, cache, h, bits, quant_group_size or rank,
-                                                                   shp)
+                    quantized[role], nbytes = _quantized_row_write(b, p, role, cache, h, bits, group, shp)
                     before += math.prod(shp) * val(h).element_size()
                     after += nbytes
                     continue
@@ -119,12 +118,9 @@ def rewrite_site(graph: fx.Graph, site: AttentionSite, sp: SitePlan, editor: Sta
                                         "same config or plan as the backend")
                     before += math.prod(shp) * val(buf).element_size()
                 elif bits is not None:
-                    bv = val(cache.buffer)
-                    before += _nbytes(bv)
-                    rank = kf.rank if role == "k" else vf.rank
-                    written, nbytes = _quantized_write(b, editor, f"palu_{p}_{role}", cache, h, bits,
-                                                       quant_group_size or rank, shp)
-                    quantized[role] = written
+                    before += _nbytes(val(cache.buffer))
+                    quantized[role], nbytes = _quantized_write(b, editor, f"palu_{p}_{role}", cache, h, bits, group,
+                                                               shp)
                     after += nbytes
                     continue
                 else:
@@ -133,13 +129,10 @@ def rewrite_site(graph: fx.Graph, site: AttentionSite, sp: SitePlan, editor: Sta
                         shp[0], shp[cache.dim], val(h).shape[-1], dtype=bv.dtype, device=bv.device))
                     before += _nbytes(bv)
                 after += _nbytes(val(buf))
-                h_written = b.call(aten.index_copy_.default, buf, 1, cache.index, h)
-                if cache.read_end is not None:  # the attention reads only the first slots
-                    h_written = b.call(aten.slice.Tensor, h_written, 1, 0, cache.read_end)
                 if role == "k":
-                    hk = h_written
+                    hk = _write_slots(b, buf, cache, h)
                 else:
-                    hv = h_written
+                    hv = _write_slots(b, buf, cache, h)
         cos = sin = None
         table_bytes = 0
         if rope is not None:
@@ -188,30 +181,41 @@ def rewrite_site(graph: fx.Graph, site: AttentionSite, sp: SitePlan, editor: Sta
                       site.key_cache is not None, absorbed, folded, before, after, table_bytes)
 
 
+def _write_slots(b: NodeBuilder, buf: fx.Node, cache, value: fx.Node) -> fx.Node:
+    """Write ``value`` into ``buf`` at the cache's slots; what the attention then reads."""
+    written = b.call(aten.index_copy_.default, buf, 1, cache.index, value)
+    if cache.read_end is not None:  # the attention reads only the first slots
+        written = b.call(aten.slice.Tensor, written, 1, 0, cache.read_end)
+    return written
+
+
+def _quantize(b: NodeBuilder, h: fx.Node, bits: int, group: int) -> list[fx.Node]:
+    """Nodes of the packed codes, scales and zeros of the new latents ``h``."""
+    from palu_fx.quant import resolve_group_size
+
+    try:
+        resolve_group_size(val(h).shape[-1], group)
+    except ValueError as e:
+        raise SiteError(f"PaluConfig.quant_group_size={group}: {e}") from None
+    q = b.call(palu.quantize_latent.default, h, bits, group)
+    return [b.call(operator.getitem, q, i) for i in range(3)]
+
+
 def _quantized_write(b: NodeBuilder, editor, prefix: str, cache, h: fx.Node, bits: int, group: int,
                      full_shape: tuple) -> tuple[tuple, int]:
     """Quantize the new latents and write codes, scales and zeros into their own caches."""
-    from palu_fx.quant import packed_shape, resolve_group_size
+    from palu_fx.quant import packed_shape
 
-    channels = val(h).shape[-1]
-    try:
-        resolve_group_size(channels, group)
-    except ValueError as e:
-        raise SiteError(f"PaluConfig.quant_group_size={group}: {e}") from None
-    ps = packed_shape(channels, bits, group)
-    q = b.call(palu.quantize_latent.default, h, bits, group)
+    parts = _quantize(b, h, bits, group)
+    ps = packed_shape(val(h).shape[-1], bits, group)
     B, smax = full_shape[0], full_shape[cache.dim]
     dev = val(h).device
     out, nbytes = [], 0
-    for i, (name, width, dtype) in enumerate((("codes", ps.code_bytes, torch.uint8), ("scale", ps.groups, torch.float16),
-                                               ("zero", ps.groups, torch.float16))):
+    for part, name, width, dtype in zip(parts, ("codes", "scale", "zero"), (ps.code_bytes, ps.groups, ps.groups),
+                                        (torch.uint8, torch.float16, torch.float16)):
         buf = editor.add_buffer(f"{prefix}_{name}", torch.zeros(B, smax, width, dtype=dtype, device=dev))
         nbytes += _nbytes(val(buf))
-        part = b.call(operator.getitem, q, i)
-        written = b.call(aten.index_copy_.default, buf, 1, cache.index, part)
-        if cache.read_end is not None:
-            written = b.call(aten.slice.Tensor, written, 1, 0, cache.read_end)
-        out.append(written)
+        out.append(_write_slots(b, buf, cache, part))
     return tuple(out), nbytes
 
 
@@ -219,14 +223,11 @@ def _quantized_row_write(b: NodeBuilder, p: str, role: str, cache, h: fx.Node, b
                          full_shape: tuple) -> tuple[tuple, int]:
     """Quantize the new latents into a LatentCache's rows (``palu_fx.quant.rows``): one write
     of whole rows, then views of the codes, scales and zeros for the attention."""
-    from palu_fx.quant import resolve_group_size
-    from palu_fx.quant.pack import SCALE_BYTES
     from palu_fx.quant.rows import row_layout
 
-    channels = val(h).shape[-1]
+    codes, scale, zero = _quantize(b, h, bits, group)
     try:
-        resolve_group_size(channels, group)
-        layout = row_layout(channels, bits, group)
+        layout = row_layout(val(h).shape[-1], bits, group)
     except ValueError as e:
         raise SiteError(f"PaluConfig.quant_group_size={group}: {e}") from None
     buf = cache.buffer
@@ -235,18 +236,16 @@ def _quantized_row_write(b: NodeBuilder, p: str, role: str, cache, h: fx.Node, b
         raise SiteError(f"the LatentCache holds {val(buf).dtype} {list(concrete_shape(buf))} for {p}.{role} but the "
                         f"plan needs uint8 {want} ({bits}-bit rows): build the cache with the same config or plan as "
                         "the backend")
-    codes, scale, zero = (b.call(operator.getitem, b.call(palu.quantize_latent.default, h, bits, group), i)
-                          for i in range(3))
     row = b.call(aten.cat.default, [codes, b.call(aten.view.dtype, scale, torch.uint8),
                                     b.call(aten.view.dtype, zero, torch.uint8)], -1)
-    rows = b.call(aten.index_copy_.default, buf, 1, cache.index, row)
-    if cache.read_end is not None:  # the attention reads only the first slots
-        rows = b.call(aten.slice.Tensor, rows, 1, 0, cache.read_end)
-    cb, g = layout.code_bytes, layout.groups
-    views = (b.call(aten.slice.Tensor, rows, 2, 0, cb),
-             b.call(aten.view.dtype, b.call(aten.slice.Tensor, rows, 2, cb, cb + SCALE_BYTES * g), torch.float16),
-             b.call(aten.view.dtype, b.call(aten.slice.Tensor, rows, 2, cb + SCALE_BYTES * g, layout.row_bytes),
-                    torch.float16))
+    rows = _write_slots(b, buf, cache, row)
+
+    def field(start, end, dtype=None):
+        view = b.call(aten.slice.Tensor, rows, 2, start, end)
+        return view if dtype is None else b.call(aten.view.dtype, view, dtype)
+
+    views = (field(0, layout.scale_start), field(layout.scale_start, layout.zero_start, torch.float16),
+             field(layout.zero_start, layout.row_bytes, torch.float16))
     return views, math.prod(concrete_shape(buf))
 
 

@@ -4,23 +4,30 @@ its fp16 zeros: how a ``LatentCache`` stores a quantized latent.
 The caller owns a ``LatentCache`` and ``palu::cache_update`` hands the graph one buffer per
 layer and role, so codes, scales and zeros share one buffer ``[B, S_max, row_bytes]``. The
 rewritten graph writes whole rows (one ``index_copy_``) and reads three strided views of
-them, which the kernels and the reference take as they take separate tensors
+them (``[:code_bytes]``, ``[scale_start:zero_start]`` and ``[zero_start:]``, the last two
+viewed as fp16), which the kernels and the reference take as they take separate tensors
 (``Latent``: scale and zero share strides).
 """
 from __future__ import annotations
 
 from typing import NamedTuple
 
-import torch
-
 from palu_fx.quant.pack import SCALE_BYTES, packed_shape
 
-__all__ = ["RowLayout", "row_layout", "split_rows", "join_rows"]
+__all__ = ["RowLayout", "row_layout"]
 
 
 class RowLayout(NamedTuple):
     code_bytes: int
     groups: int
+
+    @property
+    def scale_start(self) -> int:
+        return self.code_bytes
+
+    @property
+    def zero_start(self) -> int:
+        return self.code_bytes + SCALE_BYTES * self.groups
 
     @property
     def row_bytes(self) -> int:
@@ -33,17 +40,3 @@ def row_layout(channels: int, bits: int, group_size: int | None = None) -> RowLa
         raise ValueError(f"{channels} channels at {bits} bits pack into {ps.code_bytes} bytes, an odd number: "
                          "a LatentCache row cannot hold fp16 scales after them")
     return RowLayout(ps.code_bytes, ps.groups)
-
-
-def split_rows(rows: torch.Tensor, layout: RowLayout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Views ``(codes uint8 [..., code_bytes], scale fp16 [..., groups], zero fp16 [..., groups])``."""
-    cb, g = layout.code_bytes, layout.groups
-    codes = rows[..., :cb]
-    scale = rows[..., cb:cb + SCALE_BYTES * g].view(torch.float16)
-    zero = rows[..., cb + SCALE_BYTES * g:].view(torch.float16)
-    return codes, scale, zero
-
-
-def join_rows(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """The rows ``split_rows`` reads back, ``uint8 [..., row_bytes]``."""
-    return torch.cat([codes, scale.to(torch.float16).view(torch.uint8), zero.to(torch.float16).view(torch.uint8)], -1)

@@ -90,8 +90,8 @@ def _num_sms(index: int) -> int:
 
 def choose_config(rebuild: bool, gs: int, rk: int, rv: int, head_dim: int, rows: int, interpret: bool,
                   quantized: bool = False) -> KernelConfig:
-    """Default launch knobs for a shape: the fastest spill-free configs of a sweep on an
-    H200 at batch 8, 32k context, head dim 128 (see benchmarks/RESULTS.md).
+    """Default launch knobs for a shape: the fastest configs of a sweep on an H200 at batch
+    8, 32k context, head dim 128 (see benchmarks/RESULTS.md).
 
     Quantized caches use the same knobs, except where every query head owns its latent
     group: ``per_head.py``'s kernel with two heads per program at group size 1 with RoPE, and
@@ -161,7 +161,7 @@ def _mask_args(attn_mask, B, Hq, Sq, Skv, dummy):
     if attn_mask is None:
         return MASK_NONE, dummy, (0, 0, 0, 0)
     m = attn_mask.expand(B, Hq, Sq, Skv)
-    sb, sh, sq, sk = m.stride()
+    _, sh, sq, _ = m.stride()
     # one mask row per sequence (broadcast over heads and query positions)
     shared = (sh == 0 or Hq == 1) and (sq == 0 or Sq == 1)
     if m.dtype == torch.bool:

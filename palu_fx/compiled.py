@@ -127,7 +127,7 @@ def _inner(gm: fx.GraphModule, example_inputs: list, eager: bool, inductor_optio
     return compile_fx(gm, example_inputs, config_patches=dict(inductor_options or {}))
 
 
-def inductor_options(mode: Optional[str], options: Optional[dict]) -> dict:
+def _inductor_options(mode: Optional[str], options: Optional[dict]) -> dict:
     """Inductor config patches for a ``torch.compile``-style ``mode`` plus explicit ``options``
     (``options`` win), checked here so a bad value fails when the backend is built."""
     from torch._inductor import config as inductor_config, list_mode_options
@@ -257,7 +257,7 @@ def backend(compression: Union[PaluConfig, CompressionPlan, None] = None, *, eag
     if not isinstance(compression, (PaluConfig, CompressionPlan)):
         raise TypeError(f"backend() takes a PaluConfig or CompressionPlan, got {type(compression).__name__}")
 
-    patches = inductor_options(mode, options)
+    patches = _inductor_options(mode, options)
     plans = _PlanMemo()
 
     def palu(gm: fx.GraphModule, example_inputs: list):

@@ -2,7 +2,7 @@
 
 Fused SDPA (``aten.scaled_dot_product_attention`` and the device variants that appear after
 decomposition) and explicit ``matmul -> [scale, softcap, mask] -> softmax -> matmul``
-attention (Gemma2-style eager, hand-written decoders) all become an ``AttentionCall``.
+attention (eager implementations, hand-written decoders) all become an ``AttentionCall``.
 What cannot be expressed (dropout in training, ALiBi added before the scale, sinks...) is
 reported with the reason instead.
 """

@@ -140,7 +140,7 @@ def trace_chain(start: fx.Node, allow_transforms: bool, is_weight, what: str, is
         if proj is not None:
             steps.reverse()
             return proj, steps
-        # RoPE first: its region may end in a layout op (GPT-J style stack + flatten)
+        # RoPE first: its region may end in a layout op (interleaved pairs: stack + flatten)
         link = match_rms_norm(cur) or match_rope(cur, is_data)
         if link is None and (is_layout_step(cur) or is_call(cur, CAST_OPS)):
             steps.append(cur)

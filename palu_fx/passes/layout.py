@@ -5,8 +5,8 @@ transpose, split/chunk/slice of a fused QKV, GQA expansion...). Instead of patte
 each spelling, we replay the chain on *index tensors*: ``feat`` holds the projection
 feature number of every element, ``bidx``/``sidx`` its batch and sequence position. At the
 end we read off, per (head, dim), the projection row that feeds it, and check that tokens
-were not shuffled. This covers fused-QKV slicing (Phi-3), per-head interleaved QKV
-(GPT-NeoX's view-then-chunk), Conv1D split (GPT-2) and any spelling we never saw, as long
+were not shuffled. This covers fused-QKV slicing, per-head interleaved QKV (view, then
+chunk), a transposed-weight ``addmm`` split and any spelling we never saw, as long
 as it is built from layout ops.
 """
 from __future__ import annotations

@@ -5,7 +5,7 @@ A RoPE link is a region of element-wise linear ops (mul, add, sub, neg) and re-a
 ``x*cos + rotate(x)*sin`` on its first ``rot`` dims (the rest passed through), where cos/sin
 are computed from positions only. We find the region structurally (``x`` is the nearest
 node every data path from the projection to the output goes through), then verify it
-numerically with random inputs in float64: HF's rotate-half, GPT-J's interleaved pairs,
+numerically with random inputs in float64: rotate-half, interleaved pairs,
 complex-style ``(x1*cos - x2*sin, x2*cos + x1*sin)``, partial rotary with a pass-through
 tail, casts around it: all are the same function, so all are recognized.
 

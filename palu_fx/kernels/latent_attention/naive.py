@@ -30,10 +30,10 @@ ROPE_NONE, ROPE_HALF, ROPE_INTERLEAVED = 0, 1, 2
 
 def rotate(x: torch.Tensor, style: int) -> torch.Tensor:
     """The partner term of RoPE: ``x*cos + rotate(x)*sin``."""
-    if style == ROPE_HALF:  # Llama / NeoX: cat(-x2, x1)
+    if style == ROPE_HALF:  # rotate-half: cat(-x2, x1)
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat((-x2, x1), dim=-1)
-    if style == ROPE_INTERLEAVED:  # GPT-J: pairs (x0, x1) -> (-x1, x0)
+    if style == ROPE_INTERLEAVED:  # interleaved pairs (x0, x1) -> (-x1, x0)
         x1, x2 = x[..., 0::2], x[..., 1::2]
         return torch.stack((-x2, x1), dim=-1).flatten(-2)
     raise ValueError(f"unknown rope style {style}")

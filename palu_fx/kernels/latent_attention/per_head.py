@@ -1,6 +1,6 @@
 """Decode kernel for calls where every query head has its own latent group.
 
-That is one query token with M-LRD and no GQA sharing (the Llama-2 decode shape): the
+That is one query token with M-LRD and no GQA sharing (multi-head attention at group size 1): the
 group kernels (``decode.py``, ``absorbed.py``) would then fill one of the 16 rows of their
 score tiles, and rebuild keys that no other query row reuses. Here a program takes
 ``HPP`` consecutive heads of one sequence (their latents are adjacent groups), one

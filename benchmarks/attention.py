@@ -323,8 +323,8 @@ def row_candidates(tuned, rope, gs, Hq, Hkv, bits):
     built-in config, plus, where one query head owns each latent group (group size 1, as
     many KV heads as query heads), ``per_head.py``'s kernel at 1, 2 and 4 heads per
     program and the group kernel, for fp16 and packed caches; absorbed rows over packed
-    caches also try two more token tiles of the group kernel. Every candidate compiles
-    without register spills for sm_90."""
+    caches also try two more token tiles of the group kernel. Some of them spill registers
+    under Triton 3.6 (``benchmarks/kernel_resources.py`` shows which)."""
     cands = [("default", tuned)]
     if SMOKE:
         return cands

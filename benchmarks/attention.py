@@ -29,6 +29,7 @@ launch overhead, as a graph-captured decode step would see it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import math
 import os
@@ -340,7 +341,15 @@ def row_candidates(tuned, rope, gs, Hq, Hkv, bits):
     if not rope and bits:
         for bs, w, st in ((64, 4, 3), (128, 8, 3)):
             cands.append((f"absorbed {bs}/{w}w/{st}s", KernelConfig(block_s=bs, num_warps=w, num_stages=st)))
-    return cands
+    # A/B of two knobs on every explicit candidate: tables loaded a tile ahead (RoPE rows) and
+    # folded scales (packed rows); the default candidate is what the library picks
+    variants = []
+    for label, cfg in cands[1:]:
+        if rope:
+            variants.append((f"{label} no-prefetch", dataclasses.replace(cfg, prefetch=False)))
+        if bits:
+            variants.append((f"{label} no-fold", dataclasses.replace(cfg, fold_scales=False)))
+    return cands + variants
 
 
 def quant_correctness(shapes):
@@ -481,10 +490,17 @@ def model_args_diag(run, args, label, cfg=None):
                                                                             *rest)
     c1, s1 = (t[:, :1].expand(B, S, D) for t in (cos, sin))
     variants["+ mask, one table row (stride 0)"] = (q, hk, hv, lk, kb, c1, s1, knw, add_mask, *rest)
+    if cfg is None:  # the library's pick, made explicit so that one knob can be flipped
+        from palu_fx.kernels.latent_attention.wrapper import _p2, choose_config
+        G, rk = lk.shape[0], lk.shape[-1]
+        cfg = choose_config(True, lk.shape[1] // D, rk, hv.shape[-1] // G, D, _p2(q.shape[1] // G), False)
     times = []
-    for name, a in variants.items():
+    runs = [(name, a, cfg) for name, a in variants.items()]
+    runs.append(("+ mask, in-loop mask and table loads", variants["+ additive mask"],
+                 dataclasses.replace(cfg, prefetch=False)))
+    for name, a, c in runs:
         try:
-            times.append(f"{name} {gpu_time(run, [(a, cfg)], max_iters=15):.3f}")
+            times.append(f"{name} {gpu_time(run, [(a, c)], max_iters=15):.3f}")
         except Exception as e:  # noqa: BLE001
             times.append(f"{name} failed ({type(e).__name__}: {str(e)[:200]})")
     print(f"  diag in-model args {label}: " + ", ".join(times) + " ms", flush=True)

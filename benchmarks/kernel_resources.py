@@ -10,6 +10,10 @@ spill stack is suspect), and to compare what a change does to the code:
 
     PYTHONPATH=. python benchmarks/kernel_resources.py                       # Llama-2-7B shape, gs1 RoPE
     PYTHONPATH=. python benchmarks/kernel_resources.py --gs 2 --block-s 128 --warps 8 --stages 2
+    PYTHONPATH=. python benchmarks/kernel_resources.py --absorbed --bits 4 --group-heads 4
+
+Use the Triton the GPU has (its SASS differs between versions). ``loads`` counts the global
+load instructions by width: ``LDG.U8`` one byte, ``LDG.128`` sixteen.
 """
 from __future__ import annotations
 
@@ -73,17 +77,34 @@ def record(call) -> list:
 
 
 def compile_sm90(fn, args, kw):
+    """Compile one recorded launch for sm_90, specialized as the JIT would on a GPU: an int
+    argument equal to 1 becomes a constant, and ints and pointers divisible by 16 are marked
+    so (``tt.divisibility``): without that, no load of the kernel is known to be aligned and
+    the SASS would show scalar loads that a real launch does not make."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
     kw = dict(kw)
     options = {"num_warps": kw.pop("num_warps", 4), "num_stages": kw.pop("num_stages", 3)}
-    signature, constexprs = {}, {}
+    signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
-        if i < len(args):
-            signature[name] = _arg_type(args[i])
-        else:
+        if i >= len(args):
             signature[name] = "constexpr"
             constexprs[name] = kw[name] if name in kw else fn.params[i].default
-    return triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 64),
-                          options=options)
+            continue
+        a = args[i]
+        if isinstance(a, (bool, float)):
+            signature[name] = _arg_type(a)
+            continue
+        ty, spec = native_specialize_impl(BaseBackend, a, False, True, True)
+        if ty == "constexpr":
+            signature[name], constexprs[name] = "constexpr", spec
+            continue
+        signature[name] = _arg_type(a)
+        if spec == "D":
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=attrs),
+                          target=GPUTarget("cuda", 90, 64), options=options)
 
 
 def resources(kernel) -> dict:
@@ -94,8 +115,13 @@ def resources(kernel) -> dict:
         usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
         sass = subprocess.run([tool, "--dump-sass", f.name], capture_output=True, text=True).stdout
     field = lambda name: int(m.group(1)) if (m := re.search(rf"{name}:(\d+)", usage)) else -1  # noqa: E731
+    loads: dict = {}  # global loads by width (LDG.E.U8, LDG.E.128, ...): how well loads vectorize
+    for op in re.findall(r"\b(LDG[.A-Z0-9_]*)", sass):
+        key = ".".join(t for t in op.split(".") if t not in ("E", "EL", "LU", "EF", "CONSTANT", "STRONG", "GPU", "SYS"))
+        loads[key] = loads.get(key, 0) + 1
     return {"regs": field("REG"), "stack": field("STACK"), "shared": kernel.metadata.shared,
-            "sass": sum(1 for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", line))}
+            "sass": sum(1 for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", line)),
+            "loads": dict(sorted(loads.items()))}
 
 
 def main() -> None:
@@ -110,6 +136,9 @@ def main() -> None:
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--group-heads", type=int, default=0, help="per-head kernel with this many heads per program")
+    ap.add_argument("--bits", type=int, default=0, help="a packed cache of this many bits (one group per latent)")
+    ap.add_argument("--no-fold", action="store_true", help="dequantize each latent tile (KernelConfig.fold_scales)")
+    ap.add_argument("--no-prefetch", action="store_true", help="mask rows and cos/sin loaded in the loop")
     args = ap.parse_args()
     H, Hkv, D, gs = args.heads, args.kv_heads, args.head_dim, args.gs
     G, rank = Hkv // gs, int(args.rank_ratio * gs * D)
@@ -119,12 +148,28 @@ def main() -> None:
     lk = None if args.absorbed else torch.randn(G, gs * D, rank, dtype=dt)
     cos = sin = None if args.absorbed else torch.randn(1, S, D, dtype=dt)
     cfg = wrapper.KernelConfig(block_s=args.block_s, num_warps=args.warps, num_stages=args.stages,
-                               group_heads=args.group_heads)
-    print(f"{H}q/{Hkv}kv d{D} gs{gs} rank {rank} {'absorbed' if args.absorbed else 'RoPE'}, {cfg}; sm_90, "
+                               group_heads=args.group_heads, fold_scales=not args.no_fold,
+                               prefetch=not args.no_prefetch)
+    print(f"{H}q/{Hkv}kv d{D} gs{gs} rank {rank} {'absorbed' if args.absorbed else 'RoPE'} "
+          f"{f'{args.bits}-bit' if args.bits else 'fp16'}, {cfg}; sm_90, "
           f"triton {triton.__version__}")
+    rope = 0 if args.absorbed else 1
+    if args.bits:
+        from palu_fx.kernels.latent_attention.quant import quant_latent_attention_triton
+        from palu_fx.quant.pack import packed_shape
+        nbytes = G * packed_shape(rank, args.bits).code_bytes
+        codes = torch.randint(0, 255, (B, S, nbytes), dtype=torch.uint8)
+        sz = torch.rand(B, S, G, dtype=dt)
+
+        def call(mask):
+            return quant_latent_attention_triton(q, codes, sz, sz, codes, sz, sz, lk, None, cos, sin, None, mask, 0.1,
+                                                 args.bits, rank, args.bits, rank, 0.0, False, rope, 1e-6, config=cfg)
+    else:
+        def call(mask):
+            return wrapper.latent_attention_triton(q, hk, hv, lk, None, cos, sin, None, mask, 0.1, 0.0, False, rope,
+                                                   1e-6, config=cfg)
     for label, mask in (("no mask", None), ("[B,1,1,S] mask", torch.zeros(B, 1, 1, S, dtype=dt))):
-        launches = record(lambda: wrapper.latent_attention_triton(
-            q, hk, hv, lk, None, cos, sin, None, mask, 0.1, 0.0, False, 0 if args.absorbed else 1, 1e-6, config=cfg))
+        launches = record(lambda: call(mask))
         for fn, a, kw in launches:
             print(f"  {label:<15} {fn.__name__:<28} {resources(compile_sm90(fn, a, kw))}")
 

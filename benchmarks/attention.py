@@ -29,7 +29,6 @@ launch overhead, as a graph-captured decode step would see it.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import math
 import os
@@ -41,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 SMOKE = "--smoke" in sys.argv
+WIDE = "--wide" in sys.argv
 if SMOKE:
     os.environ["TRITON_INTERPRET"] = "1"
 
@@ -341,15 +341,30 @@ def row_candidates(tuned, rope, gs, Hq, Hkv, bits):
     if not rope and bits:
         for bs, w, st in ((64, 4, 3), (128, 8, 3)):
             cands.append((f"absorbed {bs}/{w}w/{st}s", KernelConfig(block_s=bs, num_warps=w, num_stages=st)))
-    # A/B of two knobs on every explicit candidate: tables loaded a tile ahead (RoPE rows) and
-    # folded scales (packed rows); the default candidate is what the library picks
-    variants = []
-    for label, cfg in cands[1:]:
-        if rope:
-            variants.append((f"{label} no-prefetch", dataclasses.replace(cfg, prefetch=False)))
+    if WIDE and gs == 1 and Hq == Hkv:
+        cands += wide_candidates(rope, bits)
+    return cands
+
+
+def wide_candidates(rope, bits):
+    """``--wide``: occupancy variants of the gs1 candidates. Fewer pipeline stages or shorter
+    token tiles free shared memory (the x1 RoPE kernel holds 102 KB at 3 stages, so two
+    programs per SM), and more programs per SM give the scheduler more warps to switch
+    between; ``benchmarks/kernel_resources.py`` shows registers and shared memory of each."""
+    out = []
+    if rope:
+        grid = [("per-head x1", 1, 64, 4, 2), ("per-head x1", 1, 32, 4, 3), ("per-head x1", 1, 32, 4, 2),
+                ("per-head x1", 1, 64, 8, 2), ("rebuild", 0, 64, 4, 2), ("rebuild", 0, 32, 4, 3)]
         if bits:
-            variants.append((f"{label} no-fold", dataclasses.replace(cfg, fold_scales=False)))
-    return cands + variants
+            grid += [("per-head x2", 2, 64, 4, 2), ("per-head x2", 2, 32, 4, 3)]
+    else:
+        grid = [("per-head x4", 4, 64, 4, 2), ("per-head x4", 4, 64, 8, 3), ("per-head x4", 4, 128, 4, 3),
+                ("per-head x4", 4, 128, 8, 3), ("per-head x8", 8, 64, 4, 3), ("per-head x2", 2, 64, 4, 3)]
+    for name, h, bs, w, st in grid:
+        for ppsm in (4, 8, 16):
+            out.append((f"{name} {bs}/{w}w/{st}s/{ppsm}p",
+                        KernelConfig(block_s=bs, num_warps=w, num_stages=st, programs_per_sm=ppsm, group_heads=h)))
+    return out
 
 
 def quant_correctness(shapes):
@@ -490,17 +505,10 @@ def model_args_diag(run, args, label, cfg=None):
                                                                             *rest)
     c1, s1 = (t[:, :1].expand(B, S, D) for t in (cos, sin))
     variants["+ mask, one table row (stride 0)"] = (q, hk, hv, lk, kb, c1, s1, knw, add_mask, *rest)
-    if cfg is None:  # the library's pick, made explicit so that one knob can be flipped
-        from palu_fx.kernels.latent_attention.wrapper import _p2, choose_config
-        G, rk = lk.shape[0], lk.shape[-1]
-        cfg = choose_config(True, lk.shape[1] // D, rk, hv.shape[-1] // G, D, _p2(q.shape[1] // G), False)
     times = []
-    runs = [(name, a, cfg) for name, a in variants.items()]
-    runs.append(("+ mask, in-loop mask and table loads", variants["+ additive mask"],
-                 dataclasses.replace(cfg, prefetch=False)))
-    for name, a, c in runs:
+    for name, a in variants.items():
         try:
-            times.append(f"{name} {gpu_time(run, [(a, c)], max_iters=15):.3f}")
+            times.append(f"{name} {gpu_time(run, [(a, cfg)], max_iters=15):.3f}")
         except Exception as e:  # noqa: BLE001
             times.append(f"{name} failed ({type(e).__name__}: {str(e)[:200]})")
     print(f"  diag in-model args {label}: " + ", ".join(times) + " ms", flush=True)
@@ -619,6 +627,7 @@ def main():
                     help="check the quantized kernels against the reference first; exit 1 if any case fails")
     ap.add_argument("--check-only", action="store_true", help="checks only (implies --check), no timing")
     ap.add_argument("--no-prefill", action="store_true", help="skip the prefill table")
+    ap.add_argument("--wide", action="store_true", help="also time the occupancy variants of the gs1 candidates")
     a = ap.parse_args()
     t0 = time.time()
     deadline = t0 + a.budget_s

@@ -137,8 +137,6 @@ def main() -> None:
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--group-heads", type=int, default=0, help="per-head kernel with this many heads per program")
     ap.add_argument("--bits", type=int, default=0, help="a packed cache of this many bits (one group per latent)")
-    ap.add_argument("--no-fold", action="store_true", help="dequantize each latent tile (KernelConfig.fold_scales)")
-    ap.add_argument("--no-prefetch", action="store_true", help="mask rows and cos/sin loaded in the loop")
     args = ap.parse_args()
     H, Hkv, D, gs = args.heads, args.kv_heads, args.head_dim, args.gs
     G, rank = Hkv // gs, int(args.rank_ratio * gs * D)
@@ -148,8 +146,7 @@ def main() -> None:
     lk = None if args.absorbed else torch.randn(G, gs * D, rank, dtype=dt)
     cos = sin = None if args.absorbed else torch.randn(1, S, D, dtype=dt)
     cfg = wrapper.KernelConfig(block_s=args.block_s, num_warps=args.warps, num_stages=args.stages,
-                               group_heads=args.group_heads, fold_scales=not args.no_fold,
-                               prefetch=not args.no_prefetch)
+                               group_heads=args.group_heads)
     print(f"{H}q/{Hkv}kv d{D} gs{gs} rank {rank} {'absorbed' if args.absorbed else 'RoPE'} "
           f"{f'{args.bits}-bit' if args.bits else 'fp16'}, {cfg}; sm_90, "
           f"triton {triton.__version__}")

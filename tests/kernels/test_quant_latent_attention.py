@@ -180,19 +180,3 @@ def test_compressed_program_runs_the_kernels(qk, monkeypatch):
         outs.append(torch.cat(o, 1).double())
     err = ((outs[0] - outs[1]).norm() / outs[1].norm()).item()
     assert err < (1e-5 if DEVICE == "cpu" else 1e-3), f"relative error {err:.2e}"  # GPU: other summation orders
-
-
-# ------------------------------------------------------------------ folded vs dequantized tiles
-@pytest.mark.parametrize("kernel", ["absorbed-group", "absorbed-per-head", "rope-group", "rope-per-head"])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_folded_scales_match_dequantized_tiles(qk, kernel, dtype, monkeypatch):
-    # one quantization group per Palu group: the products take centred raw codes and the
-    # per-token scale/zero are applied to their results (fold_scales, the default), or each
-    # tile is dequantized first; both must match the reference equally well
-    absorbed, per_head = kernel.startswith("absorbed"), kernel.endswith("per-head")
-    args = quant_inputs(k_bits=4, Hq=4, Hkv=4, gs=1, absorbed=absorbed, dtype=dtype, Skv=70, mask="bool")
-    no_dequantize(qk, monkeypatch)
-    for fold in (True, False):
-        c = qk.KernelConfig(block_s=64 if DEVICE == "cpu" else 32, num_warps=4, num_stages=1, num_splits=2,
-                            group_heads=2 if per_head else 0, fold_scales=fold)
-        check(qk.quant_latent_attention_triton(*args, config=c), args)

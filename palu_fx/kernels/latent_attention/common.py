@@ -77,33 +77,15 @@ def tanh_f32(x):
 
 
 @triton.jit
-def load_mask_row(mask_ptr, m_base, kv, kv_ok, sm_k, MASK_KIND: tl.constexpr):
-    """The one mask row [BLOCK_S] every row of a program reads (``MASK_*_SHARED``) as fp32:
-    keep flags (1/0) or additive terms; zeros for the other kinds.
-
-    The kernels load it a tile ahead (``PREFETCH``): Triton's pipeliner only prefetches
-    loads that feed a ``tl.dot``, so a plain load in the loop puts its L2 latency on every
-    tile's critical path."""
-    m = tl.zeros([kv.shape[0]], tl.float32)
-    if MASK_KIND == 3:
-        m = (tl.load(mask_ptr + m_base + kv * sm_k, mask=kv_ok, other=0) != 0).to(tl.float32)
-    if MASK_KIND == 4:
-        m = tl.load(mask_ptr + m_base + kv * sm_k, mask=kv_ok, other=0.0).to(tl.float32)
-    return m
-
-
-@triton.jit
 def scores_to_log2(
     s, kv, kv_ok, qi, row_ok, m_off, m_base, mask_ptr, sm_k, scale, softcap,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, USE_SOFTCAP: tl.constexpr,
-    mrow, MROW: tl.constexpr,
 ):
     """Raw dot products ``s`` [BLOCK_S, M] -> base-2 logits with scale, softcap and masks.
 
     ``m_off`` [M] is each row's offset into the (broadcast-strided) mask; padding rows
     (``row_ok`` False) must not read it: their offsets can point past the tensor.
-    ``m_base``: the offset of the one mask row every row reads (shared mask kinds); with
-    ``MROW`` that row is ``mrow``, already loaded (``load_mask_row``).
+    ``m_base``: the offset of the one mask row every row reads (shared mask kinds).
     """
     if USE_SOFTCAP:
         s = softcap * tanh_f32(s * (scale / softcap))
@@ -121,15 +103,12 @@ def scores_to_log2(
         mv = tl.load(mask_ptr + m_off[None, :] + kv[:, None] * sm_k, mask=kv_ok[:, None] & row_ok[None, :],
                      other=0.0)
         s = s + mv.to(tl.float32) * LOG2E
-    if MASK_KIND >= 3:
-        if MROW:
-            mv = mrow
-        else:
-            mv = load_mask_row(mask_ptr, m_base, kv, kv_ok, sm_k, MASK_KIND)
-        if MASK_KIND == 3:
-            keep = keep & (mv != 0.0)[:, None]
-        else:
-            s = s + (mv * LOG2E)[:, None]
+    if MASK_KIND == 3:
+        mv = tl.load(mask_ptr + m_base + kv * sm_k, mask=kv_ok, other=0)
+        keep = keep & (mv != 0)[:, None]
+    if MASK_KIND == 4:
+        mv = tl.load(mask_ptr + m_base + kv * sm_k, mask=kv_ok, other=0.0)
+        s = s + (mv.to(tl.float32) * LOG2E)[:, None]
     return tl.where(keep, s, float("-inf"))
 
 
@@ -404,36 +383,6 @@ def _load_bytes(ptr, tok_off, grp_off, tok_ok, first, n, N_P: tl.constexpr):
 
 
 @triton.jit
-def _latent_codes(ptr, kv, kv_ok, s_stride, BITS: tl.constexpr, QG: tl.constexpr, QG_P: tl.constexpr,
-                  NQG: tl.constexpr, NQG_P: tl.constexpr):
-    """Packed codes of one Palu group's tokens ``kv`` as int32 [BLOCK_S, NQG_P, QG_P] (0 past ``kv_ok``)."""
-    grp = tl.arange(0, NQG_P)
-    tok_off = kv[:, None, None] * s_stride
-    grp_off = grp[None, :, None] * (QG * BITS // 8)
-    ok = kv_ok[:, None, None] & (grp[None, :, None] < NQG)
-    if BITS == 3:  # two planes per group: low 2 bits of every code, then the high bits
-        lo = _load_bytes(ptr, tok_off, grp_off, ok, 0, QG // 4, QG_P // 4)
-        hi = _load_bytes(ptr, tok_off, grp_off, ok, QG // 4, QG // 8, QG_P // 8)
-        c = _unpack_plane(lo, 2) | (_unpack_plane(hi, 1) << 2)
-    else:
-        c = _unpack_plane(_load_bytes(ptr, tok_off, grp_off, ok, 0, QG * BITS // 8, QG_P * BITS // 8), BITS)
-    return c
-
-
-@triton.jit
-def _code_float(c, DTYPE: tl.constexpr, OFFSET: tl.constexpr = 0):
-    """int32 codes -> exact floats ``code - OFFSET``, fp16 for fp16 operands and fp32
-    otherwise, without an int->float conversion (a slow instruction): the bits of
-    1024 + code as fp16, or of 2**23 + code as fp32, minus that constant (and ``OFFSET``)."""
-    if DTYPE == tl.float16:
-        one = tl.full([1, 1, 1], 1024.0 + OFFSET, tl.float16)
-        cf = (c | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - one
-    else:
-        cf = (c | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + OFFSET)
-    return cf
-
-
-@triton.jit
 def load_latent(
     ptr, sc_ptr, zr_ptr, kv, kv_ok, s_stride, sc_stride, R,
     R_P: tl.constexpr, BITS: tl.constexpr, QG: tl.constexpr, QG_P: tl.constexpr, NQG: tl.constexpr,
@@ -452,59 +401,28 @@ def load_latent(
         t = tl.load(ptr + kv[:, None] * s_stride + r[None, :], mask=kv_ok[:, None] & (r[None, :] < R), other=0.0)
         out = t.to(DTYPE)
     else:
-        c = _latent_codes(ptr, kv, kv_ok, s_stride, BITS, QG, QG_P, NQG, NQG_P)
         grp = tl.arange(0, NQG_P)
+        tok_off = kv[:, None, None] * s_stride
+        grp_off = grp[None, :, None] * (QG * BITS // 8)
+        ok = kv_ok[:, None, None] & (grp[None, :, None] < NQG)
+        if BITS == 3:  # two planes per group: low 2 bits of every code, then the high bits
+            lo = _load_bytes(ptr, tok_off, grp_off, ok, 0, QG // 4, QG_P // 4)
+            hi = _load_bytes(ptr, tok_off, grp_off, ok, QG // 4, QG // 8, QG_P // 8)
+            c = _unpack_plane(lo, 2) | (_unpack_plane(hi, 1) << 2)
+        else:
+            c = _unpack_plane(_load_bytes(ptr, tok_off, grp_off, ok, 0, QG * BITS // 8, QG_P * BITS // 8), BITS)
         sz_off = kv[:, None] * sc_stride + grp[None, :]
         sz_ok = kv_ok[:, None] & (grp[None, :] < NQG)
         s = tl.load(sc_ptr + sz_off, mask=sz_ok, other=0.0)
         z = tl.load(zr_ptr + sz_off, mask=sz_ok, other=0.0)
-        cf = _code_float(c, DTYPE)
+        # code -> float exactly without an int->float conversion (a slow instruction): the
+        # bits of 1024 + code as fp16, or of 2**23 + code as fp32, minus that constant
         if DTYPE == tl.float16:  # fp16 operands: dequantize in fp16 (one rounding, as an fp16 cache holds it)
+            one = tl.full([1, 1, 1], 1024.0, tl.float16)
+            cf = (c | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - one
             x = cf * s[:, :, None] + z[:, :, None]
         else:
+            cf = (c | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
             x = cf * s.to(tl.float32)[:, :, None] + z.to(tl.float32)[:, :, None]
         out = tl.reshape(x, [kv.shape[0], R_P]).to(DTYPE)
     return out
-
-
-# ---------------------------------------------------------------- folded dequantization
-# With one quantization group per Palu group (the default), a token's latent is
-# ``h = s * c + z`` with one scale and zero per token, so the products that consume a tile
-# can take the raw codes (exact small integers in the operand dtype) and apply ``s`` and
-# ``z`` to their much smaller results:
-#   scores  q . h = s (q . c) + z sum(q)                     [BLOCK_S, M] instead of [BLOCK_S, R]
-#   values  sum_t p_t h_t = sum_t (p_t s_t) c_t + sum_t p_t z_t   (the z part is one number per row)
-# The tile then costs no multiply-add per latent channel. The codes are centred
-# (``c - 2**(bits-1)``, still exact; the zero point takes the shift): with raw codes the
-# two parts of a value sum are large and cancel, and rounding ``p * s`` to bf16 made the
-# output 4x less accurate than dequantizing (interpreter test, 3e-2 against 8e-3).
-
-
-@triton.jit
-def load_codes(ptr, kv, kv_ok, s_stride, R_P: tl.constexpr, BITS: tl.constexpr, QG: tl.constexpr,
-               DTYPE: tl.constexpr):
-    """Centred codes ``c - 2**(BITS-1)`` of a Palu group quantized as one group, as exact floats
-    [BLOCK_S, R_P] in ``DTYPE``. Padded channels and tokens past ``kv_ok`` hold
-    ``-2**(BITS-1)``: harmless, as padded query rows are zero, padded value channels are
-    never stored, and those tokens' scale and zero are 0."""
-    c = _latent_codes(ptr, kv, kv_ok, s_stride, BITS, QG, R_P, 1, 1)
-    return tl.reshape(_code_float(c, DTYPE, 1 << (BITS - 1)), [kv.shape[0], R_P]).to(DTYPE)
-
-
-@triton.jit
-def load_scale_zero(sc_ptr, zr_ptr, kv, kv_ok, sc_stride, BITS: tl.constexpr):
-    """fp32 scale and zero [BLOCK_S] of a Palu group with one quantization group, the zero
-    shifted for centred codes (``load_codes``); both 0 past ``kv_ok``."""
-    s = tl.load(sc_ptr + kv * sc_stride, mask=kv_ok, other=0.0).to(tl.float32)
-    z = tl.load(zr_ptr + kv * sc_stride, mask=kv_ok, other=0.0).to(tl.float32)
-    return s, z + s * (1 << (BITS - 1))
-
-
-@triton.jit
-def folded_values(p, acc, accz, alpha, cv, sv, zv, UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    """``acc``/``accz`` after one tile of softmax weights ``p`` [BLOCK_S, M] meets value codes
-    ``cv`` [BLOCK_S, RV_P] with per-token ``sv``/``zv``: the code part and the zero part
-    (``accz`` [M], added to every channel at the end: ``finish_rows(acc + accz[None, :])``)."""
-    acc = acc * alpha[None, :] + mma(tl.trans(cv), (p * sv[:, None]).to(cv.dtype), UPCAST, IEEE)
-    accz = accz * alpha + tl.sum(p * zv[:, None], axis=0)
-    return acc, accz

@@ -7,8 +7,7 @@ so the reconstruction is amortised over all the query heads that share the group
 MQA, and the ``gs`` heads of a G-LRD group). Scores, the online softmax and ``P @ hv``
 follow in the same loop; the output stays in value-latent space. The latent tiles come
 from ``common.load_latent``: a plain cache, or packed 2/3/4-bit codes dequantized in
-registers; with ``FOLD_V`` the value codes meet the softmax weights raw and the per-token
-scale and zero are applied outside the product (``common.folded_values``).
+registers.
 
 A head's key is rebuilt in column chunks of ``CH`` rotary pairs (and ``PCH`` pass-through
 dims): the fp32 tiles of a chunk are [BLOCK_S, CH], so long token tiles fit the registers,
@@ -43,8 +42,8 @@ import triton
 import triton.language as tl
 
 from palu_fx.kernels.latent_attention.common import (
-    finish_rows, folded_values, kv_range, load_codes, load_latent, load_mask_row, load_rope_pairs, load_scale_zero, mma, row_coords,
-    scores_to_log2, softmax_init, softmax_step, softmax_weights,
+    finish_rows, kv_range, load_latent, load_rope_pairs, mma, row_coords, scores_to_log2, softmax_init,
+    softmax_step,
 )
 
 
@@ -149,8 +148,7 @@ def rebuild_attention_kernel(
     DIRECT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     K_BITS: tl.constexpr = 0, K_QG: tl.constexpr = 1, K_QG_P: tl.constexpr = 1, K_NQG: tl.constexpr = 1,
     K_NQG_P: tl.constexpr = 1, V_BITS: tl.constexpr = 0, V_QG: tl.constexpr = 1, V_QG_P: tl.constexpr = 1,
-    V_NQG: tl.constexpr = 1, V_NQG_P: tl.constexpr = 1, FOLD_K: tl.constexpr = False, FOLD_V: tl.constexpr = False,
-    PREFETCH: tl.constexpr = False,
+    V_NQG: tl.constexpr = 1, V_NQG_P: tl.constexpr = 1,
 ):
     pid_s = tl.program_id(0)
     pid_x = tl.program_id(1)
@@ -185,30 +183,10 @@ def rebuild_attention_kernel(
             h_ps = _lk_pass(lk_ptr, g, j0, 0, slk_g, slk_r, RK, D, RK_P, ROT, PASS, PCH)
             hq_ps = _q_pass(q_ptr, q_row, row_ok, 0, sq_d, ROT, PASS, PCH)
 
-    # PREFETCH: the shared mask row and (one chunk, chunks-outer order) the cos/sin tiles of
-    # the next token tile are loaded a tile ahead (common.load_mask_row says why)
-    PRE_MASK: tl.constexpr = PREFETCH and MASK_KIND >= 3
-    PRE_ROPE: tl.constexpr = PREFETCH and ROPE and NCH == 1 and not HAS_NORM and not DYN_HEADS
-    kv = lo + tl.arange(0, BLOCK_S)
-    mrow_n = load_mask_row(mask_ptr, b * sm_b, kv, kv < hi, sm_k, MASK_KIND if PRE_MASK else 0)
-    cs_n = tl.zeros([BLOCK_S, CH], tl.float32)
-    sn_n = tl.zeros([BLOCK_S, CH], tl.float32)
-    if PRE_ROPE:
-        cs_n, sn_n = load_rope_pairs(cos_ptr, sin_ptr, b, kv, kv < hi, sc_b, sc_s, sc_d, ss_b, ss_s, ss_d, 0, HALF,
-                                     CH, STEP)
     m_i, l_i, acc = softmax_init(M_BLOCK, RV_P)
-    accz = tl.zeros([M_BLOCK], tl.float32)  # value zero points (FOLD_V); FOLD_K has no use here
     for start in range(lo, hi, BLOCK_S):
         kv = start + tl.arange(0, BLOCK_S)
         kv_ok = kv < hi
-        kv_n = kv + BLOCK_S
-        mrow = mrow_n
-        if PRE_MASK:
-            mrow_n = load_mask_row(mask_ptr, b * sm_b, kv_n, kv_n < hi, sm_k, MASK_KIND)
-        cs_p, sn_p = cs_n, sn_n
-        if PRE_ROPE:
-            cs_n, sn_n = load_rope_pairs(cos_ptr, sin_ptr, b, kv_n, kv_n < hi, sc_b, sc_s, sc_d, ss_b, ss_s, ss_d, 0,
-                                         HALF, CH, STEP)
         hk_t = load_latent(hk_base, hks_ptr + hks_off, hkz_ptr + hks_off, kv, kv_ok, shk_s, shks_s, RK, RK_P,
                            K_BITS, K_QG, K_QG_P, K_NQG, K_NQG_P, q_ptr.dtype.element_ty)
         s = tl.zeros([BLOCK_S, M_BLOCK], tl.float32)
@@ -274,11 +252,8 @@ def rebuild_attention_kernel(
         else:  # chunks outer: each cos/sin chunk is loaded once per tile
             if ROPE:
                 for c in tl.static_range(NCH):
-                    if PRE_ROPE:
-                        cs, sn = cs_p, sn_p
-                    else:
-                        cs, sn = load_rope_pairs(cos_ptr, sin_ptr, b, kv, kv_ok, sc_b, sc_s, sc_d, ss_b, ss_s, ss_d,
-                                                 c * CH, HALF, CH, STEP)
+                    cs, sn = load_rope_pairs(cos_ptr, sin_ptr, b, kv, kv_ok, sc_b, sc_s, sc_d, ss_b, ss_s, ss_d,
+                                             c * CH, HALF, CH, STEP)
                     for jj in tl.static_range(HPP):
                         j = j0 + jj
                         if HOIST:
@@ -304,16 +279,10 @@ def rebuild_attention_kernel(
                                          ROT, PASS, HAS_BIAS, HAS_NORM, UPCAST, IEEE)
                     s += sc
         s2 = scores_to_log2(s, kv, kv_ok, qi, row_ok, m_off, b * sm_b, mask_ptr, sm_k, scale, softcap,
-                            MASK_KIND, IS_CAUSAL, USE_SOFTCAP, mrow, PRE_MASK)
-        if FOLD_V:
-            p, alpha, m_i, l_i = softmax_weights(s2, m_i, l_i)
-            sv, zv = load_scale_zero(hvs_ptr + hvs_off, hvz_ptr + hvs_off, kv, kv_ok, shvs_s, V_BITS)
-            cv = load_codes(hv_base, kv, kv_ok, shv_s, RV_P, V_BITS, V_QG, q_ptr.dtype.element_ty)
-            acc, accz = folded_values(p, acc, accz, alpha, cv, sv, zv, UPCAST, IEEE)
-        else:
-            v_t = load_latent(hv_base, hvs_ptr + hvs_off, hvz_ptr + hvs_off, kv, kv_ok, shv_s, shvs_s, RV, RV_P,
-                              V_BITS, V_QG, V_QG_P, V_NQG, V_NQG_P, q_ptr.dtype.element_ty)
-            m_i, l_i, acc = softmax_step(s2, m_i, l_i, acc, v_t, UPCAST, IEEE)
+                            MASK_KIND, IS_CAUSAL, USE_SOFTCAP)
+        v_t = load_latent(hv_base, hvs_ptr + hvs_off, hvz_ptr + hvs_off, kv, kv_ok, shv_s, shvs_s, RV, RV_P,
+                          V_BITS, V_QG, V_QG_P, V_NQG, V_NQG_P, q_ptr.dtype.element_ty)
+        m_i, l_i, acc = softmax_step(s2, m_i, l_i, acc, v_t, UPCAST, IEEE)
 
-    finish_rows(acc + accz[None, :], m_i, l_i, out_ptr, part_ptr, lse_ptr, b, head, qi, row_ok, so_b, so_h, so_s,
+    finish_rows(acc, m_i, l_i, out_ptr, part_ptr, lse_ptr, b, head, qi, row_ok, so_b, so_h, so_s,
                 pid_x, pid_q, pid_s, NQB, NSPLIT, RV, RV_P, M_BLOCK, DIRECT)

@@ -37,8 +37,8 @@ import triton
 import triton.language as tl
 
 from palu_fx.kernels.latent_attention.common import (
-    finish_rows, kv_range, load_codes, load_latent, load_mask_row, load_rope_pairs, load_scale_zero, mma, row_coords,
-    scores_to_log2, softmax_init, softmax_weights,
+    finish_rows, kv_range, load_latent, load_rope_pairs, mma, row_coords, scores_to_log2, softmax_init,
+    softmax_weights,
 )
 
 # Wa and Wb tiles [RK_P, HALF_P] per head stay within this many elements (registers / L1)
@@ -107,7 +107,6 @@ def per_head_attention_kernel(
     DIRECT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     K_BITS: tl.constexpr, K_QG: tl.constexpr, K_QG_P: tl.constexpr, K_NQG: tl.constexpr, K_NQG_P: tl.constexpr,
     V_BITS: tl.constexpr, V_QG: tl.constexpr, V_QG_P: tl.constexpr, V_NQG: tl.constexpr, V_NQG_P: tl.constexpr,
-    FOLD_K: tl.constexpr = False, FOLD_V: tl.constexpr = False, PREFETCH: tl.constexpr = False,
 ):
     pid_s = tl.program_id(0)
     pid_x = tl.program_id(1)
@@ -131,46 +130,23 @@ def per_head_attention_kernel(
             wa1, wb1, wps1 = _head_operands(w_ptr, wps_ptr, b * sw_b + (h0 + 1) * sw_h, b * swp_b + (h0 + 1) * swp_h,
                                             sw_p, sw_r, RK, HALF, 1, RK_P, HALF_P, M_BLOCK, ROPE, HAS_PASS, "")
 
-    FOLD_SCORES: tl.constexpr = FOLD_K and not ROPE  # RoPE pair terms need the dequantized latents
-    # the cos/sin tiles and the shared mask row of the next tile are loaded one tile ahead
-    # (PREFETCH): plain loads in the loop would wait on L2 every tile (common.load_mask_row)
-    TDT: tl.constexpr = tl.float32 if F32_PAIRS else dtype
-    PRE_MASK: tl.constexpr = PREFETCH and MASK_KIND >= 3
-    kv = lo + tl.arange(0, BLOCK_S)
-    mrow_n = load_mask_row(mask_ptr, b * sm_b, kv, kv < hi, sm_k, MASK_KIND if PRE_MASK else 0)
-    cs_n = tl.zeros([BLOCK_S, HALF_P], TDT)
-    sn_n = tl.zeros([BLOCK_S, HALF_P], TDT)
-    if ROPE and PREFETCH:
-        cs_n, sn_n = load_rope_pairs(cos_ptr, sin_ptr, b, kv, kv < hi, sc_b, sc_s, sc_d, ss_b, ss_s, ss_d, 0,
-                                     HALF, HALF_P, STEP, TDT)
     m_i, l_i, acc = softmax_init(M_BLOCK, RV_P)
-    accz = tl.zeros([M_BLOCK], tl.float32)
     for start in range(lo, hi, BLOCK_S):
         kv = start + tl.arange(0, BLOCK_S)
         kv_ok = kv < hi
-        kv_n = kv + BLOCK_S
-        mrow = mrow_n
-        if PRE_MASK:
-            mrow_n = load_mask_row(mask_ptr, b * sm_b, kv_n, kv_n < hi, sm_k, MASK_KIND)
         if ROPE:
-            if PREFETCH:
-                cs, sn = cs_n, sn_n
-                cs_n, sn_n = load_rope_pairs(cos_ptr, sin_ptr, b, kv_n, kv_n < hi, sc_b, sc_s, sc_d, ss_b, ss_s,
-                                             ss_d, 0, HALF, HALF_P, STEP, TDT)
+            if F32_PAIRS:
+                cs, sn = load_rope_pairs(cos_ptr, sin_ptr, b, kv, kv_ok, sc_b, sc_s, sc_d, ss_b, ss_s, ss_d, 0,
+                                         HALF, HALF_P, STEP)
             else:
                 cs, sn = load_rope_pairs(cos_ptr, sin_ptr, b, kv, kv_ok, sc_b, sc_s, sc_d, ss_b, ss_s, ss_d, 0,
-                                         HALF, HALF_P, STEP, TDT)
+                                         HALF, HALF_P, STEP, dtype)
         s = tl.zeros([BLOCK_S, M_BLOCK], tl.float32)
         for jj in tl.static_range(HPP):
             h = h0 + jj
-            if FOLD_SCORES:
-                hk_t = load_codes(hk_ptr + b * shk_b + h * K_W, kv, kv_ok, shk_s, RK_P, K_BITS, K_QG, dtype)
-                sk, zk = load_scale_zero(hks_ptr + b * shks_b + h, hkz_ptr + b * shks_b + h, kv, kv_ok, shks_s,
-                                         K_BITS)
-            else:
-                hk_t = load_latent(hk_ptr + b * shk_b + h * K_W, hks_ptr + b * shks_b + h * K_NQG,
-                                   hkz_ptr + b * shks_b + h * K_NQG, kv, kv_ok, shk_s, shks_s, RK, RK_P,
-                                   K_BITS, K_QG, K_QG_P, K_NQG, K_NQG_P, dtype)
+            hk_t = load_latent(hk_ptr + b * shk_b + h * K_W, hks_ptr + b * shks_b + h * K_NQG,
+                               hkz_ptr + b * shks_b + h * K_NQG, kv, kv_ok, shk_s, shks_s, RK, RK_P,
+                               K_BITS, K_QG, K_QG_P, K_NQG, K_NQG_P, dtype)
             if HOIST:
                 if jj == 0:
                     wa, wb, wps = wa0, wb0, wps0
@@ -194,32 +170,21 @@ def per_head_attention_kernel(
                 if HAS_PASS:
                     sc = tl.sum(hk_t.to(tl.float32) * wps[None, :], axis=1)
                     s += tl.where(cols[None, :] == jj, sc[:, None], 0.0)
-            elif FOLD_SCORES:  # codes . q', then the token's scale and zero (column jj only)
-                q_sum = tl.sum(wa.to(tl.float32), axis=0)
-                s += mma(hk_t, wa, UPCAST, IEEE) * sk[:, None] + zk[:, None] * q_sum[None, :]
             else:  # the head's query sits in column jj: the product fills that column only
                 s += mma(hk_t, wa, UPCAST, IEEE)
         s2 = scores_to_log2(s, kv, kv_ok, qi, row_ok, m_off, b * sm_b, mask_ptr, sm_k, scale, softcap,
-                            MASK_KIND, IS_CAUSAL, USE_SOFTCAP, mrow, PRE_MASK)
+                            MASK_KIND, IS_CAUSAL, USE_SOFTCAP)
         p, alpha, m_i, l_i = softmax_weights(s2, m_i, l_i)
         acc = acc * alpha[None, :]
-        accz = accz * alpha
         for jj in tl.static_range(HPP):  # each head's weights meet its own latent values
             h = h0 + jj
+            v_t = load_latent(hv_ptr + b * shv_b + h * V_W, hvs_ptr + b * shvs_b + h * V_NQG,
+                              hvz_ptr + b * shvs_b + h * V_NQG, kv, kv_ok, shv_s, shvs_s, RV, RV_P,
+                              V_BITS, V_QG, V_QG_P, V_NQG, V_NQG_P, dtype)
             pj = tl.where(cols[None, :] == jj, p, 0.0)
-            if FOLD_V:
-                cv = load_codes(hv_ptr + b * shv_b + h * V_W, kv, kv_ok, shv_s, RV_P, V_BITS, V_QG, dtype)
-                sv, zv = load_scale_zero(hvs_ptr + b * shvs_b + h, hvz_ptr + b * shvs_b + h, kv, kv_ok, shvs_s,
-                                         V_BITS)
-                acc += mma(tl.trans(cv), (pj * sv[:, None]).to(dtype), UPCAST, IEEE)
-                accz += tl.sum(pj * zv[:, None], axis=0)
-            else:
-                v_t = load_latent(hv_ptr + b * shv_b + h * V_W, hvs_ptr + b * shvs_b + h * V_NQG,
-                                  hvz_ptr + b * shvs_b + h * V_NQG, kv, kv_ok, shv_s, shvs_s, RV, RV_P,
-                                  V_BITS, V_QG, V_QG_P, V_NQG, V_NQG_P, dtype)
-                acc += mma(tl.trans(v_t), pj.to(dtype), UPCAST, IEEE)
+            acc += mma(tl.trans(v_t), pj.to(dtype), UPCAST, IEEE)
 
-    finish_rows(acc + accz[None, :], m_i, l_i, out_ptr, part_ptr, lse_ptr, b, head, qi, row_ok, so_b, so_h, so_s,
+    finish_rows(acc, m_i, l_i, out_ptr, part_ptr, lse_ptr, b, head, qi, row_ok, so_b, so_h, so_s,
                 pid_x, 0, pid_s, 1, NSPLIT, RV, RV_P, M_BLOCK, DIRECT)
 
 

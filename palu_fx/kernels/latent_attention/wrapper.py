@@ -55,11 +55,6 @@ class KernelConfig:
     registers for large groups). group_heads: when every query head has its own latent
     group (M-LRD, no GQA sharing, one query token), run ``per_head.py``'s kernel with this
     many heads (groups) per program (0: the group kernels ``decode.py`` / ``absorbed.py``).
-    fold_scales: over a packed cache quantized with one group per Palu group, let the
-    products take the raw codes and apply each token's scale and zero to their results
-    (``common.py``, "folded dequantization"); False dequantizes every latent tile.
-    prefetch: load the shared decode-mask row and the cos/sin tiles one token tile ahead
-    (Triton pipelines only the loads that feed products).
     """
 
     block_s: int = 64
@@ -71,8 +66,6 @@ class KernelConfig:
     heads_per_program: int = 0
     dynamic_heads: bool = False
     group_heads: int = 0
-    fold_scales: bool = True
-    prefetch: bool = True
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -360,7 +353,6 @@ def fused_attention(q, kl: Latent, vl: Latent, lk, k_bias, cos, sin, k_norm_weig
         UPCAST=interpret and dtype == torch.bfloat16, IEEE=dtype == torch.float32,
         **dict(zip(("K_BITS", "K_QG", "K_QG_P", "K_NQG", "K_NQG_P"), k_q)),
         **dict(zip(("V_BITS", "V_QG", "V_QG_P", "V_NQG", "V_NQG_P"), v_q)),
-        PREFETCH=cfg.prefetch, FOLD_K=cfg.fold_scales and kl.bits > 0 and k_q[3] == 1, FOLD_V=cfg.fold_scales and vl.bits > 0 and v_q[3] == 1,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     grid = (NSPLIT, B * VG, NQB)

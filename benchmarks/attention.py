@@ -29,6 +29,7 @@ launch overhead, as a graph-captured decode step would see it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import math
 import os
@@ -338,11 +339,17 @@ def row_candidates(tuned, rope, gs, Hq, Hkv, bits):
                                                                           group_heads=h)))
         if rope:
             cands.append(("rebuild 64/4w/3s", KernelConfig(block_s=64, num_warps=4, num_stages=3, programs_per_sm=8)))
+        elif bits:  # the fastest of the --wide sweep at 4 bits (RESULTS.md)
+            cands.append(("per-head x4 64/4w/2s/16p", KernelConfig(block_s=64, num_warps=4, num_stages=2,
+                                                                   programs_per_sm=16, group_heads=4)))
     if not rope and bits:
         for bs, w, st in ((64, 4, 3), (128, 8, 3)):
             cands.append((f"absorbed {bs}/{w}w/{st}s", KernelConfig(block_s=bs, num_warps=w, num_stages=st)))
     if WIDE and gs == 1 and Hq == Hkv:
         cands += wide_candidates(rope, bits)
+    # A/B: the small per-tile loads (mask row, scales/zeros) a tile ahead or in the loop
+    if bits:
+        cands += [(f"{label} no-prefetch", dataclasses.replace(cfg, prefetch=False)) for label, cfg in cands[1:]]
     return cands
 
 
@@ -505,10 +512,14 @@ def model_args_diag(run, args, label, cfg=None):
                                                                             *rest)
     c1, s1 = (t[:, :1].expand(B, S, D) for t in (cos, sin))
     variants["+ mask, one table row (stride 0)"] = (q, hk, hv, lk, kb, c1, s1, knw, add_mask, *rest)
+    runs = [(name, a, cfg) for name, a in variants.items()]
+    if cfg is not None:
+        runs.append(("+ mask read in the loop (no prefetch)", variants["+ additive mask"],
+                     dataclasses.replace(cfg, prefetch=False)))
     times = []
-    for name, a in variants.items():
+    for name, a, c in runs:
         try:
-            times.append(f"{name} {gpu_time(run, [(a, cfg)], max_iters=15):.3f}")
+            times.append(f"{name} {gpu_time(run, [(a, c)], max_iters=15):.3f}")
         except Exception as e:  # noqa: BLE001
             times.append(f"{name} failed ({type(e).__name__}: {str(e)[:200]})")
     print(f"  diag in-model args {label}: " + ", ".join(times) + " ms", flush=True)
@@ -559,6 +570,10 @@ def table(shapes, batches, contexts, ceilings, best, deadline, group_sizes=(1, 2
                             print(f"  {sname} B={B} S={S} gs{gs} rope={rope} bits={bits} ms: {', '.join(timed)}")
                         if rope and not bits and B >= 8 and sets:
                             model_args_diag(run, sets[0], f"{sname} B={B} S={S} gs{gs}", best_cfg)
+                            if gs == 1:  # the group kernel, what choose_config picks for fp16
+                                model_args_diag(run, sets[0], f"{sname} B={B} S={S} gs{gs} group kernel",
+                                                KernelConfig(block_s=64, num_warps=4, num_stages=3,
+                                                             programs_per_sm=8))
                         sets = [(a, None) for a in sets]
                         t_naive = float("nan")
                         if sets and naive_fits(Hq, Hkv, D, gs, B, S):

@@ -4,6 +4,8 @@
 #   bash benchmarks/gpu_session.sh 1   # end-to-end check + issue-4 decode (8 layers, profiled)
 #   bash benchmarks/gpu_session.sh 2   # issue-3/5 kernel table at the target point (cuDNN baseline)
 #   bash benchmarks/gpu_session.sh 3   # gs1 kernel rows with the in-model diag; decode with and without CUDA graphs
+#   bash benchmarks/gpu_session.sh 6   # prefetch A/B at the target point, with the GPU checks
+#   bash benchmarks/gpu_session.sh 7   # 8-layer decode: gs1 group vs per-head kernel, and 4 bits
 set -u
 export PYTHONPATH=.
 OUT=${OUT:-/tmp/palu_gpu}
@@ -41,5 +43,17 @@ case "${1:-1}" in
         --paths palu --modes reduce-overhead default
     step decode32_inductor 270 python -u benchmarks/decode.py --layers 32 --batch 8 --context 16384 --steps 20 \
         --paths inductor --modes reduce-overhead default
+    ;;
+6)  # the small per-tile loads a tile ahead (KernelConfig.prefetch): kernel A/B and checks
+    step kernels_prefetch 560 python -u benchmarks/attention.py --no-sweep --check --shapes llama2 --batch 8 \
+        --ctx 32k --gs 1 --quant-bits 4 --no-prefill --budget-s 360
+    ;;
+7)  # in-model effect: 8 layers with CUDA graphs, the gs1 kernels and the 4-bit cache
+    step decode8_group 200 python -u benchmarks/decode.py --layers 8 --batch 8 --context 16384 --steps 20 \
+        --paths palu --modes reduce-overhead --gs1-kernel group
+    step decode8_per_head 200 python -u benchmarks/decode.py --layers 8 --batch 8 --context 16384 --steps 20 \
+        --paths palu --modes reduce-overhead --gs1-kernel per-head
+    step decode8_q4 190 python -u benchmarks/decode.py --layers 8 --batch 8 --context 16384 --steps 20 \
+        --paths palu --modes reduce-overhead --bits 4
     ;;
 esac

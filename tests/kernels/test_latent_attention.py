@@ -220,6 +220,18 @@ def test_decode_masks(kern, mask, absorbed):
     check(kern.latent_attention_triton(*args, config=cfg(kern, 2)), args)
 
 
+@pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "in-loop-loads"])
+@pytest.mark.parametrize("kernel", ["rebuild", "per-head", "absorbed"])
+@pytest.mark.parametrize("mask", ["bool", "add"])
+def test_mask_row_loaded_a_tile_ahead(kern, kernel, mask, prefetch):
+    # the shared mask row is loaded one tile ahead (KernelConfig.prefetch): several tiles
+    # per split, a ragged last one, and a split whose next tile is past its end
+    args = make_inputs(Hq=4, Hkv=4, gs=1, rk=32, rv=32, Skv=150, mask=mask, absorbed=kernel == "absorbed")
+    c = kern.KernelConfig(block_s=16 if DEVICE == "cpu" else 32, num_warps=4, num_stages=1, num_splits=2,
+                          group_heads=2 if kernel == "per-head" else 0, prefetch=prefetch)
+    check(kern.latent_attention_triton(*args, config=c), args)
+
+
 @pytest.mark.parametrize("absorbed", [False, True], ids=["rebuild", "absorbed"])
 def test_many_splits(kern, absorbed):
     # more splits than one combine step reduces at once, several of them empty (masked)

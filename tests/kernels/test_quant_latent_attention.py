@@ -180,3 +180,16 @@ def test_compressed_program_runs_the_kernels(qk, monkeypatch):
         outs.append(torch.cat(o, 1).double())
     err = ((outs[0] - outs[1]).norm() / outs[1].norm()).item()
     assert err < (1e-5 if DEVICE == "cpu" else 1e-3), f"relative error {err:.2e}"  # GPU: other summation orders
+
+
+@pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "in-loop-loads"])
+@pytest.mark.parametrize("kernel", ["rope-group", "rope-per-head", "absorbed-group", "absorbed-per-head"])
+def test_scales_loaded_a_tile_ahead(qk, kernel, prefetch, monkeypatch):
+    # per-token scales/zeros (one quantization group per Palu group) and the mask row are
+    # loaded one tile ahead (KernelConfig.prefetch); several tiles, a ragged last one
+    args = quant_inputs(k_bits=4, Hq=4, Hkv=4, gs=1, rk=32, rv=32, Skv=150, mask="add",
+                        absorbed=kernel.startswith("absorbed"))
+    no_dequantize(qk, monkeypatch)
+    c = qk.KernelConfig(block_s=16 if DEVICE == "cpu" else 32, num_warps=4, num_stages=1, num_splits=2,
+                        group_heads=4 if kernel.endswith("per-head") else 0, prefetch=prefetch)
+    check(qk.quant_latent_attention_triton(*args, config=c), args)

@@ -76,16 +76,52 @@ def tanh_f32(x):
     return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
 
 
+# ---------------------------------------------------------------- small loads, a tile ahead
+# Triton's software pipeliner prefetches only the loads that feed a ``tl.dot`` (through
+# shared memory). The other loads of a token tile sit on its critical path: the shared
+# decode-mask row and a packed cache's per-token scales and zeros are small vectors, but
+# each costs an L2 round trip per tile. With ``PREFETCH`` the kernels load them one tile
+# ahead (loop-carried registers). Prefetching the cos/sin tiles the same way was measured
+# and rejected: it changed the pipeliner's schedule of the latent loads and cost more than
+# it saved (RESULTS.md, issue 3).
+
+
+@triton.jit
+def load_mask_row(mask_ptr, m_base, kv, kv_ok, sm_k, MASK_KIND: tl.constexpr):
+    """The one mask row [BLOCK_S] every row of a program reads (``MASK_*_SHARED``) as fp32:
+    keep flags (1/0) or additive terms; zeros for the other kinds."""
+    m = tl.zeros([kv.shape[0]], tl.float32)
+    if MASK_KIND == 3:
+        m = (tl.load(mask_ptr + m_base + kv * sm_k, mask=kv_ok, other=0) != 0).to(tl.float32)
+    if MASK_KIND == 4:
+        m = tl.load(mask_ptr + m_base + kv * sm_k, mask=kv_ok, other=0.0).to(tl.float32)
+    return m
+
+
+@triton.jit
+def load_scale_zero(sc_ptr, zr_ptr, kv, kv_ok, sc_stride, ON: tl.constexpr):
+    """Per-token scale and zero [BLOCK_S] (storage dtype) of a Palu group quantized as one
+    group; zeros when not ``ON`` (nothing is read)."""
+    s = tl.zeros([kv.shape[0]], sc_ptr.dtype.element_ty)
+    z = tl.zeros([kv.shape[0]], sc_ptr.dtype.element_ty)
+    if ON:
+        s = tl.load(sc_ptr + kv * sc_stride, mask=kv_ok, other=0.0)
+        z = tl.load(zr_ptr + kv * sc_stride, mask=kv_ok, other=0.0)
+    return s, z
+
+
 @triton.jit
 def scores_to_log2(
     s, kv, kv_ok, qi, row_ok, m_off, m_base, mask_ptr, sm_k, scale, softcap,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, USE_SOFTCAP: tl.constexpr,
+    mrow, MROW: tl.constexpr,
 ):
     """Raw dot products ``s`` [BLOCK_S, M] -> base-2 logits with scale, softcap and masks.
 
     ``m_off`` [M] is each row's offset into the (broadcast-strided) mask; padding rows
     (``row_ok`` False) must not read it: their offsets can point past the tensor.
-    ``m_base``: the offset of the one mask row every row reads (shared mask kinds).
+    ``m_base``: the offset of the one mask row every row reads (shared mask kinds); with
+    ``MROW`` that row is ``mrow``, already loaded (``load_mask_row``).
     """
     if USE_SOFTCAP:
         s = softcap * tanh_f32(s * (scale / softcap))
@@ -103,12 +139,15 @@ def scores_to_log2(
         mv = tl.load(mask_ptr + m_off[None, :] + kv[:, None] * sm_k, mask=kv_ok[:, None] & row_ok[None, :],
                      other=0.0)
         s = s + mv.to(tl.float32) * LOG2E
-    if MASK_KIND == 3:
-        mv = tl.load(mask_ptr + m_base + kv * sm_k, mask=kv_ok, other=0)
-        keep = keep & (mv != 0)[:, None]
-    if MASK_KIND == 4:
-        mv = tl.load(mask_ptr + m_base + kv * sm_k, mask=kv_ok, other=0.0)
-        s = s + (mv.to(tl.float32) * LOG2E)[:, None]
+    if MASK_KIND >= 3:
+        if MROW:
+            mv = mrow
+        else:
+            mv = load_mask_row(mask_ptr, m_base, kv, kv_ok, sm_k, MASK_KIND)
+        if MASK_KIND == 3:
+            keep = keep & (mv != 0.0)[:, None]
+        else:
+            s = s + (mv * LOG2E)[:, None]
     return tl.where(keep, s, float("-inf"))
 
 
@@ -386,7 +425,7 @@ def _load_bytes(ptr, tok_off, grp_off, tok_ok, first, n, N_P: tl.constexpr):
 def load_latent(
     ptr, sc_ptr, zr_ptr, kv, kv_ok, s_stride, sc_stride, R,
     R_P: tl.constexpr, BITS: tl.constexpr, QG: tl.constexpr, QG_P: tl.constexpr, NQG: tl.constexpr,
-    NQG_P: tl.constexpr, DTYPE: tl.constexpr,
+    NQG_P: tl.constexpr, DTYPE: tl.constexpr, s_pre=0.0, z_pre=0.0, PRE: tl.constexpr = False,
 ):
     """One Palu group's latents [BLOCK_S, R_P] for tokens ``kv``, in ``DTYPE``; zero rows past ``kv_ok``.
 
@@ -394,7 +433,9 @@ def load_latent(
     or first code byte (``BITS`` 2, 3, 4) in token 0's row; ``sc_ptr``/``zr_ptr`` at its
     first fp16 scale/zero. Packed: ``NQG`` groups of ``QG`` channels (padded to ``QG_P``,
     ``NQG_P * QG_P == R_P``), no byte padding inside a group. Channels past the real ones
-    decode to the group's zero point (finite; the other operand is zero there).
+    decode to the group's zero point (finite; the other operand is zero there). ``PRE``:
+    one quantization group per Palu group, its scales and zeros [BLOCK_S] already loaded
+    (``s_pre``/``z_pre``, ``load_scale_zero``).
     """
     if BITS == 0:
         r = tl.arange(0, R_P)
@@ -411,10 +452,14 @@ def load_latent(
             c = _unpack_plane(lo, 2) | (_unpack_plane(hi, 1) << 2)
         else:
             c = _unpack_plane(_load_bytes(ptr, tok_off, grp_off, ok, 0, QG * BITS // 8, QG_P * BITS // 8), BITS)
-        sz_off = kv[:, None] * sc_stride + grp[None, :]
-        sz_ok = kv_ok[:, None] & (grp[None, :] < NQG)
-        s = tl.load(sc_ptr + sz_off, mask=sz_ok, other=0.0)
-        z = tl.load(zr_ptr + sz_off, mask=sz_ok, other=0.0)
+        if PRE:
+            s = s_pre[:, None]
+            z = z_pre[:, None]
+        else:
+            sz_off = kv[:, None] * sc_stride + grp[None, :]
+            sz_ok = kv_ok[:, None] & (grp[None, :] < NQG)
+            s = tl.load(sc_ptr + sz_off, mask=sz_ok, other=0.0)
+            z = tl.load(zr_ptr + sz_off, mask=sz_ok, other=0.0)
         # code -> float exactly without an int->float conversion (a slow instruction): the
         # bits of 1024 + code as fp16, or of 2**23 + code as fp32, minus that constant
         if DTYPE == tl.float16:  # fp16 operands: dequantize in fp16 (one rounding, as an fp16 cache holds it)

@@ -42,8 +42,8 @@ import triton
 import triton.language as tl
 
 from palu_fx.kernels.latent_attention.common import (
-    finish_rows, kv_range, load_latent, load_rope_pairs, mma, row_coords, scores_to_log2, softmax_init,
-    softmax_step,
+    finish_rows, kv_range, load_latent, load_mask_row, load_rope_pairs, load_scale_zero, mma, row_coords,
+    scores_to_log2, softmax_init, softmax_step,
 )
 
 
@@ -148,7 +148,7 @@ def rebuild_attention_kernel(
     DIRECT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     K_BITS: tl.constexpr = 0, K_QG: tl.constexpr = 1, K_QG_P: tl.constexpr = 1, K_NQG: tl.constexpr = 1,
     K_NQG_P: tl.constexpr = 1, V_BITS: tl.constexpr = 0, V_QG: tl.constexpr = 1, V_QG_P: tl.constexpr = 1,
-    V_NQG: tl.constexpr = 1, V_NQG_P: tl.constexpr = 1,
+    V_NQG: tl.constexpr = 1, V_NQG_P: tl.constexpr = 1, PREFETCH: tl.constexpr = False,
 ):
     pid_s = tl.program_id(0)
     pid_x = tl.program_id(1)
@@ -183,12 +183,26 @@ def rebuild_attention_kernel(
             h_ps = _lk_pass(lk_ptr, g, j0, 0, slk_g, slk_r, RK, D, RK_P, ROT, PASS, PCH)
             hq_ps = _q_pass(q_ptr, q_row, row_ok, 0, sq_d, ROT, PASS, PCH)
 
+    # PREFETCH: the shared mask row and the per-token scales/zeros, a tile ahead (common.py)
+    PRE_M: tl.constexpr = PREFETCH and MASK_KIND >= 3
+    PRE_K: tl.constexpr = PREFETCH and K_BITS > 0 and K_NQG_P == 1
+    PRE_V: tl.constexpr = PREFETCH and V_BITS > 0 and V_NQG_P == 1
+    kv = lo + tl.arange(0, BLOCK_S)
+    mrow_n = load_mask_row(mask_ptr, b * sm_b, kv, kv < hi, sm_k, MASK_KIND if PRE_M else 0)
+    sk_n, zk_n = load_scale_zero(hks_ptr + hks_off, hkz_ptr + hks_off, kv, kv < hi, shks_s, PRE_K)
+    sv_n, zv_n = load_scale_zero(hvs_ptr + hvs_off, hvz_ptr + hvs_off, kv, kv < hi, shvs_s, PRE_V)
     m_i, l_i, acc = softmax_init(M_BLOCK, RV_P)
     for start in range(lo, hi, BLOCK_S):
         kv = start + tl.arange(0, BLOCK_S)
         kv_ok = kv < hi
+        mrow, sk, zk, sv, zv = mrow_n, sk_n, zk_n, sv_n, zv_n
+        kv_n = kv + BLOCK_S
+        if PRE_M:
+            mrow_n = load_mask_row(mask_ptr, b * sm_b, kv_n, kv_n < hi, sm_k, MASK_KIND)
+        sk_n, zk_n = load_scale_zero(hks_ptr + hks_off, hkz_ptr + hks_off, kv_n, kv_n < hi, shks_s, PRE_K)
+        sv_n, zv_n = load_scale_zero(hvs_ptr + hvs_off, hvz_ptr + hvs_off, kv_n, kv_n < hi, shvs_s, PRE_V)
         hk_t = load_latent(hk_base, hks_ptr + hks_off, hkz_ptr + hks_off, kv, kv_ok, shk_s, shks_s, RK, RK_P,
-                           K_BITS, K_QG, K_QG_P, K_NQG, K_NQG_P, q_ptr.dtype.element_ty)
+                           K_BITS, K_QG, K_QG_P, K_NQG, K_NQG_P, q_ptr.dtype.element_ty, sk, zk, PRE_K)
         s = tl.zeros([BLOCK_S, M_BLOCK], tl.float32)
         if DYN_HEADS:  # runtime head loop (never HOIST): one head's operands live at a time
             for j in range(j0, j0 + HPP):
@@ -279,9 +293,9 @@ def rebuild_attention_kernel(
                                          ROT, PASS, HAS_BIAS, HAS_NORM, UPCAST, IEEE)
                     s += sc
         s2 = scores_to_log2(s, kv, kv_ok, qi, row_ok, m_off, b * sm_b, mask_ptr, sm_k, scale, softcap,
-                            MASK_KIND, IS_CAUSAL, USE_SOFTCAP)
+                            MASK_KIND, IS_CAUSAL, USE_SOFTCAP, mrow, PRE_M)
         v_t = load_latent(hv_base, hvs_ptr + hvs_off, hvz_ptr + hvs_off, kv, kv_ok, shv_s, shvs_s, RV, RV_P,
-                          V_BITS, V_QG, V_QG_P, V_NQG, V_NQG_P, q_ptr.dtype.element_ty)
+                          V_BITS, V_QG, V_QG_P, V_NQG, V_NQG_P, q_ptr.dtype.element_ty, sv, zv, PRE_V)
         m_i, l_i, acc = softmax_step(s2, m_i, l_i, acc, v_t, UPCAST, IEEE)
 
     finish_rows(acc, m_i, l_i, out_ptr, part_ptr, lse_ptr, b, head, qi, row_ok, so_b, so_h, so_s,

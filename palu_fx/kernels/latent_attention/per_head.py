@@ -37,8 +37,8 @@ import triton
 import triton.language as tl
 
 from palu_fx.kernels.latent_attention.common import (
-    finish_rows, kv_range, load_latent, load_rope_pairs, mma, row_coords, scores_to_log2, softmax_init,
-    softmax_weights,
+    finish_rows, kv_range, load_latent, load_mask_row, load_rope_pairs, mma, row_coords, scores_to_log2,
+    softmax_init, softmax_weights,
 )
 
 # Wa and Wb tiles [RK_P, HALF_P] per head stay within this many elements (registers / L1)
@@ -91,6 +91,25 @@ def _pass_weights(wps_ptr, off, RK, RK_P: tl.constexpr, HAS_PASS: tl.constexpr):
 
 
 @triton.jit
+def _head_scales(sc_ptr, zr_ptr, off, head_off, kv, kv_ok, sc_stride, ON: tl.constexpr):
+    """Per-token scales and zeros [BLOCK_S, HPP] of a program's heads (one quantization group
+    each); zeros when not ``ON``."""
+    s = tl.zeros([kv.shape[0], head_off.shape[0]], sc_ptr.dtype.element_ty)
+    z = tl.zeros([kv.shape[0], head_off.shape[0]], sc_ptr.dtype.element_ty)
+    if ON:
+        ptr = off + head_off[None, :] + kv[:, None] * sc_stride
+        s = tl.load(sc_ptr + ptr, mask=kv_ok[:, None], other=0.0)
+        z = tl.load(zr_ptr + ptr, mask=kv_ok[:, None], other=0.0)
+    return s, z
+
+
+@triton.jit
+def _column(t, hh, jj: tl.constexpr):
+    """Column ``jj`` of a [BLOCK_S, HPP] tile (a select and an in-thread sum: exact)."""
+    return tl.sum(tl.where(hh[None, :] == jj, t, 0.0), axis=1).to(t.dtype)
+
+
+@triton.jit
 def per_head_attention_kernel(
     w_ptr, wps_ptr, hk_ptr, hv_ptr, hks_ptr, hkz_ptr, hvs_ptr, hvz_ptr, cos_ptr, sin_ptr, mask_ptr,
     out_ptr, part_ptr, lse_ptr,
@@ -107,6 +126,7 @@ def per_head_attention_kernel(
     DIRECT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     K_BITS: tl.constexpr, K_QG: tl.constexpr, K_QG_P: tl.constexpr, K_NQG: tl.constexpr, K_NQG_P: tl.constexpr,
     V_BITS: tl.constexpr, V_QG: tl.constexpr, V_QG_P: tl.constexpr, V_NQG: tl.constexpr, V_NQG_P: tl.constexpr,
+    PREFETCH: tl.constexpr = False,
 ):
     pid_s = tl.program_id(0)
     pid_x = tl.program_id(1)
@@ -130,10 +150,28 @@ def per_head_attention_kernel(
             wa1, wb1, wps1 = _head_operands(w_ptr, wps_ptr, b * sw_b + (h0 + 1) * sw_h, b * swp_b + (h0 + 1) * swp_h,
                                             sw_p, sw_r, RK, HALF, 1, RK_P, HALF_P, M_BLOCK, ROPE, HAS_PASS, "")
 
+    # PREFETCH: the shared mask row and the per-token scales/zeros of the program's heads
+    # ([BLOCK_S, HPP] tiles), a tile ahead (common.py)
+    PRE_M: tl.constexpr = PREFETCH and MASK_KIND >= 3
+    PRE_K: tl.constexpr = PREFETCH and K_BITS > 0 and K_NQG_P == 1
+    PRE_V: tl.constexpr = PREFETCH and V_BITS > 0 and V_NQG_P == 1
+    hh = tl.arange(0, HPP)
+    kv = lo + tl.arange(0, BLOCK_S)
+    mrow_n = load_mask_row(mask_ptr, b * sm_b, kv, kv < hi, sm_k, MASK_KIND if PRE_M else 0)
+    sk_n, zk_n = _head_scales(hks_ptr, hkz_ptr, b * shks_b + h0 * K_NQG, hh * K_NQG, kv, kv < hi, shks_s, PRE_K)
+    sv_n, zv_n = _head_scales(hvs_ptr, hvz_ptr, b * shvs_b + h0 * V_NQG, hh * V_NQG, kv, kv < hi, shvs_s, PRE_V)
     m_i, l_i, acc = softmax_init(M_BLOCK, RV_P)
     for start in range(lo, hi, BLOCK_S):
         kv = start + tl.arange(0, BLOCK_S)
         kv_ok = kv < hi
+        mrow, sk_all, zk_all, sv_all, zv_all = mrow_n, sk_n, zk_n, sv_n, zv_n
+        kv_n = kv + BLOCK_S
+        if PRE_M:
+            mrow_n = load_mask_row(mask_ptr, b * sm_b, kv_n, kv_n < hi, sm_k, MASK_KIND)
+        sk_n, zk_n = _head_scales(hks_ptr, hkz_ptr, b * shks_b + h0 * K_NQG, hh * K_NQG, kv_n, kv_n < hi, shks_s,
+                                  PRE_K)
+        sv_n, zv_n = _head_scales(hvs_ptr, hvz_ptr, b * shvs_b + h0 * V_NQG, hh * V_NQG, kv_n, kv_n < hi, shvs_s,
+                                  PRE_V)
         if ROPE:
             if F32_PAIRS:
                 cs, sn = load_rope_pairs(cos_ptr, sin_ptr, b, kv, kv_ok, sc_b, sc_s, sc_d, ss_b, ss_s, ss_d, 0,
@@ -146,7 +184,8 @@ def per_head_attention_kernel(
             h = h0 + jj
             hk_t = load_latent(hk_ptr + b * shk_b + h * K_W, hks_ptr + b * shks_b + h * K_NQG,
                                hkz_ptr + b * shks_b + h * K_NQG, kv, kv_ok, shk_s, shks_s, RK, RK_P,
-                               K_BITS, K_QG, K_QG_P, K_NQG, K_NQG_P, dtype)
+                               K_BITS, K_QG, K_QG_P, K_NQG, K_NQG_P, dtype,
+                               _column(sk_all, hh, jj), _column(zk_all, hh, jj), PRE_K)
             if HOIST:
                 if jj == 0:
                     wa, wb, wps = wa0, wb0, wps0
@@ -173,14 +212,15 @@ def per_head_attention_kernel(
             else:  # the head's query sits in column jj: the product fills that column only
                 s += mma(hk_t, wa, UPCAST, IEEE)
         s2 = scores_to_log2(s, kv, kv_ok, qi, row_ok, m_off, b * sm_b, mask_ptr, sm_k, scale, softcap,
-                            MASK_KIND, IS_CAUSAL, USE_SOFTCAP)
+                            MASK_KIND, IS_CAUSAL, USE_SOFTCAP, mrow, PRE_M)
         p, alpha, m_i, l_i = softmax_weights(s2, m_i, l_i)
         acc = acc * alpha[None, :]
         for jj in tl.static_range(HPP):  # each head's weights meet its own latent values
             h = h0 + jj
             v_t = load_latent(hv_ptr + b * shv_b + h * V_W, hvs_ptr + b * shvs_b + h * V_NQG,
                               hvz_ptr + b * shvs_b + h * V_NQG, kv, kv_ok, shv_s, shvs_s, RV, RV_P,
-                              V_BITS, V_QG, V_QG_P, V_NQG, V_NQG_P, dtype)
+                              V_BITS, V_QG, V_QG_P, V_NQG, V_NQG_P, dtype,
+                              _column(sv_all, hh, jj), _column(zv_all, hh, jj), PRE_V)
             pj = tl.where(cols[None, :] == jj, p, 0.0)
             acc += mma(tl.trans(v_t), pj.to(dtype), UPCAST, IEEE)
 

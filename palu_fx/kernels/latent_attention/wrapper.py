@@ -55,6 +55,8 @@ class KernelConfig:
     registers for large groups). group_heads: when every query head has its own latent
     group (M-LRD, no GQA sharing, one query token), run ``per_head.py``'s kernel with this
     many heads (groups) per program (0: the group kernels ``decode.py`` / ``absorbed.py``).
+    prefetch: load the small per-tile vectors (the shared decode-mask row, a packed cache's
+    per-token scales and zeros) one token tile ahead (``common.py``).
     """
 
     block_s: int = 64
@@ -66,6 +68,7 @@ class KernelConfig:
     heads_per_program: int = 0
     dynamic_heads: bool = False
     group_heads: int = 0
+    prefetch: bool = True
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -107,15 +110,17 @@ def choose_config(rebuild: bool, gs: int, rk: int, rv: int, head_dim: int, rows:
     if not rebuild:
         # bandwidth bound: long tiles keep bytes in flight; shared memory caps the stages
         if rk + rv <= 128:
-            if quantized:  # H200, 4 bits, B=8 x 32k: per-head x4 0.614 ms, x2 0.703, group kernel 0.663
-                return KernelConfig(block_s=64, num_warps=4, num_stages=3, programs_per_sm=4, group_heads=4)
+            if quantized:  # H200, 4 bits, B=8 x 32k: per-head x4 at 2 stages and 16 programs per SM
+                # 0.484 ms; at 3 stages and 4 per SM 0.609 (a partial second wave); group kernel 0.666
+                return KernelConfig(block_s=64, num_warps=4, num_stages=2, programs_per_sm=16, group_heads=4)
             return KernelConfig(block_s=128, num_warps=4, num_stages=3, programs_per_sm=4)
         if rk + rv <= 256:
             return KernelConfig(block_s=128, num_warps=8, num_stages=3, programs_per_sm=4)
         return KernelConfig(block_s=64, num_warps=4, num_stages=3, programs_per_sm=4)
     # rebuild: the fastest configs of the H200 sweep for head dim 128 (2 heads: one program
     # per KV head; 4 heads: a runtime loop over the heads, the least spilling option). Under
-    # Triton 3.6 even the gs1 config spills 64 B (benchmarks/kernel_resources.py)
+    # Triton 3.6 the gs1 config takes 183 registers and 104 KB of shared memory, no spills
+    # (benchmarks/kernel_resources.py, specialized as the JIT does)
     if gs == 1:
         return KernelConfig(block_s=64, num_warps=4, num_stages=3, chunk=64, programs_per_sm=8)
     if gs == 2:
@@ -353,6 +358,7 @@ def fused_attention(q, kl: Latent, vl: Latent, lk, k_bias, cos, sin, k_norm_weig
         UPCAST=interpret and dtype == torch.bfloat16, IEEE=dtype == torch.float32,
         **dict(zip(("K_BITS", "K_QG", "K_QG_P", "K_NQG", "K_NQG_P"), k_q)),
         **dict(zip(("V_BITS", "V_QG", "V_QG_P", "V_NQG", "V_NQG_P"), v_q)),
+        PREFETCH=cfg.prefetch,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     grid = (NSPLIT, B * VG, NQB)

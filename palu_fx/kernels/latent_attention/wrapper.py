@@ -100,7 +100,8 @@ def choose_config(rebuild: bool, gs: int, rk: int, rv: int, head_dim: int, rows:
     group: ``per_head.py``'s kernel with two heads per program at group size 1 with RoPE, and
     four for small absorbed ranks (the fastest candidates at 4 bits on the H200,
     RESULTS.md). The fp16 cache keeps the group kernels: inside a compiled model the
-    per-head kernel lost to them (its decode-mask read costs more, cause not found).
+    per-head kernel still loses to them (5.50 against 5.28 ms per 8-layer step at 16k), even
+    with its decode-mask row read a tile ahead, which made it the faster one in isolation.
     Under the interpreter: big blocks, few programs (each program costs Python time).
     """
     if interpret:

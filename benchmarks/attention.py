@@ -389,7 +389,7 @@ def quant_correctness(shapes):
             for rope in (True, False):
                 mode = "rope" if rope else "absorbed"
                 base = latent_case(Hq, Hkv, D, 1, 2, S, rope, mask=True)
-                for h in (1, 2, 4):
+                for h in ((1, 2) if rope else (1, 2, 4)):  # RoPE programs take at most two heads
                     c = KernelConfig(block_s=32 if SMOKE else 64, num_warps=4, num_stages=1 if SMOKE else 3,
                                      group_heads=h)
                     ok &= check_case(f"{sname} gs1 {mode} per-head x{h} unquantized masked", base, 5e-3, cfg=c)

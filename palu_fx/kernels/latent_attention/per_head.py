@@ -16,8 +16,8 @@ Scores per head and token tile:
 
       q . rope_t(k) = sum_i cos_ti (q_lo,i k_lo,i + q_hi,i k_hi,i) + sin_ti (q_hi,i k_lo,i - q_lo,i k_hi,i)
 
-  Both brackets are linear in ``h_t``: rows of two ``[half, r]`` matrices built once per
-  call from the query and ``L_k``::
+  Both brackets are linear in ``h_t``: rows of two ``[half, r]`` matrices that each program
+  builds in its prologue from the query and ``L_k`` (fp32, then rounded to the operand dtype)::
 
       Wa_i = q_lo,i L_lo,i + q_hi,i L_hi,i        Wb_i = q_hi,i L_lo,i - q_lo,i L_hi,i
       score_t = sum_i cos_ti (h_t Wa^T)_i + sin_ti (h_t Wb^T)_i  (+ h_t . w_pass past the rotary dims)
@@ -27,12 +27,12 @@ Scores per head and token tile:
   rounding of keys to fp16, no score product. Without bias or k-norm (the wrapper checks).
 
 With one or two heads per program the per-head operands (``Wa``/``Wb`` or the query
-column) are hoisted out of the token loop; with more they are re-read per tile with an
-L1-friendly eviction hint.
+column) are hoisted out of the token loop. RoPE programs take at most two heads; absorbed
+programs of more heads re-read their query columns per tile with an L1-friendly eviction
+hint.
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
@@ -46,16 +46,36 @@ MAX_W_TILE = 128 * 64
 
 
 @triton.jit
-def _rotated_query(w_ptr, w_off, sw_p, sw_r, RK, HALF, RK_P: tl.constexpr, HALF_P: tl.constexpr,
-                   EVICT: tl.constexpr):
-    """``Wa^T``, ``Wb^T`` [RK_P, HALF_P] of one head (zeros padded)."""
+def _rotated_query(q_ptr, q_off, sq_d, lk_ptr, lk_off, slk_d, slk_r, RK, HALF, RK_P: tl.constexpr,
+                   HALF_P: tl.constexpr, STEP: tl.constexpr, HI_OFF: tl.constexpr, DTYPE: tl.constexpr):
+    """``Wa^T``, ``Wb^T`` [RK_P, HALF_P] of one head, built from its query and ``L_k`` in fp32
+    and rounded to ``DTYPE`` (zeros padded)."""
     r = tl.arange(0, RK_P)[:, None]
     i = tl.arange(0, HALF_P)[None, :]
     ok = (r < RK) & (i < HALF)
-    ptr = w_ptr + w_off + r * sw_r + i
-    wa = tl.load(ptr, mask=ok, other=0.0, eviction_policy=EVICT)
-    wb = tl.load(ptr + sw_p, mask=ok, other=0.0, eviction_policy=EVICT)
-    return wa, wb
+    d_lo = i * STEP
+    l_lo = tl.load(lk_ptr + lk_off + d_lo * slk_d + r * slk_r, mask=ok, other=0.0).to(tl.float32)
+    l_hi = tl.load(lk_ptr + lk_off + (d_lo + HI_OFF) * slk_d + r * slk_r, mask=ok, other=0.0).to(tl.float32)
+    q_lo = tl.load(q_ptr + q_off + d_lo * sq_d, mask=i < HALF, other=0.0).to(tl.float32)
+    q_hi = tl.load(q_ptr + q_off + (d_lo + HI_OFF) * sq_d, mask=i < HALF, other=0.0).to(tl.float32)
+    wa = q_lo * l_lo + q_hi * l_hi
+    wb = q_hi * l_lo - q_lo * l_hi
+    return wa.to(DTYPE), wb.to(DTYPE)
+
+
+@triton.jit
+def _pass_weights(q_ptr, q_off, sq_d, lk_ptr, lk_off, slk_d, slk_r, RK, RK_P: tl.constexpr, ROT: tl.constexpr,
+                  PASS: tl.constexpr, PASS_P: tl.constexpr, HAS_PASS: tl.constexpr):
+    """Pass-through weights ``sum_e q_e L_k[e, :]`` over the dims past the rotary ones, [RK_P]
+    fp32 (zeros without pass-through dims)."""
+    w = tl.zeros([RK_P], tl.float32)
+    if HAS_PASS:
+        r = tl.arange(0, RK_P)[:, None]
+        e = tl.arange(0, PASS_P)[None, :]
+        lp = tl.load(lk_ptr + lk_off + (ROT + e) * slk_d + r * slk_r, mask=(r < RK) & (e < PASS), other=0.0)
+        qp = tl.load(q_ptr + q_off + (ROT + e) * sq_d, mask=e < PASS, other=0.0)
+        w = tl.sum(lp.to(tl.float32) * qp.to(tl.float32), axis=1)
+    return w
 
 
 @triton.jit
@@ -68,26 +88,19 @@ def _query_column(q_ptr, off, sq_d, RK, COL: tl.constexpr, RK_P: tl.constexpr, M
 
 
 @triton.jit
-def _head_operands(w_ptr, wps_ptr, w_off, wps_off, sw_p, sw_r, RK, HALF, COL: tl.constexpr, RK_P: tl.constexpr,
-                   HALF_P: tl.constexpr, M_BLOCK: tl.constexpr, ROPE: tl.constexpr, HAS_PASS: tl.constexpr,
-                   EVICT: tl.constexpr):
+def _head_operands(q_ptr, lk_ptr, q_off, lk_off, sq_d, slk_d, slk_r, RK, HALF, COL: tl.constexpr,
+                   RK_P: tl.constexpr, HALF_P: tl.constexpr, M_BLOCK: tl.constexpr, ROPE: tl.constexpr,
+                   STEP: tl.constexpr, HI_OFF: tl.constexpr, ROT: tl.constexpr, PASS: tl.constexpr,
+                   PASS_P: tl.constexpr, HAS_PASS: tl.constexpr, DTYPE: tl.constexpr, EVICT: tl.constexpr):
     """Per-head score operands: (Wa^T, Wb^T, pass weights) with RoPE, else (query column tile, -, -)."""
     if ROPE:
-        wa, wb = _rotated_query(w_ptr, w_off, sw_p, sw_r, RK, HALF, RK_P, HALF_P, EVICT)
+        wa, wb = _rotated_query(q_ptr, q_off, sq_d, lk_ptr, lk_off, slk_d, slk_r, RK, HALF, RK_P, HALF_P, STEP,
+                                HI_OFF, DTYPE)
     else:
-        wa = _query_column(w_ptr, w_off, sw_r, RK, COL, RK_P, M_BLOCK, EVICT)
+        wa = _query_column(q_ptr, q_off, sq_d, RK, COL, RK_P, M_BLOCK, EVICT)
         wb = wa
-    return wa, wb, _pass_weights(wps_ptr, wps_off, RK, RK_P, HAS_PASS)
-
-
-@triton.jit
-def _pass_weights(wps_ptr, off, RK, RK_P: tl.constexpr, HAS_PASS: tl.constexpr):
-    """Pass-through weights [RK_P] of one head (fp32; zeros without pass-through dims)."""
-    r = tl.arange(0, RK_P)
-    w = tl.zeros([RK_P], tl.float32)
-    if HAS_PASS:
-        w = tl.load(wps_ptr + off + r, mask=r < RK, other=0.0)
-    return w
+    return wa, wb, _pass_weights(q_ptr, q_off, sq_d, lk_ptr, lk_off, slk_d, slk_r, RK, RK_P, ROT, PASS, PASS_P,
+                                 HAS_PASS)
 
 
 @triton.jit
@@ -111,9 +124,9 @@ def _column(t, hh, jj: tl.constexpr):
 
 @triton.jit
 def per_head_attention_kernel(
-    w_ptr, wps_ptr, hk_ptr, hv_ptr, hks_ptr, hkz_ptr, hvs_ptr, hvz_ptr, cos_ptr, sin_ptr, mask_ptr,
+    q_ptr, lk_ptr, hk_ptr, hv_ptr, hks_ptr, hkz_ptr, hvs_ptr, hvz_ptr, cos_ptr, sin_ptr, mask_ptr,
     out_ptr, part_ptr, lse_ptr,
-    sw_b, sw_h, sw_p, sw_r, swp_b, swp_h,
+    sq_b, sq_h, sq_d, slk_g, slk_d, slk_r,
     shk_b, shk_s, shv_b, shv_s, shks_b, shks_s, shvs_b, shvs_s, K_W, V_W,
     sc_b, sc_s, sc_d, ss_b, ss_s, ss_d,
     sm_b, sm_h, sm_q, sm_k,
@@ -121,7 +134,7 @@ def per_head_attention_kernel(
     G, Hq, Sq, Skv, chunk, NSPLIT, RK, RV, scale, softcap,
     RK_P: tl.constexpr, RV_P: tl.constexpr, HPG: tl.constexpr, HPG_P: tl.constexpr, M_BLOCK: tl.constexpr,
     BLOCK_S: tl.constexpr, ROPE: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr, STEP: tl.constexpr,
-    HAS_PASS: tl.constexpr,
+    HI_OFF: tl.constexpr, ROT: tl.constexpr, PASS: tl.constexpr, PASS_P: tl.constexpr, HAS_PASS: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, USE_SOFTCAP: tl.constexpr,
     DIRECT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     K_BITS: tl.constexpr, K_QG: tl.constexpr, K_QG_P: tl.constexpr, K_NQG: tl.constexpr, K_NQG_P: tl.constexpr,
@@ -136,19 +149,23 @@ def per_head_attention_kernel(
     m_off = b * sm_b + head * sm_h + qi * sm_q
     lo, hi = kv_range(pid_s, 0, chunk, Skv, 1, IS_CAUSAL, 1)
     cols = tl.arange(0, M_BLOCK)
-    dtype = w_ptr.dtype.element_ty
+    dtype = q_ptr.dtype.element_ty
     h0 = blk * HPP
 
     # RoPE pair terms in fp32 for fp32 operands (and bf16 under the interpreter, whose bf16
     # arithmetic is wrong); otherwise in the operand dtype, summed by a dot
     F32_PAIRS: tl.constexpr = IEEE | UPCAST
-    HOIST: tl.constexpr = HPP <= 2  # loop-invariant operands of one or two heads stay resident
+    # loop-invariant operands of one or two heads stay resident (RoPE programs have at most
+    # two heads, per_head_applies); absorbed programs of more heads re-read their query columns
+    HOIST: tl.constexpr = HPP <= 2
     if HOIST:
-        wa0, wb0, wps0 = _head_operands(w_ptr, wps_ptr, b * sw_b + h0 * sw_h, b * swp_b + h0 * swp_h, sw_p, sw_r,
-                                        RK, HALF, 0, RK_P, HALF_P, M_BLOCK, ROPE, HAS_PASS, "")
+        wa0, wb0, wps0 = _head_operands(q_ptr, lk_ptr, b * sq_b + h0 * sq_h, h0 * slk_g, sq_d, slk_d, slk_r, RK,
+                                        HALF, 0, RK_P, HALF_P, M_BLOCK, ROPE, STEP, HI_OFF, ROT, PASS, PASS_P,
+                                        HAS_PASS, dtype, "")
         if HPP == 2:
-            wa1, wb1, wps1 = _head_operands(w_ptr, wps_ptr, b * sw_b + (h0 + 1) * sw_h, b * swp_b + (h0 + 1) * swp_h,
-                                            sw_p, sw_r, RK, HALF, 1, RK_P, HALF_P, M_BLOCK, ROPE, HAS_PASS, "")
+            wa1, wb1, wps1 = _head_operands(q_ptr, lk_ptr, b * sq_b + (h0 + 1) * sq_h, (h0 + 1) * slk_g, sq_d,
+                                            slk_d, slk_r, RK, HALF, 1, RK_P, HALF_P, M_BLOCK, ROPE, STEP, HI_OFF,
+                                            ROT, PASS, PASS_P, HAS_PASS, dtype, "")
 
     # PREFETCH: the shared mask row and the per-token scales/zeros of the program's heads
     # ([BLOCK_S, HPP] tiles), a tile ahead (common.py)
@@ -192,8 +209,9 @@ def per_head_attention_kernel(
                 else:
                     wa, wb, wps = wa1, wb1, wps1
             else:
-                wa, wb, wps = _head_operands(w_ptr, wps_ptr, b * sw_b + h * sw_h, b * swp_b + h * swp_h, sw_p, sw_r,
-                                             RK, HALF, jj, RK_P, HALF_P, M_BLOCK, ROPE, HAS_PASS, "evict_last")
+                wa, wb, wps = _head_operands(q_ptr, lk_ptr, b * sq_b + h * sq_h, h * slk_g, sq_d, slk_d, slk_r, RK,
+                                             HALF, jj, RK_P, HALF_P, M_BLOCK, ROPE, STEP, HI_OFF, ROT, PASS,
+                                             PASS_P, HAS_PASS, dtype, "evict_last")
             if ROPE:
                 if F32_PAIRS:
                     sc = tl.sum(mma(hk_t, wa, UPCAST, IEEE) * cs + mma(hk_t, wb, UPCAST, IEEE) * sn, axis=1)
@@ -236,46 +254,31 @@ def per_head_applies(q, lk, k_bias, k_norm_weight, rope_style, groups, heads_per
         return False
     if lk is None:  # absorbed
         return True
-    if rope_style == 0 or k_bias is not None or k_norm_weight is not None or lk.shape[1] != D:
+    if hpp > 2 or rope_style == 0 or k_bias is not None or k_norm_weight is not None or lk.shape[1] != D:
         return False
     half_p = max(16, 1 << max(0, (D // 2 - 1)).bit_length())
     rk_p = max(16, 1 << max(0, lk.shape[-1] - 1).bit_length())
     return half_p * rk_p <= MAX_W_TILE
 
 
-def rotated_queries(q, lk, p, dtype):
-    """(Wa, Wb)^T per query head, ``[B, Hq, 2, RK, half]`` in ``dtype``, and the pass-through
-    weights ``[B, Hq, RK]`` (float32; None without pass-through dims). ``p``: ``wrapper._parts``."""
-    half, step, hi_off, rot = p["HALF"], p["STEP"], p["HI_OFF"], p["ROT"]
-    lo = torch.arange(half, device=q.device) * step
-    hi = lo + hi_off
-    qf = q[:, :, 0].float()  # [B, H, D]
-    L = lk.float()  # [H, D, RK]
-    q_lo, q_hi = qf[..., lo, None], qf[..., hi, None]
-    wa = q_lo * L[:, lo] + q_hi * L[:, hi]  # [B, H, half, RK]
-    wb = q_hi * L[:, lo] - q_lo * L[:, hi]
-    w = torch.stack((wa, wb), 2).transpose(-1, -2).to(dtype).contiguous()
-    wps = torch.einsum("bhe,her->bhr", qf[..., rot:], L[:, rot:]).contiguous() if rot < q.shape[-1] else None
-    return w, wps
-
-
 def per_head_launch(grid, q, lk, p, latent_ptrs, latent_strides, mask, mstr, out, part, lse, runtime, consts,
                     dtype):
     """Launch the kernel with the wrapper's shared arguments (``consts`` as for the group kernels);
-    ``lk``/``p`` None in absorbed mode, where ``q`` is the absorbed query."""
+    ``lk``/``p`` None in absorbed mode, where ``q`` is the absorbed query. With RoPE each
+    program builds its heads' ``Wa``/``Wb`` from ``q`` and ``lk`` in its prologue: done on the
+    host, that was a dozen small kernels per call, about 60 us per layer inside a model."""
     from palu_fx.kernels.latent_attention.wrapper import _launch
 
+    qs = (q.stride(0), q.stride(1), q.stride(3))
     if lk is not None:
-        w, wps = rotated_queries(q, lk, p, dtype)
-        w_strides = (w.stride(0), w.stride(1), w.stride(2), w.stride(3))
-        rope = dict(ROPE=True, HALF=p["HALF"], HALF_P=p["HALF_P"], STEP=p["STEP"])
+        ops, ostr = (q, lk), (*qs, lk.stride(0), lk.stride(1), lk.stride(2))
+        rope = dict(ROPE=True, HALF=p["HALF"], HALF_P=p["HALF_P"], STEP=p["STEP"], HI_OFF=p["HI_OFF"], ROT=p["ROT"],
+                    PASS=p["PASS"], PASS_P=p["PASS_P"], HAS_PASS=p["HAS_PASS"])
         tables = (p["cos"], p["sin"], *p["cos_strides"], *p["sin_strides"])
     else:  # the query itself: [B, Hq, 1, RK]
-        w, wps = q, None
-        w_strides = (q.stride(0), q.stride(1), 0, q.stride(3))
-        rope = dict(ROPE=False, HALF=1, HALF_P=16, STEP=1)
+        ops, ostr = (q, q), (*qs, 0, 0, 0)
+        rope = dict(ROPE=False, HALF=1, HALF_P=16, STEP=1, HI_OFF=0, ROT=0, PASS=0, PASS_P=16, HAS_PASS=False)
         tables = (q, q, 0, 0, 0, 0, 0, 0)
-    wp = wps if wps is not None else w
-    args = (w, wp, *latent_ptrs, *tables[:2], mask, out, part, lse, *w_strides, wp.stride(0), wp.stride(1),
+    args = (*ops, *latent_ptrs, *tables[:2], mask, out, part, lse, *ostr,
             *latent_strides, *tables[2:], *mstr, out.stride(0), out.stride(1), out.stride(2), *runtime)
-    _launch(per_head_attention_kernel, grid, args, dict(consts, HAS_PASS=wps is not None, **rope))
+    _launch(per_head_attention_kernel, grid, args, dict(consts, **rope))

@@ -96,18 +96,23 @@ def choose_config(rebuild: bool, gs: int, rk: int, rv: int, head_dim: int, rows:
     """Default launch knobs for a shape: the fastest configs of a sweep on an H200 at batch
     8, 32k context, head dim 128 (see benchmarks/RESULTS.md).
 
-    Quantized caches use the same knobs, except where every query head owns its latent
-    group: ``per_head.py``'s kernel with two heads per program at group size 1 with RoPE, and
-    four for small absorbed ranks (the fastest candidates at 4 bits on the H200,
-    RESULTS.md). The fp16 cache keeps the group kernels: inside a compiled model the
-    per-head kernel still loses to them (5.50 against 5.28 ms per 8-layer step at 16k), even
-    with its decode-mask row read a tile ahead, which made it the faster one in isolation.
+    Where every query head owns its latent group (MHA at group size 1), RoPE calls run
+    ``per_head.py``'s kernel: one head per program for fp16 latents, two at 4 bits. It is
+    also the faster one inside a compiled model (4.79 against 5.39 ms per 8-layer step), since
+    it builds its rotated queries in-kernel and reads the decode mask a tile ahead. Absorbed
+    calls keep the group kernel for fp16 latents, and at 4 bits take four heads per program
+    (the fastest candidates on the H200, RESULTS.md).
     Under the interpreter: big blocks, few programs (each program costs Python time).
     """
     if interpret:
         return KernelConfig(block_s=64, num_warps=4, num_stages=1, programs_per_sm=1)
-    if rebuild and gs == 1 and quantized:
-        return KernelConfig(block_s=64, num_warps=4, num_stages=3, programs_per_sm=8, group_heads=2)
+    if rebuild and gs == 1:
+        # per-head programs where every query head owns its group (MHA); otherwise (GQA) the
+        # group kernel with the same knobs: 183 registers, 104 KB shared memory, no spills
+        # (benchmarks/kernel_resources.py). H200, B=8 x 32k: per-head x1 0.773 ms against
+        # 0.913 for the group kernel; at 4 bits x2 0.958
+        return KernelConfig(block_s=64, num_warps=4, num_stages=3, chunk=64, programs_per_sm=8,
+                            group_heads=2 if quantized else 1)
     if not rebuild:
         # bandwidth bound: long tiles keep bytes in flight; shared memory caps the stages
         if rk + rv <= 128:
@@ -119,11 +124,7 @@ def choose_config(rebuild: bool, gs: int, rk: int, rv: int, head_dim: int, rows:
             return KernelConfig(block_s=128, num_warps=8, num_stages=3, programs_per_sm=4)
         return KernelConfig(block_s=64, num_warps=4, num_stages=3, programs_per_sm=4)
     # rebuild: the fastest configs of the H200 sweep for head dim 128 (2 heads: one program
-    # per KV head; 4 heads: a runtime loop over the heads, the least spilling option). Under
-    # Triton 3.6 the gs1 config takes 183 registers and 104 KB of shared memory, no spills
-    # (benchmarks/kernel_resources.py, specialized as the JIT does)
-    if gs == 1:
-        return KernelConfig(block_s=64, num_warps=4, num_stages=3, chunk=64, programs_per_sm=8)
+    # per KV head; 4 heads: a runtime loop over the heads)
     if gs == 2:
         return KernelConfig(block_s=128, num_warps=8, num_stages=2, chunk=64, heads_per_program=1,
                             programs_per_sm=8)

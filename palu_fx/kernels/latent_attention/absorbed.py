@@ -15,8 +15,7 @@ import triton
 import triton.language as tl
 
 from palu_fx.kernels.latent_attention.common import (
-    finish_rows, kv_range, load_latent, load_mask_row, load_scale_zero, mma, row_coords, scores_to_log2, softmax_init,
-    softmax_step,
+    finish_rows, kv_range, load_latent, mma, row_coords, scores_to_log2, softmax_init, softmax_step, tile_vectors,
 )
 
 
@@ -59,20 +58,17 @@ def absorbed_attention_kernel(
     PRE_M: tl.constexpr = PREFETCH and MASK_KIND >= 3
     PRE_K: tl.constexpr = PREFETCH and K_BITS > 0 and K_NQG_P == 1
     PRE_V: tl.constexpr = PREFETCH and V_BITS > 0 and V_NQG_P == 1
-    kv = lo + tl.arange(0, BLOCK_S)
-    mrow_n = load_mask_row(mask_ptr, b * sm_b, kv, kv < hi, sm_k, MASK_KIND if PRE_M else 0)
-    sk_n, zk_n = load_scale_zero(hks_ptr + hks_off, hkz_ptr + hks_off, kv, kv < hi, shks_s, PRE_K)
-    sv_n, zv_n = load_scale_zero(hvs_ptr + hvs_off, hvz_ptr + hvs_off, kv, kv < hi, shvs_s, PRE_V)
+    ks, kz, vs, vz = hks_ptr + hks_off, hkz_ptr + hks_off, hvs_ptr + hvs_off, hvz_ptr + hvs_off
+    MK: tl.constexpr = MASK_KIND if PRE_M else 0
+    mrow_n, sk_n, zk_n, sv_n, zv_n = tile_vectors(mask_ptr, b * sm_b, sm_k, ks, kz, vs, vz, shks_s, shvs_s,
+                                                  lo + tl.arange(0, BLOCK_S), hi, MK, PRE_K, PRE_V)
     m_i, l_i, acc = softmax_init(M_BLOCK, RV_P)
     for start in range(lo, hi, BLOCK_S):
         kv = start + tl.arange(0, BLOCK_S)
         kv_ok = kv < hi
         mrow, sk, zk, sv, zv = mrow_n, sk_n, zk_n, sv_n, zv_n
-        kv_n = kv + BLOCK_S
-        if PRE_M:
-            mrow_n = load_mask_row(mask_ptr, b * sm_b, kv_n, kv_n < hi, sm_k, MASK_KIND)
-        sk_n, zk_n = load_scale_zero(hks_ptr + hks_off, hkz_ptr + hks_off, kv_n, kv_n < hi, shks_s, PRE_K)
-        sv_n, zv_n = load_scale_zero(hvs_ptr + hvs_off, hvz_ptr + hvs_off, kv_n, kv_n < hi, shvs_s, PRE_V)
+        mrow_n, sk_n, zk_n, sv_n, zv_n = tile_vectors(mask_ptr, b * sm_b, sm_k, ks, kz, vs, vz, shks_s, shvs_s,
+                                                      kv + BLOCK_S, hi, MK, PRE_K, PRE_V)
         hk_t = load_latent(hk_base, hks_ptr + hks_off, hkz_ptr + hks_off, kv, kv_ok, shk_s, shks_s, RK, RK_P,
                            K_BITS, K_QG, K_QG_P, K_NQG, K_NQG_P, q_ptr.dtype.element_ty, sk, zk, PRE_K)
         s = mma(hk_t, q_t, UPCAST, IEEE)

@@ -111,6 +111,19 @@ def load_scale_zero(sc_ptr, zr_ptr, kv, kv_ok, sc_stride, ON: tl.constexpr):
 
 
 @triton.jit
+def tile_vectors(mask_ptr, m_base, sm_k, ks_ptr, kz_ptr, vs_ptr, vz_ptr, ks_stride, vs_stride, kv, hi,
+                 MASK_KIND: tl.constexpr, K_ON: tl.constexpr, V_ON: tl.constexpr):
+    """The small vectors of tokens ``kv`` that the group kernels load a tile ahead: the shared
+    mask row (``MASK_KIND`` 0: none) and the key and value scales and zeros (where ``K_ON`` /
+    ``V_ON``); zeros for what is not loaded. Returns (mask row, sk, zk, sv, zv)."""
+    ok = kv < hi
+    m = load_mask_row(mask_ptr, m_base, kv, ok, sm_k, MASK_KIND)
+    sk, zk = load_scale_zero(ks_ptr, kz_ptr, kv, ok, ks_stride, K_ON)
+    sv, zv = load_scale_zero(vs_ptr, vz_ptr, kv, ok, vs_stride, V_ON)
+    return m, sk, zk, sv, zv
+
+
+@triton.jit
 def scores_to_log2(
     s, kv, kv_ok, qi, row_ok, m_off, m_base, mask_ptr, sm_k, scale, softcap,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, USE_SOFTCAP: tl.constexpr,

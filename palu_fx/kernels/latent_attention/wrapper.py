@@ -100,8 +100,8 @@ def choose_config(rebuild: bool, gs: int, rk: int, rv: int, head_dim: int, rows:
     ``per_head.py``'s kernel: one head per program for fp16 latents, two at 4 bits. It is
     also the faster one inside a compiled model (4.79 against 5.39 ms per 8-layer step), since
     it builds its rotated queries in-kernel and reads the decode mask a tile ahead. Absorbed
-    calls keep the group kernel for fp16 latents, and at 4 bits take four heads per program
-    (the fastest candidates on the H200, RESULTS.md).
+    calls take two heads per program for fp16 latents and four at 4 bits (the fastest
+    candidates on the H200, RESULTS.md; not yet measured inside a model without RoPE).
     Under the interpreter: big blocks, few programs (each program costs Python time).
     """
     if interpret:
@@ -119,7 +119,8 @@ def choose_config(rebuild: bool, gs: int, rk: int, rv: int, head_dim: int, rows:
             if quantized:  # H200, 4 bits, B=8 x 32k: per-head x4 at 2 stages and 16 programs per SM
                 # 0.484 ms; at 3 stages and 4 per SM 0.609 (a partial second wave); group kernel 0.666
                 return KernelConfig(block_s=64, num_warps=4, num_stages=2, programs_per_sm=16, group_heads=4)
-            return KernelConfig(block_s=128, num_warps=4, num_stages=3, programs_per_sm=4)
+            # MHA: per-head x2 0.492 ms against 0.576 for the group kernel (GQA keeps the latter)
+            return KernelConfig(block_s=128, num_warps=4, num_stages=3, programs_per_sm=4, group_heads=2)
         if rk + rv <= 256:
             return KernelConfig(block_s=128, num_warps=8, num_stages=3, programs_per_sm=4)
         return KernelConfig(block_s=64, num_warps=4, num_stages=3, programs_per_sm=4)

@@ -112,14 +112,17 @@ def load_scale_zero(sc_ptr, zr_ptr, kv, kv_ok, sc_stride, ON: tl.constexpr):
 
 @triton.jit
 def tile_vectors(mask_ptr, m_base, sm_k, ks_ptr, kz_ptr, vs_ptr, vz_ptr, ks_stride, vs_stride, kv, hi,
-                 MASK_KIND: tl.constexpr, K_ON: tl.constexpr, V_ON: tl.constexpr):
-    """The small vectors of tokens ``kv`` that the group kernels load a tile ahead: the shared
-    mask row (``MASK_KIND`` 0: none) and the key and value scales and zeros (where ``K_ON`` /
-    ``V_ON``); zeros for what is not loaded. Returns (mask row, sk, zk, sv, zv)."""
+                 PREFETCH: tl.constexpr, MASK_KIND: tl.constexpr, K_BITS: tl.constexpr, K_NQG_P: tl.constexpr,
+                 V_BITS: tl.constexpr, V_NQG_P: tl.constexpr):
+    """The small vectors of tokens ``kv`` that the group kernels load a tile ahead (with
+    ``PREFETCH``): the shared mask row and, for caches packed as one quantization group per
+    Palu group, the key and value scales and zeros; zeros for what is not loaded. The same
+    conditions decide where ``scores_to_log2`` and ``load_latent`` use them. Returns
+    (mask row, sk, zk, sv, zv)."""
     ok = kv < hi
-    m = load_mask_row(mask_ptr, m_base, kv, ok, sm_k, MASK_KIND)
-    sk, zk = load_scale_zero(ks_ptr, kz_ptr, kv, ok, ks_stride, K_ON)
-    sv, zv = load_scale_zero(vs_ptr, vz_ptr, kv, ok, vs_stride, V_ON)
+    m = load_mask_row(mask_ptr, m_base, kv, ok, sm_k, MASK_KIND if PREFETCH else 0)
+    sk, zk = load_scale_zero(ks_ptr, kz_ptr, kv, ok, ks_stride, PREFETCH and K_BITS > 0 and K_NQG_P == 1)
+    sv, zv = load_scale_zero(vs_ptr, vz_ptr, kv, ok, vs_stride, PREFETCH and V_BITS > 0 and V_NQG_P == 1)
     return m, sk, zk, sv, zv
 
 
@@ -127,14 +130,14 @@ def tile_vectors(mask_ptr, m_base, sm_k, ks_ptr, kz_ptr, vs_ptr, vz_ptr, ks_stri
 def scores_to_log2(
     s, kv, kv_ok, qi, row_ok, m_off, m_base, mask_ptr, sm_k, scale, softcap,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, USE_SOFTCAP: tl.constexpr,
-    mrow, MROW: tl.constexpr,
+    mrow, PREFETCH: tl.constexpr,
 ):
     """Raw dot products ``s`` [BLOCK_S, M] -> base-2 logits with scale, softcap and masks.
 
     ``m_off`` [M] is each row's offset into the (broadcast-strided) mask; padding rows
     (``row_ok`` False) must not read it: their offsets can point past the tensor.
     ``m_base``: the offset of the one mask row every row reads (shared mask kinds); with
-    ``MROW`` that row is ``mrow``, already loaded (``load_mask_row``).
+    ``PREFETCH`` that row is ``mrow``, already loaded (``load_mask_row``).
     """
     if USE_SOFTCAP:
         s = softcap * tanh_f32(s * (scale / softcap))
@@ -153,7 +156,7 @@ def scores_to_log2(
                      other=0.0)
         s = s + mv.to(tl.float32) * LOG2E
     if MASK_KIND >= 3:
-        if MROW:
+        if PREFETCH:
             mv = mrow
         else:
             mv = load_mask_row(mask_ptr, m_base, kv, kv_ok, sm_k, MASK_KIND)
@@ -438,7 +441,7 @@ def _load_bytes(ptr, tok_off, grp_off, tok_ok, first, n, N_P: tl.constexpr):
 def load_latent(
     ptr, sc_ptr, zr_ptr, kv, kv_ok, s_stride, sc_stride, R,
     R_P: tl.constexpr, BITS: tl.constexpr, QG: tl.constexpr, QG_P: tl.constexpr, NQG: tl.constexpr,
-    NQG_P: tl.constexpr, DTYPE: tl.constexpr, s_pre=0.0, z_pre=0.0, PRE: tl.constexpr = False,
+    NQG_P: tl.constexpr, DTYPE: tl.constexpr, s_pre=0.0, z_pre=0.0, PREFETCH: tl.constexpr = False,
 ):
     """One Palu group's latents [BLOCK_S, R_P] for tokens ``kv``, in ``DTYPE``; zero rows past ``kv_ok``.
 
@@ -446,9 +449,9 @@ def load_latent(
     or first code byte (``BITS`` 2, 3, 4) in token 0's row; ``sc_ptr``/``zr_ptr`` at its
     first fp16 scale/zero. Packed: ``NQG`` groups of ``QG`` channels (padded to ``QG_P``,
     ``NQG_P * QG_P == R_P``), no byte padding inside a group. Channels past the real ones
-    decode to the group's zero point (finite; the other operand is zero there). ``PRE``:
-    one quantization group per Palu group, its scales and zeros [BLOCK_S] already loaded
-    (``s_pre``/``z_pre``, ``load_scale_zero``).
+    decode to the group's zero point (finite; the other operand is zero there). With
+    ``PREFETCH`` and one quantization group per Palu group, its scales and zeros [BLOCK_S]
+    are already loaded (``s_pre``/``z_pre``, ``load_scale_zero``).
     """
     if BITS == 0:
         r = tl.arange(0, R_P)
@@ -465,7 +468,7 @@ def load_latent(
             c = _unpack_plane(lo, 2) | (_unpack_plane(hi, 1) << 2)
         else:
             c = _unpack_plane(_load_bytes(ptr, tok_off, grp_off, ok, 0, QG * BITS // 8, QG_P * BITS // 8), BITS)
-        if PRE:
+        if PREFETCH and NQG_P == 1:
             s = s_pre[:, None]
             z = z_pre[:, None]
         else:

@@ -184,22 +184,20 @@ def rebuild_attention_kernel(
             hq_ps = _q_pass(q_ptr, q_row, row_ok, 0, sq_d, ROT, PASS, PCH)
 
     # PREFETCH: the shared mask row and the per-token scales/zeros, a tile ahead (common.py)
-    PRE_M: tl.constexpr = PREFETCH and MASK_KIND >= 3
-    PRE_K: tl.constexpr = PREFETCH and K_BITS > 0 and K_NQG_P == 1
-    PRE_V: tl.constexpr = PREFETCH and V_BITS > 0 and V_NQG_P == 1
     ks, kz, vs, vz = hks_ptr + hks_off, hkz_ptr + hks_off, hvs_ptr + hvs_off, hvz_ptr + hvs_off
-    MK: tl.constexpr = MASK_KIND if PRE_M else 0
     mrow_n, sk_n, zk_n, sv_n, zv_n = tile_vectors(mask_ptr, b * sm_b, sm_k, ks, kz, vs, vz, shks_s, shvs_s,
-                                                  lo + tl.arange(0, BLOCK_S), hi, MK, PRE_K, PRE_V)
+                                                  lo + tl.arange(0, BLOCK_S), hi, PREFETCH, MASK_KIND, K_BITS,
+                                                  K_NQG_P, V_BITS, V_NQG_P)
     m_i, l_i, acc = softmax_init(M_BLOCK, RV_P)
     for start in range(lo, hi, BLOCK_S):
         kv = start + tl.arange(0, BLOCK_S)
         kv_ok = kv < hi
         mrow, sk, zk, sv, zv = mrow_n, sk_n, zk_n, sv_n, zv_n
         mrow_n, sk_n, zk_n, sv_n, zv_n = tile_vectors(mask_ptr, b * sm_b, sm_k, ks, kz, vs, vz, shks_s, shvs_s,
-                                                      kv + BLOCK_S, hi, MK, PRE_K, PRE_V)
+                                                      kv + BLOCK_S, hi, PREFETCH, MASK_KIND, K_BITS,
+                                                      K_NQG_P, V_BITS, V_NQG_P)
         hk_t = load_latent(hk_base, hks_ptr + hks_off, hkz_ptr + hks_off, kv, kv_ok, shk_s, shks_s, RK, RK_P,
-                           K_BITS, K_QG, K_QG_P, K_NQG, K_NQG_P, q_ptr.dtype.element_ty, sk, zk, PRE_K)
+                           K_BITS, K_QG, K_QG_P, K_NQG, K_NQG_P, q_ptr.dtype.element_ty, sk, zk, PREFETCH)
         s = tl.zeros([BLOCK_S, M_BLOCK], tl.float32)
         if DYN_HEADS:  # runtime head loop (never HOIST): one head's operands live at a time
             for j in range(j0, j0 + HPP):
@@ -290,9 +288,9 @@ def rebuild_attention_kernel(
                                          ROT, PASS, HAS_BIAS, HAS_NORM, UPCAST, IEEE)
                     s += sc
         s2 = scores_to_log2(s, kv, kv_ok, qi, row_ok, m_off, b * sm_b, mask_ptr, sm_k, scale, softcap,
-                            MASK_KIND, IS_CAUSAL, USE_SOFTCAP, mrow, PRE_M)
+                            MASK_KIND, IS_CAUSAL, USE_SOFTCAP, mrow, PREFETCH)
         v_t = load_latent(hv_base, hvs_ptr + hvs_off, hvz_ptr + hvs_off, kv, kv_ok, shv_s, shvs_s, RV, RV_P,
-                          V_BITS, V_QG, V_QG_P, V_NQG, V_NQG_P, q_ptr.dtype.element_ty, sv, zv, PRE_V)
+                          V_BITS, V_QG, V_QG_P, V_NQG, V_NQG_P, q_ptr.dtype.element_ty, sv, zv, PREFETCH)
         m_i, l_i, acc = softmax_step(s2, m_i, l_i, acc, v_t, UPCAST, IEEE)
 
     finish_rows(acc, m_i, l_i, out_ptr, part_ptr, lse_ptr, b, head, qi, row_ok, so_b, so_h, so_s,

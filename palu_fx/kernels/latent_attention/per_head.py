@@ -169,6 +169,7 @@ def per_head_attention_kernel(
 
     # PREFETCH: the shared mask row and the per-token scales/zeros of the program's heads
     # ([BLOCK_S, HPP] tiles), a tile ahead (common.py)
+    # (the conditions of common.tile_vectors, which load_latent and scores_to_log2 share)
     PRE_M: tl.constexpr = PREFETCH and MASK_KIND >= 3
     PRE_K: tl.constexpr = PREFETCH and K_BITS > 0 and K_NQG_P == 1
     PRE_V: tl.constexpr = PREFETCH and V_BITS > 0 and V_NQG_P == 1
@@ -202,7 +203,7 @@ def per_head_attention_kernel(
             hk_t = load_latent(hk_ptr + b * shk_b + h * K_W, hks_ptr + b * shks_b + h * K_NQG,
                                hkz_ptr + b * shks_b + h * K_NQG, kv, kv_ok, shk_s, shks_s, RK, RK_P,
                                K_BITS, K_QG, K_QG_P, K_NQG, K_NQG_P, dtype,
-                               _column(sk_all, hh, jj), _column(zk_all, hh, jj), PRE_K)
+                               _column(sk_all, hh, jj), _column(zk_all, hh, jj), PREFETCH)
             if HOIST:
                 if jj == 0:
                     wa, wb, wps = wa0, wb0, wps0
@@ -230,7 +231,7 @@ def per_head_attention_kernel(
             else:  # the head's query sits in column jj: the product fills that column only
                 s += mma(hk_t, wa, UPCAST, IEEE)
         s2 = scores_to_log2(s, kv, kv_ok, qi, row_ok, m_off, b * sm_b, mask_ptr, sm_k, scale, softcap,
-                            MASK_KIND, IS_CAUSAL, USE_SOFTCAP, mrow, PRE_M)
+                            MASK_KIND, IS_CAUSAL, USE_SOFTCAP, mrow, PREFETCH)
         p, alpha, m_i, l_i = softmax_weights(s2, m_i, l_i)
         acc = acc * alpha[None, :]
         for jj in tl.static_range(HPP):  # each head's weights meet its own latent values
@@ -238,7 +239,7 @@ def per_head_attention_kernel(
             v_t = load_latent(hv_ptr + b * shv_b + h * V_W, hvs_ptr + b * shvs_b + h * V_NQG,
                               hvz_ptr + b * shvs_b + h * V_NQG, kv, kv_ok, shv_s, shvs_s, RV, RV_P,
                               V_BITS, V_QG, V_QG_P, V_NQG, V_NQG_P, dtype,
-                              _column(sv_all, hh, jj), _column(zv_all, hh, jj), PRE_V)
+                              _column(sv_all, hh, jj), _column(zv_all, hh, jj), PREFETCH)
             pj = tl.where(cols[None, :] == jj, p, 0.0)
             acc += mma(tl.trans(v_t), pj.to(dtype), UPCAST, IEEE)
 

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 SMOKE = "--smoke" in sys.argv
 WIDE = "--wide" in sys.argv
+PREFETCH_AB = "--prefetch-ab" in sys.argv
 if SMOKE:
     os.environ["TRITON_INTERPRET"] = "1"
 
@@ -347,8 +348,11 @@ def row_candidates(tuned, rope, gs, Hq, Hkv, bits):
             cands.append((f"absorbed {bs}/{w}w/{st}s", KernelConfig(block_s=bs, num_warps=w, num_stages=st)))
     if WIDE and gs == 1 and Hq == Hkv:
         cands += wide_candidates(rope, bits)
-    # A/B: the small per-tile loads (mask row, scales/zeros) a tile ahead or in the loop
-    if bits:
+    # A/B: 4-bit codes dequantized a 32-bit word at a time (packed half2 PTX) or by Triton's
+    # own unpack; with --prefetch-ab, the small per-tile loads a tile ahead or in the loop
+    if bits == 4:
+        cands += [(f"{label} triton-unpack", dataclasses.replace(cfg, word_dequant=False)) for label, cfg in cands]
+    if bits and PREFETCH_AB:
         cands += [(f"{label} no-prefetch", dataclasses.replace(cfg, prefetch=False)) for label, cfg in cands[1:]]
     return cands
 
@@ -643,6 +647,8 @@ def main():
     ap.add_argument("--check-only", action="store_true", help="checks only (implies --check), no timing")
     ap.add_argument("--no-prefill", action="store_true", help="skip the prefill table")
     ap.add_argument("--wide", action="store_true", help="also time the occupancy variants of the gs1 candidates")
+    ap.add_argument("--prefetch-ab", action="store_true",
+                    help="also time the packed-cache candidates with the per-tile vectors loaded in the loop")
     a = ap.parse_args()
     t0 = time.time()
     deadline = t0 + a.budget_s

@@ -6,6 +6,8 @@
 #   bash benchmarks/gpu_session.sh 3   # gs1 kernel rows with the in-model diag; decode with and without CUDA graphs
 #   bash benchmarks/gpu_session.sh 6   # prefetch A/B at the target point, with the GPU checks
 #   bash benchmarks/gpu_session.sh 7   # 8-layer decode: gs1 group vs per-head kernel, and 4 bits
+#   bash benchmarks/gpu_session.sh 8   # word-wise 4-bit dequantization: GPU tests, kernel A/B
+#   bash benchmarks/gpu_session.sh 9   # 32-layer decode at 4 bits (CUDA graphs)
 set -u
 export PYTHONPATH=.
 OUT=${OUT:-/tmp/palu_gpu}
@@ -54,6 +56,17 @@ case "${1:-1}" in
     step decode8_per_head 200 python -u benchmarks/decode.py --layers 8 --batch 8 --context 16384 --steps 20 \
         --paths palu --modes reduce-overhead --gs1-kernel per-head
     step decode8_q4 190 python -u benchmarks/decode.py --layers 8 --batch 8 --context 16384 --steps 20 \
+        --paths palu --modes reduce-overhead --bits 4
+    ;;
+8)  # 4-bit codes dequantized a 32-bit word at a time (KernelConfig.word_dequant) and the RoPE
+    # per-head kernel's single [Wa | Wb] product: GPU tests, checks, gs1 rows with the A/B
+    step pytest_gpu 110 python -m pytest -q -p no:cacheprovider tests/kernels/test_dequant_words.py \
+        tests/kernels/test_latent_attention.py tests/kernels/test_quant_latent_attention.py -k "words or per_head"
+    step kernels_gs1 460 python -u benchmarks/attention.py --no-sweep --check --shapes llama2 --batch 8 \
+        --ctx 32k --gs 1 --quant-bits 4 --no-prefill --budget-s 330
+    ;;
+9)  # issue 5 in a model: 32 layers at 4 bits with CUDA graphs
+    step decode32_q4 400 python -u benchmarks/decode.py --layers 32 --batch 8 --context 16384 --steps 20 \
         --paths palu --modes reduce-overhead --bits 4
     ;;
 esac

@@ -34,6 +34,7 @@ def absorbed_attention_kernel(
     K_BITS: tl.constexpr = 0, K_QG: tl.constexpr = 1, K_QG_P: tl.constexpr = 1, K_NQG: tl.constexpr = 1,
     K_NQG_P: tl.constexpr = 1, V_BITS: tl.constexpr = 0, V_QG: tl.constexpr = 1, V_QG_P: tl.constexpr = 1,
     V_NQG: tl.constexpr = 1, V_NQG_P: tl.constexpr = 1, PREFETCH: tl.constexpr = False,
+    K_WORDS: tl.constexpr = False, V_WORDS: tl.constexpr = False,
 ):
     pid_s = tl.program_id(0)
     pid_bg = tl.program_id(1)
@@ -68,12 +69,14 @@ def absorbed_attention_kernel(
                                                       kv + BLOCK_S, hi, PREFETCH, MASK_KIND, K_BITS,
                                                       K_NQG_P, V_BITS, V_NQG_P)
         hk_t = load_latent(hk_base, hks_ptr + hks_off, hkz_ptr + hks_off, kv, kv_ok, shk_s, shks_s, RK, RK_P,
-                           K_BITS, K_QG, K_QG_P, K_NQG, K_NQG_P, q_ptr.dtype.element_ty, sk, zk, PREFETCH)
+                           K_BITS, K_QG, K_QG_P, K_NQG, K_NQG_P, q_ptr.dtype.element_ty, sk, zk, PREFETCH,
+                           K_WORDS)
         s = mma(hk_t, q_t, UPCAST, IEEE)
         s2 = scores_to_log2(s, kv, kv_ok, qi, row_ok, m_off, b * sm_b, mask_ptr, sm_k, scale, softcap,
                             MASK_KIND, IS_CAUSAL, USE_SOFTCAP, mrow, PREFETCH)
         v_t = load_latent(hv_base, hvs_ptr + hvs_off, hvz_ptr + hvs_off, kv, kv_ok, shv_s, shvs_s, RV, RV_P,
-                          V_BITS, V_QG, V_QG_P, V_NQG, V_NQG_P, q_ptr.dtype.element_ty, sv, zv, PREFETCH)
+                          V_BITS, V_QG, V_QG_P, V_NQG, V_NQG_P, q_ptr.dtype.element_ty, sv, zv, PREFETCH,
+                          V_WORDS)
         m_i, l_i, acc = softmax_step(s2, m_i, l_i, acc, v_t, UPCAST, IEEE)
 
     finish_rows(acc, m_i, l_i, out_ptr, part_ptr, lse_ptr, b, head, qi, row_ok, so_b, so_h, so_s,

@@ -437,11 +437,51 @@ def _load_bytes(ptr, tok_off, grp_off, tok_ok, first, n, N_P: tl.constexpr):
     return w.to(tl.int32)
 
 
+# One 32-bit word of 4-bit codes (channel 2k in the low nibble of byte k, 2k+1 in its high
+# nibble) to 8 dequantized fp16 values, two per instruction. For each byte k: a byte permute
+# copies it to bytes 0 and 2; one lop3 keeps the low nibble of byte 0 and the high nibble of
+# byte 2 and ORs in the exponent bits of 1024, giving the half2 (1024 + c_2k, 1024 + 16 c_2k+1);
+# a packed subtract of 1024 leaves (c_2k, 16 c_2k+1) exactly, and one packed FMA with
+# (s, s/16) and (z, z) dequantizes. 4 instructions per channel pair, against about 6 per
+# channel for the shift/mask/OR/convert sequence Triton emits for the same arithmetic.
+_DEQUANT4_ASM = tl.constexpr("\n".join(
+    ["{", ".reg .b32 p, m;", "mov.b32 m, 0x64006400;"]
+    + [f"prmt.b32 p, $8, 0, 0x{k}{k}{k}{k};\n"
+       "lop3.b32 p, p, 0x00f0000f, 0x64006400, 0xea;\n"
+       "sub.f16x2 p, p, m;\n"
+       "fma.rn.f16x2 p, p, $9, $10;\n"
+       f"mov.b32 {{${2 * k}, ${2 * k + 1}}}, p;" for k in range(4)]
+    + ["}"]))
+
+
+@triton.jit
+def _half2(lo, hi):
+    """fp16 tiles -> int32 tiles holding the half2 (lo, hi)."""
+    lo_b = lo.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    hi_b = hi.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32)
+    return lo_b | (hi_b << 16)
+
+
+@triton.jit
+def _dequant4_words(w, s, z):
+    """int32 words [S, G, W] of 4-bit codes, fp16 scales/zeros [S, G] -> fp16 [S, G, 8 W], channel order."""
+    s2 = _half2(s, s * 0.0625)[:, :, None]
+    z2 = _half2(z, z)[:, :, None]
+    f16 = tl.float16
+    c0, c1, c2, c3, c4, c5, c6, c7 = tl.inline_asm_elementwise(
+        _DEQUANT4_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", [w, s2, z2],
+        dtype=(f16, f16, f16, f16, f16, f16, f16, f16), is_pure=True, pack=1)
+    even = _interleave(_interleave(c0, c4), _interleave(c2, c6))
+    odd = _interleave(_interleave(c1, c5), _interleave(c3, c7))
+    return _interleave(even, odd)
+
+
 @triton.jit
 def load_latent(
     ptr, sc_ptr, zr_ptr, kv, kv_ok, s_stride, sc_stride, R,
     R_P: tl.constexpr, BITS: tl.constexpr, QG: tl.constexpr, QG_P: tl.constexpr, NQG: tl.constexpr,
     NQG_P: tl.constexpr, DTYPE: tl.constexpr, s_pre=0.0, z_pre=0.0, PREFETCH: tl.constexpr = False,
+    WORDS: tl.constexpr = False,
 ):
     """One Palu group's latents [BLOCK_S, R_P] for tokens ``kv``, in ``DTYPE``; zero rows past ``kv_ok``.
 
@@ -451,7 +491,9 @@ def load_latent(
     ``NQG_P * QG_P == R_P``), no byte padding inside a group. Channels past the real ones
     decode to the group's zero point (finite; the other operand is zero there). With
     ``PREFETCH`` and one quantization group per Palu group, its scales and zeros [BLOCK_S]
-    are already loaded (``s_pre``/``z_pre``, ``load_scale_zero``).
+    are already loaded (``s_pre``/``z_pre``, ``load_scale_zero``). ``WORDS`` (4 bits, fp16,
+    word-aligned rows, compiled for a GPU: ``Latent.words``) reads the codes as 32-bit words
+    and dequantizes them with packed half2 instructions (``_DEQUANT4_ASM``).
     """
     if BITS == 0:
         r = tl.arange(0, R_P)
@@ -462,7 +504,11 @@ def load_latent(
         tok_off = kv[:, None, None] * s_stride
         grp_off = grp[None, :, None] * (QG * BITS // 8)
         ok = kv_ok[:, None, None] & (grp[None, :, None] < NQG)
-        if BITS == 3:  # two planes per group: low 2 bits of every code, then the high bits
+        if WORDS:  # 8 codes per word
+            i = tl.arange(0, QG_P // 8)[None, None, :]
+            w = tl.load(ptr.to(tl.pointer_type(tl.int32)) + kv[:, None, None] * (s_stride // 4) + grp[None, :, None] * (QG // 8) + i,
+                        mask=ok & (i < QG // 8), other=0)
+        elif BITS == 3:  # two planes per group: low 2 bits of every code, then the high bits
             lo = _load_bytes(ptr, tok_off, grp_off, ok, 0, QG // 4, QG_P // 4)
             hi = _load_bytes(ptr, tok_off, grp_off, ok, QG // 4, QG // 8, QG_P // 8)
             c = _unpack_plane(lo, 2) | (_unpack_plane(hi, 1) << 2)
@@ -478,7 +524,9 @@ def load_latent(
             z = tl.load(zr_ptr + sz_off, mask=sz_ok, other=0.0)
         # code -> float exactly without an int->float conversion (a slow instruction): the
         # bits of 1024 + code as fp16, or of 2**23 + code as fp32, minus that constant
-        if DTYPE == tl.float16:  # fp16 operands: dequantize in fp16 (one rounding, as an fp16 cache holds it)
+        if WORDS:
+            x = _dequant4_words(w, s, z)
+        elif DTYPE == tl.float16:  # fp16 operands: dequantize in fp16 (one rounding, as an fp16 cache holds it)
             one = tl.full([1, 1, 1], 1024.0, tl.float16)
             cf = (c | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - one
             x = cf * s[:, :, None] + z[:, :, None]

@@ -22,9 +22,10 @@ Scores per head and token tile:
       Wa_i = q_lo,i L_lo,i + q_hi,i L_hi,i        Wb_i = q_hi,i L_lo,i - q_lo,i L_hi,i
       score_t = sum_i cos_ti (h_t Wa^T)_i + sin_ti (h_t Wb^T)_i  (+ h_t . w_pass past the rotary dims)
 
-  Two tensor-core products ``[BLOCK_S, r] x [r, half]`` (the FLOPs of rebuilding the key
-  halves), then two multiply-adds and a row sum per pair: no rotated key tile, no
-  rounding of keys to fp16, no score product. Without bias or k-norm (the wrapper checks).
+  One tensor-core product ``[BLOCK_S, r] x [r, 2 half]`` with ``Wa`` and ``Wb`` side by side
+  (the FLOPs of rebuilding the key halves), then two multiply-adds and a row sum per pair:
+  no rotated key tile, no rounding of keys to fp16, no score product. Without bias or
+  k-norm (the wrapper checks).
 
 With one or two heads per program the per-head operands (``Wa``/``Wb`` or the query
 column) are hoisted out of the token loop. RoPE programs take at most two heads; absorbed
@@ -48,8 +49,8 @@ MAX_W_TILE = 128 * 64
 @triton.jit
 def _rotated_query(q_ptr, q_off, sq_d, lk_ptr, lk_off, slk_d, slk_r, RK, HALF, RK_P: tl.constexpr,
                    HALF_P: tl.constexpr, STEP: tl.constexpr, HI_OFF: tl.constexpr, DTYPE: tl.constexpr):
-    """``Wa^T``, ``Wb^T`` [RK_P, HALF_P] of one head, built from its query and ``L_k`` in fp32
-    and rounded to ``DTYPE`` (zeros padded)."""
+    """``[Wa^T | Wb^T]`` [RK_P, 2 HALF_P] of one head (``Wa^T`` in the first HALF_P columns),
+    built from its query and ``L_k`` in fp32 and rounded to ``DTYPE`` (zeros padded)."""
     r = tl.arange(0, RK_P)[:, None]
     i = tl.arange(0, HALF_P)[None, :]
     ok = (r < RK) & (i < HALF)
@@ -60,7 +61,7 @@ def _rotated_query(q_ptr, q_off, sq_d, lk_ptr, lk_off, slk_d, slk_r, RK, HALF, R
     q_hi = tl.load(q_ptr + q_off + (d_lo + HI_OFF) * sq_d, mask=i < HALF, other=0.0).to(tl.float32)
     wa = q_lo * l_lo + q_hi * l_hi
     wb = q_hi * l_lo - q_lo * l_hi
-    return wa.to(DTYPE), wb.to(DTYPE)
+    return tl.reshape(tl.permute(tl.join(wa, wb), (0, 2, 1)), [RK_P, 2 * HALF_P]).to(DTYPE)
 
 
 @triton.jit
@@ -92,15 +93,18 @@ def _head_operands(q_ptr, lk_ptr, q_off, lk_off, sq_d, slk_d, slk_r, RK, HALF, C
                    RK_P: tl.constexpr, HALF_P: tl.constexpr, M_BLOCK: tl.constexpr, ROPE: tl.constexpr,
                    STEP: tl.constexpr, HI_OFF: tl.constexpr, ROT: tl.constexpr, PASS: tl.constexpr,
                    PASS_P: tl.constexpr, HAS_PASS: tl.constexpr, DTYPE: tl.constexpr, EVICT: tl.constexpr):
-    """Per-head score operands: (Wa^T, Wb^T, pass weights) with RoPE, else (query column tile, -, -)."""
+    """Per-head score operands: (``[Wa^T | Wb^T]`` [RK_P, 2 HALF_P], pass weights) with RoPE,
+    else (query column tile, -). Side by side, both halves come out of one tensor-core
+    product (one N=2*HALF_P instruction chain and one wait per tile instead of two) and split
+    apart in registers: the high column bit of the accumulator is a register bit, and what
+    remains is the layout of a HALF_P-wide product."""
     if ROPE:
-        wa, wb = _rotated_query(q_ptr, q_off, sq_d, lk_ptr, lk_off, slk_d, slk_r, RK, HALF, RK_P, HALF_P, STEP,
-                                HI_OFF, DTYPE)
+        w = _rotated_query(q_ptr, q_off, sq_d, lk_ptr, lk_off, slk_d, slk_r, RK, HALF, RK_P, HALF_P, STEP, HI_OFF,
+                           DTYPE)
     else:
-        wa = _query_column(q_ptr, q_off, sq_d, RK, COL, RK_P, M_BLOCK, EVICT)
-        wb = wa
-    return wa, wb, _pass_weights(q_ptr, q_off, sq_d, lk_ptr, lk_off, slk_d, slk_r, RK, RK_P, ROT, PASS, PASS_P,
-                                 HAS_PASS)
+        w = _query_column(q_ptr, q_off, sq_d, RK, COL, RK_P, M_BLOCK, EVICT)
+    return w, _pass_weights(q_ptr, q_off, sq_d, lk_ptr, lk_off, slk_d, slk_r, RK, RK_P, ROT, PASS, PASS_P,
+                             HAS_PASS)
 
 
 @triton.jit
@@ -139,7 +143,7 @@ def per_head_attention_kernel(
     DIRECT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     K_BITS: tl.constexpr, K_QG: tl.constexpr, K_QG_P: tl.constexpr, K_NQG: tl.constexpr, K_NQG_P: tl.constexpr,
     V_BITS: tl.constexpr, V_QG: tl.constexpr, V_QG_P: tl.constexpr, V_NQG: tl.constexpr, V_NQG_P: tl.constexpr,
-    PREFETCH: tl.constexpr = False,
+    PREFETCH: tl.constexpr = False, K_WORDS: tl.constexpr = False, V_WORDS: tl.constexpr = False,
 ):
     pid_s = tl.program_id(0)
     pid_x = tl.program_id(1)
@@ -159,13 +163,12 @@ def per_head_attention_kernel(
     # two heads, per_head_applies); absorbed programs of more heads re-read their query columns
     HOIST: tl.constexpr = HPP <= 2
     if HOIST:
-        wa0, wb0, wps0 = _head_operands(q_ptr, lk_ptr, b * sq_b + h0 * sq_h, h0 * slk_g, sq_d, slk_d, slk_r, RK,
-                                        HALF, 0, RK_P, HALF_P, M_BLOCK, ROPE, STEP, HI_OFF, ROT, PASS, PASS_P,
-                                        HAS_PASS, dtype, "")
+        w0, wps0 = _head_operands(q_ptr, lk_ptr, b * sq_b + h0 * sq_h, h0 * slk_g, sq_d, slk_d, slk_r, RK, HALF, 0,
+                                  RK_P, HALF_P, M_BLOCK, ROPE, STEP, HI_OFF, ROT, PASS, PASS_P, HAS_PASS, dtype, "")
         if HPP == 2:
-            wa1, wb1, wps1 = _head_operands(q_ptr, lk_ptr, b * sq_b + (h0 + 1) * sq_h, (h0 + 1) * slk_g, sq_d,
-                                            slk_d, slk_r, RK, HALF, 1, RK_P, HALF_P, M_BLOCK, ROPE, STEP, HI_OFF,
-                                            ROT, PASS, PASS_P, HAS_PASS, dtype, "")
+            w1, wps1 = _head_operands(q_ptr, lk_ptr, b * sq_b + (h0 + 1) * sq_h, (h0 + 1) * slk_g, sq_d, slk_d,
+                                      slk_r, RK, HALF, 1, RK_P, HALF_P, M_BLOCK, ROPE, STEP, HI_OFF, ROT, PASS,
+                                      PASS_P, HAS_PASS, dtype, "")
 
     # PREFETCH: the shared mask row and the per-token scales/zeros of the program's heads
     # ([BLOCK_S, HPP] tiles), a tile ahead (common.py)
@@ -203,33 +206,35 @@ def per_head_attention_kernel(
             hk_t = load_latent(hk_ptr + b * shk_b + h * K_W, hks_ptr + b * shks_b + h * K_NQG,
                                hkz_ptr + b * shks_b + h * K_NQG, kv, kv_ok, shk_s, shks_s, RK, RK_P,
                                K_BITS, K_QG, K_QG_P, K_NQG, K_NQG_P, dtype,
-                               _column(sk_all, hh, jj), _column(zk_all, hh, jj), PREFETCH)
+                               _column(sk_all, hh, jj), _column(zk_all, hh, jj), PREFETCH, K_WORDS)
             if HOIST:
                 if jj == 0:
-                    wa, wb, wps = wa0, wb0, wps0
+                    w, wps = w0, wps0
                 else:
-                    wa, wb, wps = wa1, wb1, wps1
+                    w, wps = w1, wps1
             else:
-                wa, wb, wps = _head_operands(q_ptr, lk_ptr, b * sq_b + h * sq_h, h * slk_g, sq_d, slk_d, slk_r, RK,
-                                             HALF, jj, RK_P, HALF_P, M_BLOCK, ROPE, STEP, HI_OFF, ROT, PASS,
-                                             PASS_P, HAS_PASS, dtype, "evict_last")
-            if ROPE:
+                w, wps = _head_operands(q_ptr, lk_ptr, b * sq_b + h * sq_h, h * slk_g, sq_d, slk_d, slk_r, RK, HALF,
+                                        jj, RK_P, HALF_P, M_BLOCK, ROPE, STEP, HI_OFF, ROT, PASS, PASS_P, HAS_PASS,
+                                        dtype, "evict_last")
+            if ROPE:  # (h_t Wa^T, h_t Wb^T) from one product with the side-by-side operand
+                ab = tl.reshape(mma(hk_t, w, UPCAST, IEEE), [BLOCK_S, 2, HALF_P])
+                ka, kb = tl.split(tl.permute(ab, (0, 2, 1)))
                 if F32_PAIRS:
-                    sc = tl.sum(mma(hk_t, wa, UPCAST, IEEE) * cs + mma(hk_t, wb, UPCAST, IEEE) * sn, axis=1)
+                    sc = tl.sum(ka * cs + kb * sn, axis=1)
                     s += tl.where(cols[None, :] == jj, sc[:, None], 0.0)
                 else:
                     # the pair terms rounded to the operand dtype (the rounding the group kernel
                     # applies to rotated keys), their row sums by a dot with a one-hot column:
                     # packed half-precision math and a tensor-core reduction instead of fp32
                     # conversions, products and shuffles
-                    t = mma(hk_t, wa, UPCAST, IEEE).to(dtype) * cs + mma(hk_t, wb, UPCAST, IEEE).to(dtype) * sn
+                    t = ka.to(dtype) * cs + kb.to(dtype) * sn
                     s += mma(t, tl.where(cols[None, :] == jj, 1.0, 0.0).to(dtype) + tl.zeros([HALF_P, 1], dtype),
                              UPCAST, IEEE)
                 if HAS_PASS:
                     sc = tl.sum(hk_t.to(tl.float32) * wps[None, :], axis=1)
                     s += tl.where(cols[None, :] == jj, sc[:, None], 0.0)
             else:  # the head's query sits in column jj: the product fills that column only
-                s += mma(hk_t, wa, UPCAST, IEEE)
+                s += mma(hk_t, w, UPCAST, IEEE)
         s2 = scores_to_log2(s, kv, kv_ok, qi, row_ok, m_off, b * sm_b, mask_ptr, sm_k, scale, softcap,
                             MASK_KIND, IS_CAUSAL, USE_SOFTCAP, mrow, PREFETCH)
         p, alpha, m_i, l_i = softmax_weights(s2, m_i, l_i)
@@ -239,7 +244,7 @@ def per_head_attention_kernel(
             v_t = load_latent(hv_ptr + b * shv_b + h * V_W, hvs_ptr + b * shvs_b + h * V_NQG,
                               hvz_ptr + b * shvs_b + h * V_NQG, kv, kv_ok, shv_s, shvs_s, RV, RV_P,
                               V_BITS, V_QG, V_QG_P, V_NQG, V_NQG_P, dtype,
-                              _column(sv_all, hh, jj), _column(zv_all, hh, jj), PREFETCH)
+                              _column(sv_all, hh, jj), _column(zv_all, hh, jj), PREFETCH, V_WORDS)
             pj = tl.where(cols[None, :] == jj, p, 0.0)
             acc += mma(tl.trans(v_t), pj.to(dtype), UPCAST, IEEE)
 

@@ -56,7 +56,9 @@ class KernelConfig:
     group (M-LRD, no GQA sharing, one query token), run ``per_head.py``'s kernel with this
     many heads (groups) per program (0: the group kernels ``decode.py`` / ``absorbed.py``).
     prefetch: load the small per-tile vectors (the shared decode-mask row, a packed cache's
-    per-token scales and zeros) one token tile ahead (``common.py``).
+    per-token scales and zeros) one token tile ahead (``common.py``). word_dequant: read a
+    4-bit cache with fp16 operands as 32-bit words and dequantize them with packed half2
+    instructions (inline PTX, so GPU only: ``Latent.words``); off, Triton's own unpack.
     """
 
     block_s: int = 64
@@ -69,6 +71,7 @@ class KernelConfig:
     dynamic_heads: bool = False
     group_heads: int = 0
     prefetch: bool = True
+    word_dequant: bool = True
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -268,6 +271,14 @@ class Latent:
     def channels(self) -> int:
         return self.data.shape[-1] if self.bits == 0 else self.scale.shape[-1] * self.group_size
 
+    def words(self, dtype: torch.dtype, interpret: bool) -> bool:
+        """Whether the kernels can read the codes as 32-bit words and dequantize them with
+        ``common._DEQUANT4_ASM``: 4 bits with fp16 operands, quantization groups of whole
+        words, word-aligned rows, and a compiled kernel (the interpreter runs no PTX)."""
+        t = self.data
+        return (self.bits == 4 and dtype == torch.float16 and not interpret and self.group_size % 8 == 0
+                and t.stride(0) % 4 == 0 and t.stride(1) % 4 == 0 and t.data_ptr() % 4 == 0)
+
     def kernel_args(self, rank: int, rank_p: int):
         """(pointers, strides + per-group width, constexprs) of one Palu group of ``rank`` channels."""
         t = self.data
@@ -362,6 +373,8 @@ def fused_attention(q, kl: Latent, vl: Latent, lk, k_bias, cos, sin, k_norm_weig
         **dict(zip(("K_BITS", "K_QG", "K_QG_P", "K_NQG", "K_NQG_P"), k_q)),
         **dict(zip(("V_BITS", "V_QG", "V_QG_P", "V_NQG", "V_NQG_P"), v_q)),
         PREFETCH=cfg.prefetch,
+        K_WORDS=cfg.word_dequant and kl.words(dtype, interpret),
+        V_WORDS=cfg.word_dequant and vl.words(dtype, interpret),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     grid = (NSPLIT, B * VG, NQB)

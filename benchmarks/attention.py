@@ -351,7 +351,8 @@ def row_candidates(tuned, rope, gs, Hq, Hkv, bits):
     # A/B: 4-bit codes dequantized a 32-bit word at a time (packed half2 PTX) or by Triton's
     # own unpack; with --prefetch-ab, the small per-tile loads a tile ahead or in the loop
     if bits == 4:
-        cands += [(f"{label} triton-unpack", dataclasses.replace(cfg, word_dequant=False)) for label, cfg in cands]
+        cands += [(f"{label} triton-unpack", dataclasses.replace(cfg, word_dequant=False))
+                  for label, cfg in cands if cfg is not None]  # (None: the built-in default)
     if bits and PREFETCH_AB:
         cands += [(f"{label} no-prefetch", dataclasses.replace(cfg, prefetch=False)) for label, cfg in cands[1:]]
     return cands

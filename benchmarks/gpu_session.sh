@@ -65,6 +65,10 @@ case "${1:-1}" in
     step kernels_gs1 460 python -u benchmarks/attention.py --no-sweep --check --shapes llama2 --batch 8 \
         --ctx 32k --gs 1 --quant-bits 4 --no-prefill --budget-s 330
     ;;
+8q)  # the 4-bit rows of case 8 alone
+    step kernels_gs1_q4 400 python -u benchmarks/attention.py --no-sweep --shapes llama2 --batch 8 --ctx 32k \
+        --gs 1 --quant-bits 4 --quant-only --no-prefill --budget-s 300
+    ;;
 9)  # issue 5 in a model: 32 layers at 4 bits with CUDA graphs
     step decode32_q4 400 python -u benchmarks/decode.py --layers 32 --batch 8 --context 16384 --steps 20 \
         --paths palu --modes reduce-overhead --bits 4

@@ -12,6 +12,7 @@ Profile the last launch of the kernel, with the clocks left alone:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -34,6 +35,7 @@ def main() -> None:
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--programs-per-sm", type=int, default=8)
     ap.add_argument("--calls", type=int, default=4)
+    ap.add_argument("--triton-unpack", action="store_true", help="4 bits: Triton's unpack, not the word-wise PTX")
     a = ap.parse_args()
     args = list(latent_case(32, 32, 128, 1, 8, 32768, a.rope))
     if a.mask:
@@ -45,6 +47,11 @@ def main() -> None:
     if a.group_heads >= 0:
         cfg = KernelConfig(block_s=a.block_s, num_warps=a.warps, num_stages=a.stages,
                            programs_per_sm=a.programs_per_sm, group_heads=a.group_heads)
+    if a.triton_unpack:
+        from palu_fx.kernels.latent_attention.wrapper import choose_config
+
+        base = cfg or choose_config(a.rope, 1, 64, 64, 128, 1, False, quantized=True)
+        cfg = dataclasses.replace(base, word_dequant=False)
     run = run_ours_quant if a.bits else run_ours
     for _ in range(a.calls):
         run(args, cfg)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Nsight Compute profiles of the gs1 decode kernels at the issue-3/5 target point (one GPU
 # call): where the time goes (warp stalls, occupancy, throughput). Reports land in $OUT.
-#   OUT=/tmp/ncu bash benchmarks/ncu_session.sh
+#   OUT=/tmp/ncu bash benchmarks/ncu_session.sh       # the fp16 and 4-bit defaults
+#   OUT=/tmp/ncu bash benchmarks/ncu_session.sh q4    # 4 bits: word-wise PTX against Triton's unpack
 set -u
 export PYTHONPATH=.
 S="--section SpeedOfLight --section WarpStateStats --section Occupancy --section LaunchStats --section SchedulerStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis"
@@ -13,6 +14,13 @@ prof() { name=$1; kern=$2; shift 2
   grep -A3 -i "stall\|warp state" $OUT/ncu_$name.txt | grep -i "cycles\|stall" | head -12
 }
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader
+if [ "${1:-}" = q4 ]; then
+  prof absorbed_q4_words per_head --bits 4
+  prof absorbed_q4_triton per_head --bits 4 --triton-unpack
+  prof rope_q4_words_mask per_head --rope --mask --bits 4
+  prof rope_ph1_mask per_head --rope --mask --group-heads 1 --programs-per-sm 8
+  exit 0
+fi
 prof rope_ph1_mask per_head --rope --mask --group-heads 1 --programs-per-sm 8
 prof rope_group_mask rebuild --rope --mask
 prof absorbed_fp16 absorbed

@@ -346,16 +346,17 @@ def row_candidates(tuned, rope, gs, Hq, Hkv, bits):
     if not rope and bits:
         for bs, w, st in ((64, 4, 3), (128, 8, 3)):
             cands.append((f"absorbed {bs}/{w}w/{st}s", KernelConfig(block_s=bs, num_warps=w, num_stages=st)))
-    if WIDE and gs == 1 and Hq == Hkv:
-        cands += wide_candidates(rope, bits)
     # A/B: 4-bit codes dequantized a 32-bit word at a time (packed half2 PTX) or by Triton's
     # own unpack; with --prefetch-ab, the small per-tile loads a tile ahead or in the loop
+    ab = []
     if bits == 4:
-        cands += [(f"{label} triton-unpack", dataclasses.replace(cfg, word_dequant=False))
-                  for label, cfg in cands if cfg is not None]  # (None: the built-in default)
+        ab += [(f"{label} triton-unpack", dataclasses.replace(cfg, word_dequant=False))
+               for label, cfg in cands if cfg is not None]  # (None: the built-in default)
     if bits and PREFETCH_AB:
-        cands += [(f"{label} no-prefetch", dataclasses.replace(cfg, prefetch=False)) for label, cfg in cands[1:]]
-    return cands
+        ab += [(f"{label} no-prefetch", dataclasses.replace(cfg, prefetch=False)) for label, cfg in cands[1:]]
+    if WIDE and gs == 1 and Hq == Hkv:
+        cands += wide_candidates(rope, bits)
+    return cands + ab
 
 
 def wide_candidates(rope, bits):
@@ -372,6 +373,8 @@ def wide_candidates(rope, bits):
     else:
         grid = [("per-head x4", 4, 64, 4, 2), ("per-head x4", 4, 64, 8, 3), ("per-head x4", 4, 128, 4, 3),
                 ("per-head x4", 4, 128, 8, 3), ("per-head x8", 8, 64, 4, 3), ("per-head x2", 2, 64, 4, 3)]
+        if bits:  # fewer registers per head once the word-wise dequantization freed the ALU
+            grid += [("per-head x2", 2, 64, 4, 2), ("per-head x8", 8, 64, 4, 2), ("per-head x8", 8, 64, 8, 2)]
     for name, h, bs, w, st in grid:
         for ppsm in (4, 8, 16):
             out.append((f"{name} {bs}/{w}w/{st}s/{ppsm}p",

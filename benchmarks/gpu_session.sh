@@ -9,6 +9,7 @@
 #   bash benchmarks/gpu_session.sh 8   # word-wise 4-bit dequantization: GPU tests, kernel A/B
 #   bash benchmarks/gpu_session.sh 9   # 32-layer decode at 4 bits (CUDA graphs)
 #   bash benchmarks/gpu_session.sh 10  # 32-layer decode, palu fp16 and 4-bit latents (CUDA graphs)
+#   bash benchmarks/gpu_session.sh 11  # --wide occupancy sweep of the 4-bit gs1 rows
 set -u
 export PYTHONPATH=.
 OUT=${OUT:-/tmp/palu_gpu}
@@ -73,6 +74,10 @@ case "${1:-1}" in
 9)  # issue 5 in a model: 32 layers at 4 bits with CUDA graphs
     step decode32_q4 400 python -u benchmarks/decode.py --layers 32 --batch 8 --context 16384 --steps 20 \
         --paths palu --modes reduce-overhead --bits 4
+    ;;
+11)  # occupancy sweep of the 4-bit rows now that the word-wise dequantization freed the ALU
+    step kernels_q4_wide 560 python -u benchmarks/attention.py --no-sweep --wide --shapes llama2 --batch 8 \
+        --ctx 32k --gs 1 --quant-bits 4 --quant-only --no-prefill --budget-s 200
     ;;
 10)  # issues 4 and 5 in a model after a kernel change: palu only (Inductor's code did not change)
     step decode32_palu 290 python -u benchmarks/decode.py --layers 32 --batch 8 --context 16384 --steps 20 \

@@ -112,15 +112,15 @@ def choose_config(rebuild: bool, gs: int, rk: int, rv: int, head_dim: int, rows:
     if rebuild and gs == 1:
         # per-head programs where every query head owns its group (MHA); otherwise (GQA) the
         # group kernel with the same knobs: 183 registers, 104 KB shared memory, no spills
-        # (benchmarks/kernel_resources.py). H200, B=8 x 32k: per-head x1 0.773 ms against
-        # 0.913 for the group kernel; at 4 bits x2 0.958
+        # (benchmarks/kernel_resources.py). H200, B=8 x 32k: per-head x1 0.761 ms against
+        # 0.913 for the group kernel; at 4 bits x2 0.855 (x1 1.02)
         return KernelConfig(block_s=64, num_warps=4, num_stages=3, chunk=64, programs_per_sm=8,
                             group_heads=2 if quantized else 1)
     if not rebuild:
         # bandwidth bound: long tiles keep bytes in flight; shared memory caps the stages
         if rk + rv <= 128:
             if quantized:  # H200, 4 bits, B=8 x 32k: per-head x4 at 2 stages and 16 programs per SM
-                # 0.484 ms; at 3 stages and 4 per SM 0.609 (a partial second wave); group kernel 0.666
+                # 0.438 ms; at 3 stages and 4 per SM 0.532 (a partial second wave); group kernel 0.74
                 return KernelConfig(block_s=64, num_warps=4, num_stages=2, programs_per_sm=16, group_heads=4)
             # MHA: per-head x2 0.492 ms against 0.576 for the group kernel (GQA keeps the latter)
             return KernelConfig(block_s=128, num_warps=4, num_stages=3, programs_per_sm=4, group_heads=2)

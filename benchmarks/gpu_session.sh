@@ -10,6 +10,7 @@
 #   bash benchmarks/gpu_session.sh 9   # 32-layer decode at 4 bits (CUDA graphs)
 #   bash benchmarks/gpu_session.sh 10  # 32-layer decode, palu fp16 and 4-bit latents (CUDA graphs)
 #   bash benchmarks/gpu_session.sh 11  # --wide occupancy sweep of the 4-bit gs1 rows
+#   bash benchmarks/gpu_session.sh 12  # the issue-4 pair on one machine: Inductor, then palu (32 layers)
 set -u
 export PYTHONPATH=.
 OUT=${OUT:-/tmp/palu_gpu}
@@ -78,6 +79,12 @@ case "${1:-1}" in
 11)  # occupancy sweep of the 4-bit rows now that the word-wise dequantization freed the ALU
     step kernels_q4_wide 560 python -u benchmarks/attention.py --no-sweep --wide --shapes llama2 --batch 8 \
         --ctx 32k --gs 1 --quant-bits 4 --quant-only --no-prefill --budget-s 200
+    ;;
+12)  # issue 4 on one machine: Inductor and palu, 32 layers, CUDA graphs, batch 8, 16k
+    step decode32_inductor 280 python -u benchmarks/decode.py --layers 32 --batch 8 --context 16384 --steps 20 \
+        --paths inductor --modes reduce-overhead
+    step decode32_palu 250 python -u benchmarks/decode.py --layers 32 --batch 8 --context 16384 --steps 20 \
+        --paths palu --modes reduce-overhead
     ;;
 10)  # issues 4 and 5 in a model after a kernel change: palu only (Inductor's code did not change)
     step decode32_palu 290 python -u benchmarks/decode.py --layers 32 --batch 8 --context 16384 --steps 20 \

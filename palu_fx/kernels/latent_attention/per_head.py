@@ -42,7 +42,8 @@ from palu_fx.kernels.latent_attention.common import (
     softmax_init, softmax_weights,
 )
 
-# Wa and Wb tiles [RK_P, HALF_P] per head stay within this many elements (registers / L1)
+# Wa and Wb [RK_P, HALF_P] of a head (one [RK_P, 2 HALF_P] operand) stay within this many
+# elements each (a hoisted operand lives in shared memory for the whole loop)
 MAX_W_TILE = 128 * 64
 
 

@@ -438,39 +438,58 @@ def _load_bytes(ptr, tok_off, grp_off, tok_ok, first, n, N_P: tl.constexpr):
 
 
 # One 32-bit word of 4-bit codes (channel 2k in the low nibble of byte k, 2k+1 in its high
-# nibble) to 8 dequantized fp16 values, two per instruction. For each byte k: a byte permute
+# nibble) to 8 dequantized 16-bit floats, two per instruction. Per byte k, fp16: a byte permute
 # copies it to bytes 0 and 2; one lop3 keeps the low nibble of byte 0 and the high nibble of
 # byte 2 and ORs in the exponent bits of 1024, giving the half2 (1024 + c_2k, 1024 + 16 c_2k+1);
 # a packed subtract of 1024 leaves (c_2k, 16 c_2k+1) exactly, and one packed FMA with
-# (s, s/16) and (z, z) dequantizes. 4 instructions per channel pair, against about 6 per
-# channel for the shift/mask/OR/convert sequence Triton emits for the same arithmetic.
-_DEQUANT4_ASM = tl.constexpr("\n".join(
-    ["{", ".reg .b32 p, m;", "mov.b32 m, 0x64006400;"]
-    + [f"prmt.b32 p, $8, 0, 0x{k}{k}{k}{k};\n"
-       "lop3.b32 p, p, 0x00f0000f, 0x64006400, 0xea;\n"
-       "sub.f16x2 p, p, m;\n"
-       "fma.rn.f16x2 p, p, $9, $10;\n"
-       f"mov.b32 {{${2 * k}, ${2 * k + 1}}}, p;" for k in range(4)]
-    + ["}"]))
+# (s, s/16) and (z, z) dequantizes. bf16 has 7 mantissa bits, too few for 16 c: the permute
+# takes byte 2 from the word shifted right by 4 (one shift per word), the lop3 keeps both low
+# nibbles and ORs in the exponent of 128, and the FMAs use (1, 1), (-128, -128), then (s, s)
+# and (z, z). 4 instructions per channel pair, against about 6 per channel for the
+# shift/mask/OR/convert sequence Triton emits for the same arithmetic.
+def _dequant4_asm(bf16: bool) -> str:
+    if bf16:
+        head = ["shr.u32 h, $8, 4;", "mov.b32 one, 0x3f803f80;", "mov.b32 neg, 0xc300c300;"]
+        pair = ["prmt.b32 p, $8, h, 0x{hk}{hk}{k}{k};", "lop3.b32 p, p, 0x000f000f, 0x43004300, 0xea;",
+                "fma.rn.bf16x2 p, p, one, neg;", "fma.rn.bf16x2 p, p, $9, $10;"]
+    else:
+        head = ["mov.b32 neg, 0x64006400;"]
+        pair = ["prmt.b32 p, $8, 0, 0x{k}{k}{k}{k};", "lop3.b32 p, p, 0x00f0000f, 0x64006400, 0xea;",
+                "sub.f16x2 p, p, neg;", "fma.rn.f16x2 p, p, $9, $10;"]
+    body = [line for k in range(4)
+            for line in [step.format(k=k, hk=4 + k) for step in pair] + [f"mov.b32 {{${2 * k}, ${2 * k + 1}}}, p;"]]
+    return "\n".join(["{", ".reg .b32 p, h, one, neg;", *head, *body, "}"])
+
+
+_DEQUANT4_ASM_F16 = tl.constexpr(_dequant4_asm(bf16=False))
+_DEQUANT4_ASM_BF16 = tl.constexpr(_dequant4_asm(bf16=True))
 
 
 @triton.jit
-def _half2(lo, hi):
-    """fp16 tiles -> int32 tiles holding the half2 (lo, hi)."""
-    lo_b = lo.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-    hi_b = hi.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32)
+def _pair(lo, hi, DTYPE: tl.constexpr):
+    """Tiles -> int32 tiles holding the 16-bit pair (lo, hi) in ``DTYPE``."""
+    lo_b = lo.to(DTYPE).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    hi_b = hi.to(DTYPE).to(tl.int16, bitcast=True).to(tl.int32)
     return lo_b | (hi_b << 16)
 
 
 @triton.jit
-def _dequant4_words(w, s, z):
-    """int32 words [S, G, W] of 4-bit codes, fp16 scales/zeros [S, G] -> fp16 [S, G, 8 W], channel order."""
-    s2 = _half2(s, s * 0.0625)[:, :, None]
-    z2 = _half2(z, z)[:, :, None]
-    f16 = tl.float16
-    c0, c1, c2, c3, c4, c5, c6, c7 = tl.inline_asm_elementwise(
-        _DEQUANT4_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", [w, s2, z2],
-        dtype=(f16, f16, f16, f16, f16, f16, f16, f16), is_pure=True, pack=1)
+def _dequant4_words(w, s, z, DTYPE: tl.constexpr):
+    """int32 words [S, G, W] of 4-bit codes, scales/zeros [S, G] -> ``DTYPE`` (fp16 or bf16)
+    [S, G, 8 W], channel order."""
+    z2 = _pair(z, z, DTYPE)[:, :, None]
+    if DTYPE == tl.float16:
+        s2 = _pair(s, s * 0.0625, DTYPE)[:, :, None]
+        f16 = tl.float16
+        c0, c1, c2, c3, c4, c5, c6, c7 = tl.inline_asm_elementwise(
+            _DEQUANT4_ASM_F16, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", [w, s2, z2],
+            dtype=(f16, f16, f16, f16, f16, f16, f16, f16), is_pure=True, pack=1)
+    else:
+        s2 = _pair(s, s, DTYPE)[:, :, None]
+        bf = tl.bfloat16
+        c0, c1, c2, c3, c4, c5, c6, c7 = tl.inline_asm_elementwise(
+            _DEQUANT4_ASM_BF16, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", [w, s2, z2],
+            dtype=(bf, bf, bf, bf, bf, bf, bf, bf), is_pure=True, pack=1)
     even = _interleave(_interleave(c0, c4), _interleave(c2, c6))
     odd = _interleave(_interleave(c1, c5), _interleave(c3, c7))
     return _interleave(even, odd)
@@ -491,9 +510,9 @@ def load_latent(
     ``NQG_P * QG_P == R_P``), no byte padding inside a group. Channels past the real ones
     decode to the group's zero point (finite; the other operand is zero there). With
     ``PREFETCH`` and one quantization group per Palu group, its scales and zeros [BLOCK_S]
-    are already loaded (``s_pre``/``z_pre``, ``load_scale_zero``). ``WORDS`` (4 bits, fp16,
-    word-aligned rows, compiled for a GPU: ``Latent.words``) reads the codes as 32-bit words
-    and dequantizes them with packed half2 instructions (``_DEQUANT4_ASM``).
+    are already loaded (``s_pre``/``z_pre``, ``load_scale_zero``). ``WORDS`` (4 bits, fp16 or
+    bf16, word-aligned rows, compiled for a GPU: ``Latent.words``) reads the codes as 32-bit
+    words and dequantizes them two channels per instruction (``_dequant4_asm``).
     """
     if BITS == 0:
         r = tl.arange(0, R_P)
@@ -525,7 +544,7 @@ def load_latent(
         # code -> float exactly without an int->float conversion (a slow instruction): the
         # bits of 1024 + code as fp16, or of 2**23 + code as fp32, minus that constant
         if WORDS:
-            x = _dequant4_words(w, s, z)
+            x = _dequant4_words(w, s, z, DTYPE)
         elif DTYPE == tl.float16:  # fp16 operands: dequantize in fp16 (one rounding, as an fp16 cache holds it)
             one = tl.full([1, 1, 1], 1024.0, tl.float16)
             cf = (c | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - one

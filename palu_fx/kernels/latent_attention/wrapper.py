@@ -57,8 +57,8 @@ class KernelConfig:
     many heads (groups) per program (0: the group kernels ``decode.py`` / ``absorbed.py``).
     prefetch: load the small per-tile vectors (the shared decode-mask row, a packed cache's
     per-token scales and zeros) one token tile ahead (``common.py``). word_dequant: read a
-    4-bit cache with fp16 operands as 32-bit words and dequantize them with packed half2
-    instructions (inline PTX, so GPU only: ``Latent.words``); off, Triton's own unpack.
+    4-bit cache with fp16 or bf16 operands as 32-bit words and dequantize them two channels per
+    instruction (inline PTX, so GPU only: ``Latent.words``); off, Triton's own unpack.
     """
 
     block_s: int = 64
@@ -272,11 +272,13 @@ class Latent:
         return self.data.shape[-1] if self.bits == 0 else self.scale.shape[-1] * self.group_size
 
     def words(self, dtype: torch.dtype, interpret: bool) -> bool:
-        """Whether the kernels can read the codes as 32-bit words and dequantize them with
-        ``common._DEQUANT4_ASM``: 4 bits with fp16 operands, quantization groups of whole
-        words, word-aligned rows, and a compiled kernel (the interpreter runs no PTX)."""
+        """Whether the kernels can read the codes as 32-bit words and dequantize them two
+        channels per instruction (``common._dequant4_asm``): 4 bits with fp16 or bf16 operands,
+        quantization groups of whole words, word-aligned rows, and a compiled kernel (the
+        interpreter runs no PTX)."""
         t = self.data
-        return (self.bits == 4 and dtype == torch.float16 and not interpret and self.group_size % 8 == 0
+        return (self.bits == 4 and dtype in (torch.float16, torch.bfloat16) and not interpret
+                and self.group_size % 8 == 0
                 and t.stride(0) % 4 == 0 and t.stride(1) % 4 == 0 and t.data_ptr() % 4 == 0)
 
     def kernel_args(self, rank: int, rank_p: int):

@@ -61,7 +61,7 @@ SHAPES = {"32q/32kv d128": (32, 32, 128), "32q/8kv d128": (32, 8, 128)}
 SHAPE_ALIASES = {"llama2": "32q/32kv d128", "mha": "32q/32kv d128", "gqa": "32q/8kv d128"}
 RANK_RATIO = 0.5
 DEV = "cpu" if SMOKE else "cuda"
-DT = torch.float32 if SMOKE else torch.float16
+DT = torch.float32 if SMOKE else torch.bfloat16 if "--bf16" in sys.argv else torch.float16
 L2_BYTES = 50 << 20
 
 
@@ -651,6 +651,7 @@ def main():
     ap.add_argument("--check-only", action="store_true", help="checks only (implies --check), no timing")
     ap.add_argument("--no-prefill", action="store_true", help="skip the prefill table")
     ap.add_argument("--wide", action="store_true", help="also time the occupancy variants of the gs1 candidates")
+    ap.add_argument("--bf16", action="store_true", help="bf16 queries, latents and SDPA cache (default fp16)")
     ap.add_argument("--prefetch-ab", action="store_true",
                     help="also time the packed-cache candidates with the per-tile vectors loaded in the loop")
     a = ap.parse_args()

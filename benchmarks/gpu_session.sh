@@ -83,7 +83,9 @@ case "${1:-1}" in
     ;;
 13)  # the word-wise 4-bit dequantization in fp16 and bf16: GPU tests, then every GPU check
     step pytest_words 200 python -m pytest -q -p no:cacheprovider tests/kernels/test_dequant_words.py
-    step checks 300 python -u benchmarks/attention.py --check-only --shapes llama2 --gs 1 2 --quant-bits 4
+    step checks 200 python -u benchmarks/attention.py --check-only --shapes llama2 --gs 1 2 --quant-bits 4
+    step kernels_bf16_q4 200 python -u benchmarks/attention.py --no-sweep --bf16 --shapes llama2 --batch 8 \
+        --ctx 32k --gs 1 --quant-bits 4 --quant-only --no-prefill --budget-s 120
     ;;
 12)  # issue 4 on one machine: Inductor and palu, 32 layers, CUDA graphs, batch 8, 16k
     step decode32_inductor 280 python -u benchmarks/decode.py --layers 32 --batch 8 --context 16384 --steps 20 \

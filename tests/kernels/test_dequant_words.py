@@ -108,25 +108,42 @@ def run_asm(asm: str, inputs: dict[int, int]) -> dict[int, int]:
     return outs
 
 
+def _bf16(x: float) -> float:
+    return _from_bf16_bits(_to_bf16_bits(x))
+
+
 def _dequantize(kind: str, asm: str, codes, s: float, z: float) -> list[float]:
+    """The sequence's outputs for one word of ``codes`` with the fp16 scale and zero ``s``, ``z``,
+    given the inputs ``_dequant4_words`` builds."""
     word = sum(int(c) << (4 * i) for i, c in enumerate(codes))
-    hi_scale = s / 16 if kind == "f16" else s  # what _dequant4_words passes
-    out = run_asm(asm, {8: word, 9: _pair(kind, s, hi_scale), 10: _pair(kind, z, z)})
+    if kind == "f16":
+        inputs = {9: _pair(kind, s, s / 16), 10: _pair(kind, z, z)}
+    else:  # bf16 heads and tails
+        s_hi, z_hi = _bf16(s), _bf16(z)
+        s_lo, z_lo = _bf16(s - s_hi), _bf16(z - z_hi)
+        inputs = {9: _pair(kind, s_hi, s_hi), 10: _pair(kind, z_hi, z_hi), 11: _pair(kind, s_lo, s_lo),
+                  12: _pair(kind, z_lo, z_lo)}
+    out = run_asm(asm, {8: word, **inputs})
     return [FORMATS[kind][1](out[i]) for i in range(8)]
 
 
 @pytest.mark.parametrize("kind", ["f16", "bf16"])
 def test_asm_dequantizes_every_code_in_channel_order(kind):
     gen = np.random.default_rng(0)
-    enc, dec = FORMATS[kind]
     asm = _dequant4_asm(bf16=kind == "bf16")
-    for trial in range(40):
-        # scale and zero as the kernel holds them (rounded to the operand format)
-        s, z = dec(enc(gen.uniform(1e-3, 2.0))), dec(enc(gen.uniform(-8, 8)))
+    for trial in range(60):
+        s, z = _from_f16_bits(_to_f16_bits(gen.uniform(1e-3, 2.0))), _from_f16_bits(_to_f16_bits(gen.uniform(-8, 8)))
         codes = (np.arange(8) + trial) % 16 if trial < 16 else gen.integers(0, 16, 8)  # every code, every position
         got = _dequantize(kind, asm, codes, s, z)
-        want = [dec(enc(float(c) * s + z)) for c in codes]  # one rounding of the exact c*s + z
-        assert got == want, f"{kind}: codes {list(codes)}, scale {s}, zero {z}: {got} != {want}"
+        exact = [float(c) * s + z for c in codes]
+        if kind == "f16":  # one rounding of the exact c*s + z
+            assert got == [_from_f16_bits(_to_f16_bits(e)) for e in exact], f"codes {list(codes)}, {s}, {z}"
+        else:  # head and tail products, then their sum: two bf16 roundings, so within one ulp
+            for c, g, e in zip(codes, got, exact):
+                ulp = 2.0 ** (math.floor(math.log2(abs(e))) - 7) if e else 0.0
+                assert abs(g - e) <= ulp + 2 ** -16 * (c * s + abs(z)), f"codes {list(codes)}, {s}, {z}"
+            assert sum(abs(g - e) for g, e in zip(got, exact)) < sum(abs(_bf16(e) - e) for e in exact) + \
+                sum(abs(c * (s - _bf16(s)) + (z - _bf16(z))) for c in codes), "no better than bf16 scale and zero"
 
 
 @pytest.mark.parametrize("kind", ["f16", "bf16"])

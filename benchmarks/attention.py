@@ -379,6 +379,10 @@ def wide_candidates(rope, bits):
         for ppsm in (4, 8, 16):
             out.append((f"{name} {bs}/{w}w/{st}s/{ppsm}p",
                         KernelConfig(block_s=bs, num_warps=w, num_stages=st, programs_per_sm=ppsm, group_heads=h)))
+    if rope and not bits:  # the fp16 default's split count: one wave without a merge pass, or two
+        for ppsm in (1, 2, 4, 16):
+            out.append((f"per-head x1 64/4w/3s/{ppsm}p",
+                        KernelConfig(block_s=64, num_warps=4, num_stages=3, programs_per_sm=ppsm, group_heads=1)))
     return out
 
 

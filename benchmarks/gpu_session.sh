@@ -12,6 +12,7 @@
 #   bash benchmarks/gpu_session.sh 11  # --wide occupancy sweep of the 4-bit gs1 rows
 #   bash benchmarks/gpu_session.sh 12  # the issue-4 pair on one machine: Inductor, then palu (32 layers)
 #   bash benchmarks/gpu_session.sh 13  # GPU tests and checks of the word-wise dequantization (fp16, bf16)
+#   bash benchmarks/gpu_session.sh 14  # --wide sweep of the fp16 gs1 rows (split counts of the RoPE default)
 set -u
 export PYTHONPATH=.
 OUT=${OUT:-/tmp/palu_gpu}
@@ -80,6 +81,10 @@ case "${1:-1}" in
 11)  # occupancy sweep of the 4-bit rows now that the word-wise dequantization freed the ALU
     step kernels_q4_wide 560 python -u benchmarks/attention.py --no-sweep --wide --shapes llama2 --batch 8 \
         --ctx 32k --gs 1 --quant-bits 4 --quant-only --no-prefill --budget-s 200
+    ;;
+14)  # occupancy and split-count variants of the fp16 gs1 rows
+    step kernels_fp16_wide 400 python -u benchmarks/attention.py --no-sweep --wide --shapes llama2 --batch 8 \
+        --ctx 32k --gs 1 --no-prefill --budget-s 200
     ;;
 13)  # the word-wise 4-bit dequantization in fp16 and bf16: GPU tests, then every GPU check
     step pytest_words 200 python -m pytest -q -p no:cacheprovider tests/kernels/test_dequant_words.py

@@ -13,6 +13,7 @@
 #   bash benchmarks/gpu_session.sh 12  # the issue-4 pair on one machine: Inductor, then palu (32 layers)
 #   bash benchmarks/gpu_session.sh 13  # GPU tests and checks of the word-wise dequantization (fp16, bf16)
 #   bash benchmarks/gpu_session.sh 14  # --wide sweep of the fp16 gs1 rows (split counts of the RoPE default)
+#   bash benchmarks/gpu_session.sh 15  # split counts of the gs1 fp16 kernels, interleaved rounds
 set -u
 export PYTHONPATH=.
 OUT=${OUT:-/tmp/palu_gpu}
@@ -81,6 +82,9 @@ case "${1:-1}" in
 11)  # occupancy sweep of the 4-bit rows now that the word-wise dequantization freed the ALU
     step kernels_q4_wide 560 python -u benchmarks/attention.py --no-sweep --wide --shapes llama2 --batch 8 \
         --ctx 32k --gs 1 --quant-bits 4 --quant-only --no-prefill --budget-s 200
+    ;;
+15)  # how many splits: programs per SM 1-16, interleaved rounds, four (batch, context) points
+    step split_counts 400 python -u benchmarks/split_counts.py
     ;;
 14)  # occupancy and split-count variants of the fp16 gs1 rows
     step kernels_fp16_wide 400 python -u benchmarks/attention.py --no-sweep --wide --shapes llama2 --batch 8 \

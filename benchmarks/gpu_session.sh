@@ -14,6 +14,7 @@
 #   bash benchmarks/gpu_session.sh 13  # GPU tests and checks of the word-wise dequantization (fp16, bf16)
 #   bash benchmarks/gpu_session.sh 14  # --wide sweep of the fp16 gs1 rows (split counts of the RoPE default)
 #   bash benchmarks/gpu_session.sh 15  # split counts of the gs1 fp16 kernels, interleaved rounds
+#   bash benchmarks/gpu_session.sh 16  # split counts with the wave-filling default, then the 32-layer decodes
 set -u
 export PYTHONPATH=.
 OUT=${OUT:-/tmp/palu_gpu}
@@ -82,6 +83,13 @@ case "${1:-1}" in
 11)  # occupancy sweep of the 4-bit rows now that the word-wise dequantization freed the ALU
     step kernels_q4_wide 560 python -u benchmarks/attention.py --no-sweep --wide --shapes llama2 --batch 8 \
         --ctx 32k --gs 1 --quant-bits 4 --quant-only --no-prefill --budget-s 200
+    ;;
+16)  # KernelConfig.fill_waves (the RoPE gs1 default): kernel A/B, then the model
+    step split_counts 150 python -u benchmarks/split_counts.py
+    step decode32_palu 130 python -u benchmarks/decode.py --layers 32 --batch 8 --context 16384 --steps 20 \
+        --paths palu --modes reduce-overhead
+    step decode32_q4 110 python -u benchmarks/decode.py --layers 32 --batch 8 --context 16384 --steps 20 \
+        --paths palu --modes reduce-overhead --bits 4
     ;;
 15)  # how many splits: programs per SM 1-16, interleaved rounds, four (batch, context) points
     step split_counts 400 python -u benchmarks/split_counts.py

@@ -331,7 +331,7 @@ def test_split_plan_covers_sequence(kern):
     for skv in (1, 255, 256, 4097, 131072):
         for n_base in (1, 8, 256, 4096):
             c = kern.KernelConfig(programs_per_sm=4)
-            splits, chunk = kern._split_plan(c, n_base, skv, torch.device("cpu"), True)
+            splits, chunk = kern._split_plan(c, n_base, skv, 1)
             assert splits >= 1 and (splits - 1) * chunk < skv <= splits * chunk
 
 

@@ -269,11 +269,12 @@ def per_head_applies(q, lk, k_bias, k_norm_weight, rope_style, groups, heads_per
 
 
 def per_head_launch(grid, q, lk, p, latent_ptrs, latent_strides, mask, mstr, out, part, lse, runtime, consts,
-                    dtype):
+                    dtype, probe=False):
     """Launch the kernel with the wrapper's shared arguments (``consts`` as for the group kernels);
     ``lk``/``p`` None in absorbed mode, where ``q`` is the absorbed query. With RoPE each
     program builds its heads' ``Wa``/``Wb`` from ``q`` and ``lk`` in its prologue: done on the
-    host, that was a dozen small kernels per call, about 60 us per layer inside a model."""
+    host, that was a dozen small kernels per call, about 60 us per layer inside a model.
+    ``probe``: return (kernel, grid, args, constexprs) instead of launching."""
     from palu_fx.kernels.latent_attention.wrapper import _launch
 
     qs = (q.stride(0), q.stride(1), q.stride(3))
@@ -288,4 +289,6 @@ def per_head_launch(grid, q, lk, p, latent_ptrs, latent_strides, mask, mstr, out
         tables = (q, q, 0, 0, 0, 0, 0, 0)
     args = (*ops, *latent_ptrs, *tables[:2], mask, out, part, lse, *ostr,
             *latent_strides, *tables[2:], *mstr, out.stride(0), out.stride(1), out.stride(2), *runtime)
+    if probe:
+        return per_head_attention_kernel, grid, args, dict(consts, **rope)
     _launch(per_head_attention_kernel, grid, args, dict(consts, **rope))

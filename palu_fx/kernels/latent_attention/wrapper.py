@@ -59,6 +59,10 @@ class KernelConfig:
     per-token scales and zeros) one token tile ahead (``common.py``). word_dequant: read a
     4-bit cache with fp16 or bf16 operands as 32-bit words and dequantize them two channels per
     instruction (inline PTX, so GPU only: ``Latent.words``); off, Triton's own unpack.
+    fill_waves: pick the split count from the compiled kernel's occupancy instead of
+    programs_per_sm: the fewest splits whose programs fill whole waves of what the SMs hold at
+    once (registers, shared memory, threads: ``_resident_programs``); programs_per_sm still
+    bounds how many splits are tried.
     """
 
     block_s: int = 64
@@ -72,6 +76,7 @@ class KernelConfig:
     group_heads: int = 0
     prefetch: bool = True
     word_dequant: bool = True
+    fill_waves: bool = False
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -115,7 +120,7 @@ def choose_config(rebuild: bool, gs: int, rk: int, rv: int, head_dim: int, rows:
         # (benchmarks/kernel_resources.py). H200, B=8 x 32k: per-head x1 0.761 ms against
         # 0.913 for the group kernel; at 4 bits x2 0.855 (x1 1.02)
         return KernelConfig(block_s=64, num_warps=4, num_stages=3, chunk=64, programs_per_sm=8,
-                            group_heads=2 if quantized else 1)
+                            group_heads=2 if quantized else 1, fill_waves=True)
     if not rebuild:
         # bandwidth bound: long tiles keep bytes in flight; shared memory caps the stages
         if rk + rv <= 128:
@@ -180,17 +185,64 @@ def _mask_args(attn_mask, B, Hq, Sq, Skv, dummy):
     return (MASK_ADD_SHARED if shared else MASK_ADD), m, m.stride()
 
 
-def _split_plan(cfg, n_base, Skv, device, interpret):
+def _split_plan(cfg, n_base, Skv, sms, resident=0):
+    """(splits, chunk) of ``Skv`` cached tokens over ``n_base`` programs per split, on ``sms``
+    multiprocessors.
+
+    ``resident``: programs of the compiled kernel one SM runs at once (0: unknown). Known (and
+    ``cfg.fill_waves``), the plan takes the fewest splits whose programs fill at least 90% of
+    their last wave of ``resident x SMs`` slots: a wave with a few programs costs a whole
+    wave's time, and every split adds a prologue and partial outputs to merge (B=8 x 32k on
+    the H200: 1 split 0.78 ms, 5 splits 0.86, 9 splits 0.89; B=1: 8 splits or more).
+    """
     if cfg.num_splits is not None:
         splits = max(1, min(cfg.num_splits, Skv))
-        chunk = _cdiv(Skv, splits)
-    else:
-        sms = 1 if interpret else _num_sms(device.index if device.index is not None else 0)
-        want = _cdiv(cfg.programs_per_sm * sms, n_base)
-        splits = max(1, min(want, _cdiv(Skv, CHUNK_QUANTUM)))
-        chunk = _cdiv(_cdiv(Skv, splits), CHUNK_QUANTUM) * CHUNK_QUANTUM
-    splits = _cdiv(Skv, chunk)
-    return splits, chunk
+        return _cdiv(Skv, _cdiv(Skv, splits)), _cdiv(Skv, splits)
+    most = max(1, min(_cdiv(cfg.programs_per_sm * sms, n_base), _cdiv(Skv, CHUNK_QUANTUM)))
+
+    def plan(want):
+        chunk = _cdiv(_cdiv(Skv, want), CHUNK_QUANTUM) * CHUNK_QUANTUM
+        return _cdiv(Skv, chunk), chunk
+
+    if not (cfg.fill_waves and resident > 0):
+        return plan(most)
+    slots = resident * sms
+    best, best_fill = plan(1), 0.0
+    for want in range(1, most + 1):
+        splits, chunk = plan(want)
+        programs = n_base * splits
+        fill = programs / (_cdiv(programs, slots) * slots)
+        if fill >= 0.9:
+            return splits, chunk
+        if fill > best_fill + 1e-9:
+            best, best_fill = (splits, chunk), fill
+    return best
+
+
+_RESIDENT: dict = {}
+
+
+def _resident_programs(kernel, grid, args, consts) -> int:
+    """How many programs of this launch one SM runs at once, from the compiled kernel's
+    registers, shared memory and warps and the device's per-SM limits (0 when unknown).
+
+    Compiles without launching (``warmup``); the caller caches the answer.
+    """
+    dev = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+    if dev is None or dev.type != "cuda" or not hasattr(kernel, "warmup"):
+        return 0
+    try:
+        compiled = kernel.warmup(*args, grid=grid, **consts)
+        compiled._init_handles()  # loads the binary: its register count (and shared-memory check)
+        warps = consts.get("num_warps", 4)
+        prop = torch.cuda.get_device_properties(dev)
+        regs = _cdiv(max(compiled.n_regs, 1), 8) * 8  # registers go out in units of 256 per warp
+        by_regs = prop.regs_per_multiprocessor // (_cdiv(regs * 32, 256) * 256 * warps)
+        by_smem = prop.shared_memory_per_multiprocessor // (compiled.metadata.shared + 1024)  # 1 KB reserved
+        by_threads = prop.max_threads_per_multi_processor // (32 * warps)
+        return max(1, min(by_regs, by_smem, by_threads, 32))
+    except Exception:  # noqa: BLE001 (an older Triton, a kernel that needs fewer stages: the plain plan)
+        return 0
 
 
 def _launch(kernel, grid, args, consts):
@@ -355,56 +407,77 @@ def fused_attention(q, kl: Latent, vl: Latent, lk, k_bias, cos, sin, k_norm_weig
     fused_rows = HPG_P * _p2(Sq)
     M_BLOCK = max(16, min(fused_rows, max(MAX_FUSED_ROWS, HPG_P)))
     NQB = _cdiv(Sq, M_BLOCK // HPG_P)
-    NSPLIT, chunk = _split_plan(cfg, B * VG * NQB, Skv, q.device, interpret)
-    direct = NSPLIT == 1
     out = torch.empty(B, Hq, Sq, RV, dtype=q.dtype, device=q.device)
     RK_P, RV_P = max(16, _p2(RK)), max(16, _p2(RV))
-    if direct:
-        part = lse = out
-    else:
-        part = torch.empty(B * VG * NQB * NSPLIT * M_BLOCK * RV_P, dtype=torch.float32, device=q.device)
-        lse = torch.empty(B * VG * NQB * NSPLIT * M_BLOCK, dtype=torch.float32, device=q.device)
     mask_kind, mask, mstr = _mask_args(attn_mask, B, Hq, Sq, Skv, q)
     (hk, hks, hkz), k_strides, k_q = kl.kernel_args(RK, RK_P)
     (hv, hvs, hvz), v_strides, v_q = vl.kernel_args(RV, RV_P)
     latent_strides = (*k_strides[:2], *v_strides[:2], *k_strides[2:4], *v_strides[2:4], k_strides[4], v_strides[4])
-    common_args = dict(
-        RK_P=RK_P, RV_P=RV_P, HPG=VHPG, HPG_P=HPG_P, M_BLOCK=M_BLOCK, BLOCK_S=cfg.block_s,
-        MASK_KIND=mask_kind, IS_CAUSAL=bool(is_causal), USE_SOFTCAP=softcap > 0, DIRECT=direct,
-        UPCAST=interpret and dtype == torch.bfloat16, IEEE=dtype == torch.float32,
-        **dict(zip(("K_BITS", "K_QG", "K_QG_P", "K_NQG", "K_NQG_P"), k_q)),
-        **dict(zip(("V_BITS", "V_QG", "V_QG_P", "V_NQG", "V_NQG_P"), v_q)),
-        PREFETCH=cfg.prefetch,
-        K_WORDS=cfg.word_dequant and kl.words(dtype, interpret),
-        V_WORDS=cfg.word_dequant and vl.words(dtype, interpret),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    grid = (NSPLIT, B * VG, NQB)
-    runtime = (G, Hq, Sq, Skv, chunk, NSPLIT, RK, RV, float(scale), float(softcap))
-    if per_head:
-        per_head_launch(grid, qc, lk, p, (hk, hv, hks, hkz, hvs, hvz), latent_strides, mask, mstr, out, part, lse,
-                        runtime, common_args, dtype)
-    elif rebuild:
-        half_p, pass_p = p["HALF_P"], p["PASS_P"]
-        ch, pch = min(half_p, cfg.chunk), min(pass_p, cfg.chunk)
-        nch, npc = (half_p // ch if p["ROPE"] else 0), (pass_p // pch if p["HAS_PASS"] else 0)
-        hoist = HPP == 1 and nch <= 1 and npc <= 1
-        args = (qc, hk, hv, hks, hkz, hvs, hvz, lk, p["bias"], p["cos"], p["sin"], p["w"], mask, out, part, lse,
-                *qc.stride(), *latent_strides,
-                lk.stride(0), lk.stride(1), *p["cos_strides"], *p["sin_strides"], *mstr,
-                out.stride(0), out.stride(1), out.stride(2),
-                *runtime, float(k_norm_eps))
-        consts = dict(D=Dq, GS=GS, HPP=HPP, NREP=NREP, ROPE=p["ROPE"], ROT=p["ROT"], HALF=p["HALF"],
-                      CH=ch, NCH=nch, STEP=p["STEP"], HI_OFF=p["HI_OFF"], PASS=p["PASS"], PCH=pch, NPC=npc,
-                      HAS_BIAS=p["HAS_BIAS"], HAS_NORM=p["HAS_NORM"], HOIST=hoist,
-                      DYN_HEADS=cfg.dynamic_heads and HPP > 1, **common_args)
-        _launch(rebuild_attention_kernel, grid, args, consts)
+
+    def launch(nsplit, chunk, part, lse, probe=False):
+        """Launch with ``nsplit`` sequence splits; ``probe``: return (kernel, grid, args,
+        constexprs) of that launch instead (``_resident_programs`` compiles it)."""
+        common_args = dict(
+            RK_P=RK_P, RV_P=RV_P, HPG=VHPG, HPG_P=HPG_P, M_BLOCK=M_BLOCK, BLOCK_S=cfg.block_s,
+            MASK_KIND=mask_kind, IS_CAUSAL=bool(is_causal), USE_SOFTCAP=softcap > 0, DIRECT=nsplit == 1,
+            UPCAST=interpret and dtype == torch.bfloat16, IEEE=dtype == torch.float32,
+            **dict(zip(("K_BITS", "K_QG", "K_QG_P", "K_NQG", "K_NQG_P"), k_q)),
+            **dict(zip(("V_BITS", "V_QG", "V_QG_P", "V_NQG", "V_NQG_P"), v_q)),
+            PREFETCH=cfg.prefetch,
+            K_WORDS=cfg.word_dequant and kl.words(dtype, interpret),
+            V_WORDS=cfg.word_dequant and vl.words(dtype, interpret),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        grid = (nsplit, B * VG, NQB)
+        runtime = (G, Hq, Sq, Skv, chunk, nsplit, RK, RV, float(scale), float(softcap))
+        if per_head:
+            return per_head_launch(grid, qc, lk, p, (hk, hv, hks, hkz, hvs, hvz), latent_strides, mask, mstr, out,
+                                   part, lse, runtime, common_args, dtype, probe=probe)
+        if rebuild:
+            half_p, pass_p = p["HALF_P"], p["PASS_P"]
+            ch, pch = min(half_p, cfg.chunk), min(pass_p, cfg.chunk)
+            nch, npc = (half_p // ch if p["ROPE"] else 0), (pass_p // pch if p["HAS_PASS"] else 0)
+            hoist = HPP == 1 and nch <= 1 and npc <= 1
+            args = (qc, hk, hv, hks, hkz, hvs, hvz, lk, p["bias"], p["cos"], p["sin"], p["w"], mask, out, part, lse,
+                    *qc.stride(), *latent_strides,
+                    lk.stride(0), lk.stride(1), *p["cos_strides"], *p["sin_strides"], *mstr,
+                    out.stride(0), out.stride(1), out.stride(2),
+                    *runtime, float(k_norm_eps))
+            consts = dict(D=Dq, GS=GS, HPP=HPP, NREP=NREP, ROPE=p["ROPE"], ROT=p["ROT"], HALF=p["HALF"],
+                          CH=ch, NCH=nch, STEP=p["STEP"], HI_OFF=p["HI_OFF"], PASS=p["PASS"], PCH=pch, NPC=npc,
+                          HAS_BIAS=p["HAS_BIAS"], HAS_NORM=p["HAS_NORM"], HOIST=hoist,
+                          DYN_HEADS=cfg.dynamic_heads and HPP > 1, **common_args)
+            kernel = rebuild_attention_kernel
+        else:
+            args = (qc, hk, hv, hks, hkz, hvs, hvz, mask, out, part, lse,
+                    *qc.stride(), *latent_strides, *mstr,
+                    out.stride(0), out.stride(1), out.stride(2),
+                    *runtime)
+            kernel, consts = absorbed_attention_kernel, common_args
+        if probe:
+            return kernel, grid, args, consts
+        _launch(kernel, grid, args, consts)
+
+    n_base = B * VG * NQB
+    resident = 0
+    if cfg.fill_waves and cfg.num_splits is None and not interpret:
+        # what decides the compiled code, short of the split count (cheap to hash per call)
+        key = (cfg, dtype, q.dtype, per_head, rebuild, k_q, v_q, mask_kind, bool(is_causal), softcap > 0, M_BLOCK,
+               VHPG, RK_P, RV_P, Dq, GS, tuple(v for v in (p or {}).values() if isinstance(v, (bool, int))),
+               q.device.index)
+        resident = _RESIDENT.get(key)
+        if resident is None:
+            scratch = torch.empty(1, dtype=torch.float32, device=q.device)
+            resident = _RESIDENT[key] = _resident_programs(*launch(2, CHUNK_QUANTUM, scratch, scratch, probe=True))
+    sms = 1 if interpret else _num_sms(q.device.index if q.device.index is not None else 0)
+    NSPLIT, chunk = _split_plan(cfg, n_base, Skv, sms, resident)
+    direct = NSPLIT == 1
+    if direct:
+        part = lse = out
     else:
-        args = (qc, hk, hv, hks, hkz, hvs, hvz, mask, out, part, lse,
-                *qc.stride(), *latent_strides, *mstr,
-                out.stride(0), out.stride(1), out.stride(2),
-                *runtime)
-        _launch(absorbed_attention_kernel, grid, args, common_args)
+        part = torch.empty(n_base * NSPLIT * M_BLOCK * RV_P, dtype=torch.float32, device=q.device)
+        lse = torch.empty(n_base * NSPLIT * M_BLOCK, dtype=torch.float32, device=q.device)
+    launch(NSPLIT, chunk, part, lse)
     if not direct:
         cols = min(RV_P, 64)
         combine_splits_kernel[(B * VG * NQB, M_BLOCK, RV_P // cols)](

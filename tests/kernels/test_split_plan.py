@@ -47,10 +47,12 @@ def test_plain_plan_without_occupancy():
     assert _split_plan(KernelConfig(num_splits=3, fill_waves=True), 256, 1000, H200_SMS, 2) == (3, 334)
 
 
-def test_rope_gs1_default_fills_waves_others_do_not():
-    assert choose_config(True, 1, 64, 64, 128, 1, False).fill_waves
+def test_measured_defaults_fill_waves_others_do_not():
+    assert choose_config(True, 1, 64, 64, 128, 1, False).fill_waves  # RoPE gs1
     assert choose_config(True, 1, 64, 64, 128, 1, False, quantized=True).fill_waves
-    assert not choose_config(False, 1, 64, 64, 128, 1, False).fill_waves
+    assert choose_config(False, 1, 64, 64, 128, 1, False).fill_waves  # absorbed, fp16 latents
+    assert not choose_config(False, 1, 64, 64, 128, 1, False, quantized=True).fill_waves  # not measured
+    assert not choose_config(True, 2, 128, 128, 128, 1, False).fill_waves
     assert not choose_config(True, 1, 64, 64, 128, 1, True).fill_waves  # interpreter
 
 

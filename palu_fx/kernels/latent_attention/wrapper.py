@@ -118,7 +118,9 @@ def choose_config(rebuild: bool, gs: int, rk: int, rv: int, head_dim: int, rows:
         # per-head programs where every query head owns its group (MHA); otherwise (GQA) the
         # group kernel with the same knobs: 183 registers, 104 KB shared memory, no spills
         # (benchmarks/kernel_resources.py). H200, B=8 x 32k: per-head x1 0.761 ms against
-        # 0.913 for the group kernel; at 4 bits x2 0.855 (x1 1.02)
+        # 0.913 for the group kernel; at 4 bits x2 0.855 (x1 1.02). Splits that fill whole
+        # waves (two programs per SM): with the decode mask 0.779 ms against 0.846-0.861 for 8
+        # programs per SM, 0.109 against 0.124 at B=1 (benchmarks/split_counts.py)
         return KernelConfig(block_s=64, num_warps=4, num_stages=3, chunk=64, programs_per_sm=8,
                             group_heads=2 if quantized else 1, fill_waves=True)
     if not rebuild:
@@ -127,8 +129,10 @@ def choose_config(rebuild: bool, gs: int, rk: int, rv: int, head_dim: int, rows:
             if quantized:  # H200, 4 bits, B=8 x 32k: per-head x4 at 2 stages and 16 programs per SM
                 # 0.438 ms; at 3 stages and 4 per SM 0.532 (a partial second wave); group kernel 0.74
                 return KernelConfig(block_s=64, num_warps=4, num_stages=2, programs_per_sm=16, group_heads=4)
-            # MHA: per-head x2 0.492 ms against 0.576 for the group kernel (GQA keeps the latter)
-            return KernelConfig(block_s=128, num_warps=4, num_stages=3, programs_per_sm=4, group_heads=2)
+            # MHA: per-head x2 0.492 ms against 0.576 for the group kernel (GQA keeps the latter);
+            # splits that fill whole waves: 0.468 against 0.483 at B=8, 0.071 against 0.082 at B=1
+            return KernelConfig(block_s=128, num_warps=4, num_stages=3, programs_per_sm=4, group_heads=2,
+                                fill_waves=True)
         if rk + rv <= 256:
             return KernelConfig(block_s=128, num_warps=8, num_stages=3, programs_per_sm=4)
         return KernelConfig(block_s=64, num_warps=4, num_stages=3, programs_per_sm=4)

@@ -531,8 +531,8 @@ def load_latent(
         ok = kv_ok[:, None, None] & (grp[None, :, None] < NQG)
         if WORDS:  # 8 codes per word
             i = tl.arange(0, QG_P // 8)[None, None, :]
-            w = tl.load(ptr.to(tl.pointer_type(tl.int32)) + kv[:, None, None] * (s_stride // 4) + grp[None, :, None] * (QG // 8) + i,
-                        mask=ok & (i < QG // 8), other=0)
+            words = ptr.to(tl.pointer_type(tl.int32)) + kv[:, None, None] * (s_stride // 4)
+            w = tl.load(words + grp[None, :, None] * (QG // 8) + i, mask=ok & (i < QG // 8), other=0)
         elif BITS == 3:  # two planes per group: low 2 bits of every code, then the high bits
             lo = _load_bytes(ptr, tok_off, grp_off, ok, 0, QG // 4, QG_P // 4)
             hi = _load_bytes(ptr, tok_off, grp_off, ok, QG // 4, QG // 8, QG_P // 8)

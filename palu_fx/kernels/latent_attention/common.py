@@ -99,30 +99,33 @@ def load_mask_row(mask_ptr, m_base, kv, kv_ok, sm_k, MASK_KIND: tl.constexpr):
 
 
 @triton.jit
-def load_scale_zero(sc_ptr, zr_ptr, kv, kv_ok, sc_stride, ON: tl.constexpr):
-    """Per-token scale and zero [BLOCK_S] (storage dtype) of a Palu group quantized as one
-    group; zeros when not ``ON`` (nothing is read)."""
-    s = tl.zeros([kv.shape[0]], sc_ptr.dtype.element_ty)
-    z = tl.zeros([kv.shape[0]], sc_ptr.dtype.element_ty)
+def load_scale_zero(sc_ptr, zr_ptr, kv, kv_ok, sc_stride, cols, ON: tl.constexpr):
+    """Per-token scales and zeros [BLOCK_S, C] (storage dtype) at column offsets ``cols`` [C]:
+    the Palu groups (each quantized as one group) a program reads; zeros when not ``ON``
+    (nothing is read)."""
+    s = tl.zeros([kv.shape[0], cols.shape[0]], sc_ptr.dtype.element_ty)
+    z = tl.zeros([kv.shape[0], cols.shape[0]], sc_ptr.dtype.element_ty)
     if ON:
-        s = tl.load(sc_ptr + kv * sc_stride, mask=kv_ok, other=0.0)
-        z = tl.load(zr_ptr + kv * sc_stride, mask=kv_ok, other=0.0)
+        off = cols[None, :] + kv[:, None] * sc_stride
+        s = tl.load(sc_ptr + off, mask=kv_ok[:, None], other=0.0)
+        z = tl.load(zr_ptr + off, mask=kv_ok[:, None], other=0.0)
     return s, z
 
 
 @triton.jit
-def tile_vectors(mask_ptr, m_base, sm_k, ks_ptr, kz_ptr, vs_ptr, vz_ptr, ks_stride, vs_stride, kv, hi,
-                 PREFETCH: tl.constexpr, MASK_KIND: tl.constexpr, K_BITS: tl.constexpr, K_NQG_P: tl.constexpr,
+def tile_vectors(mask_ptr, m_base, sm_k, ks_ptr, kz_ptr, vs_ptr, vz_ptr, ks_stride, vs_stride, k_cols, v_cols, kv,
+                 hi, PREFETCH: tl.constexpr, MASK_KIND: tl.constexpr, K_BITS: tl.constexpr, K_NQG_P: tl.constexpr,
                  V_BITS: tl.constexpr, V_NQG_P: tl.constexpr):
-    """The small vectors of tokens ``kv`` that the group kernels load a tile ahead (with
-    ``PREFETCH``): the shared mask row and, for caches packed as one quantization group per
-    Palu group, the key and value scales and zeros; zeros for what is not loaded. The same
-    conditions decide where ``scores_to_log2`` and ``load_latent`` use them. Returns
-    (mask row, sk, zk, sv, zv)."""
+    """The small vectors of tokens ``kv`` that the kernels load a tile ahead (with
+    ``PREFETCH``): the shared mask row [BLOCK_S] and, for caches packed as one quantization
+    group per Palu group, the key and value scales and zeros [BLOCK_S, C] of the groups at
+    ``k_cols``/``v_cols`` (one for the group kernels, a program's heads for ``per_head.py``);
+    zeros for what is not loaded. The same conditions decide where ``scores_to_log2`` and
+    ``load_latent`` use them. Returns (mask row, sk, zk, sv, zv)."""
     ok = kv < hi
     m = load_mask_row(mask_ptr, m_base, kv, ok, sm_k, MASK_KIND if PREFETCH else 0)
-    sk, zk = load_scale_zero(ks_ptr, kz_ptr, kv, ok, ks_stride, PREFETCH and K_BITS > 0 and K_NQG_P == 1)
-    sv, zv = load_scale_zero(vs_ptr, vz_ptr, kv, ok, vs_stride, PREFETCH and V_BITS > 0 and V_NQG_P == 1)
+    sk, zk = load_scale_zero(ks_ptr, kz_ptr, kv, ok, ks_stride, k_cols, PREFETCH and K_BITS > 0 and K_NQG_P == 1)
+    sv, zv = load_scale_zero(vs_ptr, vz_ptr, kv, ok, vs_stride, v_cols, PREFETCH and V_BITS > 0 and V_NQG_P == 1)
     return m, sk, zk, sv, zv
 
 
@@ -515,8 +518,8 @@ def load_latent(
     first fp16 scale/zero. Packed: ``NQG`` groups of ``QG`` channels (padded to ``QG_P``,
     ``NQG_P * QG_P == R_P``), no byte padding inside a group. Channels past the real ones
     decode to the group's zero point (finite; the other operand is zero there). With
-    ``PREFETCH`` and one quantization group per Palu group, its scales and zeros [BLOCK_S]
-    are already loaded (``s_pre``/``z_pre``, ``load_scale_zero``). ``WORDS`` (4 bits, fp16 or
+    ``PREFETCH`` and one quantization group per Palu group, its scales and zeros [BLOCK_S, 1]
+    are already loaded (``s_pre``/``z_pre``, ``tile_vectors``). ``WORDS`` (4 bits, fp16 or
     bf16, word-aligned rows, compiled for a GPU: ``Latent.words``) reads the codes as 32-bit
     words and dequantizes them two channels per instruction (``_dequant4_asm``).
     """
@@ -540,8 +543,8 @@ def load_latent(
         else:
             c = _unpack_plane(_load_bytes(ptr, tok_off, grp_off, ok, 0, QG * BITS // 8, QG_P * BITS // 8), BITS)
         if PREFETCH and NQG_P == 1:
-            s = s_pre[:, None]
-            z = z_pre[:, None]
+            s = s_pre
+            z = z_pre
         else:
             sz_off = kv[:, None] * sc_stride + grp[None, :]
             sz_ok = kv_ok[:, None] & (grp[None, :] < NQG)

@@ -186,8 +186,9 @@ def rebuild_attention_kernel(
 
     # PREFETCH: the shared mask row and the per-token scales/zeros, a tile ahead (common.py)
     ks, kz, vs, vz = hks_ptr + hks_off, hkz_ptr + hks_off, hvs_ptr + hvs_off, hvz_ptr + hvs_off
-    mrow_n, sk_n, zk_n, sv_n, zv_n = tile_vectors(mask_ptr, b * sm_b, sm_k, ks, kz, vs, vz, shks_s, shvs_s,
-                                                  lo + tl.arange(0, BLOCK_S), hi, PREFETCH, MASK_KIND, K_BITS,
+    one = tl.arange(0, 1)  # the program's one Palu group: a single column of scales/zeros
+    mrow_n, sk_n, zk_n, sv_n, zv_n = tile_vectors(mask_ptr, b * sm_b, sm_k, ks, kz, vs, vz, shks_s, shvs_s, one,
+                                                  one, lo + tl.arange(0, BLOCK_S), hi, PREFETCH, MASK_KIND, K_BITS,
                                                   K_NQG_P, V_BITS, V_NQG_P)
     m_i, l_i, acc = softmax_init(M_BLOCK, RV_P)
     for start in range(lo, hi, BLOCK_S):
@@ -195,7 +196,7 @@ def rebuild_attention_kernel(
         kv_ok = kv < hi
         mrow, sk, zk, sv, zv = mrow_n, sk_n, zk_n, sv_n, zv_n
         mrow_n, sk_n, zk_n, sv_n, zv_n = tile_vectors(mask_ptr, b * sm_b, sm_k, ks, kz, vs, vz, shks_s, shvs_s,
-                                                      kv + BLOCK_S, hi, PREFETCH, MASK_KIND, K_BITS,
+                                                      one, one, kv + BLOCK_S, hi, PREFETCH, MASK_KIND, K_BITS,
                                                       K_NQG_P, V_BITS, V_NQG_P)
         hk_t = load_latent(hk_base, hks_ptr + hks_off, hkz_ptr + hks_off, kv, kv_ok, shk_s, shks_s, RK, RK_P,
                            K_BITS, K_QG, K_QG_P, K_NQG, K_NQG_P, q_ptr.dtype.element_ty, sk, zk, PREFETCH,

@@ -38,8 +38,8 @@ import triton
 import triton.language as tl
 
 from palu_fx.kernels.latent_attention.common import (
-    finish_rows, kv_range, load_latent, load_mask_row, load_rope_pairs, mma, row_coords, scores_to_log2,
-    softmax_init, softmax_weights,
+    finish_rows, kv_range, load_latent, load_rope_pairs, mma, row_coords, scores_to_log2, softmax_init,
+    softmax_weights, tile_vectors,
 )
 
 # Wa and Wb [RK_P, HALF_P] of a head (one [RK_P, 2 HALF_P] operand) stay within this many
@@ -109,22 +109,9 @@ def _head_operands(q_ptr, lk_ptr, q_off, lk_off, sq_d, slk_d, slk_r, RK, HALF, C
 
 
 @triton.jit
-def _head_scales(sc_ptr, zr_ptr, off, head_off, kv, kv_ok, sc_stride, ON: tl.constexpr):
-    """Per-token scales and zeros [BLOCK_S, HPP] of a program's heads (one quantization group
-    each); zeros when not ``ON``."""
-    s = tl.zeros([kv.shape[0], head_off.shape[0]], sc_ptr.dtype.element_ty)
-    z = tl.zeros([kv.shape[0], head_off.shape[0]], sc_ptr.dtype.element_ty)
-    if ON:
-        ptr = off + head_off[None, :] + kv[:, None] * sc_stride
-        s = tl.load(sc_ptr + ptr, mask=kv_ok[:, None], other=0.0)
-        z = tl.load(zr_ptr + ptr, mask=kv_ok[:, None], other=0.0)
-    return s, z
-
-
-@triton.jit
 def _column(t, hh, jj: tl.constexpr):
-    """Column ``jj`` of a [BLOCK_S, HPP] tile (a select and an in-thread sum: exact)."""
-    return tl.sum(tl.where(hh[None, :] == jj, t, 0.0), axis=1).to(t.dtype)
+    """Column ``jj`` of a [BLOCK_S, HPP] tile as [BLOCK_S, 1] (a select and an in-thread sum: exact)."""
+    return tl.sum(tl.where(hh[None, :] == jj, t, 0.0), axis=1).to(t.dtype)[:, None]
 
 
 @triton.jit
@@ -172,28 +159,21 @@ def per_head_attention_kernel(
                                       PASS_P, HAS_PASS, dtype, "")
 
     # PREFETCH: the shared mask row and the per-token scales/zeros of the program's heads
-    # ([BLOCK_S, HPP] tiles), a tile ahead (common.py)
-    # (the conditions of common.tile_vectors, which load_latent and scores_to_log2 share)
-    PRE_M: tl.constexpr = PREFETCH and MASK_KIND >= 3
-    PRE_K: tl.constexpr = PREFETCH and K_BITS > 0 and K_NQG_P == 1
-    PRE_V: tl.constexpr = PREFETCH and V_BITS > 0 and V_NQG_P == 1
+    # ([BLOCK_S, HPP] tiles, one column per head), a tile ahead (common.tile_vectors)
     hh = tl.arange(0, HPP)
-    kv = lo + tl.arange(0, BLOCK_S)
-    mrow_n = load_mask_row(mask_ptr, b * sm_b, kv, kv < hi, sm_k, MASK_KIND if PRE_M else 0)
-    sk_n, zk_n = _head_scales(hks_ptr, hkz_ptr, b * shks_b + h0 * K_NQG, hh * K_NQG, kv, kv < hi, shks_s, PRE_K)
-    sv_n, zv_n = _head_scales(hvs_ptr, hvz_ptr, b * shvs_b + h0 * V_NQG, hh * V_NQG, kv, kv < hi, shvs_s, PRE_V)
+    ks, kz = hks_ptr + b * shks_b + h0 * K_NQG, hkz_ptr + b * shks_b + h0 * K_NQG
+    vs, vz = hvs_ptr + b * shvs_b + h0 * V_NQG, hvz_ptr + b * shvs_b + h0 * V_NQG
+    mrow_n, sk_n, zk_n, sv_n, zv_n = tile_vectors(mask_ptr, b * sm_b, sm_k, ks, kz, vs, vz, shks_s, shvs_s,
+                                                  hh * K_NQG, hh * V_NQG, lo + tl.arange(0, BLOCK_S), hi, PREFETCH,
+                                                  MASK_KIND, K_BITS, K_NQG_P, V_BITS, V_NQG_P)
     m_i, l_i, acc = softmax_init(M_BLOCK, RV_P)
     for start in range(lo, hi, BLOCK_S):
         kv = start + tl.arange(0, BLOCK_S)
         kv_ok = kv < hi
         mrow, sk_all, zk_all, sv_all, zv_all = mrow_n, sk_n, zk_n, sv_n, zv_n
-        kv_n = kv + BLOCK_S
-        if PRE_M:
-            mrow_n = load_mask_row(mask_ptr, b * sm_b, kv_n, kv_n < hi, sm_k, MASK_KIND)
-        sk_n, zk_n = _head_scales(hks_ptr, hkz_ptr, b * shks_b + h0 * K_NQG, hh * K_NQG, kv_n, kv_n < hi, shks_s,
-                                  PRE_K)
-        sv_n, zv_n = _head_scales(hvs_ptr, hvz_ptr, b * shvs_b + h0 * V_NQG, hh * V_NQG, kv_n, kv_n < hi, shvs_s,
-                                  PRE_V)
+        mrow_n, sk_n, zk_n, sv_n, zv_n = tile_vectors(mask_ptr, b * sm_b, sm_k, ks, kz, vs, vz, shks_s, shvs_s,
+                                                      hh * K_NQG, hh * V_NQG, kv + BLOCK_S, hi, PREFETCH,
+                                                      MASK_KIND, K_BITS, K_NQG_P, V_BITS, V_NQG_P)
         if ROPE:
             if F32_PAIRS:
                 cs, sn = load_rope_pairs(cos_ptr, sin_ptr, b, kv, kv_ok, sc_b, sc_s, sc_d, ss_b, ss_s, ss_d, 0,

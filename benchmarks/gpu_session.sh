@@ -15,6 +15,7 @@
 #   bash benchmarks/gpu_session.sh 14  # --wide sweep of the fp16 gs1 rows (split counts of the RoPE default)
 #   bash benchmarks/gpu_session.sh 15  # split counts of the gs1 fp16 kernels, interleaved rounds
 #   bash benchmarks/gpu_session.sh 16  # split counts with the wave-filling default, then the 32-layer decodes
+#   bash benchmarks/gpu_session.sh 17  # kernel A/B: merged heads, stages; the previous code from .ab/old (carried)
 set -u
 export PYTHONPATH=.
 OUT=${OUT:-/tmp/palu_gpu}
@@ -115,5 +116,16 @@ case "${1:-1}" in
         --paths palu --modes reduce-overhead
     step decode32_q4 290 python -u benchmarks/decode.py --layers 32 --batch 8 --context 16384 --steps 20 \
         --paths palu --modes reduce-overhead --bits 4
+    ;;
+17)  # per-tile barriers: running sums per token slot, heads merged into one tile (KernelConfig.merge_heads)
+    step ab_new 300 python -u benchmarks/kernel_ab.py --tag new --variant rope:2-stages=num_stages=2 \
+        --variant abs:unmerged=merge_heads=false --variant rope4:unmerged=merge_heads=false \
+        --variant abs4:unmerged=merge_heads=false --variant abs4:waves=fill_waves=true \
+        --variant abs4:3-stages=num_stages=3
+    if [ -d .ab/old ]; then
+        step ab_old 150 env PYTHONPATH=.ab/old python -u benchmarks/kernel_ab.py --tag old
+    fi
+    step pytest_gpu 140 python -m pytest -q -p no:cacheprovider tests/kernels/test_latent_attention.py \
+        tests/kernels/test_quant_latent_attention.py tests/kernels/test_dequant_words.py -k "per_head or words or mask"
     ;;
 esac

@@ -179,7 +179,8 @@ def test_decode_rebuild_head_subsets(kern, case, hpp, dyn):
     check(kern.latent_attention_triton(*args, config=c), args)
 
 
-@pytest.mark.parametrize("hpp", [1, 2, 4], ids=["1-head", "2-heads", "4-heads"])
+@pytest.mark.parametrize("hpp,merge", [(1, True), (2, True), (4, True), (2, False), (4, False)],
+                         ids=["1-head", "2-heads", "4-heads", "2-heads-unmerged", "4-heads-unmerged"])
 @pytest.mark.parametrize("case", [
     pytest.param(dict(Skv=100), id="rope-half"),
     pytest.param(dict(rope=2, Skv=131, dtype=torch.float16), id="rope-interleaved-fp16-S131"),
@@ -190,8 +191,9 @@ def test_decode_rebuild_head_subsets(kern, case, hpp, dyn):
     pytest.param(dict(absorbed=True, rk=48, rv=64, mask="bool", dtype=torch.float16, Skv=77),
                  id="absorbed-rk48-rv64-masked-fp16"),
 ])
-def test_decode_per_head(kern, case, hpp):
-    # one query head per latent group: per_head.py's kernel, hpp heads per program
+def test_decode_per_head(kern, case, hpp, merge):
+    # one query head per latent group: per_head.py's kernel, hpp heads per program (merged:
+    # read as one latent tile where the ranks are powers of two, KernelConfig.merge_heads)
     args = make_inputs(Hq=4, Hkv=4, gs=1, **case)
     G = args[3].shape[0] if args[3] is not None else args[1].shape[-1] // args[0].shape[-1]
     # RoPE programs take at most two heads (their rotated queries stay resident); four fall
@@ -199,7 +201,7 @@ def test_decode_per_head(kern, case, hpp):
     rope = args[3] is not None
     assert kern.per_head_applies(args[0], args[3], args[4], args[7], args[12], G, hpp) == (hpp <= 2 or not rope)
     c = kern.KernelConfig(block_s=64 if DEVICE == "cpu" else 32, num_warps=4, num_stages=1, num_splits=3,
-                          group_heads=hpp)
+                          group_heads=hpp, merge_heads=merge)
     check(kern.latent_attention_triton(*args, config=c), args)
 
 

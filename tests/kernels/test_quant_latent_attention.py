@@ -88,7 +88,7 @@ def test_quant_decode_rope(qk, case, splits, monkeypatch):
     check(qk.quant_latent_attention_triton(*args, config=cfg(qk, splits)), args)
 
 
-@pytest.mark.parametrize("hpp", [1, 2], ids=["1-head", "2-heads"])
+@pytest.mark.parametrize("hpp,merge", [(1, True), (2, True), (2, False)], ids=["1-head", "2-heads", "2-heads-unmerged"])
 @pytest.mark.parametrize("case", [
     pytest.param(dict(k_bits=4, Skv=100), id="q4-rope-half"),
     pytest.param(dict(k_bits=3, k_group=16, rope=2, Skv=131, dtype=torch.float16), id="q3-g16-rope-interleaved-fp16"),
@@ -96,12 +96,12 @@ def test_quant_decode_rope(qk, case, splits, monkeypatch):
     pytest.param(dict(k_bits=4, v_bits=2, k_group=16, absorbed=True, mask="bool", Skv=70), id="k4-g16-v2-absorbed"),
     pytest.param(dict(k_bits=4, dtype=torch.bfloat16, Skv=70), id="q4-rope-bf16"),
 ])
-def test_quant_decode_per_head(qk, case, hpp, monkeypatch):
+def test_quant_decode_per_head(qk, case, hpp, merge, monkeypatch):
     # one query head per latent group: per_head.py's kernel over packed latents
     args = quant_inputs(Hq=4, Hkv=4, gs=1, **case)
     no_dequantize(qk, monkeypatch)
     c = qk.KernelConfig(block_s=64 if DEVICE == "cpu" else 32, num_warps=4, num_stages=1, num_splits=2,
-                        group_heads=hpp)
+                        group_heads=hpp, merge_heads=merge)
     check(qk.quant_latent_attention_triton(*args, config=c), args)
 
 

@@ -61,7 +61,7 @@ def absorbed_attention_kernel(
     mrow_n, sk_n, zk_n, sv_n, zv_n = tile_vectors(mask_ptr, b * sm_b, sm_k, ks, kz, vs, vz, shks_s, shvs_s, one,
                                                   one, lo + tl.arange(0, BLOCK_S), hi, PREFETCH, MASK_KIND, K_BITS,
                                                   K_NQG_P, V_BITS, V_NQG_P)
-    m_i, l_i, acc = softmax_init(M_BLOCK, RV_P)
+    m_i, l_i, acc = softmax_init(M_BLOCK, RV_P, BLOCK_S)
     for start in range(lo, hi, BLOCK_S):
         kv = start + tl.arange(0, BLOCK_S)
         kv_ok = kv < hi

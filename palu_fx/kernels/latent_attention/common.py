@@ -171,21 +171,27 @@ def scores_to_log2(
 
 
 @triton.jit
-def softmax_init(M_BLOCK: tl.constexpr, RV_P: tl.constexpr):
-    """Empty online-softmax state: running max, running sum [M], transposed output [RV_P, M]."""
-    return (tl.full([M_BLOCK], float("-inf"), tl.float32), tl.zeros([M_BLOCK], tl.float32),
+def softmax_init(M_BLOCK: tl.constexpr, RV_P: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Empty online-softmax state: running max [M], running sums per token slot [BLOCK_S, M]
+    (``softmax_weights`` says why), transposed output [RV_P, M]."""
+    return (tl.full([M_BLOCK], float("-inf"), tl.float32), tl.zeros([BLOCK_S, M_BLOCK], tl.float32),
             tl.zeros([RV_P, M_BLOCK], tl.float32))
 
 
 @triton.jit
 def softmax_weights(s2, m_i, l_i):
-    """Online-softmax bookkeeping of a token tile: (weights p [BLOCK_S, M], rescale alpha [M], m, l)."""
+    """Online-softmax bookkeeping of a token tile: (weights p [BLOCK_S, M], rescale alpha [M], m, l).
+
+    The running sum stays one partial per token slot, ``l_i`` [BLOCK_S, M], summed once in
+    ``finish_rows``: the token axis of a score tile spans the warps of the tensor-core layout,
+    so a sum over it per tile is a cross-warp reduction (three barriers on sm_90) in the
+    chain of every tile; the max still needs one, as the weights of a tile share it."""
     m_new = tl.maximum(m_i, tl.max(s2, axis=0))
     # a row with no finite logit yet keeps a finite reference so exp2 gives 0, not NaN
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.math.exp2(s2 - m_use[None, :])
     alpha = tl.math.exp2(m_i - m_use)
-    l_i = l_i * alpha + tl.sum(p, axis=0)
+    l_i = l_i * alpha[None, :] + p
     return p, alpha, m_new, l_i
 
 
@@ -206,7 +212,9 @@ def finish_rows(
     so_b, so_h, so_s, pid_bg, pid_q, pid_s, NQB, NSPLIT,
     RV: tl.constexpr, RV_P: tl.constexpr, M_BLOCK: tl.constexpr, DIRECT: tl.constexpr,
 ):
-    """Normalise and store: final rows (one split) or a partial + LSE (several splits)."""
+    """Normalise and store: final rows (one split) or a partial + LSE (several splits);
+    ``l_i`` holds the running sums per token slot (``softmax_weights``)."""
+    l_i = tl.sum(l_i, axis=0)
     empty = l_i == 0.0
     o = acc / tl.where(empty, 1.0, l_i)[None, :]
     c = tl.arange(0, RV_P)
@@ -509,7 +517,7 @@ def load_latent(
     ptr, sc_ptr, zr_ptr, kv, kv_ok, s_stride, sc_stride, R,
     R_P: tl.constexpr, BITS: tl.constexpr, QG: tl.constexpr, QG_P: tl.constexpr, NQG: tl.constexpr,
     NQG_P: tl.constexpr, DTYPE: tl.constexpr, s_pre=0.0, z_pre=0.0, PREFETCH: tl.constexpr = False,
-    WORDS: tl.constexpr = False,
+    WORDS: tl.constexpr = False, PRE_NQG: tl.constexpr = 1,
 ):
     """One Palu group's latents [BLOCK_S, R_P] for tokens ``kv``, in ``DTYPE``; zero rows past ``kv_ok``.
 
@@ -518,8 +526,9 @@ def load_latent(
     first fp16 scale/zero. Packed: ``NQG`` groups of ``QG`` channels (padded to ``QG_P``,
     ``NQG_P * QG_P == R_P``), no byte padding inside a group. Channels past the real ones
     decode to the group's zero point (finite; the other operand is zero there). With
-    ``PREFETCH`` and one quantization group per Palu group, its scales and zeros [BLOCK_S, 1]
-    are already loaded (``s_pre``/``z_pre``, ``tile_vectors``). ``WORDS`` (4 bits, fp16 or
+    ``PREFETCH`` and ``NQG_P == PRE_NQG`` the scales and zeros [BLOCK_S, PRE_NQG] are already
+    loaded (``s_pre``/``z_pre``, ``tile_vectors``): one quantization group per Palu group, of
+    one group or of ``PRE_NQG`` adjacent ones read as one (``per_head.py``). ``WORDS`` (4 bits, fp16 or
     bf16, word-aligned rows, compiled for a GPU: ``Latent.words``) reads the codes as 32-bit
     words and dequantizes them two channels per instruction (``_dequant4_asm``).
     """
@@ -542,7 +551,7 @@ def load_latent(
             c = _unpack_plane(lo, 2) | (_unpack_plane(hi, 1) << 2)
         else:
             c = _unpack_plane(_load_bytes(ptr, tok_off, grp_off, ok, 0, QG * BITS // 8, QG_P * BITS // 8), BITS)
-        if PREFETCH and NQG_P == 1:
+        if PREFETCH and NQG_P == PRE_NQG:
             s = s_pre
             z = z_pre
         else:

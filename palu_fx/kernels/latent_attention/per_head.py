@@ -109,6 +109,26 @@ def _head_operands(q_ptr, lk_ptr, q_off, lk_off, sq_d, slk_d, slk_r, RK, HALF, C
 
 
 @triton.jit
+def _block_query(q_ptr, off, sq_h, sq_d, RK, RK_P: tl.constexpr, HPP: tl.constexpr, M_BLOCK: tl.constexpr):
+    """The absorbed queries of ``HPP`` heads as one block-diagonal [HPP RK_P, M_BLOCK] tile: head
+    ``j``'s query in rows ``j RK_P ..`` of column ``j`` (``MERGE_K``)."""
+    r = tl.arange(0, HPP * RK_P)[:, None]
+    c = tl.arange(0, M_BLOCK)[None, :]
+    head = r // RK_P
+    return tl.load(q_ptr + off + head * sq_h + (r % RK_P) * sq_d, mask=(head == c) & (r % RK_P < RK), other=0.0)
+
+
+@triton.jit
+def _diagonal_blocks(acc, HPP: tl.constexpr, RV_P: tl.constexpr, M_BLOCK: tl.constexpr):
+    """[HPP RV_P, M_BLOCK] products of every head's values with every column's weights ->
+    [RV_P, M_BLOCK] whose column ``j`` is head ``j``'s block (``MERGE_V``; the cross terms go)."""
+    a = tl.reshape(acc, [HPP, RV_P, M_BLOCK])
+    blk = tl.arange(0, HPP)[:, None, None]
+    col = tl.arange(0, M_BLOCK)[None, None, :]
+    return tl.sum(tl.where(blk == col, a, 0.0), axis=0)
+
+
+@triton.jit
 def _column(t, hh, jj: tl.constexpr):
     """Column ``jj`` of a [BLOCK_S, HPP] tile as [BLOCK_S, 1] (a select and an in-thread sum: exact)."""
     return tl.sum(tl.where(hh[None, :] == jj, t, 0.0), axis=1).to(t.dtype)[:, None]
@@ -132,6 +152,7 @@ def per_head_attention_kernel(
     K_BITS: tl.constexpr, K_QG: tl.constexpr, K_QG_P: tl.constexpr, K_NQG: tl.constexpr, K_NQG_P: tl.constexpr,
     V_BITS: tl.constexpr, V_QG: tl.constexpr, V_QG_P: tl.constexpr, V_NQG: tl.constexpr, V_NQG_P: tl.constexpr,
     PREFETCH: tl.constexpr = False, K_WORDS: tl.constexpr = False, V_WORDS: tl.constexpr = False,
+    MERGE_K: tl.constexpr = False, MERGE_V: tl.constexpr = False,
 ):
     pid_s = tl.program_id(0)
     pid_x = tl.program_id(1)
@@ -149,7 +170,9 @@ def per_head_attention_kernel(
     F32_PAIRS: tl.constexpr = IEEE | UPCAST
     # loop-invariant operands of one or two heads stay resident (RoPE programs have at most
     # two heads, per_head_applies); absorbed programs of more heads re-read their query columns
-    HOIST: tl.constexpr = HPP <= 2
+    HOIST: tl.constexpr = HPP <= 2 and not MERGE_K
+    if MERGE_K:
+        q_bd = _block_query(q_ptr, b * sq_b + h0 * sq_h, sq_h, sq_d, RK, RK_P, HPP, M_BLOCK)
     if HOIST:
         w0, wps0 = _head_operands(q_ptr, lk_ptr, b * sq_b + h0 * sq_h, h0 * slk_g, sq_d, slk_d, slk_r, RK, HALF, 0,
                                   RK_P, HALF_P, M_BLOCK, ROPE, STEP, HI_OFF, ROT, PASS, PASS_P, HAS_PASS, dtype, "")
@@ -166,7 +189,9 @@ def per_head_attention_kernel(
     mrow_n, sk_n, zk_n, sv_n, zv_n = tile_vectors(mask_ptr, b * sm_b, sm_k, ks, kz, vs, vz, shks_s, shvs_s,
                                                   hh * K_NQG, hh * V_NQG, lo + tl.arange(0, BLOCK_S), hi, PREFETCH,
                                                   MASK_KIND, K_BITS, K_NQG_P, V_BITS, V_NQG_P)
-    m_i, l_i, acc = softmax_init(M_BLOCK, RV_P)
+    m_i, l_i, acc = softmax_init(M_BLOCK, RV_P, BLOCK_S)
+    if MERGE_V:
+        acc = tl.zeros([HPP * RV_P, M_BLOCK], tl.float32)
     for start in range(lo, hi, BLOCK_S):
         kv = start + tl.arange(0, BLOCK_S)
         kv_ok = kv < hi
@@ -182,53 +207,67 @@ def per_head_attention_kernel(
                 cs, sn = load_rope_pairs(cos_ptr, sin_ptr, b, kv, kv_ok, sc_b, sc_s, sc_d, ss_b, ss_s, ss_d, 0,
                                          HALF, HALF_P, STEP, dtype)
         s = tl.zeros([BLOCK_S, M_BLOCK], tl.float32)
-        for jj in tl.static_range(HPP):
-            h = h0 + jj
-            hk_t = load_latent(hk_ptr + b * shk_b + h * K_W, hks_ptr + b * shks_b + h * K_NQG,
-                               hkz_ptr + b * shks_b + h * K_NQG, kv, kv_ok, shk_s, shks_s, RK, RK_P,
-                               K_BITS, K_QG, K_QG_P, K_NQG, K_NQG_P, dtype,
-                               _column(sk_all, hh, jj), _column(zk_all, hh, jj), PREFETCH, K_WORDS)
-            if HOIST:
-                if jj == 0:
-                    w, wps = w0, wps0
+        if MERGE_K:  # every head's scores from one product: its latents times its query column
+            hk_all = load_latent(hk_ptr + b * shk_b + h0 * K_W, ks, kz, kv, kv_ok, shk_s, shks_s, HPP * RK, HPP * RK_P,
+                                 K_BITS, K_QG, K_QG_P, HPP * K_NQG, HPP * K_NQG_P, dtype, sk_all, zk_all, PREFETCH,
+                                 K_WORDS, HPP)
+            s = mma(hk_all, q_bd, UPCAST, IEEE)
+        else:
+            for jj in tl.static_range(HPP):
+                h = h0 + jj
+                hk_t = load_latent(hk_ptr + b * shk_b + h * K_W, hks_ptr + b * shks_b + h * K_NQG,
+                                   hkz_ptr + b * shks_b + h * K_NQG, kv, kv_ok, shk_s, shks_s, RK, RK_P,
+                                   K_BITS, K_QG, K_QG_P, K_NQG, K_NQG_P, dtype,
+                                   _column(sk_all, hh, jj), _column(zk_all, hh, jj), PREFETCH, K_WORDS)
+                if HOIST:
+                    if jj == 0:
+                        w, wps = w0, wps0
+                    else:
+                        w, wps = w1, wps1
                 else:
-                    w, wps = w1, wps1
-            else:
-                w, wps = _head_operands(q_ptr, lk_ptr, b * sq_b + h * sq_h, h * slk_g, sq_d, slk_d, slk_r, RK, HALF,
-                                        jj, RK_P, HALF_P, M_BLOCK, ROPE, STEP, HI_OFF, ROT, PASS, PASS_P, HAS_PASS,
-                                        dtype, "evict_last")
-            if ROPE:  # (h_t Wa^T, h_t Wb^T) from one product with the side-by-side operand
-                ab = tl.reshape(mma(hk_t, w, UPCAST, IEEE), [BLOCK_S, 2, HALF_P])
-                ka, kb = tl.split(tl.permute(ab, (0, 2, 1)))
-                if F32_PAIRS:
-                    sc = tl.sum(ka * cs + kb * sn, axis=1)
-                    s += tl.where(cols[None, :] == jj, sc[:, None], 0.0)
-                else:
-                    # the pair terms rounded to the operand dtype (the rounding the group kernel
-                    # applies to rotated keys), their row sums by a dot with a one-hot column:
-                    # packed half-precision math and a tensor-core reduction instead of fp32
-                    # conversions, products and shuffles
-                    t = ka.to(dtype) * cs + kb.to(dtype) * sn
-                    s += mma(t, tl.where(cols[None, :] == jj, 1.0, 0.0).to(dtype) + tl.zeros([HALF_P, 1], dtype),
-                             UPCAST, IEEE)
-                if HAS_PASS:
-                    sc = tl.sum(hk_t.to(tl.float32) * wps[None, :], axis=1)
-                    s += tl.where(cols[None, :] == jj, sc[:, None], 0.0)
-            else:  # the head's query sits in column jj: the product fills that column only
-                s += mma(hk_t, w, UPCAST, IEEE)
+                    w, wps = _head_operands(q_ptr, lk_ptr, b * sq_b + h * sq_h, h * slk_g, sq_d, slk_d, slk_r, RK, HALF,
+                                            jj, RK_P, HALF_P, M_BLOCK, ROPE, STEP, HI_OFF, ROT, PASS, PASS_P, HAS_PASS,
+                                            dtype, "evict_last")
+                if ROPE:  # (h_t Wa^T, h_t Wb^T) from one product with the side-by-side operand
+                    ab = tl.reshape(mma(hk_t, w, UPCAST, IEEE), [BLOCK_S, 2, HALF_P])
+                    ka, kb = tl.split(tl.permute(ab, (0, 2, 1)))
+                    if F32_PAIRS:
+                        sc = tl.sum(ka * cs + kb * sn, axis=1)
+                        s += tl.where(cols[None, :] == jj, sc[:, None], 0.0)
+                    else:
+                        # the pair terms rounded to the operand dtype (the rounding the group kernel
+                        # applies to rotated keys), their row sums by a dot with a one-hot column:
+                        # packed half-precision math and a tensor-core reduction instead of fp32
+                        # conversions, products and shuffles
+                        t = ka.to(dtype) * cs + kb.to(dtype) * sn
+                        s += mma(t, tl.where(cols[None, :] == jj, 1.0, 0.0).to(dtype) + tl.zeros([HALF_P, 1], dtype),
+                                 UPCAST, IEEE)
+                    if HAS_PASS:
+                        sc = tl.sum(hk_t.to(tl.float32) * wps[None, :], axis=1)
+                        s += tl.where(cols[None, :] == jj, sc[:, None], 0.0)
+                else:  # the head's query sits in column jj: the product fills that column only
+                    s += mma(hk_t, w, UPCAST, IEEE)
         s2 = scores_to_log2(s, kv, kv_ok, qi, row_ok, m_off, b * sm_b, mask_ptr, sm_k, scale, softcap,
                             MASK_KIND, IS_CAUSAL, USE_SOFTCAP, mrow, PREFETCH)
         p, alpha, m_i, l_i = softmax_weights(s2, m_i, l_i)
         acc = acc * alpha[None, :]
-        for jj in tl.static_range(HPP):  # each head's weights meet its own latent values
-            h = h0 + jj
-            v_t = load_latent(hv_ptr + b * shv_b + h * V_W, hvs_ptr + b * shvs_b + h * V_NQG,
-                              hvz_ptr + b * shvs_b + h * V_NQG, kv, kv_ok, shv_s, shvs_s, RV, RV_P,
-                              V_BITS, V_QG, V_QG_P, V_NQG, V_NQG_P, dtype,
-                              _column(sv_all, hh, jj), _column(zv_all, hh, jj), PREFETCH, V_WORDS)
-            pj = tl.where(cols[None, :] == jj, p, 0.0)
-            acc += mma(tl.trans(v_t), pj.to(dtype), UPCAST, IEEE)
+        if MERGE_V:  # every head's values times every column's weights; finish keeps the diagonal
+            v_all = load_latent(hv_ptr + b * shv_b + h0 * V_W, vs, vz, kv, kv_ok, shv_s, shvs_s, HPP * RV, HPP * RV_P,
+                                V_BITS, V_QG, V_QG_P, HPP * V_NQG, HPP * V_NQG_P, dtype, sv_all, zv_all, PREFETCH,
+                                V_WORDS, HPP)
+            acc += mma(tl.trans(v_all), p.to(dtype), UPCAST, IEEE)
+        else:
+            for jj in tl.static_range(HPP):  # each head's weights meet its own latent values
+                h = h0 + jj
+                v_t = load_latent(hv_ptr + b * shv_b + h * V_W, hvs_ptr + b * shvs_b + h * V_NQG,
+                                  hvz_ptr + b * shvs_b + h * V_NQG, kv, kv_ok, shv_s, shvs_s, RV, RV_P,
+                                  V_BITS, V_QG, V_QG_P, V_NQG, V_NQG_P, dtype,
+                                  _column(sv_all, hh, jj), _column(zv_all, hh, jj), PREFETCH, V_WORDS)
+                pj = tl.where(cols[None, :] == jj, p, 0.0)
+                acc += mma(tl.trans(v_t), pj.to(dtype), UPCAST, IEEE)
 
+    if MERGE_V:
+        acc = _diagonal_blocks(acc, HPP, RV_P, M_BLOCK)
     finish_rows(acc, m_i, l_i, out_ptr, part_ptr, lse_ptr, b, head, qi, row_ok, so_b, so_h, so_s,
                 pid_x, 0, pid_s, 1, NSPLIT, RV, RV_P, M_BLOCK, DIRECT)
 

@@ -62,7 +62,11 @@ class KernelConfig:
     fill_waves: pick the split count from the compiled kernel's occupancy instead of
     programs_per_sm: the fewest splits whose programs fill whole waves of what the SMs hold at
     once (registers, shared memory, threads: ``_resident_programs``); programs_per_sm still
-    bounds how many splits are tried.
+    bounds how many splits are tried. merge_heads: per-head programs of several heads read
+    them as one latent tile when their groups are unpadded (rank a power of two): the values
+    of all heads take one product (``MERGE_V``), and so do the absorbed scores, against a
+    block-diagonal query (``MERGE_K``); one layout round trip, barrier and wait per tile
+    instead of one per head.
     """
 
     block_s: int = 64
@@ -77,6 +81,7 @@ class KernelConfig:
     prefetch: bool = True
     word_dequant: bool = True
     fill_waves: bool = False
+    merge_heads: bool = True
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -432,6 +437,9 @@ def fused_attention(q, kl: Latent, vl: Latent, lk, k_bias, cos, sin, k_norm_weig
             V_WORDS=cfg.word_dequant and vl.words(dtype, interpret),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
+        if per_head:
+            merge = cfg.merge_heads and VHPG > 1
+            common_args.update(MERGE_K=merge and not rebuild and RK == RK_P, MERGE_V=merge and RV == RV_P)
         grid = (nsplit, B * VG, NQB)
         runtime = (G, Hq, Sq, Skv, chunk, nsplit, RK, RV, float(scale), float(softcap))
         if per_head:

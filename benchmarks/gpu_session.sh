@@ -16,6 +16,7 @@
 #   bash benchmarks/gpu_session.sh 15  # split counts of the gs1 fp16 kernels, interleaved rounds
 #   bash benchmarks/gpu_session.sh 16  # split counts with the wave-filling default, then the 32-layer decodes
 #   bash benchmarks/gpu_session.sh 17  # kernel A/B: merged heads, stages; the previous code from .ab/old (carried)
+#   bash benchmarks/gpu_session.sh 18  # 4-bit absorbed candidates, then the issue-4 pair (32 layers) on one machine
 set -u
 export PYTHONPATH=.
 OUT=${OUT:-/tmp/palu_gpu}
@@ -127,5 +128,15 @@ case "${1:-1}" in
     fi
     step pytest_gpu 140 python -m pytest -q -p no:cacheprovider tests/kernels/test_latent_attention.py \
         tests/kernels/test_quant_latent_attention.py tests/kernels/test_dequant_words.py -k "per_head or words or mask"
+    ;;
+18)  # merged 4-bit absorbed programs of two heads fit four programs per SM (128 registers)
+    step ab_abs4 150 python -u benchmarks/kernel_ab.py --tag new --cases abs4 rope \
+        --variant abs4:x2-2s=group_heads=2 --variant abs4:x2-3s=group_heads=2,num_stages=3 \
+        --variant abs4:x2-4s=group_heads=2,num_stages=4 --variant abs4:x4-3s=num_stages=3 \
+        --variant abs4:x2-3s-waves=group_heads=2,num_stages=3,fill_waves=true
+    step decode32_palu 200 python -u benchmarks/decode.py --layers 32 --batch 8 --context 16384 --steps 20 \
+        --paths palu --modes reduce-overhead
+    step decode32_inductor 230 python -u benchmarks/decode.py --layers 32 --batch 8 --context 16384 --steps 20 \
+        --paths inductor --modes reduce-overhead
     ;;
 esac

@@ -17,6 +17,7 @@
 #   bash benchmarks/gpu_session.sh 16  # split counts with the wave-filling default, then the 32-layer decodes
 #   bash benchmarks/gpu_session.sh 17  # kernel A/B: merged heads, stages; the previous code from .ab/old (carried)
 #   bash benchmarks/gpu_session.sh 18  # 4-bit absorbed candidates, then the issue-4 pair (32 layers) on one machine
+#   bash benchmarks/gpu_session.sh 19  # RoPE 128-token tiles; the issue-4 pair again and the 4-bit decode
 set -u
 export PYTHONPATH=.
 OUT=${OUT:-/tmp/palu_gpu}
@@ -138,5 +139,16 @@ case "${1:-1}" in
         --paths palu --modes reduce-overhead
     step decode32_inductor 230 python -u benchmarks/decode.py --layers 32 --batch 8 --context 16384 --steps 20 \
         --paths inductor --modes reduce-overhead
+    ;;
+19)  # the issue-4 pair a second time (another machine), the 4-bit model, RoPE tiles of 128 tokens
+    step ab_rope 150 python -u benchmarks/kernel_ab.py --tag new --cases rope rope4 abs4 \
+        --variant rope:128-8w-2s=block_s=128,num_warps=8,num_stages=2 \
+        --variant rope:128-8w-3s=block_s=128,num_warps=8,num_stages=3
+    step decode32_palu 200 python -u benchmarks/decode.py --layers 32 --batch 8 --context 16384 --steps 20 \
+        --paths palu --modes reduce-overhead
+    step decode32_inductor 230 python -u benchmarks/decode.py --layers 32 --batch 8 --context 16384 --steps 20 \
+        --paths inductor --modes reduce-overhead
+    step decode32_q4 200 python -u benchmarks/decode.py --layers 32 --batch 8 --context 16384 --steps 20 \
+        --paths palu --modes reduce-overhead --bits 4
     ;;
 esac

@@ -113,8 +113,8 @@ def choose_config(rebuild: bool, gs: int, rk: int, rv: int, head_dim: int, rows:
     ``per_head.py``'s kernel: one head per program for fp16 latents, two at 4 bits. It is
     also the faster one inside a compiled model (4.79 against 5.39 ms per 8-layer step), since
     it builds its rotated queries in-kernel and reads the decode mask a tile ahead. Absorbed
-    calls take two heads per program for fp16 latents and four at 4 bits (the fastest
-    candidates on the H200, RESULTS.md; not yet measured inside a model without RoPE).
+    calls take two heads per program, read as one tile (the fastest candidates on the H200,
+    RESULTS.md; not yet measured inside a model without RoPE).
     Under the interpreter: big blocks, few programs (each program costs Python time).
     """
     if interpret:
@@ -131,9 +131,10 @@ def choose_config(rebuild: bool, gs: int, rk: int, rv: int, head_dim: int, rows:
     if not rebuild:
         # bandwidth bound: long tiles keep bytes in flight; shared memory caps the stages
         if rk + rv <= 128:
-            if quantized:  # H200, 4 bits, B=8 x 32k: per-head x4 at 2 stages and 16 programs per SM
-                # 0.438 ms; at 3 stages and 4 per SM 0.532 (a partial second wave); group kernel 0.74
-                return KernelConfig(block_s=64, num_warps=4, num_stages=2, programs_per_sm=16, group_heads=4)
+            if quantized:  # H200, 4 bits, B=8 x 32k, heads merged into one tile (merge_heads):
+                # per-head x2 at 3 stages 0.421 ms (128 registers, four programs per SM); x4 0.438
+                # (194 registers, two per SM); before the merge x4 at 2 stages 0.441; group kernel 0.74
+                return KernelConfig(block_s=64, num_warps=4, num_stages=3, programs_per_sm=16, group_heads=2)
             # MHA: per-head x2 0.492 ms against 0.576 for the group kernel (GQA keeps the latter);
             # splits that fill whole waves: 0.468 against 0.483 at B=8, 0.071 against 0.082 at B=1
             return KernelConfig(block_s=128, num_warps=4, num_stages=3, programs_per_sm=4, group_heads=2,

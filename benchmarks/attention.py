@@ -43,6 +43,7 @@ import torch.nn.functional as F
 SMOKE = "--smoke" in sys.argv
 WIDE = "--wide" in sys.argv
 PREFETCH_AB = "--prefetch-ab" in sys.argv
+DEFAULTS_ONLY = "--defaults-only" in sys.argv
 if SMOKE:
     os.environ["TRITON_INTERPRET"] = "1"
 
@@ -329,7 +330,7 @@ def row_candidates(tuned, rope, gs, Hq, Hkv, bits):
     caches also try two more token tiles of the group kernel. Some of them spill registers
     under Triton 3.6 (``benchmarks/kernel_resources.py`` shows which)."""
     cands = [("default", tuned)]
-    if SMOKE:
+    if SMOKE or DEFAULTS_ONLY:
         return cands
     if gs == 1 and Hq == Hkv:
         tiles = ((64, 4, 3, 1), (128, 8, 2, 1), (64, 4, 3, 2), (128, 8, 2, 2)) if rope \
@@ -580,7 +581,7 @@ def table(shapes, batches, contexts, ceilings, best, deadline, group_sizes=(1, 2
                                       f"{type(e).__name__} {str(e)[:300]}")
                         if len(timed) > 1:
                             print(f"  {sname} B={B} S={S} gs{gs} rope={rope} bits={bits} ms: {', '.join(timed)}")
-                        if rope and not bits and B >= 8 and sets:
+                        if rope and not bits and B >= 8 and sets and not DEFAULTS_ONLY:
                             model_args_diag(run, sets[0], f"{sname} B={B} S={S} gs{gs}", best_cfg)
                             if gs == 1:  # the group kernel, what choose_config picks for fp16
                                 model_args_diag(run, sets[0], f"{sname} B={B} S={S} gs{gs} group kernel",
@@ -655,6 +656,8 @@ def main():
     ap.add_argument("--check-only", action="store_true", help="checks only (implies --check), no timing")
     ap.add_argument("--no-prefill", action="store_true", help="skip the prefill table")
     ap.add_argument("--wide", action="store_true", help="also time the occupancy variants of the gs1 candidates")
+    ap.add_argument("--defaults-only", action="store_true",
+                    help="time only the config the library picks (no candidates, no in-model diag): the full table fast")
     ap.add_argument("--bf16", action="store_true", help="bf16 queries, latents and SDPA cache (default fp16)")
     ap.add_argument("--prefetch-ab", action="store_true",
                     help="also time the packed-cache candidates with the per-tile vectors loaded in the loop")

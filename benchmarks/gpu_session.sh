@@ -18,6 +18,7 @@
 #   bash benchmarks/gpu_session.sh 17  # kernel A/B: merged heads, stages; the previous code from .ab/old (carried)
 #   bash benchmarks/gpu_session.sh 18  # 4-bit absorbed candidates, then the issue-4 pair (32 layers) on one machine
 #   bash benchmarks/gpu_session.sh 19  # RoPE 128-token tiles; the issue-4 pair again and the 4-bit decode
+#   bash benchmarks/gpu_session.sh 20  # the issue-3 table (B 1/8/32 x 4k/32k/128k x gs 1/2/4, both shapes), defaults only
 set -u
 export PYTHONPATH=.
 OUT=${OUT:-/tmp/palu_gpu}
@@ -150,5 +151,8 @@ case "${1:-1}" in
         --paths inductor --modes reduce-overhead
     step decode32_q4 200 python -u benchmarks/decode.py --layers 32 --batch 8 --context 16384 --steps 20 \
         --paths palu --modes reduce-overhead --bits 4
+    ;;
+20)  # the issue-3 table with the configs the library picks (one timing per row)
+    step table 570 python -u benchmarks/attention.py --no-sweep --defaults-only --no-prefill --budget-s 470
     ;;
 esac

@@ -19,6 +19,7 @@
 #   bash benchmarks/gpu_session.sh 18  # 4-bit absorbed candidates, then the issue-4 pair (32 layers) on one machine
 #   bash benchmarks/gpu_session.sh 19  # RoPE 128-token tiles; the issue-4 pair again and the 4-bit decode
 #   bash benchmarks/gpu_session.sh 20  # the issue-3 table (B 1/8/32 x 4k/32k/128k x gs 1/2/4, both shapes), defaults only
+#   bash benchmarks/gpu_session.sh 21  # without a mask: this code against .ab/old (carried), interleaved processes
 set -u
 export PYTHONPATH=.
 OUT=${OUT:-/tmp/palu_gpu}
@@ -154,5 +155,12 @@ case "${1:-1}" in
     ;;
 20)  # the issue-3 table with the configs the library picks (one timing per row)
     step table 570 python -u benchmarks/attention.py --no-sweep --defaults-only --no-prefill --budget-s 470
+    ;;
+21)  # the gs1 rows without a mask (as the table times them), new and previous code, twice each
+    for round in 1 2; do
+        step ab_nomask_new$round 100 python -u benchmarks/kernel_ab.py --tag new --no-mask --rounds 2 \
+            --variant abs:unmerged=merge_heads=false
+        step ab_nomask_old$round 100 env PYTHONPATH=.ab/old python -u benchmarks/kernel_ab.py --tag old --no-mask --rounds 2
+    done
     ;;
 esac

@@ -60,12 +60,13 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=32768)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tag", default="")
+    ap.add_argument("--no-mask", action="store_true", help="no attention mask (attention.py's table has none)")
     ap.add_argument("--smoke", action="store_true", help="fp32 on the CPU under TRITON_INTERPRET=1 (a script check)")
     args = ap.parse_args()
     B, S = args.batch, args.ctx
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (interpreter)"
     print(f"{device}, torch {torch.__version__}, palu_fx at {os.path.dirname(palu_fx.__file__)}; "
-          f"B={B}, {S} tokens, 32 heads, d128, rank ratio 0.5, gs1, additive mask; "
+          f"B={B}, {S} tokens, 32 heads, d128, rank ratio 0.5, gs1, {'no mask' if args.no_mask else 'additive mask'}; "
           f"median ms of {args.rounds} interleaved rounds", flush=True)
     rows = []
     for case in args.cases:
@@ -76,7 +77,8 @@ def main() -> None:
             if vcase == case:
                 cfgs[name] = dataclasses.replace(base, **kw)
         op = list(latent_case(32, 32, 128, 1, B, S, rope))
-        op[8] = torch.zeros(B, 1, 1, S, device=op[0].device, dtype=op[0].dtype)
+        if not args.no_mask:
+            op[8] = torch.zeros(B, 1, 1, S, device=op[0].device, dtype=op[0].dtype)
         if bits:
             op, run = quantized(op, bits), run_ours_quant
         else:

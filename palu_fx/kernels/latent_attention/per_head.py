@@ -31,6 +31,14 @@ With one or two heads per program the per-head operands (``Wa``/``Wb`` or the qu
 column) are hoisted out of the token loop. RoPE programs take at most two heads; absorbed
 programs of more heads re-read their query columns per tile with an L1-friendly eviction
 hint.
+
+Merged heads (``MERGE_V``/``MERGE_K``, where the ranks are powers of two so the heads'
+latents are one unpadded row segment): the values of all the program's heads are read as one
+``[BLOCK_S, HPP r]`` tile and take one product with the weights of every column; head ``j``'s
+output is the ``j``-th diagonal block of the result. Absorbed scores likewise come from one
+product with a block-diagonal query. Each per-head product cost a layout round trip through
+shared memory, a barrier and a wait; the merged product costs them once per tile (and the
+cross terms, in the tensor cores' otherwise idle columns).
 """
 from __future__ import annotations
 

@@ -3,6 +3,7 @@
 # call): where the time goes (warp stalls, occupancy, throughput). Reports land in $OUT.
 #   OUT=/tmp/ncu bash benchmarks/ncu_session.sh       # the fp16 and 4-bit defaults
 #   OUT=/tmp/ncu bash benchmarks/ncu_session.sh q4    # 4 bits: word-wise PTX against Triton's unpack
+#   OUT=/tmp/ncu bash benchmarks/ncu_session.sh now   # the library defaults of the gs1 kernels, with the mask
 set -u
 export PYTHONPATH=.
 S="--section SpeedOfLight --section WarpStateStats --section Occupancy --section LaunchStats --section SchedulerStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis"
@@ -14,6 +15,12 @@ prof() { name=$1; kern=$2; shift 2
   grep -A3 -i "stall\|warp state" $OUT/ncu_$name.txt | grep -i "cycles\|stall" | head -12
 }
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader
+if [ "${1:-}" = now ]; then
+  prof rope_default_mask per_head --rope --mask
+  prof rope_q4_default_mask per_head --rope --mask --bits 4
+  prof absorbed_q4_default_mask per_head --mask --bits 4
+  exit 0
+fi
 if [ "${1:-}" = q4 ]; then
   prof absorbed_q4_words per_head --bits 4
   prof absorbed_q4_triton per_head --bits 4 --triton-unpack

@@ -44,6 +44,7 @@ SMOKE = "--smoke" in sys.argv
 WIDE = "--wide" in sys.argv
 PREFETCH_AB = "--prefetch-ab" in sys.argv
 DEFAULTS_ONLY = "--defaults-only" in sys.argv
+NO_NAIVE = "--no-naive" in sys.argv
 if SMOKE:
     os.environ["TRITON_INTERPRET"] = "1"
 
@@ -589,7 +590,7 @@ def table(shapes, batches, contexts, ceilings, best, deadline, group_sizes=(1, 2
                                                              programs_per_sm=8))
                         sets = [(a, None) for a in sets]
                         t_naive = float("nan")
-                        if sets and naive_fits(Hq, Hkv, D, gs, B, S):
+                        if sets and naive_fits(Hq, Hkv, D, gs, B, S) and not NO_NAIVE:
                             try:
                                 t_naive = eager_time(ref, sets[0][0])
                             except torch.OutOfMemoryError:
@@ -656,6 +657,7 @@ def main():
     ap.add_argument("--check-only", action="store_true", help="checks only (implies --check), no timing")
     ap.add_argument("--no-prefill", action="store_true", help="skip the prefill table")
     ap.add_argument("--wide", action="store_true", help="also time the occupancy variants of the gs1 candidates")
+    ap.add_argument("--no-naive", action="store_true", help="skip the naive PyTorch column (its temporaries)")
     ap.add_argument("--defaults-only", action="store_true",
                     help="time only the config the library picks (no candidates, no in-model diag): the full table fast")
     ap.add_argument("--bf16", action="store_true", help="bf16 queries, latents and SDPA cache (default fp16)")

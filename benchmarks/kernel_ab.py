@@ -6,7 +6,8 @@ the default config and any ``--variant`` are timed in turn, round after round (i
 configs timed in one block differed by up to 6-12% on the H200), and the median is printed:
 
     PYTHONPATH=. python benchmarks/kernel_ab.py --variant rope:2s=num_stages=2
-    PYTHONPATH=.ab/old python benchmarks/kernel_ab.py --tag old   # another copy of the code
+    mkdir -p .ab/old && git archive REV palu_fx | tar -x -C .ab/old    # the code at REV (keep .ab ignored)
+    PYTHONPATH=.ab/old python benchmarks/kernel_ab.py --tag old       # ... timed in its own process
 
 A variant is ``case:name=field=value[,field=value...]`` over ``KernelConfig`` fields, with
 ``case`` one of rope, abs, rope4, abs4. Run two copies of the package (two processes, same

@@ -438,12 +438,11 @@ def fused_attention(q, kl: Latent, vl: Latent, lk, k_bias, cos, sin, k_norm_weig
             V_WORDS=cfg.word_dequant and vl.words(dtype, interpret),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-        if per_head:
-            merge = cfg.merge_heads and VHPG > 1
-            common_args.update(MERGE_K=merge and not rebuild and RK == RK_P, MERGE_V=merge and RV == RV_P)
         grid = (nsplit, B * VG, NQB)
         runtime = (G, Hq, Sq, Skv, chunk, nsplit, RK, RV, float(scale), float(softcap))
         if per_head:
+            merge = cfg.merge_heads and VHPG > 1  # unpadded groups only: the heads' latents are one row segment
+            common_args.update(MERGE_K=merge and not rebuild and RK == RK_P, MERGE_V=merge and RV == RV_P)
             return per_head_launch(grid, qc, lk, p, (hk, hv, hks, hkz, hvs, hvz), latent_strides, mask, mstr, out,
                                    part, lse, runtime, common_args, dtype, probe=probe)
         if rebuild:
@@ -476,7 +475,7 @@ def fused_attention(q, kl: Latent, vl: Latent, lk, k_bias, cos, sin, k_norm_weig
     if cfg.fill_waves and cfg.num_splits is None and not interpret:
         # what decides the compiled code, short of the split count (cheap to hash per call)
         key = (cfg, dtype, q.dtype, per_head, rebuild, k_q, v_q, mask_kind, bool(is_causal), softcap > 0, M_BLOCK,
-               VHPG, RK_P, RV_P, Dq, GS, tuple(v for v in (p or {}).values() if isinstance(v, (bool, int))),
+               VHPG, RK, RV, RK_P, RV_P, Dq, GS, tuple(v for v in (p or {}).values() if isinstance(v, (bool, int))),
                q.device.index)
         resident = _RESIDENT.get(key)
         if resident is None:

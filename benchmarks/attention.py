@@ -642,7 +642,8 @@ def prefill_table(shapes, S_list, deadline):
                 hk, lk, cos, sin = args[1], args[3], args[5], args[6]
                 p = W._parts(q, lk, None, cos, sin, None, 1, 1, S, DEV == "cpu", DT)
                 rv = hk.shape[-1] // lk.shape[0]
-                t_keys = gpu_time(lambda: W.rebuild_keys(hk, lk, None, cos, sin, None, 1e-6, p, max(D, rv), DT,
+                width = D if W.unpadded_values(q, rv, None, True, Hq != Hkv) else max(D, rv)  # as _prefill
+                t_keys = gpu_time(lambda: W.rebuild_keys(hk, lk, None, cos, sin, None, 1e-6, p, width, DT,
                                                          DEV == "cpu"), [()])
                 rows.append([sname, f"{S // 1024}k", gs, rv, t_ours, t_keys, t_full, t_ours / t_full - 1])
                 print("  " + " ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in rows[-1]), flush=True)
@@ -666,6 +667,7 @@ def main():
                     help="check the quantized kernels against the reference first; exit 1 if any case fails")
     ap.add_argument("--check-only", action="store_true", help="checks only (implies --check), no timing")
     ap.add_argument("--no-prefill", action="store_true", help="skip the prefill table")
+    ap.add_argument("--prefill-only", action="store_true", help="only the prefill table")
     ap.add_argument("--wide", action="store_true", help="also time the occupancy variants of the gs1 candidates")
     ap.add_argument("--no-naive", action="store_true", help="skip the naive PyTorch column (its temporaries)")
     ap.add_argument("--defaults-only", action="store_true",
@@ -698,6 +700,11 @@ def main():
     header = (f"{dev_name}, torch {torch.__version__}, triton {triton.__version__}, "
               f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
     print(header, flush=True)
+    if a.prefill_only:
+        prows = prefill_table(shapes, pre_s, deadline)
+        print(tabulate(prows, ["shape", "ctx", "gs", "rank v", "ours ms", "keys ms", "SDPA full ms", "overhead"],
+                       floatfmt=".3f", tablefmt="github"), flush=True)
+        return
     quant_ok = True
     if a.check or a.check_only:
         quant_ok = quant_correctness(shapes)

@@ -307,6 +307,25 @@ def test_prefill_path(kern, case, mask):
     check(out, args)
 
 
+@pytest.mark.parametrize("mask", [None, "causal", "bool"])
+@pytest.mark.parametrize("case", [
+    pytest.param(dict(D=64, rk=32, rv=32, Hq=4, Hkv=4, gs=1), id="rv-lt-d-mha"),
+    pytest.param(dict(D=64, rk=64, rv=128, Hq=8, Hkv=4, gs=4), id="rv-gt-d-gqa"),
+    pytest.param(dict(D=64, rk=64, rv=64, Hq=8, Hkv=4, gs=2, dtype=torch.bfloat16), id="rv-eq-d-gs2-bf16"),
+])
+def test_prefill_half_precision(kern, case, mask):
+    # on a GPU, values narrower or wider than the head dim go to cuDNN's SDPA unpadded
+    # (prefill.unpadded_values); elsewhere, or where cuDNN refuses a call, padded
+    case = dict(dict(dtype=torch.float16), **case)
+    kw = dict(causal=True) if mask == "causal" else dict(mask=mask)
+    args = make_inputs(Sq=80, Skv=80, **case, **kw)
+    check(kern.latent_attention_triton(*args), args)
+    if DEVICE == "cuda" and mask is None and case["rv"] != case["D"] and torch.backends.cuda.cudnn_sdp_enabled():
+        from palu_fx.kernels.latent_attention.prefill import _UNPADDED
+
+        assert any(_UNPADDED.values()), _UNPADDED  # cuDNN took at least one kind unpadded
+
+
 def test_prefill_rebuilt_keys_match_reference(kern):
     from palu_fx.kernels.latent_attention.naive import reconstruct_keys
 

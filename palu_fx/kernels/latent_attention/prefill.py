@@ -7,17 +7,23 @@ latents once and writes the keys once, in the query dtype. The values stay laten
 runs ``P @ hv`` with each KV head reading its group's latent values, so the output is in
 value-latent space, as the op promises.
 
-SDPA's flash path wants one head dim for q, k and v, so the narrower side is zero padded:
-padded key/query columns add 0 to every score, padded value columns are sliced off.
-A value rank above the head dim therefore costs extra attention FLOPs (G-LRD at rank
-ratio 0.5 with 4 heads per group has rank 256 for head dim 128): that is the method's
-price with the value projection folded into ``o_proj``, not a kernel choice.
+The values keep their rank as head dim where SDPA has a kernel for a value head dim other
+than the query's: cuDNN's (``unpadded_values``). At rank ratio 0.5 and group size 1 that
+makes prefill faster than SDPA on the full cache, since ``P @ hv`` is half as wide (H200,
+B=1, causal, 32 heads: 4k 0.223 ms against 0.275 for the full cache, 16k 3.25 against 3.94,
+before the key rebuild's 0.03/0.09 ms; RESULTS.md). Elsewhere (no cuDNN, a mask or shape it
+refuses) the narrower side is zero padded, as SDPA's flash path wants one head dim for q, k
+and v: padded key/query columns add 0 to every score, padded value columns are sliced off.
+A value rank above the head dim costs extra attention FLOPs either way (G-LRD at rank ratio
+0.5 with 4 heads per group has rank 256 for head dim 128): that is the method's price with
+the value projection folded into ``o_proj``, not a kernel choice.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
 import triton.language as tl
 
 from palu_fx.kernels.latent_attention.common import load_lk_head, load_rope_pairs, rebuild_head
@@ -97,6 +103,24 @@ def rebuild_keys(hk, lk, k_bias, cos, sin, k_norm_weight, eps, p, width, dtype, 
     return keys
 
 
+# (device, dtypes, head dims, mask kind, causal, GQA) -> whether cuDNN's SDPA took the
+# unpadded values; a refusal is remembered, so only the first call of a kind pays for it
+_UNPADDED: dict = {}
+
+
+def _unpadded_key(q, dtype, rv, attn_mask, is_causal, gqa):
+    mask = None if attn_mask is None else (attn_mask.dtype == torch.bool, attn_mask.dim())
+    return q.device, dtype, q.shape[-1], rv, mask, bool(is_causal), gqa
+
+
+def unpadded_values(q, rv, attn_mask, is_causal, gqa, dtype=None) -> bool:
+    """Whether ``sdpa_latent`` will try keys of the query's head dim with ``rv``-wide values
+    (a CUDA query, a value rank other than the head dim, no refusal seen for this kind);
+    ``dtype``: the operands' dtype if not the query's."""
+    key = _unpadded_key(q, dtype or q.dtype, rv, attn_mask, is_causal, gqa)
+    return q.is_cuda and rv != q.shape[-1] and _UNPADDED.get(key, True)
+
+
 def sdpa_latent(q, keys, hv, groups, attn_mask, scale, is_causal):
     """``softmax(q k^T) @ hv`` through SDPA; ``keys`` [B, Hk, Skv, dk], out [B, Hq, Sq, rv].
 
@@ -109,15 +133,26 @@ def sdpa_latent(q, keys, hv, groups, attn_mask, scale, is_causal):
     vals = hv.view(B, Skv, groups, rv).transpose(1, 2)
     if Hk != groups:  # G-LRD: every KV head of a group reads the group's latent values
         vals = vals.repeat_interleave(Hk // groups, dim=1)
-    width = max(dk, rv)
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        attn_mask = attn_mask.to(q.dtype)
+    keys, vals, gqa = keys.to(q.dtype), vals.to(q.dtype), Hq != Hk
+    if dk == Dq and unpadded_values(q, rv, attn_mask, is_causal, gqa):
+        key = _unpadded_key(q, q.dtype, rv, attn_mask, is_causal, gqa)
+        try:
+            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                out = F.scaled_dot_product_attention(q, keys, vals, attn_mask=attn_mask, is_causal=is_causal,
+                                                     scale=scale, enable_gqa=gqa)
+            _UNPADDED[key] = True
+            return out
+        except RuntimeError:  # no cuDNN kernel for this call: pad below
+            _UNPADDED[key] = False
+    width = max(dk, rv, Dq)
     if rv < width:
         vals = F.pad(vals, (0, width - rv))
     if dk < width:
         keys = F.pad(keys, (0, width - dk))
     if Dq < width:
         q = F.pad(q, (0, width - Dq))
-    if attn_mask is not None and attn_mask.dtype != torch.bool:
-        attn_mask = attn_mask.to(q.dtype)
-    out = F.scaled_dot_product_attention(q, keys.to(q.dtype), vals.to(q.dtype), attn_mask=attn_mask,
-                                         is_causal=is_causal, scale=scale, enable_gqa=Hq != Hk)
+    out = F.scaled_dot_product_attention(q, keys, vals, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                                         enable_gqa=gqa)
     return out[..., :rv] if width > rv else out

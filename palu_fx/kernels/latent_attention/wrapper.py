@@ -31,7 +31,7 @@ from palu_fx.kernels.latent_attention.common import (
 )
 from palu_fx.kernels.latent_attention.decode import rebuild_attention_kernel
 from palu_fx.kernels.latent_attention.naive import ROPE_HALF, ROPE_INTERLEAVED, ROPE_NONE, latent_attention_ref
-from palu_fx.kernels.latent_attention.prefill import rebuild_keys, sdpa_latent
+from palu_fx.kernels.latent_attention.prefill import rebuild_keys, sdpa_latent, unpadded_values
 from palu_fx.kernels.latent_attention.per_head import per_head_applies, per_head_launch
 
 __all__ = ["KernelConfig", "Latent", "latent_attention_triton", "fused_attention", "fused_fits", "choose_config"]
@@ -367,7 +367,11 @@ def _prefill(q, hk, hv, lk, k_bias, cos, sin, k_norm_weight, attn_mask, scale, s
     if lk is not None:
         lk = lk.to(dtype).contiguous()
         p = _parts(q, lk, k_bias, cos, sin, k_norm_weight, rope_style, B, Skv, _interpreting(q), dtype)
-        keys = rebuild_keys(hk, lk, k_bias, p["cos"], p["sin"], k_norm_weight, k_norm_eps, p, max(Dq, RV), dtype,
+        # keys as wide as the values where SDPA will be asked for padded operands, so the
+        # rebuild writes the zero columns instead of a pad copying the keys
+        gqa = Hq != G * GS
+        width = Dq if unpadded_values(q, RV, attn_mask, is_causal, gqa, dtype) else max(Dq, RV)
+        keys = rebuild_keys(hk, lk, k_bias, p["cos"], p["sin"], k_norm_weight, k_norm_eps, p, width, dtype,
                             _interpreting(q))
     else:
         keys = hk.view(B, Skv, G, RK).transpose(1, 2)

@@ -49,6 +49,15 @@ def test_half_rank_halves_the_cache(name, group):
     assert not set(cache_buffers(ep)) & {s.target for s in ep5.graph_signature.input_specs}
 
 
+def test_key_and_value_latents_come_from_one_product():
+    # both down projections read the same hidden states: one GEMM with the factors side by side
+    ep5 = compress_exported(exported("llama"), PaluConfig(rank_ratio=0.5, group_size=1))
+    sites = palu_fx.report(ep5).sites
+    names = set(ep5.state_dict) | set(ep5.constants)
+    assert sum(n.endswith("_kv_down") for n in names) == len(sites) == 2
+    assert not any(n.endswith(("_k_down", "_v_down")) for n in names)
+
+
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
 def test_save_load_gives_same_logits(name, tmp_path):
     ep5 = compress_exported(exported(name), PaluConfig(rank_ratio=0.5, group_size=1))

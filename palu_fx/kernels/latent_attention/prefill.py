@@ -118,7 +118,11 @@ def unpadded_values(q, rv, attn_mask, is_causal, gqa, dtype=None) -> bool:
     (a CUDA query, a value rank other than the head dim, no refusal seen for this kind);
     ``dtype``: the operands' dtype if not the query's."""
     key = _unpadded_key(q, dtype or q.dtype, rv, attn_mask, is_causal, gqa)
-    return q.is_cuda and rv != q.shape[-1] and _UNPADDED.get(key, True)
+    return _has_cudnn_sdpa(q) and rv != q.shape[-1] and _UNPADDED.get(key, True)
+
+
+def _has_cudnn_sdpa(q) -> bool:
+    return q.is_cuda
 
 
 def sdpa_latent(q, keys, hv, groups, attn_mask, scale, is_causal):

@@ -20,6 +20,7 @@
 #   bash benchmarks/gpu_session.sh 19  # RoPE 128-token tiles; the issue-4 pair again and the 4-bit decode
 #   bash benchmarks/gpu_session.sh 20  # the issue-3 table (B 1/8/32 x 4k/32k/128k x gs 1/2/4, both shapes), defaults only
 #   bash benchmarks/gpu_session.sh 21  # without a mask: this code against .ab/old (carried), interleaved processes
+#   bash benchmarks/gpu_session.sh 22  # prefill: which SDPA backends take unpadded latent values, then the prefill table
 set -u
 export PYTHONPATH=.
 OUT=${OUT:-/tmp/palu_gpu}
@@ -155,6 +156,10 @@ case "${1:-1}" in
     ;;
 20)  # the issue-3 table with the configs the library picks (one timing per row)
     step table 570 python -u benchmarks/attention.py --no-sweep --defaults-only --no-prefill --budget-s 470
+    ;;
+22)  # prefill (issue 3): unpadded latent values per SDPA backend, then the prefill table
+    step prefill_probe 200 python -u benchmarks/prefill_probe.py
+    step prefill_table 300 python -u benchmarks/attention.py --prefill-only --budget-s 240
     ;;
 21)  # the gs1 rows without a mask (as the table times them), new and previous code, twice each
     for round in 1 2; do

@@ -76,7 +76,7 @@ def record(call) -> list:
     return log
 
 
-def compile_sm90(fn, args, kw):
+def compile_sm90(fn, args, kw, maxnreg: int = 0):
     """Compile one recorded launch for sm_90, specialized as the JIT would on a GPU: an int
     argument equal to 1 becomes a constant, and ints and pointers divisible by 16 are marked
     so (``tt.divisibility``): without that, no load of the kernel is known to be aligned and
@@ -86,6 +86,8 @@ def compile_sm90(fn, args, kw):
 
     kw = dict(kw)
     options = {"num_warps": kw.pop("num_warps", 4), "num_stages": kw.pop("num_stages", 3)}
+    if maxnreg:  # ptxas's register cap (Triton's ``maxnreg`` option): what a tighter budget spills
+        options["maxnreg"] = maxnreg
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
         if i >= len(args):
@@ -137,6 +139,8 @@ def main() -> None:
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--group-heads", type=int, default=0, help="per-head kernel with this many heads per program")
     ap.add_argument("--bits", type=int, default=0, help="a packed cache of this many bits (one group per latent)")
+    ap.add_argument("--maxnreg", type=int, default=0,
+                    help="cap registers per thread (e.g. 168 for three 4-warp programs per SM) and show the spills")
     args = ap.parse_args()
     H, Hkv, D, gs = args.heads, args.kv_heads, args.head_dim, args.gs
     G, rank = Hkv // gs, int(args.rank_ratio * gs * D)
@@ -168,7 +172,7 @@ def main() -> None:
     for label, mask in (("no mask", None), ("[B,1,1,S] mask", torch.zeros(B, 1, 1, S, dtype=dt))):
         launches = record(lambda: call(mask))
         for fn, a, kw in launches:
-            print(f"  {label:<15} {fn.__name__:<28} {resources(compile_sm90(fn, a, kw))}")
+            print(f"  {label:<15} {fn.__name__:<28} {resources(compile_sm90(fn, a, kw, args.maxnreg))}")
 
 
 if __name__ == "__main__":

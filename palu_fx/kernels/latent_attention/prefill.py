@@ -23,8 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 import triton
-from torch.nn.attention import SDPBackend, sdpa_kernel
 import triton.language as tl
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from palu_fx.kernels.latent_attention.common import load_lk_head, load_rope_pairs, rebuild_head
 

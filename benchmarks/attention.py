@@ -642,7 +642,7 @@ def prefill_table(shapes, S_list, deadline):
                 hk, lk, cos, sin = args[1], args[3], args[5], args[6]
                 p = W._parts(q, lk, None, cos, sin, None, 1, 1, S, DEV == "cpu", DT)
                 rv = hk.shape[-1] // lk.shape[0]
-                width = D if W.unpadded_values(q, rv, None, True, Hq != Hkv) else max(D, rv)  # as _prefill
+                width = W.prefill_key_width(q, rv, None, True, Hq != Hkv, DT)
                 t_keys = gpu_time(lambda: W.rebuild_keys(hk, lk, None, cos, sin, None, 1e-6, p, width, DT,
                                                          DEV == "cpu"), [()])
                 rows.append([sname, f"{S // 1024}k", gs, rv, t_ours, t_keys, t_full, t_ours / t_full - 1])

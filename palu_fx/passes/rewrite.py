@@ -93,7 +93,7 @@ def rewrite_site(graph: fx.Graph, site: AttentionSite, sp: SitePlan, editor: Sta
     # projections side by side. A decode step's projections are weight-bound GEMVs, and two
     # narrow ones ran at about half the bandwidth of one twice as wide (H200, B=8: 6.7 us
     # each for 4096 -> 2048, 7 us for 4096 -> 4096; RESULTS.md).
-    shared_input = site.key.proj.input is site.value.proj.input and rk_w.shape[1] == rv_w.shape[1]
+    shared_input = site.key.proj.input is site.value.proj.input
     with graph.inserting_before(anchor):
         if shared_input:
             Rkv = editor.add_param(f"palu_{p}_kv_down", torch.cat([rk_w, rv_w], 0))

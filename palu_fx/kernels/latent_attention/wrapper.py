@@ -367,15 +367,20 @@ def _prefill(q, hk, hv, lk, k_bias, cos, sin, k_norm_weight, attn_mask, scale, s
     if lk is not None:
         lk = lk.to(dtype).contiguous()
         p = _parts(q, lk, k_bias, cos, sin, k_norm_weight, rope_style, B, Skv, _interpreting(q), dtype)
-        # keys as wide as the values where SDPA will be asked for padded operands, so the
-        # rebuild writes the zero columns instead of a pad copying the keys
-        gqa = Hq != G * GS
-        width = Dq if unpadded_values(q, RV, attn_mask, is_causal, gqa, dtype) else max(Dq, RV)
+        width = prefill_key_width(q, RV, attn_mask, is_causal, Hq != G * GS, dtype)
         keys = rebuild_keys(hk, lk, k_bias, p["cos"], p["sin"], k_norm_weight, k_norm_eps, p, width, dtype,
                             _interpreting(q))
     else:
         keys = hk.view(B, Skv, G, RK).transpose(1, 2)
     return sdpa_latent(q.to(dtype), keys, hv, G, attn_mask, scale, is_causal).to(q.dtype).contiguous()
+
+
+def prefill_key_width(q, rv, attn_mask, is_causal, gqa, dtype) -> int:
+    """Width of the keys the prefill path rebuilds: the query's head dim where SDPA will be
+    asked for unpadded values (``prefill.unpadded_values``), else as wide as the values, so
+    the rebuild writes the zero columns instead of a pad copying the keys."""
+    D = q.shape[-1]
+    return D if unpadded_values(q, rv, attn_mask, is_causal, gqa, dtype) else max(D, rv)
 
 
 def _groups(q, k_channels, v_channels, lk):

@@ -21,6 +21,7 @@
 #   bash benchmarks/gpu_session.sh 20  # the issue-3 table (B 1/8/32 x 4k/32k/128k x gs 1/2/4, both shapes), defaults only
 #   bash benchmarks/gpu_session.sh 21  # without a mask: this code against .ab/old (carried), interleaved processes
 #   bash benchmarks/gpu_session.sh 22  # prefill: which SDPA backends take unpadded latent values, then the prefill table
+#   bash benchmarks/gpu_session.sh 23  # the Gluon 4-bit absorbed kernel: GPU tests, then A/B of its knobs against the Triton default
 set -u
 export PYTHONPATH=.
 OUT=${OUT:-/tmp/palu_gpu}
@@ -167,5 +168,15 @@ case "${1:-1}" in
             --variant abs:unmerged=merge_heads=false
         step ab_nomask_old$round 100 env PYTHONPATH=.ab/old python -u benchmarks/kernel_ab.py --tag old --no-mask --rounds 2
     done
+    ;;
+23)
+    step gluon_tests 240 python -m pytest -q -x tests/kernels/test_gluon_q4.py
+    step gluon_ab 400 python -u benchmarks/kernel_ab.py --cases abs4 --rounds 5 \
+        --variant abs4:g4x64s3=gluon=true \
+        --variant abs4:g4x32s3=gluon=true,gluon_block_s=32 \
+        --variant abs4:g4x32s4=gluon=true,gluon_block_s=32,gluon_stages=4 \
+        --variant abs4:g2x32s4=gluon=true,gluon_heads=2,gluon_block_s=32,gluon_stages=4 \
+        --variant abs4:g2x64s3=gluon=true,gluon_heads=2 \
+        --variant abs4:g4x64s2=gluon=true,gluon_stages=2
     ;;
 esac

@@ -105,7 +105,10 @@ def compile_sm90(fn, args, kw, maxnreg: int = 0):
         signature[name] = _arg_type(a)
         if spec == "D":
             attrs[(i,)] = [["tt.divisibility", 16]]
-    return triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=attrs),
+    source = ASTSource
+    if getattr(fn, "is_gluon", lambda: False)():  # a Gluon kernel (gluon_q4.py) has its own front end
+        from triton.experimental.gluon._runtime import GluonASTSource as source
+    return triton.compile(source(fn, signature, constexprs=constexprs, attrs=attrs),
                           target=GPUTarget("cuda", 90, 64), options=options)
 
 

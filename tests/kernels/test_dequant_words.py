@@ -71,7 +71,8 @@ def _lop3(a: int, b: int, c: int, lut: int) -> int:
 
 
 def run_asm(asm: str, inputs: dict[int, int]) -> dict[int, int]:
-    """Execute the instruction sequence on 32-bit ``inputs`` ($n -> value); returns the 16-bit outputs."""
+    """Execute the instruction sequence on 32-bit ``inputs`` ($n -> value); returns the outputs: the
+    16-bit halves a ``mov.b32 {$a, $b}`` unpacks, or 32-bit words written to an output directly."""
     regs: dict[str, int] = {f"${n}": v for n, v in inputs.items()}
     outs: dict[int, int] = {}
 
@@ -105,6 +106,8 @@ def run_asm(asm: str, inputs: dict[int, int]) -> dict[int, int]:
             regs[d] = _pair(kind, *res)
         else:
             raise AssertionError(f"the emulator does not know {op}")
+        if d.startswith("$") and int(d[1:]) not in inputs:
+            outs[int(d[1:])] = regs[d]
     return outs
 
 

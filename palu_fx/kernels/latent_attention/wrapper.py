@@ -33,6 +33,7 @@ from palu_fx.kernels.latent_attention.decode import rebuild_attention_kernel
 from palu_fx.kernels.latent_attention.naive import ROPE_HALF, ROPE_INTERLEAVED, ROPE_NONE, latent_attention_ref
 from palu_fx.kernels.latent_attention.prefill import rebuild_keys, sdpa_latent, unpadded_values
 from palu_fx.kernels.latent_attention.per_head import per_head_applies, per_head_launch
+from palu_fx.kernels.latent_attention import gluon_q4
 
 __all__ = ["KernelConfig", "Latent", "latent_attention_triton", "fused_attention", "fused_fits", "choose_config"]
 
@@ -82,6 +83,10 @@ class KernelConfig:
     word_dequant: bool = True
     fill_waves: bool = False
     merge_heads: bool = True
+    gluon: bool = False
+    gluon_heads: int = 4
+    gluon_block_s: int = 64
+    gluon_stages: int = 3
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -429,6 +434,8 @@ def fused_attention(q, kl: Latent, vl: Latent, lk, k_bias, cos, sin, k_norm_weig
     out = torch.empty(B, Hq, Sq, RV, dtype=q.dtype, device=q.device)
     RK_P, RV_P = max(16, _p2(RK)), max(16, _p2(RV))
     mask_kind, mask, mstr = _mask_args(attn_mask, B, Hq, Sq, Skv, q)
+    if cfg.gluon and gluon_q4.applies(qc, kl, vl, lk, softcap, is_causal, mask_kind, G, interpret):
+        return _gluon_q4(qc, kl, vl, mask_kind, mask, mstr, scale, cfg, out)
     (hk, hks, hkz), k_strides, k_q = kl.kernel_args(RK, RK_P)
     (hv, hvs, hvz), v_strides, v_q = vl.kernel_args(RV, RV_P)
     latent_strides = (*k_strides[:2], *v_strides[:2], *k_strides[2:4], *v_strides[2:4], k_strides[4], v_strides[4])
@@ -506,4 +513,38 @@ def fused_attention(q, kl: Latent, vl: Latent, lk, k_bias, cos, sin, k_norm_weig
             HPG=VHPG, HPG_P=HPG_P, M_BLOCK=M_BLOCK, RV=RV, RV_P=RV_P,
             SPLIT_BLOCK=16 if interpret else 32, COLS=cols, num_warps=4,
         )
+    return out
+
+
+def _gluon_q4(q, kl, vl, mask_kind, mask, mstr, scale, cfg, out):
+    """``gluon_q4.q4_absorbed_kernel`` over the splits that fill whole waves of what an SM holds,
+    then ``combine_splits_kernel`` (rows = a program's heads)."""
+    B, Hq, _, R = q.shape
+    Skv = kl.data.shape[1]
+    hpp = cfg.gluon_heads
+    n_base = B * Hq // hpp
+    knobs = (hpp, cfg.gluon_block_s, cfg.gluon_stages)
+
+    def launch(nsplit, chunk, part, lse, probe=False):
+        return gluon_q4.launch(q, kl, vl, mask_kind, mask, mstr[0], mstr[3], scale, out, nsplit, chunk, part, lse,
+                               *knobs, probe=probe)
+
+    key = ("gluon_q4", knobs, R, mask_kind, q.device.index)
+    resident = _RESIDENT.get(key)
+    if resident is None:
+        scratch = torch.empty(1, dtype=torch.float32, device=q.device)
+        resident = _RESIDENT[key] = _resident_programs(*launch(2, CHUNK_QUANTUM, scratch, scratch, probe=True))
+    plan_cfg = KernelConfig(programs_per_sm=max(cfg.programs_per_sm, resident), num_splits=cfg.num_splits,
+                            fill_waves=True)
+    NSPLIT, chunk = _split_plan(plan_cfg, n_base, Skv, _num_sms(q.device.index or 0), resident)
+    if NSPLIT == 1:
+        launch(1, chunk, out, out)
+        return out
+    part = torch.empty(n_base * NSPLIT * hpp * R, dtype=torch.float32, device=q.device)
+    lse = torch.empty(n_base * NSPLIT * hpp, dtype=torch.float32, device=q.device)
+    launch(NSPLIT, chunk, part, lse)
+    cols = min(R, 64)
+    combine_splits_kernel[(n_base, hpp, R // cols)](
+        part, lse, out, Hq // hpp, 1, 1, NSPLIT, out.stride(0), out.stride(1), out.stride(2),
+        HPG=hpp, HPG_P=hpp, M_BLOCK=hpp, RV=R, RV_P=R, SPLIT_BLOCK=32, COLS=cols, num_warps=4)
     return out

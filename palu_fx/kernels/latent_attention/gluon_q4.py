@@ -1,0 +1,375 @@
+"""Gluon decode kernel: absorbed attention (no RoPE) over a 4-bit latent cache, one query
+head per latent group (MHA at group size 1), fp16.
+
+Why a second kernel for a case ``per_head.py`` already serves: that Triton kernel spends its
+time on the layout of each token tile, not on the bytes (RESULTS.md, issue 5: 0.42 ms at B=8 x
+32k where the packed bytes need 0.15, with 62% of cycles waiting on a dependent
+instruction). Triton picks the register layouts itself: the dequantized codes are moved into
+the tensor cores' operand layout through shared memory, and the scores' softmax spans four
+warps (cross-warp reductions, barriers). Gluon (Triton's layout-explicit dialect, on both
+stacks we support) lets the kernel choose them:
+
+* **One warp per program, ``mma.sync`` with both operands in registers.** A program is one
+  sequence, ``HPP`` heads and one split of the tokens; its softmax reductions are warp
+  shuffles.
+* **Codes dequantized straight into the operand layout.** Each thread reads the code words
+  that its fragment of the tensor-core operand needs (the loads' layouts are chosen for that),
+  and the channel order inside the product is permuted to what one 32-bit word gives a thread;
+  the query (keys) and the output columns (values) take the same permutation, so nothing
+  moves between threads. Keys: the scores are ``tokens x heads = codes x query``, and one
+  byte gives a register of two channels of one token (3 instructions per pair). Values:
+  ``channels x heads = codes^T x weights``, and one byte permute of two tokens' words gives
+  two registers of one channel of two tokens (5 instructions per 4 codes).
+* **Scales and zeros stay out of the products.** Per-token asymmetric codes give
+  ``q . (s c + z) = s (q . c) + z sum(q)`` and ``sum_t p_t (s_t c_t + z_t) = sum_t (p_t s_t) c_t +
+  sum_t p_t z_t``: the products take the raw codes (exact in fp16), the scales multiply the
+  score tile and the weights, and the zeros add one running sum per head. A high nibble
+  arrives as ``16 c`` (its bits are not shifted down); the query's channel is divided by 16
+  instead, and the value output's channel at the end.
+* **Codes streamed with ``cp.async``** into a ring of shared-memory stages (swizzled so that
+  the operand loads hit 32 distinct banks), the small per-token vectors (scales, zeros, the
+  decode mask row) loaded a tile ahead into registers.
+
+Covers: fp16 queries, 4-bit keys and values with one quantization group per head's latent
+(``group_size == rank``), rank a multiple of 64, shared decode masks (or none), no softcap,
+one query token. ``applies`` says whether a call is covered; anything else takes the Triton
+kernels. Gluon has no CPU interpreter: this kernel is tested on the GPU and compiled for
+sm_90 without one (``tests/kernels/test_gluon_q4.py``).
+"""
+from __future__ import annotations
+
+import torch
+
+try:  # Gluon ships with Triton >= 3.5; without it the Triton kernels serve every call
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+    HAVE_GLUON = True
+except ImportError:  # pragma: no cover (older Triton)
+    HAVE_GLUON = False
+
+__all__ = ["HAVE_GLUON", "applies", "launch"]
+
+LOG2E = 1.4426950408889634
+
+
+def _k_asm(fold: bool) -> str:
+    """One word of 8 codes (channel 2b in the low nibble of byte b, 2b+1 in its high nibble) ->
+    8 fp16: ``c`` for even channels, ``16 c`` for odd ones (a byte permute, one lop3 that keeps
+    the low nibble of byte 0 and the high nibble of byte 2 and ORs in the exponent of 1024,
+    a packed subtract of 1024)."""
+    lines = ["{", ".reg .b32 p, neg;", "mov.b32 neg, 0x64006400;"]
+    for b in range(4):
+        lines += [f"prmt.b32 p, $8, 0, 0x{b}{b}{b}{b};", "lop3.b32 p, p, 0x00f0000f, 0x64006400, 0xea;",
+                  *([] if fold else ["sub.f16x2 p, p, neg;"]), f"mov.b32 {{${2 * b}, ${2 * b + 1}}}, p;"]
+    return "\n".join(lines + ["}"])
+
+
+def _v_asm(fold: bool) -> str:
+    """Two tokens' words ($8, $9) -> 8 half2 registers, register ``j`` = channel ``j`` of both
+    tokens (``c`` for even channels, ``16 c`` for odd): a byte permute puts byte b of each word
+    in bytes 0 and 2, two lop3 keep the low or the high nibbles and OR in the exponent of
+    1024, two packed subtracts."""
+    lines = ["{", ".reg .b32 p, lo, hi, neg;", "mov.b32 neg, 0x64006400;"]
+    for b in range(4):
+        if fold:  # the products carry 1024 per code; the kernel subtracts it from their sums
+            lines += [f"prmt.b32 p, $8, $9, 0x{4 + b}{4 + b}{b}{b};",
+                      f"lop3.b32 ${2 * b}, p, 0x000f000f, 0x64006400, 0xea;",
+                      f"lop3.b32 ${2 * b + 1}, p, 0x00f000f0, 0x64006400, 0xea;"]
+        else:
+            lines += [f"prmt.b32 p, $8, $9, 0x{4 + b}{4 + b}{b}{b};",
+                      "lop3.b32 lo, p, 0x000f000f, 0x64006400, 0xea;", "lop3.b32 hi, p, 0x00f000f0, 0x64006400, 0xea;",
+                      f"sub.f16x2 ${2 * b}, lo, neg;", f"sub.f16x2 ${2 * b + 1}, hi, neg;"]
+    return "\n".join(lines + ["}"])
+
+
+def key_channel(kappa: torch.Tensor) -> torch.Tensor:
+    """Latent channel of the key product's inner index ``kappa`` (``_k_operand``'s order)."""
+    s, i, t, e = kappa // 16, (kappa // 8) % 2, (kappa // 2) % 4, kappa % 2
+    return 32 * (s // 2) + 8 * t + 4 * (s % 2) + 2 * i + e
+
+
+def value_channel(n: torch.Tensor) -> torch.Tensor:
+    """Latent channel of the value product's output row ``n`` (``_v_operand``'s order)."""
+    return 64 * (n // 64) + 8 * (n % 8) + (n // 8) % 8
+
+
+if HAVE_GLUON:
+    _K_ASM = gl.constexpr(_k_asm(False))
+    _V_ASM = gl.constexpr(_v_asm(False))
+    _K_ASM_FOLD = gl.constexpr(_k_asm(True))
+    _V_ASM_FOLD = gl.constexpr(_v_asm(True))
+    # renamed after Triton 3.6 (the GPU machine's): the names of the version installed
+    _barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+    _async_load = getattr(cp, "async_load", None) or cp.async_copy_global_to_shared
+
+    @gluon.jit
+    def _stack8(o0, o1, o2, o3, o4, o5, o6, o7):
+        """8 tiles [S, W] -> [S, W, e, i, k] holding tile ``4k + 2i + e``."""
+        lo = gl.join(gl.join(o0, o1), gl.join(o2, o3))
+        hi = gl.join(gl.join(o4, o5), gl.join(o6, o7))
+        return gl.join(lo, hi)
+
+    @gluon.jit
+    def _k_operand(w, A_L: gl.constexpr, FOLD: gl.constexpr):
+        """Code words [S, W] (thread (g, t) holds tokens g + 8r, words t + 4m) -> the key
+        operand [S, 8 W] fp16 in ``A_L``; inner index kappa = 16 (2m + k) + 8 i + 2 t + e holds
+        channel 8 (4m + t) + 4k + 2i + e (``key_channel``), odd channels times 16."""
+        o0, o1, o2, o3, o4, o5, o6, o7 = gl.inline_asm_elementwise(
+            _K_ASM_FOLD if FOLD else _K_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r", [w], dtype=(gl.float16, ) * 8,
+            is_pure=True, pack=1)
+        S: gl.constexpr = w.shape[0]
+        W: gl.constexpr = w.shape[1]
+        x = gl.reshape(_stack8(o0, o1, o2, o3, o4, o5, o6, o7), [S, W // 4, 4, 2, 2, 2])  # (m, t, e, i, k)
+        x = gl.permute(x, [0, 1, 5, 4, 2, 3])  # (m, k, i, t, e)
+        return gl.convert_layout(gl.reshape(x, [S, W * 8]), A_L)
+
+    @gluon.jit
+    def _v_operand(w, A_L: gl.constexpr, FOLD: gl.constexpr):
+        """Code words [S, W] (thread (g, t) holds tokens 2t, 2t+1 (+ 8r), words g + 8m) -> the
+        transposed value operand [8 W, S] fp16 in ``A_L``; row n = 64 m + 8 j + g holds channel
+        64 m + 8 g + j (``value_channel``), odd j times 16."""
+        o0, o1, o2, o3, o4, o5, o6, o7 = gl.inline_asm_elementwise(
+            _V_ASM_FOLD if FOLD else _V_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [w], dtype=(gl.float16, ) * 8,
+            is_pure=True, pack=2)
+        S: gl.constexpr = w.shape[0]
+        W: gl.constexpr = w.shape[1]
+        x = gl.reshape(_stack8(o0, o1, o2, o3, o4, o5, o6, o7), [S, W // 8, 8, 2, 2, 2])  # (m, g, e, i, k)
+        x = gl.permute(x, [1, 5, 4, 3, 2, 0])  # (m, k, i, e, g, S)
+        return gl.convert_layout(gl.reshape(x, [W * 8, S]), A_L)
+
+    @gluon.jit
+    def _vectors(ks_ptr, kz_ptr, vs_ptr, vz_ptr, s_off, s_stride, mask_ptr, m_off, sm_k, tok, hi, cols,
+                 HPP: gl.constexpr, MASK_KIND: gl.constexpr):
+        """Per-token key/value scales and zeros [S, 8] (column = head of the program, fp32) and
+        the shared mask row [S] of tokens ``tok``."""
+        ok = tok < hi
+        ok2 = gl.expand_dims(ok, 1) & gl.expand_dims(cols < HPP, 0)
+        off = s_off + gl.expand_dims(tok, 1) * s_stride + gl.expand_dims(cols, 0)
+        sk = gl.load(ks_ptr + off, mask=ok2, other=0.0).to(gl.float32)
+        zk = gl.load(kz_ptr + off, mask=ok2, other=0.0).to(gl.float32)
+        sv = gl.load(vs_ptr + off, mask=ok2, other=0.0).to(gl.float32)
+        zv = gl.load(vz_ptr + off, mask=ok2, other=0.0).to(gl.float32)
+        if MASK_KIND == 3:  # keep flags
+            m = (gl.load(mask_ptr + m_off + tok * sm_k, mask=ok, other=0) != 0).to(gl.float32)
+        elif MASK_KIND == 4:  # additive
+            m = gl.load(mask_ptr + m_off + tok * sm_k, mask=ok, other=0.0).to(gl.float32)
+        else:
+            m = tok.to(gl.float32) * 0.0
+        return sk, zk, sv, zv, m
+
+    @gluon.jit
+    def _copy_tile(kbuf, vbuf, k_ptr, v_ptr, kw_off, vw_off, sk_tok, sv_tok, start, hi, LC: gl.constexpr,
+                   BLOCK_S: gl.constexpr, WROW: gl.constexpr):
+        """Start the asynchronous copies of a token tile's code words (rows past ``hi`` are
+        clamped to the last token: real memory, masked out of the scores)."""
+        tok = start + gl.arange(0, BLOCK_S, layout=gl.SliceLayout(1, LC))
+        tok = gl.minimum(tok, hi - 1)
+        col = gl.expand_dims(gl.arange(0, WROW, layout=gl.SliceLayout(0, LC)), 0)
+        row = gl.expand_dims(tok, 1).to(gl.int64)
+        _async_load(kbuf, k_ptr + kw_off + row * sk_tok + col)
+        _async_load(vbuf, v_ptr + vw_off + row * sv_tok + col)
+
+    @gluon.jit
+    def _value_step(vt, h: gl.constexpr, W: gl.constexpr, LV: gl.constexpr, A_L: gl.constexpr, wv, o, alpha,
+                    FOLD: gl.constexpr):
+        v = _v_operand(vt.slice(h * W, W, dim=1).load(LV), A_L, FOLD)
+        return mma_v2(v, wv, o * gl.expand_dims(alpha, 0))
+
+    @gluon.jit
+    def _finish_head(o, h: gl.constexpr, cols, m_i, l_i, z_i, w_i, out_ptr, out_off, part_ptr, lse_ptr, slot,
+                     HPP: gl.constexpr, R: gl.constexpr, RV_P: gl.constexpr, DIRECT: gl.constexpr,
+                     MMA: gl.constexpr):
+        """Head ``h``'s output (column ``h`` of its [R, 8] accumulator): channel order restored,
+        the x16 of odd channels undone, the zeros' sum added, normalized; stored final or as a
+        split's partial with its base-2 LSE."""
+        sel = gl.expand_dims(cols == h, 0)
+        col = gl.sum(gl.where(sel, o, 0.0), axis=1)  # [R]
+        pick = cols == h
+        l = gl.sum(gl.where(pick, l_i, 0.0), axis=0)
+        z = gl.sum(gl.where(pick, z_i, 0.0), axis=0)
+        m = gl.sum(gl.where(pick, m_i, 0.0), axis=0)
+        col = col - 1024.0 * gl.sum(gl.where(pick, w_i, 0.0), axis=0)  # FOLD (w_i is zero otherwise)
+        n = gl.arange(0, R, layout=gl.SliceLayout(1, MMA))
+        j = (n // 8) % 8
+        ch = 64 * (n // 64) + 8 * (n % 8) + j
+        val = gl.where(j % 2 == 1, col * 0.0625, col) + z
+        empty = l == 0.0
+        val = val / gl.where(empty, 1.0, l)
+        if DIRECT:
+            gl.store(out_ptr + out_off + ch, val.to(out_ptr.dtype.element_ty))
+        else:
+            gl.store(part_ptr + (slot * HPP + h) * RV_P + ch, val)
+            lse = gl.where(empty, float("-inf"), m + gl.log2(gl.where(empty, 1.0, l)))
+            gl.store(lse_ptr + slot * HPP + h, lse)
+
+    @gluon.jit
+    def q4_absorbed_kernel(
+        q_ptr, k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, mask_ptr, out_ptr, part_ptr, lse_ptr,
+        sq_b, sq_h, sq_d, sk_b, sk_s, sv_b, sv_s, ss_b, ss_s, sm_b, sm_k, so_b, so_h,
+        Hq, Skv, chunk, NSPLIT, scale,
+        R: gl.constexpr, HPP: gl.constexpr, BLOCK_S: gl.constexpr, STAGES: gl.constexpr,
+        MASK_KIND: gl.constexpr, DIRECT: gl.constexpr, FOLD: gl.constexpr = True,
+    ):
+        # k_ptr / v_ptr: the codes as int32 words; strides in words. ss_*: scales and zeros
+        # (key and value scales/zeros share strides, checked by the host)
+        W: gl.constexpr = R // 8  # code words per token and head
+        WROW: gl.constexpr = HPP * W  # words of the program's heads per token
+        MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
+        A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+        B_L: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
+        LK: gl.constexpr = gl.BlockedLayout([1, 1], [8, 4], [1, 1], [1, 0])
+        LV: gl.constexpr = gl.BlockedLayout([2, 1], [4, 8], [1, 1], [0, 1])
+        TW: gl.constexpr = WROW // 4 if WROW // 4 < 32 else 32
+        LC: gl.constexpr = gl.BlockedLayout([1, 4], [32 // TW, TW], [1, 1], [1, 0])
+        LQ: gl.constexpr = gl.BlockedLayout([1, 8], [32, 1], [1, 1], [1, 0])
+        # XOR of 16-byte chunks by row: the operand loads of a warp touch 32 distinct banks
+        SWZ: gl.constexpr = gl.SwizzledSharedLayout(vec=4, per_phase=1, max_phase=WROW // 4 if WROW // 4 < 8 else 8,
+                                                    order=[1, 0])
+        QS: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
+
+        pid_s = gl.program_id(0)
+        pid_x = gl.program_id(1)
+        nblk = Hq // HPP
+        b = (pid_x // nblk).to(gl.int64)
+        h0 = (pid_x % nblk) * HPP
+        lo = pid_s * chunk
+        hi = gl.minimum(lo + chunk, Skv)
+
+        # the program's queries, once: the key product's B operand per head ([R, 8], the head's
+        # query in its own column, channels in the key order, odd ones / 16), and sum(q) per head
+        qs = gl.allocate_shared_memory(gl.float16, [HPP, R, 8], QS)
+        kap = gl.arange(0, R, layout=gl.SliceLayout(1, LQ))
+        cq = gl.arange(0, 8, layout=gl.SliceLayout(0, LQ))
+        s_ = kap // 16
+        ch = 32 * (s_ // 2) + 8 * ((kap // 2) % 4) + 4 * (s_ % 2) + 2 * ((kap // 8) % 2) + kap % 2
+        qoff_acc = gl.zeros([8], gl.float32, gl.SliceLayout(0, LQ))
+        for h in gl.static_range(HPP):
+            qv = gl.load(q_ptr + b * sq_b + (h0 + h) * sq_h + gl.expand_dims(ch * sq_d, 1) + gl.expand_dims(cq * 0, 0),
+                         mask=gl.expand_dims(cq == h, 0), other=0.0).to(gl.float32)
+            qv = gl.where(gl.expand_dims(kap % 2 == 1, 1), qv * 0.0625, qv)
+            qs.index(h).store(qv.to(gl.float16))
+            qoff_acc += gl.sum(qv.to(gl.float16).to(gl.float32), axis=0)  # column h only
+        cols = gl.arange(0, 8, layout=gl.SliceLayout(0, MMA))
+        # FOLD: each key code enters the product as 1024 + c (1024 + 16 c for odd channels)
+        qoff = gl.convert_layout(qoff_acc, gl.SliceLayout(0, MMA)) * (1024.0 if FOLD else 0.0)
+        rr = gl.arange(0, R, layout=gl.SliceLayout(1, LQ))
+        qfull = gl.load(q_ptr + b * sq_b + gl.expand_dims((h0 + cq) * sq_h, 0) + gl.expand_dims(rr * sq_d, 1),
+                        mask=gl.expand_dims(cq < HPP, 0), other=0.0).to(gl.float32)
+        qsum = gl.convert_layout(gl.sum(qfull, axis=0), gl.SliceLayout(0, MMA))
+
+        kbuf = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_S, WROW], SWZ)
+        vbuf = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_S, WROW], SWZ)
+        kw_off = b * sk_b + h0 * W
+        vw_off = b * sv_b + h0 * W
+        n_tiles = gl.cdiv(hi - lo, BLOCK_S)
+        for i in gl.static_range(STAGES - 1):
+            _copy_tile(kbuf.index(i), vbuf.index(i), k_ptr, v_ptr, kw_off, vw_off, sk_s, sv_s,
+                       lo + i * BLOCK_S, hi, LC, BLOCK_S, WROW)
+            cp.commit_group()
+
+        s_off = b * ss_b + h0
+        m_off = b * sm_b
+        tok_n = lo + gl.arange(0, BLOCK_S, layout=gl.SliceLayout(1, MMA))
+        sk_n, zk_n, sv_n, zv_n, mr_n = _vectors(ks_ptr, kz_ptr, vs_ptr, vz_ptr, s_off, ss_s, mask_ptr, m_off,
+                                                sm_k, tok_n, hi, cols, HPP, MASK_KIND)
+        m_i = gl.full([8], float("-inf"), gl.float32, gl.SliceLayout(0, MMA))
+        l_i = gl.zeros([8], gl.float32, gl.SliceLayout(0, MMA))
+        z_i = gl.zeros([8], gl.float32, gl.SliceLayout(0, MMA))
+        w_i = gl.zeros([8], gl.float32, gl.SliceLayout(0, MMA))  # FOLD: running sums of the value weights
+        o0 = gl.zeros([R, 8], gl.float32, MMA)
+        o1 = gl.zeros([R, 8], gl.float32, MMA)
+        o2 = gl.zeros([R, 8], gl.float32, MMA)
+        o3 = gl.zeros([R, 8], gl.float32, MMA)
+        qscale = scale * 1.4426950408889634
+        for it in range(n_tiles):
+            tok = tok_n
+            sk, zk, sv, zv, mr = sk_n, zk_n, sv_n, zv_n, mr_n
+            tok_n = tok + BLOCK_S
+            sk_n, zk_n, sv_n, zv_n, mr_n = _vectors(ks_ptr, kz_ptr, vs_ptr, vz_ptr, s_off, ss_s, mask_ptr, m_off,
+                                                    sm_k, tok_n, hi, cols, HPP, MASK_KIND)
+            # the stage that tile it + STAGES - 1 overwrites was read in the last iteration
+            _barrier()
+            nxt = (it + STAGES - 1) % STAGES
+            _copy_tile(kbuf.index(nxt), vbuf.index(nxt), k_ptr, v_ptr, kw_off, vw_off, sk_s, sv_s,
+                       lo + (it + STAGES - 1) * BLOCK_S, hi, LC, BLOCK_S, WROW)
+            cp.commit_group()
+            cp.wait_group(STAGES - 1)
+            _barrier()  # other threads' copies are visible
+            stage = it % STAGES
+            kt = kbuf.index(stage)
+            s = gl.zeros([BLOCK_S, 8], gl.float32, MMA)
+            for h in gl.static_range(HPP):
+                kop = _k_operand(kt.slice(h * W, W, dim=1).load(LK), A_L, FOLD)
+                s = mma_v2(kop, qs.index(h).load(B_L), s)
+            t = ((s - gl.expand_dims(qoff, 0)) * sk + zk * gl.expand_dims(qsum, 0)) * qscale
+            keep = gl.expand_dims(tok < hi, 1) & gl.expand_dims(cols < HPP, 0)
+            if MASK_KIND == 3:
+                keep = keep & gl.expand_dims(mr != 0.0, 1)
+            if MASK_KIND == 4:
+                t = t + gl.expand_dims(mr * 1.4426950408889634, 1)
+            t = gl.where(keep, t, float("-inf"))
+            m_new = gl.maximum(m_i, gl.max(t, axis=0))
+            m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+            p = gl.exp2(t - gl.expand_dims(m_use, 0))
+            alpha = gl.exp2(m_i - m_use)
+            m_i = m_new
+            l_i = l_i * alpha + gl.sum(p, axis=0)
+            z_i = z_i * alpha + gl.sum(p * zv, axis=0)
+            w16 = (p * sv).to(gl.float16)
+            if FOLD:
+                w_i = w_i * alpha + gl.sum(w16.to(gl.float32), axis=0)
+            wv = gl.convert_layout(w16, B_L)
+            vt = vbuf.index(stage)
+            o0 = _value_step(vt, 0, W, LV, A_L, wv, o0, alpha, FOLD)
+            if HPP > 1:
+                o1 = _value_step(vt, 1, W, LV, A_L, wv, o1, alpha, FOLD)
+            if HPP > 2:
+                o2 = _value_step(vt, 2, W, LV, A_L, wv, o2, alpha, FOLD)
+                o3 = _value_step(vt, 3, W, LV, A_L, wv, o3, alpha, FOLD)
+        cp.wait_group(0)
+
+        slot = pid_x * NSPLIT + pid_s
+        out_off = b * so_b + h0 * so_h
+        _finish_head(o0, 0, cols, m_i, l_i, z_i, w_i, out_ptr, out_off, part_ptr, lse_ptr, slot, HPP, R, R, DIRECT, MMA)
+        if HPP > 1:
+            _finish_head(o1, 1, cols, m_i, l_i, z_i, w_i, out_ptr, out_off + so_h, part_ptr, lse_ptr, slot, HPP, R, R,
+                         DIRECT, MMA)
+        if HPP > 2:
+            _finish_head(o2, 2, cols, m_i, l_i, z_i, w_i, out_ptr, out_off + 2 * so_h, part_ptr, lse_ptr, slot, HPP, R, R,
+                         DIRECT, MMA)
+            _finish_head(o3, 3, cols, m_i, l_i, z_i, w_i, out_ptr, out_off + 3 * so_h, part_ptr, lse_ptr, slot, HPP, R, R,
+                         DIRECT, MMA)
+
+
+def applies(q, kl, vl, lk, softcap, is_causal, mask_kind, groups, interpret) -> bool:
+    """Whether ``q4_absorbed_kernel`` serves a fused call (see the module docstring)."""
+    B, Hq, Sq, R = q.shape
+    return (HAVE_GLUON and not interpret and lk is None and q.dtype == torch.float16 and Sq == 1
+            and groups == Hq and Hq % 4 == 0 and softcap == 0 and not is_causal and mask_kind in (0, 3, 4)
+            and R % 64 == 0 and R <= 128
+            and kl.bits == 4 and vl.bits == 4 and kl.group_size == R and vl.group_size == R
+            and kl.channels == Hq * R and vl.channels == Hq * R
+            and kl.scale.stride() == kl.zero.stride() == vl.scale.stride() == vl.zero.stride()
+            and kl.scale.stride(-1) == 1
+            and kl.words(q.dtype, interpret) and vl.words(q.dtype, interpret))
+
+
+def launch(q, kl, vl, mask_kind, mask, sm_b, sm_k, scale, out, nsplit, chunk, part, lse, heads_per_program=4,
+           block_s=64, stages=3, fold=True, probe=False):
+    """Launch over ``nsplit`` splits of ``chunk`` tokens (``part``/``lse``: the split partials,
+    rows = the program's heads, as ``common.combine_splits_kernel`` reads them with
+    ``M_BLOCK = HPG = heads_per_program``). ``probe``: return (kernel, grid, args, constexprs)."""
+    B, Hq, _, R = q.shape
+    kw, vw = kl.data.view(torch.int32), vl.data.view(torch.int32)
+    grid = (nsplit, B * Hq // heads_per_program)
+    args = (q, kw, vw, kl.scale, kl.zero, vl.scale, vl.zero, mask, out, part, lse,
+            q.stride(0), q.stride(1), q.stride(3), kw.stride(0), kw.stride(1), vw.stride(0), vw.stride(1),
+            kl.scale.stride(0), kl.scale.stride(1), sm_b, sm_k, out.stride(0), out.stride(1),
+            Hq, kw.shape[1], chunk, nsplit, float(scale))
+    consts = dict(R=R, HPP=heads_per_program, BLOCK_S=block_s, STAGES=stages, MASK_KIND=mask_kind,
+                  DIRECT=nsplit == 1, FOLD=fold, num_warps=1)
+    if probe:
+        return q4_absorbed_kernel, grid, args, consts
+    q4_absorbed_kernel[grid](*args, **consts)

@@ -170,7 +170,7 @@ case "${1:-1}" in
     done
     ;;
 23)
-    step gluon_tests 240 python -m pytest -q -x tests/kernels/test_gluon_q4.py
+    step gluon_tests 240 python -m pytest -q tests/kernels/test_gluon_q4.py
     step gluon_ab 400 python -u benchmarks/kernel_ab.py --cases abs4 --rounds 5 \
         --variant abs4:g4x64s3=gluon=true \
         --variant abs4:g4x32s3=gluon=true,gluon_block_s=32 \

@@ -172,11 +172,11 @@ case "${1:-1}" in
 23)
     step gluon_tests 240 python -m pytest -q tests/kernels/test_gluon_q4.py
     step gluon_ab 400 python -u benchmarks/kernel_ab.py --cases abs4 --rounds 5 \
-        --variant abs4:g4x64s3=gluon=true \
-        --variant abs4:g4x32s3=gluon=true,gluon_block_s=32 \
-        --variant abs4:g4x32s4=gluon=true,gluon_block_s=32,gluon_stages=4 \
-        --variant abs4:g2x32s4=gluon=true,gluon_heads=2,gluon_block_s=32,gluon_stages=4 \
-        --variant abs4:g2x64s3=gluon=true,gluon_heads=2 \
-        --variant abs4:g4x64s2=gluon=true,gluon_stages=2
+        --variant abs4:g4x32s3=gluon=true \
+        --variant abs4:g4x32s2=gluon=true,gluon_stages=2 \
+        --variant abs4:g4x64s2=gluon=true,gluon_block_s=64,gluon_stages=2 \
+        --variant abs4:g2x64s3=gluon=true,gluon_heads=2,gluon_block_s=64 \
+        --variant abs4:g2x32s3=gluon=true,gluon_heads=2 \
+        --variant abs4:g4x32s4=gluon=true,gluon_stages=4
     ;;
 esac

@@ -92,8 +92,10 @@ def run_asm(asm: str, inputs: dict[int, int]) -> dict[int, int]:
         d, *a = [t.strip() for t in rest.split(",")]
         if op == "mov.b32":
             regs[d] = val(a[0])
-        elif op == "shr.u32":
+        elif op in ("shr.u32", "shr.b32"):
             regs[d] = val(a[0]) >> val(a[1])
+        elif op == "and.b32":
+            regs[d] = val(a[0]) & val(a[1])
         elif op == "prmt.b32":
             regs[d] = _prmt(val(a[0]), val(a[1]), val(a[2]))
         elif op == "lop3.b32":

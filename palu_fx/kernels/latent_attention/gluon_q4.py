@@ -54,40 +54,38 @@ __all__ = ["HAVE_GLUON", "applies", "launch"]
 LOG2E = 1.4426950408889634
 
 
-def _k_asm(fold: bool) -> str:
-    """One word of 8 codes (channel 2b in the low nibble of byte b, 2b+1 in its high nibble) ->
-    8 fp16: ``c`` for even channels, ``16 c`` for odd ones (a byte permute, one lop3 that keeps
-    the low nibble of byte 0 and the high nibble of byte 2 and ORs in the exponent of 1024,
-    a packed subtract of 1024)."""
-    lines = ["{", ".reg .b32 p, neg;", "mov.b32 neg, 0x64006400;"]
-    for b in range(4):
-        lines += [f"prmt.b32 p, $8, 0, 0x{b}{b}{b}{b};", "lop3.b32 p, p, 0x00f0000f, 0x64006400, 0xea;",
-                  *([] if fold else ["sub.f16x2 p, p, neg;"]), f"mov.b32 {{${2 * b}, ${2 * b + 1}}}, p;"]
+def _k_asm() -> str:
+    """One word of 8 codes (channel j in nibble j) -> 8 fp16 outputs, output o = channel
+    ``o // 2 + 4 (o % 2)``, in pairs that share a register. The code bits go straight into the
+    mantissa under a zero exponent, so each half is the subnormal ``c 2^-24`` (even channels)
+    or ``16 c 2^-24`` (odd channels, whose bits sit 4 higher): exact, with no offset to
+    subtract. Half 0 of a register comes from bits 0-15 of the word and half 1 from bits 16-31,
+    so one AND gives channels (0, 4), another (1, 5), and the word shifted by 8 gives (2, 6)
+    and (3, 7): five instructions per 8 codes."""
+    lines = ["{", ".reg .b32 r, s;", "shr.b32 s, $8, 8;"]
+    for p, (src, mask) in enumerate([("$8", "0x000f000f"), ("$8", "0x00f000f0"), ("s", "0x000f000f"),
+                                     ("s", "0x00f000f0")]):
+        lines += [f"and.b32 r, {src}, {mask};", f"mov.b32 {{${2 * p}, ${2 * p + 1}}}, r;"]
     return "\n".join(lines + ["}"])
 
 
-def _v_asm(fold: bool) -> str:
+def _v_asm() -> str:
     """Two tokens' words ($8, $9) -> 8 half2 registers, register ``j`` = channel ``j`` of both
-    tokens (``c`` for even channels, ``16 c`` for odd): a byte permute puts byte b of each word
-    in bytes 0 and 2, two lop3 keep the low or the high nibbles and OR in the exponent of
-    1024, two packed subtracts."""
-    lines = ["{", ".reg .b32 p, lo, hi, neg;", "mov.b32 neg, 0x64006400;"]
+    tokens as fp16 subnormals (``c 2^-24`` for even channels, ``16 c 2^-24`` for odd): a byte
+    permute puts byte b of each word in bytes 0 and 2, two ANDs keep the low or the high
+    nibbles. Three instructions per 4 codes."""
+    lines = ["{", ".reg .b32 p;"]
     for b in range(4):
-        if fold:  # the products carry 1024 per code; the kernel subtracts it from their sums
-            lines += [f"prmt.b32 p, $8, $9, 0x{4 + b}{4 + b}{b}{b};",
-                      f"lop3.b32 ${2 * b}, p, 0x000f000f, 0x64006400, 0xea;",
-                      f"lop3.b32 ${2 * b + 1}, p, 0x00f000f0, 0x64006400, 0xea;"]
-        else:
-            lines += [f"prmt.b32 p, $8, $9, 0x{4 + b}{4 + b}{b}{b};",
-                      "lop3.b32 lo, p, 0x000f000f, 0x64006400, 0xea;", "lop3.b32 hi, p, 0x00f000f0, 0x64006400, 0xea;",
-                      f"sub.f16x2 ${2 * b}, lo, neg;", f"sub.f16x2 ${2 * b + 1}, hi, neg;"]
+        lines += [f"prmt.b32 p, $8, $9, 0x{4 + b}{4 + b}{b}{b};", f"and.b32 ${2 * b}, p, 0x000f000f;",
+                  f"and.b32 ${2 * b + 1}, p, 0x00f000f0;"]
     return "\n".join(lines + ["}"])
 
 
 def key_channel(kappa: torch.Tensor) -> torch.Tensor:
-    """Latent channel of the key product's inner index ``kappa`` (``_k_operand``'s order)."""
+    """Latent channel of the key product's inner index ``kappa`` (``_k_operand``'s order); the
+    codes of the channels with ``(kappa // 8) % 2 == 1`` arrive times 16."""
     s, i, t, e = kappa // 16, (kappa // 8) % 2, (kappa // 2) % 4, kappa % 2
-    return 32 * (s // 2) + 8 * t + 4 * (s % 2) + 2 * i + e
+    return 8 * (4 * (s // 2) + t) + 2 * (s % 2) + i + 4 * e
 
 
 def value_channel(n: torch.Tensor) -> torch.Tensor:
@@ -96,10 +94,8 @@ def value_channel(n: torch.Tensor) -> torch.Tensor:
 
 
 if HAVE_GLUON:
-    _K_ASM = gl.constexpr(_k_asm(False))
-    _V_ASM = gl.constexpr(_v_asm(False))
-    _K_ASM_FOLD = gl.constexpr(_k_asm(True))
-    _V_ASM_FOLD = gl.constexpr(_v_asm(True))
+    _K_ASM = gl.constexpr(_k_asm())
+    _V_ASM = gl.constexpr(_v_asm())
     # renamed after Triton 3.6 (the GPU machine's): the names of the version installed
     _barrier = getattr(gl, "thread_barrier", None) or gl.barrier
     _async_load = getattr(cp, "async_load", None) or cp.async_copy_global_to_shared
@@ -112,13 +108,12 @@ if HAVE_GLUON:
         return gl.join(lo, hi)
 
     @gluon.jit
-    def _k_operand(w, A_L: gl.constexpr, FOLD: gl.constexpr):
+    def _k_operand(w, A_L: gl.constexpr):
         """Code words [S, W] (thread (g, t) holds tokens g + 8r, words t + 4m) -> the key
-        operand [S, 8 W] fp16 in ``A_L``; inner index kappa = 16 (2m + k) + 8 i + 2 t + e holds
-        channel 8 (4m + t) + 4k + 2i + e (``key_channel``), odd channels times 16."""
+        operand [S, 8 W] fp16 (codes 2^-24) in ``A_L``; inner index kappa = 16 (2m + k) + 8 i +
+        2 t + e holds channel 8 (4m + t) + 2k + i + 4e (``key_channel``), times 16 where i = 1."""
         o0, o1, o2, o3, o4, o5, o6, o7 = gl.inline_asm_elementwise(
-            _K_ASM_FOLD if FOLD else _K_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r", [w], dtype=(gl.float16, ) * 8,
-            is_pure=True, pack=1)
+            _K_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r", [w], dtype=(gl.float16, ) * 8, is_pure=True, pack=1)
         S: gl.constexpr = w.shape[0]
         W: gl.constexpr = w.shape[1]
         x = gl.reshape(_stack8(o0, o1, o2, o3, o4, o5, o6, o7), [S, W // 4, 4, 2, 2, 2])  # (m, t, e, i, k)
@@ -126,13 +121,12 @@ if HAVE_GLUON:
         return gl.convert_layout(gl.reshape(x, [S, W * 8]), A_L)
 
     @gluon.jit
-    def _v_operand(w, A_L: gl.constexpr, FOLD: gl.constexpr):
+    def _v_operand(w, A_L: gl.constexpr):
         """Code words [S, W] (thread (g, t) holds tokens 2t, 2t+1 (+ 8r), words g + 8m) -> the
-        transposed value operand [8 W, S] fp16 in ``A_L``; row n = 64 m + 8 j + g holds channel
-        64 m + 8 g + j (``value_channel``), odd j times 16."""
+        transposed value operand [8 W, S] fp16 (codes 2^-24) in ``A_L``; row n = 64 m + 8 j + g
+        holds channel 64 m + 8 g + j (``value_channel``), odd j times 16."""
         o0, o1, o2, o3, o4, o5, o6, o7 = gl.inline_asm_elementwise(
-            _V_ASM_FOLD if FOLD else _V_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [w], dtype=(gl.float16, ) * 8,
-            is_pure=True, pack=2)
+            _V_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [w], dtype=(gl.float16, ) * 8, is_pure=True, pack=2)
         S: gl.constexpr = w.shape[0]
         W: gl.constexpr = w.shape[1]
         x = gl.reshape(_stack8(o0, o1, o2, o3, o4, o5, o6, o7), [S, W // 8, 8, 2, 2, 2])  # (m, g, e, i, k)
@@ -172,17 +166,16 @@ if HAVE_GLUON:
         _async_load(vbuf, v_ptr + vw_off + row * sv_tok + col)
 
     @gluon.jit
-    def _value_step(vt, h: gl.constexpr, W: gl.constexpr, LV: gl.constexpr, A_L: gl.constexpr, wv, o, alpha,
-                    FOLD: gl.constexpr):
-        v = _v_operand(vt.slice(h * W, W, dim=1).load(LV), A_L, FOLD)
+    def _value_step(vt, h: gl.constexpr, W: gl.constexpr, LV: gl.constexpr, A_L: gl.constexpr, wv, o, alpha):
+        v = _v_operand(vt.slice(h * W, W, dim=1).load(LV), A_L)
         return mma_v2(v, wv, o * gl.expand_dims(alpha, 0))
 
     @gluon.jit
-    def _finish_head(o, h: gl.constexpr, cols, m_i, l_i, z_i, w_i, out_ptr, out_off, part_ptr, lse_ptr, slot,
+    def _finish_head(o, h: gl.constexpr, cols, m_i, l_i, z_i, out_ptr, out_off, part_ptr, lse_ptr, slot,
                      HPP: gl.constexpr, R: gl.constexpr, RV_P: gl.constexpr, DIRECT: gl.constexpr,
                      MMA: gl.constexpr):
         """Head ``h``'s output (column ``h`` of its [R, 8] accumulator): channel order restored,
-        the x16 of odd channels undone, the zeros' sum added, normalized; stored final or as a
+        the 2^-24 (2^-20 for odd channels) of the codes undone, the zeros' sum added, normalized; stored final or as a
         split's partial with its base-2 LSE."""
         sel = gl.expand_dims(cols == h, 0)
         col = gl.sum(gl.where(sel, o, 0.0), axis=1)  # [R]
@@ -190,11 +183,10 @@ if HAVE_GLUON:
         l = gl.sum(gl.where(pick, l_i, 0.0), axis=0)
         z = gl.sum(gl.where(pick, z_i, 0.0), axis=0)
         m = gl.sum(gl.where(pick, m_i, 0.0), axis=0)
-        col = col - 1024.0 * gl.sum(gl.where(pick, w_i, 0.0), axis=0)  # FOLD (w_i is zero otherwise)
         n = gl.arange(0, R, layout=gl.SliceLayout(1, MMA))
         j = (n // 8) % 8
         ch = 64 * (n // 64) + 8 * (n % 8) + j
-        val = gl.where(j % 2 == 1, col * 0.0625, col) + z
+        val = col * gl.where(j % 2 == 1, 1048576.0, 16777216.0) + z  # codes came as c 2^-24 or 16 c 2^-24
         empty = l == 0.0
         val = val / gl.where(empty, 1.0, l)
         if DIRECT:
@@ -210,7 +202,7 @@ if HAVE_GLUON:
         sq_b, sq_h, sq_d, sk_b, sk_s, sv_b, sv_s, ss_b, ss_s, sm_b, sm_k, so_b, so_h,
         Hq, Skv, chunk, NSPLIT, scale,
         R: gl.constexpr, HPP: gl.constexpr, BLOCK_S: gl.constexpr, STAGES: gl.constexpr,
-        MASK_KIND: gl.constexpr, DIRECT: gl.constexpr, FOLD: gl.constexpr = True,
+        MASK_KIND: gl.constexpr, DIRECT: gl.constexpr,
     ):
         # k_ptr / v_ptr: the codes as int32 words; strides in words. ss_*: scales and zeros
         # (key and value scales/zeros share strides, checked by the host)
@@ -243,17 +235,14 @@ if HAVE_GLUON:
         kap = gl.arange(0, R, layout=gl.SliceLayout(1, LQ))
         cq = gl.arange(0, 8, layout=gl.SliceLayout(0, LQ))
         s_ = kap // 16
-        ch = 32 * (s_ // 2) + 8 * ((kap // 2) % 4) + 4 * (s_ % 2) + 2 * ((kap // 8) % 2) + kap % 2
-        qoff_acc = gl.zeros([8], gl.float32, gl.SliceLayout(0, LQ))
+        hi16 = (kap // 8) % 2  # those channels' codes arrive times 16 (``key_channel``)
+        ch = 8 * (4 * (s_ // 2) + (kap // 2) % 4) + 2 * (s_ % 2) + hi16 + 4 * (kap % 2)
         for h in gl.static_range(HPP):
             qv = gl.load(q_ptr + b * sq_b + (h0 + h) * sq_h + gl.expand_dims(ch * sq_d, 1) + gl.expand_dims(cq * 0, 0),
                          mask=gl.expand_dims(cq == h, 0), other=0.0).to(gl.float32)
-            qv = gl.where(gl.expand_dims(kap % 2 == 1, 1), qv * 0.0625, qv)
+            qv = gl.where(gl.expand_dims(hi16 == 1, 1), qv * 0.0625, qv)
             qs.index(h).store(qv.to(gl.float16))
-            qoff_acc += gl.sum(qv.to(gl.float16).to(gl.float32), axis=0)  # column h only
         cols = gl.arange(0, 8, layout=gl.SliceLayout(0, MMA))
-        # FOLD: each key code enters the product as 1024 + c (1024 + 16 c for odd channels)
-        qoff = gl.convert_layout(qoff_acc, gl.SliceLayout(0, MMA)) * (1024.0 if FOLD else 0.0)
         rr = gl.arange(0, R, layout=gl.SliceLayout(1, LQ))
         qfull = gl.load(q_ptr + b * sq_b + gl.expand_dims((h0 + cq) * sq_h, 0) + gl.expand_dims(rr * sq_d, 1),
                         mask=gl.expand_dims(cq < HPP, 0), other=0.0).to(gl.float32)
@@ -277,7 +266,6 @@ if HAVE_GLUON:
         m_i = gl.full([8], float("-inf"), gl.float32, gl.SliceLayout(0, MMA))
         l_i = gl.zeros([8], gl.float32, gl.SliceLayout(0, MMA))
         z_i = gl.zeros([8], gl.float32, gl.SliceLayout(0, MMA))
-        w_i = gl.zeros([8], gl.float32, gl.SliceLayout(0, MMA))  # FOLD: running sums of the value weights
         o0 = gl.zeros([R, 8], gl.float32, MMA)
         o1 = gl.zeros([R, 8], gl.float32, MMA)
         o2 = gl.zeros([R, 8], gl.float32, MMA)
@@ -301,9 +289,9 @@ if HAVE_GLUON:
             kt = kbuf.index(stage)
             s = gl.zeros([BLOCK_S, 8], gl.float32, MMA)
             for h in gl.static_range(HPP):
-                kop = _k_operand(kt.slice(h * W, W, dim=1).load(LK), A_L, FOLD)
+                kop = _k_operand(kt.slice(h * W, W, dim=1).load(LK), A_L)
                 s = mma_v2(kop, qs.index(h).load(B_L), s)
-            t = ((s - gl.expand_dims(qoff, 0)) * sk + zk * gl.expand_dims(qsum, 0)) * qscale
+            t = (s * (sk * 16777216.0) + zk * gl.expand_dims(qsum, 0)) * qscale  # the key codes came as c 2^-24
             keep = gl.expand_dims(tok < hi, 1) & gl.expand_dims(cols < HPP, 0)
             if MASK_KIND == 3:
                 keep = keep & gl.expand_dims(mr != 0.0, 1)
@@ -317,29 +305,26 @@ if HAVE_GLUON:
             m_i = m_new
             l_i = l_i * alpha + gl.sum(p, axis=0)
             z_i = z_i * alpha + gl.sum(p * zv, axis=0)
-            w16 = (p * sv).to(gl.float16)
-            if FOLD:
-                w_i = w_i * alpha + gl.sum(w16.to(gl.float32), axis=0)
-            wv = gl.convert_layout(w16, B_L)
+            wv = gl.convert_layout((p * sv).to(gl.float16), B_L)
             vt = vbuf.index(stage)
-            o0 = _value_step(vt, 0, W, LV, A_L, wv, o0, alpha, FOLD)
+            o0 = _value_step(vt, 0, W, LV, A_L, wv, o0, alpha)
             if HPP > 1:
-                o1 = _value_step(vt, 1, W, LV, A_L, wv, o1, alpha, FOLD)
+                o1 = _value_step(vt, 1, W, LV, A_L, wv, o1, alpha)
             if HPP > 2:
-                o2 = _value_step(vt, 2, W, LV, A_L, wv, o2, alpha, FOLD)
-                o3 = _value_step(vt, 3, W, LV, A_L, wv, o3, alpha, FOLD)
+                o2 = _value_step(vt, 2, W, LV, A_L, wv, o2, alpha)
+                o3 = _value_step(vt, 3, W, LV, A_L, wv, o3, alpha)
         cp.wait_group(0)
 
         slot = pid_x * NSPLIT + pid_s
         out_off = b * so_b + h0 * so_h
-        _finish_head(o0, 0, cols, m_i, l_i, z_i, w_i, out_ptr, out_off, part_ptr, lse_ptr, slot, HPP, R, R, DIRECT, MMA)
+        _finish_head(o0, 0, cols, m_i, l_i, z_i, out_ptr, out_off, part_ptr, lse_ptr, slot, HPP, R, R, DIRECT, MMA)
         if HPP > 1:
-            _finish_head(o1, 1, cols, m_i, l_i, z_i, w_i, out_ptr, out_off + so_h, part_ptr, lse_ptr, slot, HPP, R, R,
+            _finish_head(o1, 1, cols, m_i, l_i, z_i, out_ptr, out_off + so_h, part_ptr, lse_ptr, slot, HPP, R, R,
                          DIRECT, MMA)
         if HPP > 2:
-            _finish_head(o2, 2, cols, m_i, l_i, z_i, w_i, out_ptr, out_off + 2 * so_h, part_ptr, lse_ptr, slot, HPP, R, R,
+            _finish_head(o2, 2, cols, m_i, l_i, z_i, out_ptr, out_off + 2 * so_h, part_ptr, lse_ptr, slot, HPP, R, R,
                          DIRECT, MMA)
-            _finish_head(o3, 3, cols, m_i, l_i, z_i, w_i, out_ptr, out_off + 3 * so_h, part_ptr, lse_ptr, slot, HPP, R, R,
+            _finish_head(o3, 3, cols, m_i, l_i, z_i, out_ptr, out_off + 3 * so_h, part_ptr, lse_ptr, slot, HPP, R, R,
                          DIRECT, MMA)
 
 
@@ -357,7 +342,7 @@ def applies(q, kl, vl, lk, softcap, is_causal, mask_kind, groups, interpret) -> 
 
 
 def launch(q, kl, vl, mask_kind, mask, sm_b, sm_k, scale, out, nsplit, chunk, part, lse, heads_per_program=4,
-           block_s=64, stages=3, fold=True, probe=False):
+           block_s=32, stages=3, probe=False):
     """Launch over ``nsplit`` splits of ``chunk`` tokens (``part``/``lse``: the split partials,
     rows = the program's heads, as ``common.combine_splits_kernel`` reads them with
     ``M_BLOCK = HPG = heads_per_program``). ``probe``: return (kernel, grid, args, constexprs)."""
@@ -369,7 +354,7 @@ def launch(q, kl, vl, mask_kind, mask, sm_b, sm_k, scale, out, nsplit, chunk, pa
             kl.scale.stride(0), kl.scale.stride(1), sm_b, sm_k, out.stride(0), out.stride(1),
             Hq, kw.shape[1], chunk, nsplit, float(scale))
     consts = dict(R=R, HPP=heads_per_program, BLOCK_S=block_s, STAGES=stages, MASK_KIND=mask_kind,
-                  DIRECT=nsplit == 1, FOLD=fold, num_warps=1)
+                  DIRECT=nsplit == 1, num_warps=1)
     if probe:
         return q4_absorbed_kernel, grid, args, consts
     q4_absorbed_kernel[grid](*args, **consts)

@@ -85,7 +85,7 @@ class KernelConfig:
     merge_heads: bool = True
     gluon: bool = False
     gluon_heads: int = 4
-    gluon_block_s: int = 64
+    gluon_block_s: int = 32
     gluon_stages: int = 3
 
 

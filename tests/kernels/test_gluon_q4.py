@@ -63,13 +63,14 @@ def test_channel_orders_are_permutations(rank):
         assert words == {t + 4 * m for m in range(rank // 32)}
 
 
-def _quant_case(B=2, Hq=8, R=64, S=300, mask=None, device="cpu", seed=0):
+def _quant_case(B=2, Hq=8, R=64, S=300, mask=None, device="cpu", seed=0, G=None):
     gen = torch.Generator().manual_seed(seed)
 
     def rnd(*shape):
         return torch.randn(*shape, generator=gen, dtype=torch.float64).to(torch.float16).to(device)
 
-    q, hk, hv = rnd(B, Hq, 1, R), rnd(B, S, Hq * R), rnd(B, S, Hq * R)
+    G = G or Hq  # latent groups (Hq // G query heads read each)
+    q, hk, hv = rnd(B, Hq, 1, R), rnd(B, S, G * R), rnd(B, S, G * R)
     m = None
     if mask == "bool":
         m = (torch.rand(B, 1, 1, S, generator=gen) > 0.3).to(device)
@@ -91,7 +92,7 @@ def test_applies_only_where_the_kernel_is_exact():
     ok = dict(q=q, kl=kl, vl=vl, lk=None, softcap=0.0, is_causal=False, mask_kind=4, groups=8, interpret=False)
     words = kl.words(q.dtype, False)
     assert gluon_q4.applies(**ok) == (gluon_q4.HAVE_GLUON and words)
-    for bad in (dict(interpret=True), dict(softcap=30.0), dict(is_causal=True), dict(mask_kind=2), dict(groups=4),
+    for bad in (dict(interpret=True), dict(softcap=30.0), dict(is_causal=True), dict(mask_kind=2), dict(groups=1),
                 dict(q=q.float()), dict(lk=torch.zeros(1)),
                 dict(vl=wrapper.Latent(*quantize_packed(torch.randn(2, 300, 512).half(), 4, 32), 4, 32))):
         assert not gluon_q4.applies(**{**ok, **bad}), bad
@@ -137,6 +138,10 @@ CASES = [
     pytest.param(dict(S=4100, R=128, Hq=4, mask="add"), dict(gluon_heads=2, gluon_block_s=32, gluon_stages=4),
                  id="rank128-S4100"),
     pytest.param(dict(S=2049, B=3, Hq=32), dict(), id="B3-32heads-auto-splits"),
+    pytest.param(dict(S=1500, Hq=8, G=2, mask="add"), dict(), id="gqa-4-per-group"),
+    pytest.param(dict(S=333, Hq=16, G=8, mask="bool"), dict(num_splits=2), id="gqa-2-per-group-8-groups"),
+    pytest.param(dict(S=900, Hq=8, G=1), dict(num_splits=1), id="mqa-8-heads"),
+    pytest.param(dict(S=640, Hq=12, G=4, R=128), dict(), id="gqa-3-per-group-rank128"),
 ]
 
 
@@ -162,3 +167,10 @@ def test_fully_masked_sequence_gives_zeros(splits):
     out = quant.quant_latent_attention_triton(*args, config=cfg)
     assert (out[1] == 0).all()
     _check(out[:1], [a[:1] if torch.is_tensor(a) and a.dim() > 1 else a for a in args])
+
+
+@pytest.mark.parametrize("groups,qpg,hpp,want", [(32, 1, 4, 4), (8, 4, 4, 1), (8, 4, 8, 2), (16, 2, 4, 2), (1, 8, 4, 1),
+                                                 (6, 1, 4, 2), (4, 3, 4, 1), (2, 1, 4, 2)])
+def test_program_groups(groups, qpg, hpp, want):
+    gp = gluon_q4.program_groups(groups, qpg, hpp)
+    assert gp == want and groups % gp == 0 and gp * qpg <= 8 and gp in (1, 2, 4)

@@ -1,7 +1,6 @@
-"""Gluon decode kernel: absorbed attention (no RoPE) over a 4-bit latent cache, one query
-head per latent group (MHA at group size 1), fp16.
+"""Gluon decode kernel: absorbed attention (no RoPE) over a 4-bit latent cache, fp16.
 
-Why a second kernel for a case ``per_head.py`` already serves: that Triton kernel spends its
+Why a second kernel for calls ``per_head.py`` and ``absorbed.py`` already serve: that Triton kernel spends its
 time on the layout of each token tile, not on the bytes (RESULTS.md, issue 5: 0.42 ms at B=8 x
 32k where the packed bytes need 0.15, with 62% of cycles waiting on a dependent
 instruction). Triton picks the register layouts itself: the dequantized codes are moved into
@@ -10,8 +9,8 @@ warps (cross-warp reductions, barriers). Gluon (Triton's layout-explicit dialect
 stacks we support) lets the kernel choose them:
 
 * **One warp per program, ``mma.sync`` with both operands in registers.** A program is one
-  sequence, ``HPP`` heads and one split of the tokens; its softmax reductions are warp
-  shuffles.
+  sequence, a few latent groups (their query heads are the columns of the products: up to
+  8) and one split of the tokens; its softmax reductions are warp shuffles.
 * **Codes dequantized straight into the operand layout.** Each thread reads the code words
   that its fragment of the tensor-core operand needs (the loads' layouts are chosen for that),
   and the channel order inside the product is permuted to what one 32-bit word gives a thread;
@@ -30,9 +29,9 @@ stacks we support) lets the kernel choose them:
   the operand loads hit 32 distinct banks), the small per-token vectors (scales, zeros, the
   decode mask row) loaded a tile ahead into registers.
 
-Covers: fp16 queries, 4-bit keys and values with one quantization group per head's latent
-(``group_size == rank``), rank a multiple of 64, shared decode masks (or none), no softcap,
-one query token. ``applies`` says whether a call is covered; anything else takes the Triton
+Covers: fp16 queries, 4-bit keys and values with one quantization group per Palu group's
+latent (``group_size == rank``), rank 64 or 128, up to 8 query heads per group (MHA, GQA,
+MQA), shared decode masks (or none), no softcap, one query token. ``applies`` says whether a call is covered; anything else takes the Triton
 kernels. Gluon has no CPU interpreter: this kernel is tested on the GPU and compiled for
 sm_90 without one (``tests/kernels/test_gluon_q4.py``).
 """
@@ -135,12 +134,12 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _vectors(ks_ptr, kz_ptr, vs_ptr, vz_ptr, s_off, s_stride, mask_ptr, m_off, sm_k, tok, hi, cols,
-                 HPP: gl.constexpr, MASK_KIND: gl.constexpr):
-        """Per-token key/value scales and zeros [S, 8] (column = head of the program, fp32) and
-        the shared mask row [S] of tokens ``tok``."""
+                 QPG: gl.constexpr, NCOL: gl.constexpr, MASK_KIND: gl.constexpr):
+        """Per-token key/value scales and zeros [S, 8] (column = query head of the program, which
+        reads its group's, fp32) and the shared mask row [S] of tokens ``tok``."""
         ok = tok < hi
-        ok2 = gl.expand_dims(ok, 1) & gl.expand_dims(cols < HPP, 0)
-        off = s_off + gl.expand_dims(tok, 1) * s_stride + gl.expand_dims(cols, 0)
+        ok2 = gl.expand_dims(ok, 1) & gl.expand_dims(cols < NCOL, 0)
+        off = s_off + gl.expand_dims(tok, 1) * s_stride + gl.expand_dims(cols // QPG, 0)
         sk = gl.load(ks_ptr + off, mask=ok2, other=0.0).to(gl.float32)
         zk = gl.load(kz_ptr + off, mask=ok2, other=0.0).to(gl.float32)
         sv = gl.load(vs_ptr + off, mask=ok2, other=0.0).to(gl.float32)
@@ -172,11 +171,11 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _finish_head(o, h: gl.constexpr, cols, m_i, l_i, z_i, out_ptr, out_off, part_ptr, lse_ptr, slot,
-                     HPP: gl.constexpr, R: gl.constexpr, RV_P: gl.constexpr, DIRECT: gl.constexpr,
+                     NCOL: gl.constexpr, R: gl.constexpr, RV_P: gl.constexpr, DIRECT: gl.constexpr,
                      MMA: gl.constexpr):
-        """Head ``h``'s output (column ``h`` of its [R, 8] accumulator): channel order restored,
-        the 2^-24 (2^-20 for odd channels) of the codes undone, the zeros' sum added, normalized; stored final or as a
-        split's partial with its base-2 LSE."""
+        """Query head ``h``'s output (column ``h`` of its group's [R, 8] accumulator): channel
+        order restored, the 2^-24 (2^-20 for odd channels) of the codes undone, the zeros' sum
+        added, normalized; stored final or as a split's partial with its base-2 LSE."""
         sel = gl.expand_dims(cols == h, 0)
         col = gl.sum(gl.where(sel, o, 0.0), axis=1)  # [R]
         pick = cols == h
@@ -192,22 +191,34 @@ if HAVE_GLUON:
         if DIRECT:
             gl.store(out_ptr + out_off + ch, val.to(out_ptr.dtype.element_ty))
         else:
-            gl.store(part_ptr + (slot * HPP + h) * RV_P + ch, val)
+            gl.store(part_ptr + (slot * NCOL + h) * RV_P + ch, val)
             lse = gl.where(empty, float("-inf"), m + gl.log2(gl.where(empty, 1.0, l)))
-            gl.store(lse_ptr + slot * HPP + h, lse)
+            gl.store(lse_ptr + slot * NCOL + h, lse)
+
+    @gluon.jit
+    def _finish_group(o, gg: gl.constexpr, cols, m_i, l_i, z_i, out_ptr, out_off, so_h, part_ptr, lse_ptr, slot,
+                      QPG: gl.constexpr, NCOL: gl.constexpr, R: gl.constexpr, DIRECT: gl.constexpr,
+                      MMA: gl.constexpr):
+        """The outputs of group ``gg``'s query heads (columns gg QPG ..)."""
+        for j in gl.static_range(QPG):
+            c: gl.constexpr = gg * QPG + j
+            _finish_head(o, c, cols, m_i, l_i, z_i, out_ptr, out_off + c * so_h, part_ptr, lse_ptr, slot, NCOL, R, R,
+                         DIRECT, MMA)
 
     @gluon.jit
     def q4_absorbed_kernel(
         q_ptr, k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, mask_ptr, out_ptr, part_ptr, lse_ptr,
         sq_b, sq_h, sq_d, sk_b, sk_s, sv_b, sv_s, ss_b, ss_s, sm_b, sm_k, so_b, so_h,
         Hq, Skv, chunk, NSPLIT, scale,
-        R: gl.constexpr, HPP: gl.constexpr, BLOCK_S: gl.constexpr, STAGES: gl.constexpr,
+        R: gl.constexpr, GP: gl.constexpr, QPG: gl.constexpr, BLOCK_S: gl.constexpr, STAGES: gl.constexpr,
         MASK_KIND: gl.constexpr, DIRECT: gl.constexpr,
     ):
         # k_ptr / v_ptr: the codes as int32 words; strides in words. ss_*: scales and zeros
         # (key and value scales/zeros share strides, checked by the host)
-        W: gl.constexpr = R // 8  # code words per token and head
-        WROW: gl.constexpr = HPP * W  # words of the program's heads per token
+        # a program: GP latent groups of one sequence, each read by QPG query heads (its columns)
+        NCOL: gl.constexpr = GP * QPG
+        W: gl.constexpr = R // 8  # code words per token and group
+        WROW: gl.constexpr = GP * W  # words of the program's groups per token
         MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
         A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
         B_L: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
@@ -223,46 +234,49 @@ if HAVE_GLUON:
 
         pid_s = gl.program_id(0)
         pid_x = gl.program_id(1)
-        nblk = Hq // HPP
+        nblk = Hq // NCOL
         b = (pid_x // nblk).to(gl.int64)
-        h0 = (pid_x % nblk) * HPP
+        g0 = (pid_x % nblk) * GP  # first group; its first query head is g0 * QPG
         lo = pid_s * chunk
         hi = gl.minimum(lo + chunk, Skv)
 
-        # the program's queries, once: the key product's B operand per head ([R, 8], the head's
-        # query in its own column, channels in the key order, odd ones / 16), and sum(q) per head
-        qs = gl.allocate_shared_memory(gl.float16, [HPP, R, 8], QS)
+        # the program's queries, once: the key product's B operand per group ([R, 8], each of its
+        # query heads in that head's column, channels in the key order, those that arrive times
+        # 16 divided by 16), and sum(q) per query head
+        qs = gl.allocate_shared_memory(gl.float16, [GP, R, 8], QS)
         kap = gl.arange(0, R, layout=gl.SliceLayout(1, LQ))
         cq = gl.arange(0, 8, layout=gl.SliceLayout(0, LQ))
         s_ = kap // 16
         hi16 = (kap // 8) % 2  # those channels' codes arrive times 16 (``key_channel``)
         ch = 8 * (4 * (s_ // 2) + (kap // 2) % 4) + 2 * (s_ % 2) + hi16 + 4 * (kap % 2)
-        for h in gl.static_range(HPP):
-            qv = gl.load(q_ptr + b * sq_b + (h0 + h) * sq_h + gl.expand_dims(ch * sq_d, 1) + gl.expand_dims(cq * 0, 0),
-                         mask=gl.expand_dims(cq == h, 0), other=0.0).to(gl.float32)
+        q_base = q_ptr + b * sq_b + g0 * QPG * sq_h
+        for gg in gl.static_range(GP):
+            mine = (cq >= gg * QPG) & (cq < gg * QPG + QPG)
+            qv = gl.load(q_base + gl.expand_dims(ch * sq_d, 1) + gl.expand_dims(cq * sq_h, 0),
+                         mask=gl.expand_dims(mine, 0), other=0.0).to(gl.float32)
             qv = gl.where(gl.expand_dims(hi16 == 1, 1), qv * 0.0625, qv)
-            qs.index(h).store(qv.to(gl.float16))
+            qs.index(gg).store(qv.to(gl.float16))
         cols = gl.arange(0, 8, layout=gl.SliceLayout(0, MMA))
         rr = gl.arange(0, R, layout=gl.SliceLayout(1, LQ))
-        qfull = gl.load(q_ptr + b * sq_b + gl.expand_dims((h0 + cq) * sq_h, 0) + gl.expand_dims(rr * sq_d, 1),
-                        mask=gl.expand_dims(cq < HPP, 0), other=0.0).to(gl.float32)
+        qfull = gl.load(q_base + gl.expand_dims(cq * sq_h, 0) + gl.expand_dims(rr * sq_d, 1),
+                        mask=gl.expand_dims(cq < NCOL, 0), other=0.0).to(gl.float32)
         qsum = gl.convert_layout(gl.sum(qfull, axis=0), gl.SliceLayout(0, MMA))
 
         kbuf = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_S, WROW], SWZ)
         vbuf = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_S, WROW], SWZ)
-        kw_off = b * sk_b + h0 * W
-        vw_off = b * sv_b + h0 * W
+        kw_off = b * sk_b + g0 * W
+        vw_off = b * sv_b + g0 * W
         n_tiles = gl.cdiv(hi - lo, BLOCK_S)
         for i in gl.static_range(STAGES - 1):
             _copy_tile(kbuf.index(i), vbuf.index(i), k_ptr, v_ptr, kw_off, vw_off, sk_s, sv_s,
                        lo + i * BLOCK_S, hi, LC, BLOCK_S, WROW)
             cp.commit_group()
 
-        s_off = b * ss_b + h0
+        s_off = b * ss_b + g0
         m_off = b * sm_b
         tok_n = lo + gl.arange(0, BLOCK_S, layout=gl.SliceLayout(1, MMA))
         sk_n, zk_n, sv_n, zv_n, mr_n = _vectors(ks_ptr, kz_ptr, vs_ptr, vz_ptr, s_off, ss_s, mask_ptr, m_off,
-                                                sm_k, tok_n, hi, cols, HPP, MASK_KIND)
+                                                sm_k, tok_n, hi, cols, QPG, NCOL, MASK_KIND)
         m_i = gl.full([8], float("-inf"), gl.float32, gl.SliceLayout(0, MMA))
         l_i = gl.zeros([8], gl.float32, gl.SliceLayout(0, MMA))
         z_i = gl.zeros([8], gl.float32, gl.SliceLayout(0, MMA))
@@ -276,7 +290,7 @@ if HAVE_GLUON:
             sk, zk, sv, zv, mr = sk_n, zk_n, sv_n, zv_n, mr_n
             tok_n = tok + BLOCK_S
             sk_n, zk_n, sv_n, zv_n, mr_n = _vectors(ks_ptr, kz_ptr, vs_ptr, vz_ptr, s_off, ss_s, mask_ptr, m_off,
-                                                    sm_k, tok_n, hi, cols, HPP, MASK_KIND)
+                                                    sm_k, tok_n, hi, cols, QPG, NCOL, MASK_KIND)
             # the stage that tile it + STAGES - 1 overwrites was read in the last iteration
             _barrier()
             nxt = (it + STAGES - 1) % STAGES
@@ -288,11 +302,11 @@ if HAVE_GLUON:
             stage = it % STAGES
             kt = kbuf.index(stage)
             s = gl.zeros([BLOCK_S, 8], gl.float32, MMA)
-            for h in gl.static_range(HPP):
-                kop = _k_operand(kt.slice(h * W, W, dim=1).load(LK), A_L)
-                s = mma_v2(kop, qs.index(h).load(B_L), s)
+            for gg in gl.static_range(GP):  # each group's product fills its own columns
+                kop = _k_operand(kt.slice(gg * W, W, dim=1).load(LK), A_L)
+                s = mma_v2(kop, qs.index(gg).load(B_L), s)
             t = (s * (sk * 16777216.0) + zk * gl.expand_dims(qsum, 0)) * qscale  # the key codes came as c 2^-24
-            keep = gl.expand_dims(tok < hi, 1) & gl.expand_dims(cols < HPP, 0)
+            keep = gl.expand_dims(tok < hi, 1) & gl.expand_dims(cols < NCOL, 0)
             if MASK_KIND == 3:
                 keep = keep & gl.expand_dims(mr != 0.0, 1)
             if MASK_KIND == 4:
@@ -308,53 +322,67 @@ if HAVE_GLUON:
             wv = gl.convert_layout((p * sv).to(gl.float16), B_L)
             vt = vbuf.index(stage)
             o0 = _value_step(vt, 0, W, LV, A_L, wv, o0, alpha)
-            if HPP > 1:
+            if GP > 1:
                 o1 = _value_step(vt, 1, W, LV, A_L, wv, o1, alpha)
-            if HPP > 2:
+            if GP > 2:
                 o2 = _value_step(vt, 2, W, LV, A_L, wv, o2, alpha)
                 o3 = _value_step(vt, 3, W, LV, A_L, wv, o3, alpha)
         cp.wait_group(0)
 
         slot = pid_x * NSPLIT + pid_s
-        out_off = b * so_b + h0 * so_h
-        _finish_head(o0, 0, cols, m_i, l_i, z_i, out_ptr, out_off, part_ptr, lse_ptr, slot, HPP, R, R, DIRECT, MMA)
-        if HPP > 1:
-            _finish_head(o1, 1, cols, m_i, l_i, z_i, out_ptr, out_off + so_h, part_ptr, lse_ptr, slot, HPP, R, R,
-                         DIRECT, MMA)
-        if HPP > 2:
-            _finish_head(o2, 2, cols, m_i, l_i, z_i, out_ptr, out_off + 2 * so_h, part_ptr, lse_ptr, slot, HPP, R, R,
-                         DIRECT, MMA)
-            _finish_head(o3, 3, cols, m_i, l_i, z_i, out_ptr, out_off + 3 * so_h, part_ptr, lse_ptr, slot, HPP, R, R,
-                         DIRECT, MMA)
+        out_off = b * so_b + g0 * QPG * so_h
+        _finish_group(o0, 0, cols, m_i, l_i, z_i, out_ptr, out_off, so_h, part_ptr, lse_ptr, slot, QPG, NCOL, R, DIRECT,
+                      MMA)
+        if GP > 1:
+            _finish_group(o1, 1, cols, m_i, l_i, z_i, out_ptr, out_off, so_h, part_ptr, lse_ptr, slot, QPG, NCOL, R,
+                          DIRECT, MMA)
+        if GP > 2:
+            _finish_group(o2, 2, cols, m_i, l_i, z_i, out_ptr, out_off, so_h, part_ptr, lse_ptr, slot, QPG, NCOL, R,
+                          DIRECT, MMA)
+            _finish_group(o3, 3, cols, m_i, l_i, z_i, out_ptr, out_off, so_h, part_ptr, lse_ptr, slot, QPG, NCOL, R,
+                          DIRECT, MMA)
+
+
+def program_groups(groups: int, q_per_group: int, heads_per_program: int) -> int:
+    """Latent groups per program: about ``heads_per_program`` query heads (its columns, at most
+    8, the product's width), at most 4 groups (one accumulator each), dividing ``groups``."""
+    gp = max(1, min(4, heads_per_program // q_per_group, 8 // q_per_group))
+    while groups % gp:
+        gp //= 2
+    return gp
 
 
 def applies(q, kl, vl, lk, softcap, is_causal, mask_kind, groups, interpret) -> bool:
     """Whether ``q4_absorbed_kernel`` serves a fused call (see the module docstring)."""
     B, Hq, Sq, R = q.shape
     return (HAVE_GLUON and not interpret and lk is None and q.dtype == torch.float16 and Sq == 1
-            and groups == Hq and Hq % 4 == 0 and softcap == 0 and not is_causal and mask_kind in (0, 3, 4)
+            and Hq % groups == 0 and Hq // groups <= 8 and softcap == 0 and not is_causal and mask_kind in (0, 3, 4)
             and R % 64 == 0 and R <= 128
             and kl.bits == 4 and vl.bits == 4 and kl.group_size == R and vl.group_size == R
-            and kl.channels == Hq * R and vl.channels == Hq * R
+            and kl.channels == groups * R and vl.channels == groups * R
             and kl.scale.stride() == kl.zero.stride() == vl.scale.stride() == vl.zero.stride()
             and kl.scale.stride(-1) == 1
             and kl.words(q.dtype, interpret) and vl.words(q.dtype, interpret))
 
 
 def launch(q, kl, vl, mask_kind, mask, sm_b, sm_k, scale, out, nsplit, chunk, part, lse, heads_per_program=4,
-           block_s=32, stages=3, probe=False):
-    """Launch over ``nsplit`` splits of ``chunk`` tokens (``part``/``lse``: the split partials,
-    rows = the program's heads, as ``common.combine_splits_kernel`` reads them with
-    ``M_BLOCK = HPG = heads_per_program``). ``probe``: return (kernel, grid, args, constexprs)."""
+           block_s=32, stages=2, probe=False):
+    """Launch over ``nsplit`` splits of ``chunk`` tokens. ``part``/``lse``: the split partials,
+    one row per query head of a program (``program_groups(...) * Hq // groups`` rows), as
+    ``common.combine_splits_kernel`` reads them with ``M_BLOCK = HPG =`` that many rows.
+    ``probe``: return (kernel, grid, args, constexprs)."""
     B, Hq, _, R = q.shape
+    G = kl.channels // R
+    qpg = Hq // G
+    gp = program_groups(G, qpg, heads_per_program)
     kw, vw = kl.data.view(torch.int32), vl.data.view(torch.int32)
-    grid = (nsplit, B * Hq // heads_per_program)
+    grid = (nsplit, B * G // gp)
     args = (q, kw, vw, kl.scale, kl.zero, vl.scale, vl.zero, mask, out, part, lse,
             q.stride(0), q.stride(1), q.stride(3), kw.stride(0), kw.stride(1), vw.stride(0), vw.stride(1),
             kl.scale.stride(0), kl.scale.stride(1), sm_b, sm_k, out.stride(0), out.stride(1),
             Hq, kw.shape[1], chunk, nsplit, float(scale))
-    consts = dict(R=R, HPP=heads_per_program, BLOCK_S=block_s, STAGES=stages, MASK_KIND=mask_kind,
-                  DIRECT=nsplit == 1, num_warps=1)
+    consts = dict(R=R, GP=gp, QPG=qpg, BLOCK_S=block_s, STAGES=stages, MASK_KIND=mask_kind, DIRECT=nsplit == 1,
+                  num_warps=1)
     if probe:
         return q4_absorbed_kernel, grid, args, consts
     q4_absorbed_kernel[grid](*args, **consts)

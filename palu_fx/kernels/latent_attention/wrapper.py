@@ -68,8 +68,8 @@ class KernelConfig:
     of all heads take one product (``MERGE_V``), and so do the absorbed scores, against a
     block-diagonal query (``MERGE_K``); one layout round trip, barrier and wait per tile
     instead of one per head. gluon: calls ``gluon_q4.applies`` to (4-bit absorbed decode, one
-    query head per group, fp16, on a GPU) run the Gluon kernel instead, with gluon_heads heads
-    per one-warp program, gluon_block_s tokens per tile and gluon_stages copy stages (H200,
+    query heads per group at most 8, fp16, on a GPU) run the Gluon kernel instead, with about
+    gluon_heads query heads per one-warp program, gluon_block_s tokens per tile and gluon_stages copy stages (H200,
     B=8 x 32k: 0.162 ms against 0.416 for the Triton kernel; RESULTS.md, issue 5).
     """
 
@@ -521,18 +521,19 @@ def fused_attention(q, kl: Latent, vl: Latent, lk, k_bias, cos, sin, k_norm_weig
 
 def _gluon_q4(q, kl, vl, mask_kind, mask, mstr, scale, cfg, out):
     """``gluon_q4.q4_absorbed_kernel`` over the splits that fill whole waves of what an SM holds,
-    then ``combine_splits_kernel`` (rows = a program's heads)."""
+    then ``combine_splits_kernel`` (rows = a program's query heads)."""
     B, Hq, _, R = q.shape
     Skv = kl.data.shape[1]
-    hpp = cfg.gluon_heads
-    n_base = B * Hq // hpp
-    knobs = (hpp, cfg.gluon_block_s, cfg.gluon_stages)
+    G = kl.channels // R
+    rows = gluon_q4.program_groups(G, Hq // G, cfg.gluon_heads) * (Hq // G)  # query heads per program
+    n_base = B * Hq // rows
+    knobs = (cfg.gluon_heads, cfg.gluon_block_s, cfg.gluon_stages)
 
     def launch(nsplit, chunk, part, lse, probe=False):
         return gluon_q4.launch(q, kl, vl, mask_kind, mask, mstr[0], mstr[3], scale, out, nsplit, chunk, part, lse,
                                *knobs, probe=probe)
 
-    key = ("gluon_q4", knobs, R, mask_kind, q.device.index)
+    key = ("gluon_q4", knobs, R, Hq // G, mask_kind, q.device.index)
     resident = _RESIDENT.get(key)
     if resident is None:
         scratch = torch.empty(1, dtype=torch.float32, device=q.device)
@@ -543,11 +544,11 @@ def _gluon_q4(q, kl, vl, mask_kind, mask, mstr, scale, cfg, out):
     if NSPLIT == 1:
         launch(1, chunk, out, out)
         return out
-    part = torch.empty(n_base * NSPLIT * hpp * R, dtype=torch.float32, device=q.device)
-    lse = torch.empty(n_base * NSPLIT * hpp, dtype=torch.float32, device=q.device)
+    part = torch.empty(n_base * NSPLIT * rows * R, dtype=torch.float32, device=q.device)
+    lse = torch.empty(n_base * NSPLIT * rows, dtype=torch.float32, device=q.device)
     launch(NSPLIT, chunk, part, lse)
     cols = min(R, 64)
-    combine_splits_kernel[(n_base, hpp, R // cols)](
-        part, lse, out, Hq // hpp, 1, 1, NSPLIT, out.stride(0), out.stride(1), out.stride(2),
-        HPG=hpp, HPG_P=hpp, M_BLOCK=hpp, RV=R, RV_P=R, SPLIT_BLOCK=32, COLS=cols, num_warps=4)
+    combine_splits_kernel[(n_base, rows, R // cols)](
+        part, lse, out, Hq // rows, 1, 1, NSPLIT, out.stride(0), out.stride(1), out.stride(2),
+        HPG=rows, HPG_P=_p2(rows), M_BLOCK=rows, RV=R, RV_P=R, SPLIT_BLOCK=32, COLS=cols, num_warps=4)
     return out

@@ -22,6 +22,7 @@
 #   bash benchmarks/gpu_session.sh 21  # without a mask: this code against .ab/old (carried), interleaved processes
 #   bash benchmarks/gpu_session.sh 22  # prefill: which SDPA backends take unpadded latent values, then the prefill table
 #   bash benchmarks/gpu_session.sh 23  # the Gluon 4-bit absorbed kernel: GPU tests, then A/B of its knobs against the Triton default
+#   bash benchmarks/gpu_session.sh 24  # Gluon GPU tests (GQA too) and the quantized GPU tests, then the 4-bit rows of the issue table
 set -u
 export PYTHONPATH=.
 OUT=${OUT:-/tmp/palu_gpu}
@@ -178,5 +179,10 @@ case "${1:-1}" in
         --variant abs4:g2x64s3=gluon=true,gluon_heads=2,gluon_block_s=64 \
         --variant abs4:g2x32s3=gluon=true,gluon_heads=2 \
         --variant abs4:g4x32s4=gluon=true,gluon_stages=4
+    ;;
+24)
+    step gluon_tests 240 python -m pytest -q tests/kernels/test_gluon_q4.py tests/kernels/test_quant_latent_attention.py
+    step table_q4 420 python -u benchmarks/attention.py --no-sweep --defaults-only --no-prefill --quant-bits 4 \
+        --quant-only --check --budget-s 330
     ;;
 esac

@@ -23,6 +23,7 @@
 #   bash benchmarks/gpu_session.sh 22  # prefill: which SDPA backends take unpadded latent values, then the prefill table
 #   bash benchmarks/gpu_session.sh 23  # the Gluon 4-bit absorbed kernel: GPU tests, then A/B of its knobs against the Triton default
 #   bash benchmarks/gpu_session.sh 24  # Gluon GPU tests (GQA too) and the quantized GPU tests, then the 4-bit rows of the issue table
+#   bash benchmarks/gpu_session.sh 25  # which knob breaks the 2-bit MQA fp16 absorbed case; Gluon tests; the 4-bit table rows
 set -u
 export PYTHONPATH=.
 OUT=${OUT:-/tmp/palu_gpu}
@@ -184,5 +185,11 @@ case "${1:-1}" in
     step gluon_tests 240 python -m pytest -q tests/kernels/test_gluon_q4.py tests/kernels/test_quant_latent_attention.py
     step table_q4 420 python -u benchmarks/attention.py --no-sweep --defaults-only --no-prefill --quant-bits 4 \
         --quant-only --check --budget-s 330
+    ;;
+25)
+    step quant_diag 120 python -u benchmarks/quant_diag.py
+    step gluon_tests 120 python -m pytest -q tests/kernels/test_gluon_q4.py
+    step table_q4 400 python -u benchmarks/attention.py --no-sweep --defaults-only --no-prefill --quant-bits 4 \
+        --quant-only --check --budget-s 300
     ;;
 esac

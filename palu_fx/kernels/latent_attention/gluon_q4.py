@@ -201,9 +201,8 @@ if HAVE_GLUON:
                       MMA: gl.constexpr):
         """The outputs of group ``gg``'s query heads (columns gg QPG ..)."""
         for j in gl.static_range(QPG):
-            c: gl.constexpr = gg * QPG + j
-            _finish_head(o, c, cols, m_i, l_i, z_i, out_ptr, out_off + c * so_h, part_ptr, lse_ptr, slot, NCOL, R, R,
-                         DIRECT, MMA)
+            _finish_head(o, gg * QPG + j, cols, m_i, l_i, z_i, out_ptr, out_off + (gg * QPG + j) * so_h, part_ptr,
+                         lse_ptr, slot, NCOL, R, R, DIRECT, MMA)
 
     @gluon.jit
     def q4_absorbed_kernel(

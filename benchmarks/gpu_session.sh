@@ -24,6 +24,7 @@
 #   bash benchmarks/gpu_session.sh 23  # the Gluon 4-bit absorbed kernel: GPU tests, then A/B of its knobs against the Triton default
 #   bash benchmarks/gpu_session.sh 24  # Gluon GPU tests (GQA too) and the quantized GPU tests, then the 4-bit rows of the issue table
 #   bash benchmarks/gpu_session.sh 25  # which knob breaks the 2-bit MQA fp16 absorbed case; Gluon tests; the 4-bit table rows
+#   bash benchmarks/gpu_session.sh 26  # the 2-bit diag again; 4-bit absorbed A/B with and without the decode mask
 set -u
 export PYTHONPATH=.
 OUT=${OUT:-/tmp/palu_gpu}
@@ -191,5 +192,11 @@ case "${1:-1}" in
     step gluon_tests 120 python -m pytest -q tests/kernels/test_gluon_q4.py
     step table_q4 400 python -u benchmarks/attention.py --no-sweep --defaults-only --no-prefill --quant-bits 4 \
         --quant-only --check --budget-s 300
+    ;;
+26)
+    step quant_diag 120 python -u benchmarks/quant_diag.py
+    step ab_mask 150 python -u benchmarks/kernel_ab.py --cases abs4 --rounds 4 --variant abs4:triton=gluon=false
+    step ab_nomask 150 python -u benchmarks/kernel_ab.py --cases abs4 --rounds 4 --no-mask --variant abs4:triton=gluon=false
+    step pytest_quant 200 python -m pytest -q tests/kernels/test_quant_latent_attention.py
     ;;
 esac

@@ -41,6 +41,7 @@ variants = {
     "1 split": (base, dict(num_splits=1)),
     "64-token tiles": (base, dict(block_s=64)),
     "2 stages": (base, dict(num_stages=2)),
+    "4 bits, Triton's unpack": (dict(base, k_bits=4), dict(word_dequant=False)),
 }
 for name, (case, knobs) in variants.items():
     try:

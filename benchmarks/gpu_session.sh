@@ -25,6 +25,7 @@
 #   bash benchmarks/gpu_session.sh 24  # Gluon GPU tests (GQA too) and the quantized GPU tests, then the 4-bit rows of the issue table
 #   bash benchmarks/gpu_session.sh 25  # which knob breaks the 2-bit MQA fp16 absorbed case; Gluon tests; the 4-bit table rows
 #   bash benchmarks/gpu_session.sh 26  # the 2-bit diag again; 4-bit absorbed A/B with and without the decode mask
+#   bash benchmarks/gpu_session.sh 27  # kernel GPU tests; 4-bit absorbed A/B with and without the mask; the 4-bit table rows
 set -u
 export PYTHONPATH=.
 OUT=${OUT:-/tmp/palu_gpu}
@@ -198,5 +199,13 @@ case "${1:-1}" in
     step ab_mask 150 python -u benchmarks/kernel_ab.py --cases abs4 --rounds 4 --variant abs4:triton=gluon=false
     step ab_nomask 150 python -u benchmarks/kernel_ab.py --cases abs4 --rounds 4 --no-mask --variant abs4:triton=gluon=false
     step pytest_quant 200 python -m pytest -q tests/kernels/test_quant_latent_attention.py
+    ;;
+27)
+    step pytest_gpu 240 python -m pytest -q tests/kernels/test_quant_latent_attention.py tests/kernels/test_gluon_q4.py \
+        tests/kernels/test_split_plan.py
+    step ab_mask 100 python -u benchmarks/kernel_ab.py --cases abs4 --rounds 4 --variant abs4:triton=gluon=false
+    step ab_nomask 100 python -u benchmarks/kernel_ab.py --cases abs4 --rounds 4 --no-mask --variant abs4:triton=gluon=false
+    step table_q4 330 python -u benchmarks/attention.py --no-sweep --defaults-only --no-prefill --quant-bits 4 \
+        --quant-only --budget-s 260
     ;;
 esac

@@ -1,6 +1,10 @@
 """Which knob breaks a quantized absorbed case on the GPU: the case of
 ``test_quant_decode_absorbed[q2-mqa-fp16]`` (2 bits, 8 query heads on one latent group of rank
-16, fp16) and its neighbours, relative RMS error against the float64 reference."""
+16, fp16) and its neighbours, relative RMS error against the float64 reference.
+
+Found (H200, Triton 3.6, 2026-11-29): wrong (rel-RMS ~1) for 2, 3 and 4 bits unpacked by Triton
+into 16-channel tiles of 32 tokens in fp16; right in fp32, at rank 32, at 64 tokens, and with the
+4-bit word-wise PTX. The wrapper now takes 64-token tiles there (``fused_attention``)."""
 from __future__ import annotations
 
 import dataclasses

@@ -71,3 +71,11 @@ def test_resident_programs_of_the_rope_default_on_gpu():
     latent_attention_triton(*args)
     (resident,) = wrapper._RESIDENT.values()
     assert 1 <= resident <= 32
+
+
+@pytest.mark.parametrize("regs,warps,want", [(208, 1, 8), (200, 1, 8), (168, 1, 12), (255, 1, 8), (128, 1, 16),
+                                             (160, 4, 3), (128, 4, 4), (96, 8, 2), (64, 2, 16)])
+def test_programs_by_registers_counts_per_partition(regs, warps, want):
+    from palu_fx.kernels.latent_attention.wrapper import programs_by_registers
+
+    assert programs_by_registers(regs, warps) == want

@@ -563,10 +563,11 @@ def load_latent(
         # bits of 1024 + code as fp16, or of 2**23 + code as fp32, minus that constant
         if WORDS:
             x = _dequant4_words(w, s, z, DTYPE)
+        elif DTYPE == tl.float16:  # fp16 operands: dequantize in fp16 (one rounding, as an fp16 cache holds it)
+            one = tl.full([1, 1, 1], 1024.0, tl.float16)
+            cf = (c | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - one
+            x = cf * s[:, :, None] + z[:, :, None]
         else:
-            # fp32 for every operand dtype: an fp16 version of these lines (codes | 0x6400, bitcast
-            # through int16) gave wrong results on the H200 for rank-16 groups in 32-token tiles
-            # (2 and 3 bits, Triton 3.6; benchmarks/quant_diag.py), right ones under the interpreter
             cf = (c | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
             x = cf * s.to(tl.float32)[:, :, None] + z.to(tl.float32)[:, :, None]
         out = tl.reshape(x, [kv.shape[0], R_P]).to(DTYPE)

@@ -16,6 +16,7 @@ Paths (same semantics as ``naive.latent_attention_ref``):
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -254,13 +255,22 @@ def _resident_programs(kernel, grid, args, consts) -> int:
         compiled._init_handles()  # loads the binary: its register count (and shared-memory check)
         warps = consts.get("num_warps", 4)
         prop = torch.cuda.get_device_properties(dev)
-        regs = _cdiv(max(compiled.n_regs, 1), 8) * 8  # registers go out in units of 256 per warp
-        by_regs = prop.regs_per_multiprocessor // (_cdiv(regs * 32, 256) * 256 * warps)
+        by_regs = programs_by_registers(compiled.n_regs, warps, prop.regs_per_multiprocessor)
         by_smem = prop.shared_memory_per_multiprocessor // (compiled.metadata.shared + 1024)  # 1 KB reserved
         by_threads = prop.max_threads_per_multi_processor // (32 * warps)
         return max(1, min(by_regs, by_smem, by_threads, 32))
     except Exception:  # noqa: BLE001 (an older Triton, a kernel that needs fewer stages: the plain plan)
         return 0
+
+
+def programs_by_registers(n_regs: int, warps: int, regs_per_sm: int = 65536) -> int:
+    """Programs of ``warps`` warps at ``n_regs`` registers per thread that one SM's register file
+    holds. Registers go out in units of 256 per warp, and a warp lives on one of the SM's 4
+    partitions, taking them from that partition's quarter of the file: one-warp programs of 208
+    registers fit 2 per partition, 8 per SM, not 65536 // 6656 = 9 (a split plan for 10 per SM
+    ran a second wave on the H200: 0.226 ms against 0.161; RESULTS.md, issue 5)."""
+    per_warp = _cdiv(_cdiv(max(n_regs, 1), 8) * 8 * 32, 256) * 256
+    return 4 * (regs_per_sm // 4 // per_warp) // warps
 
 
 def _launch(kernel, grid, args, consts):
@@ -422,6 +432,13 @@ def fused_attention(q, kl: Latent, vl: Latent, lk, k_bias, cos, sin, k_norm_weig
     qc = q.to(dtype)
 
     cfg = config or choose_config(rebuild, GS, RK, RV, Dq, _p2(HPG) * _p2(Sq), interpret, quantized=kl.bits > 0)
+    if not interpret and cfg.block_s < 64 and dtype in (torch.float16, torch.bfloat16) and any(
+            lat.bits and not (cfg.word_dequant and lat.words(dtype, interpret)) and _p2(rank) <= 16
+            for lat, rank in ((kl, RK), (vl, RV))):
+        # Triton 3.6 on the H200 computed wrong scores from bytes unpacked into 16-channel tiles of
+        # 32 tokens (fp16; 2, 3 and 4 bits; right under the interpreter, and at 64 tokens):
+        # benchmarks/quant_diag.py, RESULTS.md
+        cfg = dataclasses.replace(cfg, block_s=64)
     per_head = per_head_applies(q, lk, k_bias, k_norm_weight, rope_style, G, cfg.group_heads)
     if per_head:  # one query head per latent group: programs of group_heads heads
         VG, VHPG = Hq // cfg.group_heads, cfg.group_heads

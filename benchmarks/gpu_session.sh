@@ -26,6 +26,7 @@
 #   bash benchmarks/gpu_session.sh 25  # which knob breaks the 2-bit MQA fp16 absorbed case; Gluon tests; the 4-bit table rows
 #   bash benchmarks/gpu_session.sh 26  # the 2-bit diag again; 4-bit absorbed A/B with and without the decode mask
 #   bash benchmarks/gpu_session.sh 27  # kernel GPU tests; 4-bit absorbed A/B with and without the mask; the 4-bit table rows
+#   bash benchmarks/gpu_session.sh 28  # Gluon tests with rank 256; the 4-bit rows at the target point, gs 1/2/4
 set -u
 export PYTHONPATH=.
 OUT=${OUT:-/tmp/palu_gpu}
@@ -207,5 +208,10 @@ case "${1:-1}" in
     step ab_nomask 100 python -u benchmarks/kernel_ab.py --cases abs4 --rounds 4 --no-mask --variant abs4:triton=gluon=false
     step table_q4 330 python -u benchmarks/attention.py --no-sweep --defaults-only --no-prefill --quant-bits 4 \
         --quant-only --budget-s 260
+    ;;
+28)
+    step gluon_tests 150 python -m pytest -q tests/kernels/test_gluon_q4.py
+    step table_q4_target 200 python -u benchmarks/attention.py --no-sweep --defaults-only --no-prefill --quant-bits 4 \
+        --quant-only --shapes llama2 --batch 8 --ctx 32k --budget-s 150
     ;;
 esac

@@ -50,7 +50,7 @@ def test_value_asm_gives_one_channel_of_two_tokens():
             assert (_sub(out[j] & 0xFFFF), _sub(out[j] >> 16)) == (mult * float(a[j]), mult * float(b[j])), j
 
 
-@pytest.mark.parametrize("rank", [64, 128])
+@pytest.mark.parametrize("rank", [64, 128, 256])
 def test_channel_orders_are_permutations(rank):
     idx = torch.arange(rank)
     for f in (gluon_q4.key_channel, gluon_q4.value_channel):
@@ -142,6 +142,7 @@ CASES = [
     pytest.param(dict(S=333, Hq=16, G=8, mask="bool"), dict(num_splits=2), id="gqa-2-per-group-8-groups"),
     pytest.param(dict(S=900, Hq=8, G=1), dict(num_splits=1), id="mqa-8-heads"),
     pytest.param(dict(S=640, Hq=12, G=4, R=128), dict(), id="gqa-3-per-group-rank128"),
+    pytest.param(dict(S=700, Hq=8, G=2, R=256, mask="add"), dict(), id="rank256-4-per-group"),
 ]
 
 

@@ -30,7 +30,7 @@ stacks we support) lets the kernel choose them:
   decode mask row) loaded a tile ahead into registers.
 
 Covers: fp16 queries, 4-bit keys and values with one quantization group per Palu group's
-latent (``group_size == rank``), rank 64 or 128, up to 8 query heads per group (MHA, GQA,
+latent (``group_size == rank``), rank 64, 128, 192 or 256, up to 8 query heads per group (MHA, GQA,
 MQA), shared decode masks (or none), no softcap, one query token. ``applies`` says whether a call is covered; anything else takes the Triton
 kernels. Gluon has no CPU interpreter: this kernel is tested on the GPU and compiled for
 sm_90 without one (``tests/kernels/test_gluon_q4.py``).
@@ -356,7 +356,7 @@ def applies(q, kl, vl, lk, softcap, is_causal, mask_kind, groups, interpret) -> 
     B, Hq, Sq, R = q.shape
     return (HAVE_GLUON and not interpret and lk is None and q.dtype == torch.float16 and Sq == 1
             and Hq % groups == 0 and Hq // groups <= 8 and softcap == 0 and not is_causal and mask_kind in (0, 3, 4)
-            and R % 64 == 0 and R <= 128
+            and R % 64 == 0 and R <= 256
             and kl.bits == 4 and vl.bits == 4 and kl.group_size == R and vl.group_size == R
             and kl.channels == groups * R and vl.channels == groups * R
             and kl.scale.stride() == kl.zero.stride() == vl.scale.stride() == vl.zero.stride()

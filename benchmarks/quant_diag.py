@@ -14,7 +14,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "kernels"))
-from test_quant_latent_attention import check, quant_inputs  # noqa: E402
+from test_quant_latent_attention import quant_inputs  # noqa: E402
 
 from palu_fx.kernels.latent_attention import quant  # noqa: E402
 from palu_fx.kernels.latent_attention.quant_naive import quant_latent_attention_ref  # noqa: E402

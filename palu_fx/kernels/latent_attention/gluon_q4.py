@@ -353,7 +353,7 @@ def program_groups(groups: int, q_per_group: int, heads_per_program: int) -> int
 
 def applies(q, kl, vl, lk, softcap, is_causal, mask_kind, groups, interpret) -> bool:
     """Whether ``q4_absorbed_kernel`` serves a fused call (see the module docstring)."""
-    B, Hq, Sq, R = q.shape
+    _, Hq, Sq, R = q.shape
     return (HAVE_GLUON and not interpret and lk is None and q.dtype == torch.float16 and Sq == 1
             and Hq % groups == 0 and Hq // groups <= 8 and softcap == 0 and not is_causal and mask_kind in (0, 3, 4)
             and R % 64 == 0 and R <= 256

@@ -26,6 +26,7 @@ import torch
 import triton
 from triton.runtime.errors import OutOfResources
 
+from palu_fx.kernels.latent_attention import gluon_q4
 from palu_fx.kernels.latent_attention.absorbed import absorbed_attention_kernel
 from palu_fx.kernels.latent_attention.common import (
     MASK_ADD, MASK_ADD_SHARED, MASK_BOOL, MASK_BOOL_SHARED, MASK_NONE, combine_splits_kernel,
@@ -34,7 +35,6 @@ from palu_fx.kernels.latent_attention.decode import rebuild_attention_kernel
 from palu_fx.kernels.latent_attention.naive import ROPE_HALF, ROPE_INTERLEAVED, ROPE_NONE, latent_attention_ref
 from palu_fx.kernels.latent_attention.prefill import rebuild_keys, sdpa_latent, unpadded_values
 from palu_fx.kernels.latent_attention.per_head import per_head_applies, per_head_launch
-from palu_fx.kernels.latent_attention import gluon_q4
 
 __all__ = ["KernelConfig", "Latent", "latent_attention_triton", "fused_attention", "fused_fits", "choose_config"]
 
@@ -140,7 +140,8 @@ def choose_config(rebuild: bool, gs: int, rk: int, rv: int, head_dim: int, rows:
     if not rebuild:
         # bandwidth bound: long tiles keep bytes in flight; shared memory caps the stages
         if rk + rv <= 128:
-            if quantized:  # H200, 4 bits, B=8 x 32k, heads merged into one tile (merge_heads):
+            if quantized:  # 4-bit fp16 calls take the Gluon kernel (``gluon``: 0.162-0.169 ms); these
+                # knobs serve the rest. H200, 4 bits, B=8 x 32k, heads merged into one tile (merge_heads):
                 # per-head x2 at 3 stages 0.421 ms (128 registers, four programs per SM); x4 0.438
                 # (194 registers, two per SM); before the merge x4 at 2 stages 0.441; group kernel 0.74
                 return KernelConfig(block_s=64, num_warps=4, num_stages=3, programs_per_sm=16, group_heads=2)

@@ -27,6 +27,7 @@
 #   bash benchmarks/gpu_session.sh 26  # the 2-bit diag again; 4-bit absorbed A/B with and without the decode mask
 #   bash benchmarks/gpu_session.sh 27  # kernel GPU tests; 4-bit absorbed A/B with and without the mask; the 4-bit table rows
 #   bash benchmarks/gpu_session.sh 28  # Gluon tests with rank 256; the 4-bit rows at the target point, gs 1/2/4
+#   bash benchmarks/gpu_session.sh 29  # Gluon tests with bf16; the bf16 4-bit rows at the target point
 set -u
 export PYTHONPATH=.
 OUT=${OUT:-/tmp/palu_gpu}
@@ -213,5 +214,10 @@ case "${1:-1}" in
     step gluon_tests 150 python -m pytest -q tests/kernels/test_gluon_q4.py
     step table_q4_target 200 python -u benchmarks/attention.py --no-sweep --defaults-only --no-prefill --quant-bits 4 \
         --quant-only --shapes llama2 --batch 8 --ctx 32k --budget-s 150
+    ;;
+29)
+    step gluon_tests 150 python -m pytest -q tests/kernels/test_gluon_q4.py
+    step table_q4_bf16 200 python -u benchmarks/attention.py --no-sweep --defaults-only --no-prefill --quant-bits 4 \
+        --quant-only --shapes llama2 --batch 8 --ctx 32k --bf16 --budget-s 150
     ;;
 esac

@@ -1,4 +1,4 @@
-"""Gluon decode kernel: absorbed attention (no RoPE) over a 4-bit latent cache, fp16.
+"""Gluon decode kernel: absorbed attention (no RoPE) over a 4-bit latent cache.
 
 Why a second kernel for calls ``per_head.py`` and ``absorbed.py`` already serve: that Triton kernel spends its
 time on the layout of each token tile, not on the bytes (RESULTS.md, issue 5: 0.42 ms at B=8 x
@@ -29,7 +29,7 @@ stacks we support) lets the kernel choose them:
   the operand loads hit 32 distinct banks), the small per-token vectors (scales, zeros, the
   decode mask row) loaded a tile ahead into registers.
 
-Covers: fp16 queries, 4-bit keys and values with one quantization group per Palu group's
+Covers: fp16 and bf16 queries, 4-bit keys and values with one quantization group per Palu group's
 latent (``group_size == rank``), rank 64, 128, 192 or 256, up to 8 query heads per group (MHA, GQA,
 MQA), shared decode masks (or none), no softcap, one query token. ``applies`` says whether a call is covered; anything else takes the Triton
 kernels. Gluon has no CPU interpreter: this kernel is tested on the GPU and compiled for
@@ -53,14 +53,23 @@ __all__ = ["HAVE_GLUON", "applies", "launch"]
 LOG2E = 1.4426950408889634
 
 
-def _k_asm() -> str:
-    """One word of 8 codes (channel j in nibble j) -> 8 fp16 outputs, output o = channel
+def _k_asm(bf16: bool = False) -> str:
+    """One word of 8 codes (channel j in nibble j) -> 8 16-bit outputs, output o = channel
     ``o // 2 + 4 (o % 2)``, in pairs that share a register. The code bits go straight into the
-    mantissa under a zero exponent, so each half is the subnormal ``c 2^-24`` (even channels)
-    or ``16 c 2^-24`` (odd channels, whose bits sit 4 higher): exact, with no offset to
+    mantissa under a zero exponent, so each half is a subnormal: exact, with no offset to
     subtract. Half 0 of a register comes from bits 0-15 of the word and half 1 from bits 16-31,
-    so one AND gives channels (0, 4), another (1, 5), and the word shifted by 8 gives (2, 6)
-    and (3, 7): five instructions per 8 codes."""
+    so one AND gives channels (0, 4). fp16 (10 mantissa bits): ``c 2^-24`` for even channels and
+    ``16 c 2^-24`` for odd ones (their bits sit 4 higher): another AND gives (1, 5), and the
+    word shifted by 8 gives (2, 6) and (3, 7), five instructions per 8 codes. bf16 (7 mantissa
+    bits, where a high nibble would reach the exponent): every pair is shifted down to bits
+    0-3, ``c 2^-133``, seven instructions."""
+    if bf16:
+        lines = ["{", ".reg .b32 r, s;"]
+        for p in range(4):
+            src = "$8" if p == 0 else "s"
+            lines += ([] if p == 0 else [f"shr.b32 s, $8, {4 * p};"]) + [
+                f"and.b32 r, {src}, 0x000f000f;", f"mov.b32 {{${2 * p}, ${2 * p + 1}}}, r;"]
+        return "\n".join(lines + ["}"])
     lines = ["{", ".reg .b32 r, s;", "shr.b32 s, $8, 8;"]
     for p, (src, mask) in enumerate([("$8", "0x000f000f"), ("$8", "0x00f000f0"), ("s", "0x000f000f"),
                                      ("s", "0x00f000f0")]):
@@ -68,15 +77,19 @@ def _k_asm() -> str:
     return "\n".join(lines + ["}"])
 
 
-def _v_asm() -> str:
-    """Two tokens' words ($8, $9) -> 8 half2 registers, register ``j`` = channel ``j`` of both
-    tokens as fp16 subnormals (``c 2^-24`` for even channels, ``16 c 2^-24`` for odd): a byte
-    permute puts byte b of each word in bytes 0 and 2, two ANDs keep the low or the high
-    nibbles. Three instructions per 4 codes."""
-    lines = ["{", ".reg .b32 p;"]
+def _v_asm(bf16: bool = False) -> str:
+    """Two tokens' words ($8, $9) -> 8 registers of two 16-bit subnormals, register ``j`` =
+    channel ``j`` of both tokens: a byte permute puts byte b of each word in bytes 0 and 2, and
+    ANDs keep the low or the high nibbles. fp16: ``c 2^-24`` for even channels, ``16 c 2^-24``
+    for odd ones, three instructions per 4 codes; bf16: the high nibbles shifted down first,
+    ``c 2^-133``, four."""
+    lines = ["{", ".reg .b32 p, t;"]
     for b in range(4):
-        lines += [f"prmt.b32 p, $8, $9, 0x{4 + b}{4 + b}{b}{b};", f"and.b32 ${2 * b}, p, 0x000f000f;",
-                  f"and.b32 ${2 * b + 1}, p, 0x00f000f0;"]
+        lines += [f"prmt.b32 p, $8, $9, 0x{4 + b}{4 + b}{b}{b};", f"and.b32 ${2 * b}, p, 0x000f000f;"]
+        if bf16:
+            lines += ["shr.b32 t, p, 4;", f"and.b32 ${2 * b + 1}, t, 0x000f000f;"]
+        else:
+            lines += [f"and.b32 ${2 * b + 1}, p, 0x00f000f0;"]
     return "\n".join(lines + ["}"])
 
 
@@ -95,6 +108,8 @@ def value_channel(n: torch.Tensor) -> torch.Tensor:
 if HAVE_GLUON:
     _K_ASM = gl.constexpr(_k_asm())
     _V_ASM = gl.constexpr(_v_asm())
+    _K_ASM_BF16 = gl.constexpr(_k_asm(bf16=True))
+    _V_ASM_BF16 = gl.constexpr(_v_asm(bf16=True))
     # renamed after Triton 3.6 (the GPU machine's): the names of the version installed
     _barrier = getattr(gl, "thread_barrier", None) or gl.barrier
     _async_load = getattr(cp, "async_load", None) or cp.async_copy_global_to_shared
@@ -107,12 +122,17 @@ if HAVE_GLUON:
         return gl.join(lo, hi)
 
     @gluon.jit
-    def _k_operand(w, A_L: gl.constexpr):
+    def _k_operand(w, A_L: gl.constexpr, BF16: gl.constexpr):
         """Code words [S, W] (thread (g, t) holds tokens g + 8r, words t + 4m) -> the key
-        operand [S, 8 W] fp16 (codes 2^-24) in ``A_L``; inner index kappa = 16 (2m + k) + 8 i +
-        2 t + e holds channel 8 (4m + t) + 2k + i + 4e (``key_channel``), times 16 where i = 1."""
-        o0, o1, o2, o3, o4, o5, o6, o7 = gl.inline_asm_elementwise(
-            _K_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r", [w], dtype=(gl.float16, ) * 8, is_pure=True, pack=1)
+        operand [S, 8 W] (fp16 codes 2^-24, bf16 codes 2^-133) in ``A_L``; inner index kappa =
+        16 (2m + k) + 8 i + 2 t + e holds channel 8 (4m + t) + 2k + i + 4e (``key_channel``),
+        in fp16 times 16 where i = 1."""
+        if BF16:
+            o0, o1, o2, o3, o4, o5, o6, o7 = gl.inline_asm_elementwise(
+                _K_ASM_BF16, "=h,=h,=h,=h,=h,=h,=h,=h,r", [w], dtype=(gl.bfloat16, ) * 8, is_pure=True, pack=1)
+        else:
+            o0, o1, o2, o3, o4, o5, o6, o7 = gl.inline_asm_elementwise(
+                _K_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r", [w], dtype=(gl.float16, ) * 8, is_pure=True, pack=1)
         S: gl.constexpr = w.shape[0]
         W: gl.constexpr = w.shape[1]
         x = gl.reshape(_stack8(o0, o1, o2, o3, o4, o5, o6, o7), [S, W // 4, 4, 2, 2, 2])  # (m, t, e, i, k)
@@ -120,12 +140,16 @@ if HAVE_GLUON:
         return gl.convert_layout(gl.reshape(x, [S, W * 8]), A_L)
 
     @gluon.jit
-    def _v_operand(w, A_L: gl.constexpr):
+    def _v_operand(w, A_L: gl.constexpr, BF16: gl.constexpr):
         """Code words [S, W] (thread (g, t) holds tokens 2t, 2t+1 (+ 8r), words g + 8m) -> the
-        transposed value operand [8 W, S] fp16 (codes 2^-24) in ``A_L``; row n = 64 m + 8 j + g
-        holds channel 64 m + 8 g + j (``value_channel``), odd j times 16."""
-        o0, o1, o2, o3, o4, o5, o6, o7 = gl.inline_asm_elementwise(
-            _V_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [w], dtype=(gl.float16, ) * 8, is_pure=True, pack=2)
+        transposed value operand [8 W, S] (fp16 codes 2^-24, bf16 codes 2^-133) in ``A_L``; row
+        n = 64 m + 8 j + g holds channel 64 m + 8 g + j (``value_channel``), in fp16 odd j times 16."""
+        if BF16:
+            o0, o1, o2, o3, o4, o5, o6, o7 = gl.inline_asm_elementwise(
+                _V_ASM_BF16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [w], dtype=(gl.bfloat16, ) * 8, is_pure=True, pack=2)
+        else:
+            o0, o1, o2, o3, o4, o5, o6, o7 = gl.inline_asm_elementwise(
+                _V_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [w], dtype=(gl.float16, ) * 8, is_pure=True, pack=2)
         S: gl.constexpr = w.shape[0]
         W: gl.constexpr = w.shape[1]
         x = gl.reshape(_stack8(o0, o1, o2, o3, o4, o5, o6, o7), [S, W // 8, 8, 2, 2, 2])  # (m, g, e, i, k)
@@ -165,17 +189,19 @@ if HAVE_GLUON:
         _async_load(vbuf, v_ptr + vw_off + row * sv_tok + col)
 
     @gluon.jit
-    def _value_step(vt, h: gl.constexpr, W: gl.constexpr, LV: gl.constexpr, A_L: gl.constexpr, wv, o, alpha):
-        v = _v_operand(vt.slice(h * W, W, dim=1).load(LV), A_L)
+    def _value_step(vt, h: gl.constexpr, W: gl.constexpr, LV: gl.constexpr, A_L: gl.constexpr, wv, o, alpha,
+                    BF16: gl.constexpr):
+        v = _v_operand(vt.slice(h * W, W, dim=1).load(LV), A_L, BF16)
         return mma_v2(v, wv, o * gl.expand_dims(alpha, 0))
 
     @gluon.jit
     def _finish_head(o, h: gl.constexpr, cols, m_i, l_i, z_i, out_ptr, out_off, part_ptr, lse_ptr, slot,
                      NCOL: gl.constexpr, R: gl.constexpr, RV_P: gl.constexpr, DIRECT: gl.constexpr,
-                     MMA: gl.constexpr):
+                     MMA: gl.constexpr, BF16: gl.constexpr):
         """Query head ``h``'s output (column ``h`` of its group's [R, 8] accumulator): channel
-        order restored, the 2^-24 (2^-20 for odd channels) of the codes undone, the zeros' sum
-        added, normalized; stored final or as a split's partial with its base-2 LSE."""
+        order restored, the scale of the codes undone (fp16: 2^-24, 2^-20 for odd channels; bf16:
+        2^-133 against weights times 2^100), the zeros' sum added, normalized; stored final or as
+        a split's partial with its base-2 LSE."""
         sel = gl.expand_dims(cols == h, 0)
         col = gl.sum(gl.where(sel, o, 0.0), axis=1)  # [R]
         pick = cols == h
@@ -185,7 +211,10 @@ if HAVE_GLUON:
         n = gl.arange(0, R, layout=gl.SliceLayout(1, MMA))
         j = (n // 8) % 8
         ch = 64 * (n // 64) + 8 * (n % 8) + j
-        val = col * gl.where(j % 2 == 1, 1048576.0, 16777216.0) + z  # codes came as c 2^-24 or 16 c 2^-24
+        if BF16:
+            val = col * 8589934592.0 + z
+        else:
+            val = col * gl.where(j % 2 == 1, 1048576.0, 16777216.0) + z
         empty = l == 0.0
         val = val / gl.where(empty, 1.0, l)
         if DIRECT:
@@ -198,11 +227,11 @@ if HAVE_GLUON:
     @gluon.jit
     def _finish_group(o, gg: gl.constexpr, cols, m_i, l_i, z_i, out_ptr, out_off, so_h, part_ptr, lse_ptr, slot,
                       QPG: gl.constexpr, NCOL: gl.constexpr, R: gl.constexpr, DIRECT: gl.constexpr,
-                      MMA: gl.constexpr):
+                      MMA: gl.constexpr, BF16: gl.constexpr):
         """The outputs of group ``gg``'s query heads (columns gg QPG ..)."""
         for j in gl.static_range(QPG):
             _finish_head(o, gg * QPG + j, cols, m_i, l_i, z_i, out_ptr, out_off + (gg * QPG + j) * so_h, part_ptr,
-                         lse_ptr, slot, NCOL, R, R, DIRECT, MMA)
+                         lse_ptr, slot, NCOL, R, R, DIRECT, MMA, BF16)
 
     @gluon.jit
     def q4_absorbed_kernel(
@@ -210,7 +239,7 @@ if HAVE_GLUON:
         sq_b, sq_h, sq_d, sk_b, sk_s, sv_b, sv_s, ss_b, ss_s, sm_b, sm_k, so_b, so_h,
         Hq, Skv, chunk, NSPLIT, scale,
         R: gl.constexpr, GP: gl.constexpr, QPG: gl.constexpr, BLOCK_S: gl.constexpr, STAGES: gl.constexpr,
-        MASK_KIND: gl.constexpr, DIRECT: gl.constexpr,
+        MASK_KIND: gl.constexpr, DIRECT: gl.constexpr, BF16: gl.constexpr = False,
     ):
         # k_ptr / v_ptr: the codes as int32 words; strides in words. ss_*: scales and zeros
         # (key and value scales/zeros share strides, checked by the host)
@@ -242,7 +271,8 @@ if HAVE_GLUON:
         # the program's queries, once: the key product's B operand per group ([R, 8], each of its
         # query heads in that head's column, channels in the key order, those that arrive times
         # 16 divided by 16), and sum(q) per query head
-        qs = gl.allocate_shared_memory(gl.float16, [GP, R, 8], QS)
+        DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
+        qs = gl.allocate_shared_memory(DT, [GP, R, 8], QS)
         kap = gl.arange(0, R, layout=gl.SliceLayout(1, LQ))
         cq = gl.arange(0, 8, layout=gl.SliceLayout(0, LQ))
         s_ = kap // 16
@@ -253,8 +283,11 @@ if HAVE_GLUON:
             mine = (cq >= gg * QPG) & (cq < gg * QPG + QPG)
             qv = gl.load(q_base + gl.expand_dims(ch * sq_d, 1) + gl.expand_dims(cq * sq_h, 0),
                          mask=gl.expand_dims(mine, 0), other=0.0).to(gl.float32)
-            qv = gl.where(gl.expand_dims(hi16 == 1, 1), qv * 0.0625, qv)
-            qs.index(gg).store(qv.to(gl.float16))
+            if BF16:  # bf16 codes arrive as c 2^-133: the query times 2^100 keeps the products normal in fp32
+                qv = qv * 1.2676506002282294e30
+            else:
+                qv = gl.where(gl.expand_dims(hi16 == 1, 1), qv * 0.0625, qv)
+            qs.index(gg).store(qv.to(DT))
         cols = gl.arange(0, 8, layout=gl.SliceLayout(0, MMA))
         rr = gl.arange(0, R, layout=gl.SliceLayout(1, LQ))
         qfull = gl.load(q_base + gl.expand_dims(cq * sq_h, 0) + gl.expand_dims(rr * sq_d, 1),
@@ -302,9 +335,10 @@ if HAVE_GLUON:
             kt = kbuf.index(stage)
             s = gl.zeros([BLOCK_S, 8], gl.float32, MMA)
             for gg in gl.static_range(GP):  # each group's product fills its own columns
-                kop = _k_operand(kt.slice(gg * W, W, dim=1).load(LK), A_L)
+                kop = _k_operand(kt.slice(gg * W, W, dim=1).load(LK), A_L, BF16)
                 s = mma_v2(kop, qs.index(gg).load(B_L), s)
-            t = (s * (sk * 16777216.0) + zk * gl.expand_dims(qsum, 0)) * qscale  # the key codes came as c 2^-24
+            # the key products came as q.c 2^-24 (fp16) or q.c 2^-33 (bf16)
+            t = (s * (sk * (8589934592.0 if BF16 else 16777216.0)) + zk * gl.expand_dims(qsum, 0)) * qscale
             keep = gl.expand_dims(tok < hi, 1) & gl.expand_dims(cols < NCOL, 0)
             if MASK_KIND == 3:
                 keep = keep & gl.expand_dims(mr != 0.0, 1)
@@ -318,28 +352,31 @@ if HAVE_GLUON:
             m_i = m_new
             l_i = l_i * alpha + gl.sum(p, axis=0)
             z_i = z_i * alpha + gl.sum(p * zv, axis=0)
-            wv = gl.convert_layout((p * sv).to(gl.float16), B_L)
+            if BF16:
+                wv = gl.convert_layout((p * (sv * 1.2676506002282294e30)).to(DT), B_L)
+            else:
+                wv = gl.convert_layout((p * sv).to(DT), B_L)
             vt = vbuf.index(stage)
-            o0 = _value_step(vt, 0, W, LV, A_L, wv, o0, alpha)
+            o0 = _value_step(vt, 0, W, LV, A_L, wv, o0, alpha, BF16)
             if GP > 1:
-                o1 = _value_step(vt, 1, W, LV, A_L, wv, o1, alpha)
+                o1 = _value_step(vt, 1, W, LV, A_L, wv, o1, alpha, BF16)
             if GP > 2:
-                o2 = _value_step(vt, 2, W, LV, A_L, wv, o2, alpha)
-                o3 = _value_step(vt, 3, W, LV, A_L, wv, o3, alpha)
+                o2 = _value_step(vt, 2, W, LV, A_L, wv, o2, alpha, BF16)
+                o3 = _value_step(vt, 3, W, LV, A_L, wv, o3, alpha, BF16)
         cp.wait_group(0)
 
         slot = pid_x * NSPLIT + pid_s
         out_off = b * so_b + g0 * QPG * so_h
         _finish_group(o0, 0, cols, m_i, l_i, z_i, out_ptr, out_off, so_h, part_ptr, lse_ptr, slot, QPG, NCOL, R, DIRECT,
-                      MMA)
+                      MMA, BF16)
         if GP > 1:
             _finish_group(o1, 1, cols, m_i, l_i, z_i, out_ptr, out_off, so_h, part_ptr, lse_ptr, slot, QPG, NCOL, R,
-                          DIRECT, MMA)
+                          DIRECT, MMA, BF16)
         if GP > 2:
             _finish_group(o2, 2, cols, m_i, l_i, z_i, out_ptr, out_off, so_h, part_ptr, lse_ptr, slot, QPG, NCOL, R,
-                          DIRECT, MMA)
+                          DIRECT, MMA, BF16)
             _finish_group(o3, 3, cols, m_i, l_i, z_i, out_ptr, out_off, so_h, part_ptr, lse_ptr, slot, QPG, NCOL, R,
-                          DIRECT, MMA)
+                          DIRECT, MMA, BF16)
 
 
 def program_groups(groups: int, q_per_group: int, heads_per_program: int) -> int:
@@ -354,7 +391,7 @@ def program_groups(groups: int, q_per_group: int, heads_per_program: int) -> int
 def applies(q, kl, vl, lk, softcap, is_causal, mask_kind, groups, interpret) -> bool:
     """Whether ``q4_absorbed_kernel`` serves a fused call (see the module docstring)."""
     _, Hq, Sq, R = q.shape
-    return (HAVE_GLUON and not interpret and lk is None and q.dtype == torch.float16 and Sq == 1
+    return (HAVE_GLUON and not interpret and lk is None and q.dtype in (torch.float16, torch.bfloat16) and Sq == 1
             and Hq % groups == 0 and Hq // groups <= 8 and softcap == 0 and not is_causal and mask_kind in (0, 3, 4)
             and R % 64 == 0 and R <= 256
             and kl.bits == 4 and vl.bits == 4 and kl.group_size == R and vl.group_size == R
@@ -381,7 +418,7 @@ def launch(q, kl, vl, mask_kind, mask, sm_b, sm_k, scale, out, nsplit, chunk, pa
             kl.scale.stride(0), kl.scale.stride(1), sm_b, sm_k, out.stride(0), out.stride(1),
             Hq, kw.shape[1], chunk, nsplit, float(scale))
     consts = dict(R=R, GP=gp, QPG=qpg, BLOCK_S=block_s, STAGES=stages, MASK_KIND=mask_kind, DIRECT=nsplit == 1,
-                  num_warps=1)
+                  BF16=q.dtype == torch.bfloat16, num_warps=1)
     if probe:
         return q4_absorbed_kernel, grid, args, consts
     q4_absorbed_kernel[grid](*args, **consts)

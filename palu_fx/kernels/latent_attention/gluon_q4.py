@@ -1,39 +1,41 @@
 """Gluon decode kernel: absorbed attention (no RoPE) over a 4-bit latent cache.
 
-Why a second kernel for calls ``per_head.py`` and ``absorbed.py`` already serve: that Triton kernel spends its
-time on the layout of each token tile, not on the bytes (RESULTS.md, issue 5: 0.42 ms at B=8 x
-32k where the packed bytes need 0.15, with 62% of cycles waiting on a dependent
-instruction). Triton picks the register layouts itself: the dequantized codes are moved into
-the tensor cores' operand layout through shared memory, and the scores' softmax spans four
-warps (cross-warp reductions, barriers). Gluon (Triton's layout-explicit dialect, on both
-stacks we support) lets the kernel choose them:
+Why a second kernel for calls that ``per_head.py`` and ``absorbed.py`` already serve: those
+Triton kernels spent their time on the layout of each token tile, not on the bytes (H200,
+B=8 x 32k: 0.42 ms where the packed bytes need 0.15, 62% of cycles waiting on a dependent
+instruction). Triton picks the register layouts itself: the dequantized codes went to the
+tensor cores through shared memory, and the softmax reductions spanned four warps. Gluon
+(Triton's layout-explicit dialect, on both Triton stacks we support) lets the kernel choose
+them; this one takes 0.16-0.18 ms there (RESULTS.md, issue 5):
 
 * **One warp per program, ``mma.sync`` with both operands in registers.** A program is one
-  sequence, a few latent groups (their query heads are the columns of the products: up to
-  8) and one split of the tokens; its softmax reductions are warp shuffles.
-* **Codes dequantized straight into the operand layout.** Each thread reads the code words
-  that its fragment of the tensor-core operand needs (the loads' layouts are chosen for that),
-  and the channel order inside the product is permuted to what one 32-bit word gives a thread;
-  the query (keys) and the output columns (values) take the same permutation, so nothing
-  moves between threads. Keys: the scores are ``tokens x heads = codes x query``, and one
-  byte gives a register of two channels of one token (3 instructions per pair). Values:
-  ``channels x heads = codes^T x weights``, and one byte permute of two tokens' words gives
-  two registers of one channel of two tokens (5 instructions per 4 codes).
+  sequence, 1-4 latent groups (their query heads are the 8 columns of the products) and one
+  split of the tokens; its softmax reductions are warp shuffles.
+* **Codes decoded straight into the operand layout.** The loads' layouts give each thread
+  the code words its operand fragment needs, and the channel order inside the products is
+  permuted to what one 32-bit word gives a thread (``key_channel``, ``value_channel``); the
+  query and the output columns take the same permutation, so nothing moves between threads.
+  Keys: scores are ``tokens x heads = codes x query``; values: ``channels x heads = codes^T x
+  weights``, where one byte permute of two tokens' words gives one channel of both.
+* **Codes as exact subnormals.** The code bits go under a zero exponent: fp16 ``c 2^-24`` (a
+  high nibble, 4 bits up, arrives as ``16 c 2^-24``: its query channel is divided by 16 and
+  its output channel at the end), bf16 ``c 2^-133`` (the other operand times 2^100 keeps the
+  fp32 products normal). An AND or two per register, no offset to subtract: five
+  instructions per 8 key codes and three per 4 value codes in fp16.
 * **Scales and zeros stay out of the products.** Per-token asymmetric codes give
   ``q . (s c + z) = s (q . c) + z sum(q)`` and ``sum_t p_t (s_t c_t + z_t) = sum_t (p_t s_t) c_t +
-  sum_t p_t z_t``: the products take the raw codes (exact in fp16), the scales multiply the
-  score tile and the weights, and the zeros add one running sum per head. A high nibble
-  arrives as ``16 c`` (its bits are not shifted down); the query's channel is divided by 16
-  instead, and the value output's channel at the end.
+  sum_t p_t z_t``: the scales multiply the score tile and the weights, and the zeros add one
+  running sum per query head.
 * **Codes streamed with ``cp.async``** into a ring of shared-memory stages (swizzled so that
-  the operand loads hit 32 distinct banks), the small per-token vectors (scales, zeros, the
-  decode mask row) loaded a tile ahead into registers.
+  the operand loads hit 32 distinct banks); the small per-token vectors (scales, zeros, the
+  decode mask row) are loaded a tile ahead into registers.
 
-Covers: fp16 and bf16 queries, 4-bit keys and values with one quantization group per Palu group's
-latent (``group_size == rank``), rank 64, 128, 192 or 256, up to 8 query heads per group (MHA, GQA,
-MQA), shared decode masks (or none), no softcap, one query token. ``applies`` says whether a call is covered; anything else takes the Triton
-kernels. Gluon has no CPU interpreter: this kernel is tested on the GPU and compiled for
-sm_90 without one (``tests/kernels/test_gluon_q4.py``).
+Covers: fp16 and bf16 queries, 4-bit keys and values with one quantization group per Palu
+group's latent (``group_size == rank``), rank 64-256 in steps of 64, up to 8 query heads per
+group (MHA, GQA, MQA), shared decode masks or none, no softcap, one query token. ``applies``
+says whether a call is covered; anything else takes the Triton kernels. Gluon has no CPU
+interpreter: the kernel is tested on the GPU, its PTX sequences on the CPU by an emulator,
+and it is compiled for sm_90 without a GPU (``tests/kernels/test_gluon_q4.py``).
 """
 from __future__ import annotations
 

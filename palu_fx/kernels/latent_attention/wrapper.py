@@ -68,10 +68,11 @@ class KernelConfig:
     them as one latent tile when their groups are unpadded (rank a power of two): the values
     of all heads take one product (``MERGE_V``), and so do the absorbed scores, against a
     block-diagonal query (``MERGE_K``); one layout round trip, barrier and wait per tile
-    instead of one per head. gluon: calls ``gluon_q4.applies`` to (4-bit absorbed decode, one
-    query heads per group at most 8, fp16, on a GPU) run the Gluon kernel instead, with about
-    gluon_heads query heads per one-warp program, gluon_block_s tokens per tile and gluon_stages copy stages (H200,
-    B=8 x 32k: 0.162 ms against 0.416 for the Triton kernel; RESULTS.md, issue 5).
+    instead of one per head. gluon: calls ``gluon_q4.applies`` to (4-bit absorbed decode, at
+    most 8 query heads per group, fp16 or bf16, on a GPU) run the Gluon kernel instead, with
+    about gluon_heads query heads per one-warp program, gluon_block_s tokens per tile and
+    gluon_stages copy stages (H200, B=8 x 32k: 0.162-0.169 ms against 0.416 for the Triton
+    kernel; RESULTS.md, issue 5).
     """
 
     block_s: int = 64

@@ -515,10 +515,7 @@ def fused_attention(q, kl: Latent, vl: Latent, lk, k_bias, cos, sin, k_norm_weig
         key = (cfg, dtype, q.dtype, per_head, rebuild, k_q, v_q, mask_kind, bool(is_causal), softcap > 0, M_BLOCK,
                VHPG, RK, RV, RK_P, RV_P, Dq, GS, tuple(v for v in (p or {}).values() if isinstance(v, (bool, int))),
                q.device.index)
-        resident = _RESIDENT.get(key)
-        if resident is None:
-            scratch = torch.empty(1, dtype=torch.float32, device=q.device)
-            resident = _RESIDENT[key] = _resident_programs(*launch(2, CHUNK_QUANTUM, scratch, scratch, probe=True))
+        resident = _resident_cached(key, launch, q.device)
     sms = 1 if interpret else _num_sms(q.device.index if q.device.index is not None else 0)
     NSPLIT, chunk = _split_plan(cfg, n_base, Skv, sms, resident)
     direct = NSPLIT == 1
@@ -529,13 +526,28 @@ def fused_attention(q, kl: Latent, vl: Latent, lk, k_bias, cos, sin, k_norm_weig
         lse = torch.empty(n_base * NSPLIT * M_BLOCK, dtype=torch.float32, device=q.device)
     launch(NSPLIT, chunk, part, lse)
     if not direct:
-        cols = min(RV_P, 64)
-        combine_splits_kernel[(B * VG * NQB, M_BLOCK, RV_P // cols)](
-            part, lse, out, VG, Sq, NQB, NSPLIT, out.stride(0), out.stride(1), out.stride(2),
-            HPG=VHPG, HPG_P=HPG_P, M_BLOCK=M_BLOCK, RV=RV, RV_P=RV_P,
-            SPLIT_BLOCK=16 if interpret else 32, COLS=cols, num_warps=4,
-        )
+        _merge_splits(part, lse, out, VG, Sq, NQB, NSPLIT, VHPG, HPG_P, M_BLOCK, RV, RV_P, interpret)
     return out
+
+
+def _resident_cached(key, launch, device) -> int:
+    """``_resident_programs`` of a launch (``launch(nsplit, chunk, part, lse, probe=True)``),
+    compiled once per ``key``: what decides the compiled code short of the split count."""
+    resident = _RESIDENT.get(key)
+    if resident is None:
+        scratch = torch.empty(1, dtype=torch.float32, device=device)
+        resident = _RESIDENT[key] = _resident_programs(*launch(2, CHUNK_QUANTUM, scratch, scratch, probe=True))
+    return resident
+
+
+def _merge_splits(part, lse, out, groups, Sq, NQB, NSPLIT, HPG, HPG_P, M_BLOCK, RV, RV_P, interpret):
+    """``combine_splits_kernel`` over the partial rows of ``groups x NQB`` programs per sequence."""
+    cols = min(RV_P, 64)
+    combine_splits_kernel[(out.shape[0] * groups * NQB, M_BLOCK, RV_P // cols)](
+        part, lse, out, groups, Sq, NQB, NSPLIT, out.stride(0), out.stride(1), out.stride(2),
+        HPG=HPG, HPG_P=HPG_P, M_BLOCK=M_BLOCK, RV=RV, RV_P=RV_P,
+        SPLIT_BLOCK=16 if interpret else 32, COLS=cols, num_warps=4,
+    )
 
 
 def _gluon_q4(q, kl, vl, mask_kind, mask, mstr, scale, cfg, out):
@@ -552,11 +564,8 @@ def _gluon_q4(q, kl, vl, mask_kind, mask, mstr, scale, cfg, out):
         return gluon_q4.launch(q, kl, vl, mask_kind, mask, mstr[0], mstr[3], scale, out, nsplit, chunk, part, lse,
                                *knobs, probe=probe)
 
-    key = ("gluon_q4", knobs, R, Hq // G, mask_kind, q.device.index)
-    resident = _RESIDENT.get(key)
-    if resident is None:
-        scratch = torch.empty(1, dtype=torch.float32, device=q.device)
-        resident = _RESIDENT[key] = _resident_programs(*launch(2, CHUNK_QUANTUM, scratch, scratch, probe=True))
+    resident = _resident_cached(("gluon_q4", knobs, q.dtype, R, Hq // G, mask_kind, q.device.index), launch,
+                                q.device)
     plan_cfg = KernelConfig(programs_per_sm=max(cfg.programs_per_sm, resident), num_splits=cfg.num_splits,
                             fill_waves=True)
     NSPLIT, chunk = _split_plan(plan_cfg, n_base, Skv, _num_sms(q.device.index or 0), resident)
@@ -566,8 +575,5 @@ def _gluon_q4(q, kl, vl, mask_kind, mask, mstr, scale, cfg, out):
     part = torch.empty(n_base * NSPLIT * rows * R, dtype=torch.float32, device=q.device)
     lse = torch.empty(n_base * NSPLIT * rows, dtype=torch.float32, device=q.device)
     launch(NSPLIT, chunk, part, lse)
-    cols = min(R, 64)
-    combine_splits_kernel[(n_base, rows, R // cols)](
-        part, lse, out, Hq // rows, 1, 1, NSPLIT, out.stride(0), out.stride(1), out.stride(2),
-        HPG=rows, HPG_P=_p2(rows), M_BLOCK=rows, RV=R, RV_P=R, SPLIT_BLOCK=32, COLS=cols, num_warps=4)
+    _merge_splits(part, lse, out, Hq // rows, 1, 1, NSPLIT, rows, _p2(rows), rows, R, R, False)
     return out

@@ -186,7 +186,7 @@ def test_fully_masked_sequence_gives_zeros(splits):
 
 
 @pytest.mark.parametrize("groups,qpg,hpp,want", [(32, 1, 4, 4), (8, 4, 4, 1), (8, 4, 8, 2), (16, 2, 4, 2), (1, 8, 4, 1),
-                                                 (6, 1, 4, 2), (4, 3, 4, 1), (2, 1, 4, 2)])
+                                                 (6, 1, 4, 2), (4, 3, 4, 1), (2, 1, 4, 2), (6, 2, 6, 2), (9, 1, 3, 1)])
 def test_program_groups(groups, qpg, hpp, want):
     gp = gluon_q4.program_groups(groups, qpg, hpp)
     assert gp == want and groups % gp == 0 and gp * qpg <= 8 and gp in (1, 2, 4)

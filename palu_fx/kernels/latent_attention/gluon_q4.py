@@ -115,6 +115,11 @@ if HAVE_GLUON:
     # renamed after Triton 3.6 (the GPU machine's): the names of the version installed
     _barrier = getattr(gl, "thread_barrier", None) or gl.barrier
     _async_load = getattr(cp, "async_load", None) or cp.async_copy_global_to_shared
+    # the scales the products come out at: fp16 codes are c 2^-24; bf16 codes are c 2^-133 and
+    # meet operands times 2^100, which keeps their fp32 products normal
+    _F16_UNSCALE = gl.constexpr(2.0 ** 24)
+    _BF16_UP = gl.constexpr(2.0 ** 100)
+    _BF16_UNSCALE = gl.constexpr(2.0 ** 33)
 
     @gluon.jit
     def _stack8(o0, o1, o2, o3, o4, o5, o6, o7):
@@ -214,9 +219,9 @@ if HAVE_GLUON:
         j = (n // 8) % 8
         ch = 64 * (n // 64) + 8 * (n % 8) + j
         if BF16:
-            val = col * 8589934592.0 + z
+            val = col * _BF16_UNSCALE + z
         else:
-            val = col * gl.where(j % 2 == 1, 1048576.0, 16777216.0) + z
+            val = col * gl.where(j % 2 == 1, _F16_UNSCALE / 16, _F16_UNSCALE) + z
         empty = l == 0.0
         val = val / gl.where(empty, 1.0, l)
         if DIRECT:
@@ -285,8 +290,8 @@ if HAVE_GLUON:
             mine = (cq >= gg * QPG) & (cq < gg * QPG + QPG)
             qv = gl.load(q_base + gl.expand_dims(ch * sq_d, 1) + gl.expand_dims(cq * sq_h, 0),
                          mask=gl.expand_dims(mine, 0), other=0.0).to(gl.float32)
-            if BF16:  # bf16 codes arrive as c 2^-133: the query times 2^100 keeps the products normal in fp32
-                qv = qv * 1.2676506002282294e30
+            if BF16:
+                qv = qv * _BF16_UP
             else:
                 qv = gl.where(gl.expand_dims(hi16 == 1, 1), qv * 0.0625, qv)
             qs.index(gg).store(qv.to(DT))
@@ -339,8 +344,7 @@ if HAVE_GLUON:
             for gg in gl.static_range(GP):  # each group's product fills its own columns
                 kop = _k_operand(kt.slice(gg * W, W, dim=1).load(LK), A_L, BF16)
                 s = mma_v2(kop, qs.index(gg).load(B_L), s)
-            # the key products came as q.c 2^-24 (fp16) or q.c 2^-33 (bf16)
-            t = (s * (sk * (8589934592.0 if BF16 else 16777216.0)) + zk * gl.expand_dims(qsum, 0)) * qscale
+            t = (s * (sk * (_BF16_UNSCALE if BF16 else _F16_UNSCALE)) + zk * gl.expand_dims(qsum, 0)) * qscale
             keep = gl.expand_dims(tok < hi, 1) & gl.expand_dims(cols < NCOL, 0)
             if MASK_KIND == 3:
                 keep = keep & gl.expand_dims(mr != 0.0, 1)
@@ -355,7 +359,7 @@ if HAVE_GLUON:
             l_i = l_i * alpha + gl.sum(p, axis=0)
             z_i = z_i * alpha + gl.sum(p * zv, axis=0)
             if BF16:
-                wv = gl.convert_layout((p * (sv * 1.2676506002282294e30)).to(DT), B_L)
+                wv = gl.convert_layout((p * (sv * _BF16_UP)).to(DT), B_L)
             else:
                 wv = gl.convert_layout((p * sv).to(DT), B_L)
             vt = vbuf.index(stage)
@@ -385,6 +389,7 @@ def program_groups(groups: int, q_per_group: int, heads_per_program: int) -> int
     """Latent groups per program: about ``heads_per_program`` query heads (its columns, at most
     8, the product's width), at most 4 groups (one accumulator each), dividing ``groups``."""
     gp = max(1, min(4, heads_per_program // q_per_group, 8 // q_per_group))
+    gp = 1 << (gp.bit_length() - 1)  # the kernel has 1, 2 or 4 accumulators
     while groups % gp:
         gp //= 2
     return gp

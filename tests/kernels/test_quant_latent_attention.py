@@ -193,3 +193,52 @@ def test_scales_loaded_a_tile_ahead(qk, kernel, prefetch, monkeypatch):
     c = qk.KernelConfig(block_s=16 if DEVICE == "cpu" else 32, num_warps=4, num_stages=1, num_splits=2,
                         group_heads=4 if kernel.endswith("per-head") else 0, prefetch=prefetch)
     check(qk.quant_latent_attention_triton(*args, config=c), args)
+
+
+@pytest.mark.parametrize("hq,hkv,splits", [(8, 8, 3), (8, 2, 2), (4, 1, 1)], ids=["mha-3", "gqa-2", "mqa-direct"])
+def test_gluon_host_side_merges_the_kernels_partials(qk, hq, hkv, splits, monkeypatch):
+    # The Gluon kernel runs on a GPU only; here a float64 reference stands in for it and writes
+    # what the kernel writes (gluon_q4.launch: per split, one row per query head of a program,
+    # the normalized partial output and its base-2 LSE; or the output itself with one split), so
+    # the host side (programs, split plan, merge) runs for real under the interpreter.
+    import math
+
+    from palu_fx.kernels.latent_attention import gluon_q4
+    from palu_fx.quant import dequantize_packed
+
+    wrapper = kernel_modules()["wrapper"]
+    args = quant_inputs(k_bits=4, Hq=hq, Hkv=hkv, gs=1, rk=64, rv=64, Skv=700, mask="add", absorbed=True,
+                        dtype=torch.float16)
+    launched = []
+
+    def fake_launch(q, kl, vl, mask_kind, mask, sm_b, sm_k, scale, out, nsplit, chunk, part, lse, heads_per_program,
+                    *knobs, probe=False):
+        B, Hq, _, R = q.shape
+        G = kl.channels // R
+        qpg = Hq // G
+        rows = gluon_q4.program_groups(G, qpg, heads_per_program) * qpg
+        k = dequantize_packed(kl.data, kl.scale, kl.zero, 4, R, torch.float64).view(B, -1, G, R)
+        v = dequantize_packed(vl.data, vl.scale, vl.zero, 4, R, torch.float64).view(B, -1, G, R)
+        m = args[12].double().view(B, -1)
+        launched.append(nsplit)
+        for b in range(B):
+            for h in range(Hq):
+                pid_x, r = divmod(b * Hq + h, rows)
+                for s in range(nsplit):
+                    lo, hi = s * chunk, min(s * chunk + chunk, k.shape[1])
+                    logit = (k[b, lo:hi, h // qpg] @ q[b, h, 0].double()) * scale + m[b, lo:hi]
+                    o = torch.softmax(logit, 0) @ v[b, lo:hi, h // qpg]
+                    if nsplit == 1:
+                        out[b, h, 0] = o.to(out.dtype)
+                    else:
+                        slot = pid_x * nsplit + s
+                        part[(slot * rows + r) * R:(slot * rows + r + 1) * R] = o.float()
+                        lse[slot * rows + r] = torch.logsumexp(logit, 0).item() / math.log(2)
+
+    monkeypatch.setattr(gluon_q4, "applies", lambda *a: True)
+    monkeypatch.setattr(gluon_q4, "launch", fake_launch)
+    monkeypatch.setattr(wrapper, "_resident_cached", lambda *a: 2)
+    monkeypatch.setattr(wrapper, "_num_sms", lambda index: 4)
+    cfg = qk.KernelConfig(num_splits=splits)
+    check(qk.quant_latent_attention_triton(*args, config=cfg), args)
+    assert launched == [splits]

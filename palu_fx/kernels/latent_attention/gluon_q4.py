@@ -122,8 +122,15 @@ if HAVE_GLUON:
     _BF16_UNSCALE = gl.constexpr(2.0 ** 33)
 
     @gluon.jit
-    def _stack8(o0, o1, o2, o3, o4, o5, o6, o7):
-        """8 tiles [S, W] -> [S, W, e, i, k] holding tile ``4k + 2i + e``."""
+    def _decode(w, ASM: gl.constexpr, CONSTRAINTS: gl.constexpr, PACK: gl.constexpr, BF16: gl.constexpr):
+        """Code words [S, W] -> their 8 outputs per word (``_k_asm`` / ``_v_asm``), stacked
+        [S, W, e, i, k] with output ``4k + 2i + e`` at (e, i, k)."""
+        if BF16:
+            o0, o1, o2, o3, o4, o5, o6, o7 = gl.inline_asm_elementwise(ASM, CONSTRAINTS, [w], dtype=(gl.bfloat16, ) * 8,
+                                                                       is_pure=True, pack=PACK)
+        else:
+            o0, o1, o2, o3, o4, o5, o6, o7 = gl.inline_asm_elementwise(ASM, CONSTRAINTS, [w], dtype=(gl.float16, ) * 8,
+                                                                       is_pure=True, pack=PACK)
         lo = gl.join(gl.join(o0, o1), gl.join(o2, o3))
         hi = gl.join(gl.join(o4, o5), gl.join(o6, o7))
         return gl.join(lo, hi)
@@ -134,15 +141,10 @@ if HAVE_GLUON:
         operand [S, 8 W] (fp16 codes 2^-24, bf16 codes 2^-133) in ``A_L``; inner index kappa =
         16 (2m + k) + 8 i + 2 t + e holds channel 8 (4m + t) + 2k + i + 4e (``key_channel``),
         in fp16 times 16 where i = 1."""
-        if BF16:
-            o0, o1, o2, o3, o4, o5, o6, o7 = gl.inline_asm_elementwise(
-                _K_ASM_BF16, "=h,=h,=h,=h,=h,=h,=h,=h,r", [w], dtype=(gl.bfloat16, ) * 8, is_pure=True, pack=1)
-        else:
-            o0, o1, o2, o3, o4, o5, o6, o7 = gl.inline_asm_elementwise(
-                _K_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r", [w], dtype=(gl.float16, ) * 8, is_pure=True, pack=1)
+        x = _decode(w, _K_ASM_BF16 if BF16 else _K_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r", 1, BF16)
         S: gl.constexpr = w.shape[0]
         W: gl.constexpr = w.shape[1]
-        x = gl.reshape(_stack8(o0, o1, o2, o3, o4, o5, o6, o7), [S, W // 4, 4, 2, 2, 2])  # (m, t, e, i, k)
+        x = gl.reshape(x, [S, W // 4, 4, 2, 2, 2])  # (m, t, e, i, k)
         x = gl.permute(x, [0, 1, 5, 4, 2, 3])  # (m, k, i, t, e)
         return gl.convert_layout(gl.reshape(x, [S, W * 8]), A_L)
 
@@ -151,15 +153,11 @@ if HAVE_GLUON:
         """Code words [S, W] (thread (g, t) holds tokens 2t, 2t+1 (+ 8r), words g + 8m) -> the
         transposed value operand [8 W, S] (fp16 codes 2^-24, bf16 codes 2^-133) in ``A_L``; row
         n = 64 m + 8 j + g holds channel 64 m + 8 g + j (``value_channel``), in fp16 odd j times 16."""
-        if BF16:
-            o0, o1, o2, o3, o4, o5, o6, o7 = gl.inline_asm_elementwise(
-                _V_ASM_BF16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [w], dtype=(gl.bfloat16, ) * 8, is_pure=True, pack=2)
-        else:
-            o0, o1, o2, o3, o4, o5, o6, o7 = gl.inline_asm_elementwise(
-                _V_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [w], dtype=(gl.float16, ) * 8, is_pure=True, pack=2)
+        # pack=2: the two tokens a thread holds in a row pair share one call (and each output register)
+        x = _decode(w, _V_ASM_BF16 if BF16 else _V_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", 2, BF16)
         S: gl.constexpr = w.shape[0]
         W: gl.constexpr = w.shape[1]
-        x = gl.reshape(_stack8(o0, o1, o2, o3, o4, o5, o6, o7), [S, W // 8, 8, 2, 2, 2])  # (m, g, e, i, k)
+        x = gl.reshape(x, [S, W // 8, 8, 2, 2, 2])  # (m, g, e, i, k)
         x = gl.permute(x, [1, 5, 4, 3, 2, 0])  # (m, k, i, e, g, S)
         return gl.convert_layout(gl.reshape(x, [W * 8, S]), A_L)
 

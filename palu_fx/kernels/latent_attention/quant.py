@@ -6,9 +6,9 @@ Same arguments and result as ``quant_naive.quant_latent_attention_ref``. Paths:
   run the fused kernels of ``decode.py`` (RoPE: keys rebuilt from the latents) and
   ``absorbed.py`` (no RoPE: scores in latent space), which read the packed codes and their
   fp16 scales/zeros and dequantize each tile in registers (``common.load_latent``): the
-  cache is streamed at its packed size, nothing is materialised (4-bit absorbed calls with
-  one query head per group: the Gluon kernel of ``gluon_q4.py``, which reads the codes into
-  the tensor cores' operand layouts directly);
+  cache is streamed at its packed size, nothing is materialised (4-bit absorbed calls on a
+  GPU where ``gluon_q4.applies``: the Gluon kernel of ``gluon_q4.py``, which reads the codes
+  into the tensor cores' operand layouts directly);
 * prefill-shaped calls dequantize the cache to the query dtype once and take the
   unquantized path (keys rebuilt + SDPA): compute bound, a one-off per prompt;
 * layouts the in-register decode does not cover also dequantize first, then run the

@@ -28,6 +28,7 @@
 #   bash benchmarks/gpu_session.sh 27  # kernel GPU tests; 4-bit absorbed A/B with and without the mask; the 4-bit table rows
 #   bash benchmarks/gpu_session.sh 28  # Gluon tests with rank 256; the 4-bit rows at the target point, gs 1/2/4
 #   bash benchmarks/gpu_session.sh 29  # Gluon tests with bf16; the bf16 4-bit rows at the target point
+#   bash benchmarks/gpu_session.sh 30  # the Gluon RoPE kernel: GPU tests, A/B against the Triton kernels, the RoPE rows
 set -u
 export PYTHONPATH=.
 OUT=${OUT:-/tmp/palu_gpu}
@@ -219,5 +220,12 @@ case "${1:-1}" in
     step gluon_tests 150 python -m pytest -q tests/kernels/test_gluon_q4.py
     step table_q4_bf16 200 python -u benchmarks/attention.py --no-sweep --defaults-only --no-prefill --quant-bits 4 \
         --quant-only --shapes llama2 --batch 8 --ctx 32k --bf16 --budget-s 150
+    ;;
+30)
+    step rope_tests 200 python -m pytest -q -x tests/kernels/test_gluon_rope.py
+    step rope_ab 200 python -u benchmarks/kernel_ab.py --cases rope rope4 --rounds 3 \
+        --variant rope:triton=gluon=false --variant rope4:triton=gluon=false
+    step table_rope 150 python -u benchmarks/attention.py --no-sweep --defaults-only --no-prefill --quant-bits 4 \
+        --shapes llama2 --batch 8 --ctx 32k --gs 1 --no-naive --budget-s 120
     ;;
 esac

@@ -26,7 +26,7 @@ import torch
 import triton
 from triton.runtime.errors import OutOfResources
 
-from palu_fx.kernels.latent_attention import gluon_q4
+from palu_fx.kernels.latent_attention import gluon_q4, gluon_rope
 from palu_fx.kernels.latent_attention.absorbed import absorbed_attention_kernel
 from palu_fx.kernels.latent_attention.common import (
     MASK_ADD, MASK_ADD_SHARED, MASK_BOOL, MASK_BOOL_SHARED, MASK_NONE, combine_splits_kernel,
@@ -92,6 +92,7 @@ class KernelConfig:
     gluon_heads: int = 4
     gluon_block_s: int = 32
     gluon_stages: int = 2
+    gluon_rope_stages: int = 2
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -458,6 +459,9 @@ def fused_attention(q, kl: Latent, vl: Latent, lk, k_bias, cos, sin, k_norm_weig
     mask_kind, mask, mstr = _mask_args(attn_mask, B, Hq, Sq, Skv, q)
     if cfg.gluon and gluon_q4.applies(qc, kl, vl, lk, softcap, is_causal, mask_kind, G, interpret):
         return _gluon_q4(qc, kl, vl, mask_kind, mask, mstr, scale, cfg, out)
+    if cfg.gluon and rebuild and gluon_rope.applies(qc, kl, vl, lk, k_bias, k_norm_weight, p["cos"], p["sin"],
+                                                    rope_style, softcap, is_causal, mask_kind, G, interpret):
+        return _gluon_rope(qc, lk, kl, vl, p["cos"], p["sin"], mask_kind, mask, mstr, scale, cfg, out)
     (hk, hks, hkz), k_strides, k_q = kl.kernel_args(RK, RK_P)
     (hv, hvs, hvz), v_strides, v_q = vl.kernel_args(RV, RV_P)
     latent_strides = (*k_strides[:2], *v_strides[:2], *k_strides[2:4], *v_strides[2:4], k_strides[4], v_strides[4])
@@ -576,4 +580,30 @@ def _gluon_q4(q, kl, vl, mask_kind, mask, mstr, scale, cfg, out):
     lse = torch.empty(n_base * NSPLIT * rows, dtype=torch.float32, device=q.device)
     launch(NSPLIT, chunk, part, lse)
     _merge_splits(part, lse, out, Hq // rows, 1, 1, NSPLIT, rows, _p2(rows), rows, R, R, False)
+    return out
+
+
+def _gluon_rope(q, lk, kl, vl, cos, sin, mask_kind, mask, mstr, scale, cfg, out):
+    """``gluon_rope.rope_decode_kernel`` (one head per program) over the splits that fill whole
+    waves of what an SM holds, then ``combine_splits_kernel``."""
+    B, Hq, _, _ = q.shape
+    RV = out.shape[-1]
+    Skv = kl.data.shape[1]
+    stages = cfg.gluon_rope_stages
+
+    def launch(nsplit, chunk, part, lse, probe=False):
+        return gluon_rope.launch(q, lk, kl, vl, cos, sin, mask_kind, mask, mstr[0], mstr[3], scale, out, nsplit,
+                                 chunk, part, lse, 1, stages, probe=probe)
+
+    resident = _resident_cached(("gluon_rope", stages, q.dtype, cos.dtype, kl.bits, lk.shape[1:], RV, mask_kind,
+                                 q.device.index), launch, q.device)
+    plan_cfg = KernelConfig(programs_per_sm=max(1, resident), num_splits=cfg.num_splits, fill_waves=True)
+    NSPLIT, chunk = _split_plan(plan_cfg, B * Hq, Skv, _num_sms(q.device.index or 0), resident)
+    if NSPLIT == 1:
+        launch(1, chunk, out, out)
+        return out
+    part = torch.empty(B * Hq * NSPLIT * RV, dtype=torch.float32, device=q.device)
+    lse = torch.empty(B * Hq * NSPLIT, dtype=torch.float32, device=q.device)
+    launch(NSPLIT, chunk, part, lse)
+    _merge_splits(part, lse, out, Hq, 1, 1, NSPLIT, 1, 1, 1, RV, RV, False)
     return out

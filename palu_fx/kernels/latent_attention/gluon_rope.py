@@ -1,0 +1,487 @@
+"""Gluon decode kernel: RoPE attention with keys rebuilt from plain or 4-bit latents, one query
+head per latent group (multi-head attention at group size 1), on Hopper's warpgroup MMA.
+
+Why: ``per_head.py`` serves these calls in Triton at 0.63 ms (fp16) and 0.69 ms (4-bit) for
+B=8 x 32k (Llama-2-7B shape, rank ratio 0.5), where the bytes need 0.48 and 0.14 ms and the
+key products 0.20 (RESULTS.md). Triton spreads each score tile's token axis over four warps,
+so every tile pays cross-warp reductions and barriers, and it places a wait after each
+product. Here the layouts are the kernel's:
+
+* **Scores without rotated keys** (as ``per_head.py``): for rotary pair ``f`` with partners
+  ``lo``/``hi``, ``q . rope_t(L h_t) = sum_f cos_tf (Wa h_t)_f + sin_tf (Wb h_t)_f`` with
+  ``Wa_f = q_lo,f L_lo,f + q_hi,f L_hi,f`` and ``Wb_f = q_hi,f L_lo,f - q_lo,f L_hi,f``. Each
+  program builds ``[Wa | Wb]`` of its heads once ([rank, head_dim] in shared memory); a token
+  tile's ``[64, head_dim]`` products come from one ``wgmma`` per head with the latents as
+  the register operand.
+* **One row of the tile per softmax lane.** The ``wgmma`` accumulator gives a thread two
+  token rows; the pair columns it holds are permuted (the order of ``[Wa | Wb]``'s columns is
+  the kernel's choice) so that its cos/sin values are one contiguous run of the table. The
+  score of a row is a sum over the thread's registers and two shuffles within its quad. Every
+  row keeps its own running max, sum and value accumulator, so nothing crosses a warp until
+  the program's end.
+* **Latents straight into the operand layout.** A thread's share of the key operand (two rows,
+  ``rank/4`` channels each) is one contiguous run of each row once the product's inner index
+  is permuted (``[Wa | Wb]``'s rows take the same order); 4-bit codes are dequantized into it
+  (``s c + z`` in the operand dtype, two channels per instruction). Values take the same
+  path into fp32 accumulators (``p_t (s_t c_t + z_t)`` summed per row).
+* **Copies streamed with ``cp.async``** into a ring of shared-memory stages: each tile's
+  latents and its cos/sin rows; the scales and zeros and the mask row are loaded a tile
+  ahead into registers.
+
+Covers: fp16 and bf16, rotate-half RoPE over the whole head (head dim 64 or 128, the tables'
+last dim contiguous), key and value ranks 32/64/128 (powers of two), plain latents or 4-bit
+codes with one quantization group per head (both caches alike), shared decode masks or none,
+no softcap, no key bias or norm, one query token. ``applies`` says whether a call is covered;
+everything else takes the Triton kernels. Gluon has no CPU interpreter: the kernel is tested
+on the GPU and compiled for sm_90 without one in CI (``tests/kernels/test_gluon_rope.py``).
+"""
+from __future__ import annotations
+
+import torch
+
+try:  # Gluon ships with Triton >= 3.5; without it the Triton kernels serve every call
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
+    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
+    HAVE_GLUON = True
+except ImportError:  # pragma: no cover (older Triton)
+    HAVE_GLUON = False
+
+__all__ = ["HAVE_GLUON", "applies", "launch", "key_channel", "pair_of_column"]
+
+BLOCK_S = 64  # token rows per tile: the M of one warpgroup MMA
+
+
+def _dequant_asm(bf16: bool) -> str:
+    """One word of 8 codes (channel j in nibble j) -> 8 dequantized 16-bit values ``s c + z``,
+    output ``2p + e`` = nibble ``p + 4e``. $9/$10: the token's (scale, scale) and (zero, zero)
+    pairs; bf16 adds $11/$12, the parts of the fp16 scale and zero that bf16 heads $9/$10 miss.
+    An AND-OR puts nibbles p and p+4 under the exponent of 1024 (fp16) or 128 (bf16), and a
+    packed subtract takes that off exactly. fp16: one FMA applies scale and zero (one rounding);
+    bf16: heads and tails as in ``common._dequant4_asm`` (bf16's 8 bits would otherwise round
+    the fp16 scale first)."""
+    if bf16:
+        lines = ["{", ".reg .b32 r, t, u, one, neg;", "mov.b32 one, 0x3f803f80;", "mov.b32 neg, 0xc300c300;"]
+        step = ["lop3.b32 r, {src}, 0x000f000f, 0x43004300, 0xea;", "fma.rn.bf16x2 r, r, one, neg;",
+                "fma.rn.bf16x2 u, r, $11, $12;", "fma.rn.bf16x2 r, r, $9, $10;", "fma.rn.bf16x2 r, u, one, r;"]
+    else:
+        lines = ["{", ".reg .b32 r, t, neg;", "mov.b32 neg, 0x64006400;"]
+        step = ["lop3.b32 r, {src}, 0x000f000f, 0x64006400, 0xea;", "sub.f16x2 r, r, neg;",
+                "fma.rn.f16x2 r, r, $9, $10;"]
+    for p in range(4):
+        src = "$8"
+        if p:  # lop3 0xea: (a & b) | c
+            lines.append(f"shr.b32 t, $8, {4 * p};")
+            src = "t"
+        lines += [x.format(src=src) for x in step] + [f"mov.b32 {{${2 * p}, ${2 * p + 1}}}, r;"]
+    return "\n".join(lines + ["}"])
+
+
+def key_channel(kappa: torch.Tensor, rank: int, packed: bool) -> torch.Tensor:
+    """Latent channel held at inner index ``kappa`` of the key product (and at the same index of
+    the value accumulators): ``kappa = 16 b + 8 hi + 2 c + e`` is what the operand layout gives
+    thread ``c`` of a quad; thread ``c`` reads channels ``c rank/4 ..`` of a row. Plain latents
+    in order (``4 b + 2 hi + e``); 4-bit words in ``_dequant_asm``'s order."""
+    b, hi, c, e = kappa // 16, (kappa // 8) % 2, (kappa // 2) % 4, kappa % 2
+    if packed:
+        return c * (rank // 4) + 8 * (b // 2) + 2 * (b % 2) + hi + 4 * e
+    return c * (rank // 4) + 4 * b + 2 * hi + e
+
+
+def pair_of_column(n: torch.Tensor, half: int):
+    """(part, rotary pair) of column ``n`` of ``[Wa | Wb]``: part 0 = ``Wa``. Column ``8 j + 2 c + e``
+    of a part is what thread ``c`` of a quad holds in the accumulator; it takes pair
+    ``c half/4 + 2 j + e``, so the thread's pairs are one contiguous run of the cos/sin tables."""
+    part, nn = n // half, n % half
+    return part, (half // 4) * ((nn // 2) % 4) + 2 * (nn // 8) + nn % 2
+
+
+def thread_run_layout(width: int):
+    """[64, width] with thread (warp w, lane 4 g + c) holding rows ``16 w + g (+ 8)`` (the rows
+    of its ``wgmma`` accumulator) and columns ``c width/4 ..`` (one contiguous run per row)."""
+    cw = width // 4
+    regs = [[0, 1 << i] for i in range(cw.bit_length() - 1)] + [[8, 0]]
+    return gl.DistributedLinearLayout(regs, [[0, cw], [0, 2 * cw], [1, 0], [2, 0], [4, 0]], [[16, 0], [32, 0]],
+                                      [], [BLOCK_S, width])
+
+
+def head_columns_layout(heads: int):
+    """[64, heads] with the rows of ``thread_run_layout`` and every column in each of them (the
+    per-token vectors of a program's heads)."""
+    regs = [[0, 1 << i] for i in range(heads.bit_length() - 1)] + [[8, 0]]
+    return gl.DistributedLinearLayout(regs, [[0, 0], [0, 0], [1, 0], [2, 0], [4, 0]], [[16, 0], [32, 0]], [],
+                                      [BLOCK_S, heads])
+
+
+def copy_layout(width: int, elem_bytes: int):
+    """Blocked layout of 16-byte copies of a [64, width] tile over 4 warps."""
+    vec = max(1, 16 // elem_bytes)
+    tw = max(1, min(32, width // vec))
+    return gl.BlockedLayout([1, min(vec, width)], [32 // tw, tw], [4, 1], [1, 0])
+
+
+def _swizzle(width: int, elem_bytes: int):
+    """XOR of 16-byte chunks by row: a quad's row runs hit distinct banks across rows."""
+    vec = max(1, 16 // elem_bytes)
+    chunks = max(1, width // vec)
+    return gl.SwizzledSharedLayout(vec=vec, per_phase=1, max_phase=min(8, chunks), order=[1, 0])
+
+
+if HAVE_GLUON:
+    _barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+    _async_load = getattr(cp, "async_load", None) or cp.async_copy_global_to_shared
+    _ASM_F16 = gl.constexpr(_dequant_asm(False))
+    _ASM_BF16 = gl.constexpr(_dequant_asm(True))
+
+    @gluon.jit
+    def _kappa_plain(x, R: gl.constexpr):
+        """[64, R] in memory order (thread c holds channels c R/4 ..) -> the inner-index order of
+        the key operand (``key_channel``, plain)."""
+        x = gl.reshape(x, [64, 4, R // 16, 2, 2])  # (c, b, hi, e)
+        x = gl.permute(x, [0, 2, 3, 1, 4])  # (b, hi, c, e)
+        return gl.reshape(x, [64, R])
+
+    @gluon.jit
+    def _both_halves(x):
+        """16-bit values -> int32 words holding each twice (the packed operands of ``_dequant_asm``)."""
+        b = x.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+        return b | (b << 16)
+
+    @gluon.jit
+    def _kappa_words(w, s, z, R: gl.constexpr, BF16: gl.constexpr):
+        """Code words [64, R/8] (thread c holds words c R/32 ..) with their row's fp32 scale and zero
+        (same shape) -> dequantized [64, R] in the inner-index order of the key operand
+        (``key_channel``, packed)."""
+        if BF16:
+            sh = s.to(gl.bfloat16)
+            zh = z.to(gl.bfloat16)
+            o0, o1, o2, o3, o4, o5, o6, o7 = gl.inline_asm_elementwise(
+                _ASM_BF16, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r",
+                [w, _both_halves(sh), _both_halves(zh), _both_halves((s - sh.to(gl.float32)).to(gl.bfloat16)),
+                 _both_halves((z - zh.to(gl.float32)).to(gl.bfloat16))],
+                dtype=(gl.bfloat16, ) * 8, is_pure=True, pack=1)
+        else:
+            o0, o1, o2, o3, o4, o5, o6, o7 = gl.inline_asm_elementwise(
+                _ASM_F16, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", [w, _both_halves(s.to(gl.float16)),
+                                                          _both_halves(z.to(gl.float16))],
+                dtype=(gl.float16, ) * 8, is_pure=True, pack=1)
+        # output 4k + 2i + e at (e, i, k): nibble 2k + i + 4e
+        x = gl.join(gl.join(gl.join(o0, o1), gl.join(o2, o3)), gl.join(gl.join(o4, o5), gl.join(o6, o7)))
+        x = gl.reshape(x, [64, 4, R // 32, 2, 2, 2])  # (c, u, e, i, k)
+        x = gl.permute(x, [0, 2, 5, 4, 1, 3])  # (u, k, i, c, e)
+        return gl.reshape(x, [64, R])
+
+    @gluon.jit
+    def _latent_rows(buf, s, z, R: gl.constexpr, BITS: gl.constexpr, RUN_L: gl.constexpr, BF16: gl.constexpr,
+                     DT: gl.constexpr):
+        """One head's [64, R] latent tile from its shared-memory stage, dequantized, in inner-index
+        order (layout left to the caller's convert)."""
+        if BITS == 4:
+            w = buf.load(RUN_L)
+            sb = gl.expand_dims(s, 1) + gl.zeros(w.shape, gl.float32, RUN_L)
+            zb = gl.expand_dims(z, 1) + gl.zeros(w.shape, gl.float32, RUN_L)
+            x = _kappa_words(w, sb, zb, R, BF16)
+        else:
+            x = _kappa_plain(buf.load(RUN_L), R)
+        return x
+
+    @gluon.jit
+    def _pair_tables(cbuf, sbuf, HALF: gl.constexpr, CS_L: gl.constexpr, ACC: gl.constexpr):
+        """A tile's cos and sin rows [64, HALF] each -> [64, 2 HALF] fp32 in the accumulator's
+        layout: column n holds cos (first half) or sin of pair ``pair_of_column(n)``."""
+        x = gl.join(cbuf.load(CS_L).to(gl.float32), sbuf.load(CS_L).to(gl.float32))  # [64, HALF, part]
+        x = gl.reshape(x, [64, 4, HALF // 8, 2, 2])  # (c, j, e, part)
+        x = gl.permute(x, [0, 4, 2, 1, 3])  # (part, j, c, e)
+        return gl.convert_layout(gl.reshape(x, [64, 2 * HALF]), ACC)
+
+    @gluon.jit
+    def _copy_tile(kbuf, vbuf, slot0, cbuf, sbuf, k_ptr, v_ptr, cos_ptr, sin_ptr, k_off, v_off, c_off, s_off, sk_s, sv_s,
+                   sc_s, ss_s, start, hi, HPP: gl.constexpr, KW: gl.constexpr, VW: gl.constexpr,
+                   HALF: gl.constexpr, LCK: gl.constexpr, LCV: gl.constexpr, LCC: gl.constexpr):
+        """Start the copies of a tile's latents (each head's row segment) and cos/sin rows; rows
+        past ``hi`` are clamped to the last token (real memory, masked out of the scores)."""
+        tk = gl.minimum(start + gl.arange(0, 64, layout=gl.SliceLayout(1, LCK)), hi - 1).to(gl.int64)
+        ck = gl.expand_dims(gl.arange(0, KW, layout=gl.SliceLayout(0, LCK)), 0)
+        tv = gl.minimum(start + gl.arange(0, 64, layout=gl.SliceLayout(1, LCV)), hi - 1).to(gl.int64)
+        cv = gl.expand_dims(gl.arange(0, VW, layout=gl.SliceLayout(0, LCV)), 0)
+        for j in gl.static_range(HPP):
+            _async_load(kbuf.index(slot0 + j), k_ptr + k_off + j * KW + gl.expand_dims(tk, 1) * sk_s + ck)
+            _async_load(vbuf.index(slot0 + j), v_ptr + v_off + j * VW + gl.expand_dims(tv, 1) * sv_s + cv)
+        tc = gl.minimum(start + gl.arange(0, 64, layout=gl.SliceLayout(1, LCC)), hi - 1).to(gl.int64)
+        cc = gl.expand_dims(gl.arange(0, HALF, layout=gl.SliceLayout(0, LCC)), 0)
+        _async_load(cbuf, cos_ptr + c_off + gl.expand_dims(tc, 1) * sc_s + cc)
+        _async_load(sbuf, sin_ptr + s_off + gl.expand_dims(tc, 1) * ss_s + cc)
+
+    @gluon.jit
+    def _vectors(ks_ptr, kz_ptr, vs_ptr, vz_ptr, q_off, sq_s, mask_ptr, m_off, sm_k, tok, hi,
+                 HPP: gl.constexpr, HV_L: gl.constexpr, BITS: gl.constexpr, MASK_KIND: gl.constexpr):
+        """A tile's per-token scales and zeros [64, HPP] (column = head; 4-bit) and its mask row
+        [64], fp32."""
+        ok = tok < hi
+        mr = tok.to(gl.float32) * 0.0
+        if MASK_KIND == 3:  # keep flags
+            mr = (gl.load(mask_ptr + m_off + tok * sm_k, mask=ok, other=0) != 0).to(gl.float32)
+        elif MASK_KIND == 4:  # additive
+            mr = gl.load(mask_ptr + m_off + tok * sm_k, mask=ok, other=0.0).to(gl.float32)
+        hh = gl.arange(0, HPP, layout=gl.SliceLayout(0, HV_L))
+        tk = gl.convert_layout(tok, gl.SliceLayout(1, HV_L))
+        off = q_off + gl.expand_dims(tk, 1) * sq_s + gl.expand_dims(hh, 0)
+        ok2 = gl.expand_dims(tk < hi, 1) & gl.expand_dims(hh < HPP, 0)
+        if BITS == 4:
+            sk = gl.load(ks_ptr + off, mask=ok2, other=0.0).to(gl.float32)
+            zk = gl.load(kz_ptr + off, mask=ok2, other=0.0).to(gl.float32)
+            sv = gl.load(vs_ptr + off, mask=ok2, other=0.0).to(gl.float32)
+            zv = gl.load(vz_ptr + off, mask=ok2, other=0.0).to(gl.float32)
+        else:
+            sk = gl.zeros([64, HPP], gl.float32, HV_L)
+            zk, sv, zv = sk, sk, sk
+        return sk, zk, sv, zv, mr
+
+    @gluon.jit
+    def _head_column(t, j: gl.constexpr, HPP: gl.constexpr, ROW: gl.constexpr):
+        """Column ``j`` of a [64, HPP] tile as a [64] row vector (a select and an in-thread sum)."""
+        hh = gl.arange(0, HPP, layout=gl.SliceLayout(0, t.type.layout))
+        return gl.convert_layout(gl.sum(gl.where(gl.expand_dims(hh == j, 0), t, 0.0), axis=1), ROW)
+
+    @gluon.jit
+    def _head_step(kbuf, vbuf, wab, csn, sk, zk, sv, zv, j: gl.constexpr, keep, madd, qscale, m_i, l_i, o_i,
+                   RK: gl.constexpr, RV: gl.constexpr, BITS: gl.constexpr, HPP: gl.constexpr,
+                   RUN_K: gl.constexpr, RUN_V: gl.constexpr, ACC: gl.constexpr, A_OP: gl.constexpr,
+                   V_L: gl.constexpr, BF16: gl.constexpr, DT: gl.constexpr):
+        """One head over one tile: scores from one ``wgmma``, per-row online softmax, values
+        accumulated per row in fp32."""
+        ROW: gl.constexpr = gl.SliceLayout(1, ACC)
+        a = _latent_rows(kbuf, _head_column(sk, j, HPP, gl.SliceLayout(1, RUN_K)),
+                         _head_column(zk, j, HPP, gl.SliceLayout(1, RUN_K)), RK, BITS, RUN_K, BF16, DT)
+        acc = warpgroup_mma(gl.convert_layout(a, A_OP), wab.index(j), gl.zeros([64, csn.shape[1]], gl.float32, ACC),
+                            use_acc=False)
+        s = gl.sum(acc * csn, axis=1)
+        t = gl.where(keep, s * qscale + madd, float("-inf"))
+        m_new = gl.maximum(m_i, t)
+        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+        p = gl.exp2(t - m_use)
+        alpha = gl.exp2(m_i - m_use)
+        l_i = l_i * alpha + p
+        v = _latent_rows(vbuf, _head_column(sv, j, HPP, gl.SliceLayout(1, RUN_V)),
+                         _head_column(zv, j, HPP, gl.SliceLayout(1, RUN_V)), RV, BITS, RUN_V, BF16, DT)
+        v = gl.convert_layout(v, V_L).to(gl.float32)
+        pv = gl.expand_dims(gl.convert_layout(p, gl.SliceLayout(1, V_L)), 1)
+        av = gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, V_L)), 1)
+        o_i = o_i * av + pv * v
+        return m_new, l_i, o_i
+
+    @gluon.jit
+    def _finish_head(m_i, l_i, o_i, j: gl.constexpr, out_ptr, out_off, part_ptr, lse_ptr, slot,
+                     RV: gl.constexpr, HPP: gl.constexpr, BITS: gl.constexpr, V_L: gl.constexpr,
+                     DIRECT: gl.constexpr):
+        """Merge the 64 row lanes of head ``j`` and store its output (channel order restored) or
+        its split's partial with the base-2 LSE."""
+        mx = gl.max(m_i, axis=0)
+        m_use = gl.where(mx == float("-inf"), 0.0, mx)
+        w = gl.exp2(m_i - m_use)
+        l = gl.sum(l_i * w, axis=0)
+        o = gl.sum(o_i * gl.expand_dims(gl.convert_layout(w, gl.SliceLayout(1, V_L)), 1), axis=0)
+        kap = gl.arange(0, RV, layout=gl.SliceLayout(0, V_L))
+        b_, hi_, c_, e_ = kap // 16, (kap // 8) % 2, (kap // 2) % 4, kap % 2
+        if BITS == 4:
+            ch = c_ * (RV // 4) + 8 * (b_ // 2) + 2 * (b_ % 2) + hi_ + 4 * e_
+        else:
+            ch = c_ * (RV // 4) + 4 * b_ + 2 * hi_ + e_
+        empty = l == 0.0
+        val = o / gl.where(empty, 1.0, l)
+        if DIRECT:
+            gl.store(out_ptr + out_off + ch, val.to(out_ptr.dtype.element_ty))
+        else:
+            gl.store(part_ptr + (slot * HPP + j) * RV + ch, val)
+            gl.store(lse_ptr + slot * HPP + j, gl.where(empty, float("-inf"), mx + gl.log2(gl.where(empty, 1.0, l))))
+
+    @gluon.jit
+    def rope_decode_kernel(
+        q_ptr, lk_ptr, k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, cos_ptr, sin_ptr, mask_ptr, out_ptr, part_ptr,
+        lse_ptr,
+        sq_b, sq_h, sq_d, slk_g, slk_d, slk_r, sk_b, sk_s, sv_b, sv_s, ss_b, ss_s,
+        sc_b, sc_s, ssn_b, ssn_s, sm_b, sm_k, so_b, so_h,
+        Hq, Skv, chunk, NSPLIT, scale,
+        RK: gl.constexpr, RV: gl.constexpr, HALF: gl.constexpr, HPP: gl.constexpr, BITS: gl.constexpr,
+        STAGES: gl.constexpr, MASK_KIND: gl.constexpr, DIRECT: gl.constexpr, BF16: gl.constexpr,
+        RUN_K: gl.constexpr, RUN_V: gl.constexpr, CS_L: gl.constexpr, LCK: gl.constexpr, LCV: gl.constexpr,
+        LCC: gl.constexpr, SWK: gl.constexpr, SWV: gl.constexpr, SWC: gl.constexpr, HV_L: gl.constexpr,
+    ):
+        # k_ptr / v_ptr: plain latents (element strides) or the codes as int32 words (word
+        # strides); ss_*: scales and zeros [B, S, heads] (shared strides, checked by the host)
+        N: gl.constexpr = 2 * HALF
+        DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
+        ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, N, 16])
+        A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ACC, k_width=2)
+        V_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, RV, 16]), k_width=2)
+        ROW: gl.constexpr = gl.SliceLayout(1, ACC)
+        LW: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [4, 1], [1, 0])
+        KW: gl.constexpr = RK // 8 if BITS == 4 else RK  # copied elements per token and head
+        VW: gl.constexpr = RV // 8 if BITS == 4 else RV
+        KT: gl.constexpr = gl.int32 if BITS == 4 else DT
+
+        pid_s = gl.program_id(0)
+        pid_x = gl.program_id(1)
+        nblk = Hq // HPP
+        b = (pid_x // nblk).to(gl.int64)
+        h0 = (pid_x % nblk) * HPP
+        lo = pid_s * chunk
+        hi = gl.minimum(lo + chunk, Skv)
+
+        # [Wa | Wb] of each head, once: rows in the key operand's inner order, columns in the
+        # accumulator order of pairs (pair_of_column), built in fp32 and rounded to the operand dtype
+        WL: gl.constexpr = gl.NVMMASharedLayout.get_default_for([RK, N], DT)
+        wab = gl.allocate_shared_memory(DT, [HPP, RK, N], WL)
+        kap = gl.arange(0, RK, layout=gl.SliceLayout(1, LW))
+        b_, hi_, c_, e_ = kap // 16, (kap // 8) % 2, (kap // 2) % 4, kap % 2
+        if BITS == 4:
+            mch = c_ * (RK // 4) + 8 * (b_ // 2) + 2 * (b_ % 2) + hi_ + 4 * e_
+        else:
+            mch = c_ * (RK // 4) + 4 * b_ + 2 * hi_ + e_
+        n = gl.arange(0, N, layout=gl.SliceLayout(0, LW))
+        part = n // HALF
+        nn = n % HALF
+        f = (HALF // 4) * ((nn // 2) % 4) + 2 * (nn // 8) + nn % 2
+        for j in gl.static_range(HPP):
+            h = h0 + j
+            lrow = lk_ptr + h * slk_g + gl.expand_dims(mch * slk_r, 1)
+            l_lo = gl.load(lrow + gl.expand_dims(f * slk_d, 0)).to(gl.float32)
+            l_hi = gl.load(lrow + gl.expand_dims((f + HALF) * slk_d, 0)).to(gl.float32)
+            qrow = q_ptr + b * sq_b + h * sq_h
+            q_lo = gl.expand_dims(gl.load(qrow + f * sq_d).to(gl.float32), 0)
+            q_hi = gl.expand_dims(gl.load(qrow + (f + HALF) * sq_d).to(gl.float32), 0)
+            w = gl.where(gl.expand_dims(part == 0, 0), q_lo * l_lo + q_hi * l_hi, q_hi * l_lo - q_lo * l_hi)
+            wab.index(j).store(w.to(DT))
+        fence_async_shared()
+        _barrier()
+
+        # stage i, head j at index i HPP + j
+        kbuf = gl.allocate_shared_memory(KT, [STAGES * HPP, 64, KW], SWK)
+        vbuf = gl.allocate_shared_memory(KT, [STAGES * HPP, 64, VW], SWV)
+        cbuf = gl.allocate_shared_memory(cos_ptr.dtype.element_ty, [STAGES, 64, HALF], SWC)
+        sbuf = gl.allocate_shared_memory(cos_ptr.dtype.element_ty, [STAGES, 64, HALF], SWC)
+        k_off = b * sk_b + h0 * KW
+        v_off = b * sv_b + h0 * VW
+        c_off = b * sc_b
+        s_off = b * ssn_b
+        n_tiles = gl.cdiv(hi - lo, 64)
+        for i in gl.static_range(STAGES - 1):
+            _copy_tile(kbuf, vbuf, i * HPP, cbuf.index(i), sbuf.index(i), k_ptr, v_ptr, cos_ptr, sin_ptr,
+                       k_off, v_off, c_off, s_off, sk_s, sv_s, sc_s, ssn_s, lo + i * 64, hi, HPP, KW, VW, HALF,
+                       LCK, LCV, LCC)
+            cp.commit_group()
+
+        q_off = b * ss_b + h0
+        m_off = b * sm_b
+        tok_n = lo + gl.arange(0, 64, layout=ROW)
+        sk_n, zk_n, sv_n, zv_n, mr_n = _vectors(ks_ptr, kz_ptr, vs_ptr, vz_ptr, q_off, ss_s, mask_ptr, m_off, sm_k,
+                                                tok_n, hi, HPP, HV_L, BITS, MASK_KIND)
+        m0 = gl.full([64], float("-inf"), gl.float32, ROW)
+        l0 = gl.zeros([64], gl.float32, ROW)
+        o0 = gl.zeros([64, RV], gl.float32, V_L)
+        m1, l1, o1 = m0, l0, o0
+        qscale = scale * 1.4426950408889634
+        for it in range(n_tiles):
+            tok = tok_n
+            sk, zk, sv, zv, mr = sk_n, zk_n, sv_n, zv_n, mr_n
+            tok_n = tok + 64
+            sk_n, zk_n, sv_n, zv_n, mr_n = _vectors(ks_ptr, kz_ptr, vs_ptr, vz_ptr, q_off, ss_s, mask_ptr, m_off,
+                                                    sm_k, tok_n, hi, HPP, HV_L, BITS, MASK_KIND)
+            _barrier()  # the stage the next copy overwrites was read in the last iteration
+            nxt = (it + STAGES - 1) % STAGES
+            _copy_tile(kbuf, vbuf, nxt * HPP, cbuf.index(nxt), sbuf.index(nxt), k_ptr, v_ptr, cos_ptr,
+                       sin_ptr, k_off, v_off, c_off, s_off, sk_s, sv_s, sc_s, ssn_s, lo + (it + STAGES - 1) * 64, hi,
+                       HPP, KW, VW, HALF, LCK, LCV, LCC)
+            cp.commit_group()
+            cp.wait_group(STAGES - 1)
+            _barrier()  # other threads' copies are visible
+            stage = it % STAGES
+            csn = _pair_tables(cbuf.index(stage), sbuf.index(stage), HALF, CS_L, ACC)
+            keep = tok < hi
+            madd = mr * 0.0
+            if MASK_KIND == 3:
+                keep = keep & (mr != 0.0)
+            if MASK_KIND == 4:
+                madd = mr * 1.4426950408889634
+            m0, l0, o0 = _head_step(kbuf.index(stage * HPP), vbuf.index(stage * HPP), wab, csn, sk, zk, sv, zv, 0, keep, madd, qscale, m0, l0, o0, RK, RV, BITS,
+                                    HPP, RUN_K, RUN_V, ACC, A_OP, V_L, BF16, DT)
+            if HPP > 1:
+                m1, l1, o1 = _head_step(kbuf.index(stage * HPP + 1), vbuf.index(stage * HPP + 1), wab, csn, sk, zk, sv, zv, 1, keep, madd, qscale, m1, l1, o1, RK, RV,
+                                        BITS, HPP, RUN_K, RUN_V, ACC, A_OP, V_L, BF16, DT)
+        cp.wait_group(0)
+
+        slot = pid_x * NSPLIT + pid_s
+        out_off = b * so_b + h0 * so_h
+        _finish_head(m0, l0, o0, 0, out_ptr, out_off, part_ptr, lse_ptr, slot, RV, HPP, BITS, V_L, DIRECT)
+        if HPP > 1:
+            _finish_head(m1, l1, o1, 1, out_ptr, out_off + so_h, part_ptr, lse_ptr, slot, RV, HPP, BITS, V_L, DIRECT)
+
+
+def applies(q, kl, vl, lk, k_bias, k_norm_weight, cos, sin, rope_style, softcap, is_causal, mask_kind, groups,
+            interpret) -> bool:
+    """Whether ``rope_decode_kernel`` serves a fused call (see the module docstring)."""
+    B, Hq, Sq, D = q.shape
+    if not (HAVE_GLUON and not interpret and lk is not None and rope_style == 1 and k_bias is None
+            and k_norm_weight is None and softcap == 0 and not is_causal and mask_kind in (0, 3, 4)
+            and Sq == 1 and groups == Hq and q.dtype in (torch.float16, torch.bfloat16)
+            and D in (64, 128) and tuple(lk.shape[1:2]) == (D, ) and cos.shape[-1] == D and sin.shape[-1] == D):
+        return False
+    rk, rv = lk.shape[-1], vl.channels // groups
+    if rk not in (32, 64, 128) or rv not in (32, 64, 128) or kl.channels != groups * rk:
+        return False
+    if cos.dtype != sin.dtype or cos.stride(-1) != 1 or sin.stride(-1) != 1:
+        return False
+    for t in (cos, sin):
+        e = t.element_size()
+        if t.data_ptr() % 16 or any(s * e % 16 for s in t.stride()[:-1] if s):
+            return False
+    if kl.bits == 0 and vl.bits == 0:
+        return all(x.data.dtype == q.dtype and x.data.stride(-1) == 1 and x.data.data_ptr() % 16 == 0
+                   and all(s * 2 % 16 == 0 for s in x.data.stride()[:-1]) for x in (kl, vl))
+    return (kl.bits == 4 and vl.bits == 4 and kl.group_size == rk and vl.group_size == rv
+            and kl.scale.stride() == kl.zero.stride() == vl.scale.stride() == vl.zero.stride()
+            and kl.scale.stride(-1) == 1
+            and all(x.data.stride(0) % 16 == 0 and x.data.stride(1) % 16 == 0 and x.data.data_ptr() % 16 == 0
+                    for x in (kl, vl)))
+
+
+def launch(q, lk, kl, vl, cos, sin, mask_kind, mask, sm_b, sm_k, scale, out, nsplit, chunk, part, lse,
+           heads_per_program=1, stages=2, probe=False):
+    """Launch over ``nsplit`` splits of ``chunk`` tokens; ``part``/``lse``: the split partials, one
+    row per head of a program (``heads_per_program`` rows), as ``common.combine_splits_kernel``
+    reads them. ``cos``/``sin``: [B, S, D] (broadcast strides allowed). ``probe``: return
+    (kernel, grid, args, constexprs)."""
+    B, Hq, _, D = q.shape
+    half = D // 2
+    rk = lk.shape[-1]
+    rv = vl.channels // Hq
+    hpp = heads_per_program
+    bits = 4 if kl.bits == 4 else 16
+    if bits == 4:
+        kd, vd = kl.data.view(torch.int32), vl.data.view(torch.int32)
+        ks, kz, vs, vz = kl.scale, kl.zero, vl.scale, vl.zero
+        ss = (ks.stride(0), ks.stride(1))
+        kw, vw, eb = rk // 8, rv // 8, 4
+    else:
+        kd, vd = kl.data, vl.data
+        ks = kz = vs = vz = q
+        ss = (0, 0)
+        kw, vw, eb = rk, rv, 2
+    tb = cos.element_size()
+    grid = (nsplit, B * Hq // hpp)
+    args = (q, lk, kd, vd, ks, kz, vs, vz, cos, sin, mask, out, part, lse,
+            q.stride(0), q.stride(1), q.stride(3), lk.stride(0), lk.stride(1), lk.stride(2),
+            kd.stride(0), kd.stride(1), vd.stride(0), vd.stride(1), *ss,
+            cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1), sm_b, sm_k, out.stride(0), out.stride(1),
+            Hq, kd.shape[1], chunk, nsplit, float(scale))
+    consts = dict(RK=rk, RV=rv, HALF=half, HPP=hpp, BITS=bits, STAGES=stages, MASK_KIND=mask_kind,
+                  DIRECT=nsplit == 1, BF16=q.dtype == torch.bfloat16,
+                  RUN_K=thread_run_layout(kw), RUN_V=thread_run_layout(vw), CS_L=thread_run_layout(half),
+                  LCK=copy_layout(kw, eb), LCV=copy_layout(vw, eb), LCC=copy_layout(half, tb),
+                  SWK=_swizzle(kw, eb), SWV=_swizzle(vw, eb), SWC=_swizzle(half, tb),
+                  HV_L=head_columns_layout(hpp), num_warps=4)
+    if probe:
+        return rope_decode_kernel, grid, args, consts
+    rope_decode_kernel[grid](*args, **consts)

@@ -29,6 +29,7 @@
 #   bash benchmarks/gpu_session.sh 28  # Gluon tests with rank 256; the 4-bit rows at the target point, gs 1/2/4
 #   bash benchmarks/gpu_session.sh 29  # Gluon tests with bf16; the bf16 4-bit rows at the target point
 #   bash benchmarks/gpu_session.sh 30  # the Gluon RoPE kernel: GPU tests, A/B against the Triton kernels, the RoPE rows
+#   bash benchmarks/gpu_session.sh 31  # Gluon RoPE: cos/sin from global memory and a register cap (3 programs per SM), A/B
 set -u
 export PYTHONPATH=.
 OUT=${OUT:-/tmp/palu_gpu}
@@ -227,5 +228,14 @@ case "${1:-1}" in
         --variant rope:triton=gluon=false --variant rope4:triton=gluon=false
     step table_rope 150 python -u benchmarks/attention.py --no-sweep --defaults-only --no-prefill --quant-bits 4 \
         --shapes llama2 --batch 8 --ctx 32k --gs 1 --no-naive --budget-s 120
+    ;;
+31)
+    step rope_tests 200 python -m pytest -q -x tests/kernels/test_gluon_rope.py
+    step rope_ab 300 python -u benchmarks/kernel_ab.py --cases rope rope4 --rounds 3 \
+        --variant rope:triton=gluon=false --variant rope:global=gluon_rope_smem_tables=false \
+        --variant rope:g168=gluon_rope_smem_tables=false,gluon_rope_regs=168 \
+        --variant rope4:triton=gluon=false --variant rope4:global=gluon_rope_smem_tables=false \
+        --variant rope4:g168=gluon_rope_smem_tables=false,gluon_rope_regs=168 \
+        --variant rope4:s168=gluon_rope_regs=168
     ;;
 esac

@@ -208,6 +208,10 @@ CASES = [
     pytest.param(dict(B=3, H=32, S=2049), dict(), id="fp16-B3-32heads-auto-splits"),
     pytest.param(dict(dtype=torch.bfloat16, S=1000, mask="add"), dict(), id="bf16"),
     pytest.param(dict(dtype=torch.bfloat16, bits=4, S=1000, mask="bool"), dict(num_splits=2), id="bf16-q4"),
+    pytest.param(dict(S=1000, mask="add"), dict(gluon_rope_smem_tables=False, gluon_rope_regs=168),
+                 id="fp16-tables-from-global-168-regs"),
+    pytest.param(dict(bits=4, S=999, mask="bool", B=3), dict(gluon_rope_smem_tables=False, gluon_rope_regs=168),
+                 id="q4-tables-from-global-168-regs"),
 ]
 
 

@@ -187,10 +187,11 @@ if HAVE_GLUON:
         return x
 
     @gluon.jit
-    def _pair_tables(cbuf, sbuf, HALF: gl.constexpr, CS_L: gl.constexpr, ACC: gl.constexpr):
-        """A tile's cos and sin rows [64, HALF] each -> [64, 2 HALF] fp32 in the accumulator's
-        layout: column n holds cos (first half) or sin of pair ``pair_of_column(n)``."""
-        x = gl.join(cbuf.load(CS_L).to(gl.float32), sbuf.load(CS_L).to(gl.float32))  # [64, HALF, part]
+    def _pair_tables(cs, sn, HALF: gl.constexpr, ACC: gl.constexpr):
+        """A tile's cos and sin rows [64, HALF] each -> [64, 2 HALF] in the accumulator's layout
+        (table dtype: converted where used): column n holds cos (first half) or sin of pair
+        ``pair_of_column(n)``."""
+        x = gl.join(cs, sn)  # [64, HALF, part]
         x = gl.reshape(x, [64, 4, HALF // 8, 2, 2])  # (c, j, e, part)
         x = gl.permute(x, [0, 4, 2, 1, 3])  # (part, j, c, e)
         return gl.convert_layout(gl.reshape(x, [64, 2 * HALF]), ACC)
@@ -198,7 +199,8 @@ if HAVE_GLUON:
     @gluon.jit
     def _copy_tile(kbuf, vbuf, slot0, cbuf, sbuf, k_ptr, v_ptr, cos_ptr, sin_ptr, k_off, v_off, c_off, s_off, sk_s, sv_s,
                    sc_s, ss_s, start, hi, HPP: gl.constexpr, KW: gl.constexpr, VW: gl.constexpr,
-                   HALF: gl.constexpr, LCK: gl.constexpr, LCV: gl.constexpr, LCC: gl.constexpr):
+                   HALF: gl.constexpr, LCK: gl.constexpr, LCV: gl.constexpr, LCC: gl.constexpr,
+                   TABLES_SMEM: gl.constexpr):
         """Start the copies of a tile's latents (each head's row segment) and cos/sin rows; rows
         past ``hi`` are clamped to the last token (real memory, masked out of the scores)."""
         tk = gl.minimum(start + gl.arange(0, 64, layout=gl.SliceLayout(1, LCK)), hi - 1).to(gl.int64)
@@ -208,10 +210,20 @@ if HAVE_GLUON:
         for j in gl.static_range(HPP):
             _async_load(kbuf.index(slot0 + j), k_ptr + k_off + j * KW + gl.expand_dims(tk, 1) * sk_s + ck)
             _async_load(vbuf.index(slot0 + j), v_ptr + v_off + j * VW + gl.expand_dims(tv, 1) * sv_s + cv)
-        tc = gl.minimum(start + gl.arange(0, 64, layout=gl.SliceLayout(1, LCC)), hi - 1).to(gl.int64)
-        cc = gl.expand_dims(gl.arange(0, HALF, layout=gl.SliceLayout(0, LCC)), 0)
-        _async_load(cbuf, cos_ptr + c_off + gl.expand_dims(tc, 1) * sc_s + cc)
-        _async_load(sbuf, sin_ptr + s_off + gl.expand_dims(tc, 1) * ss_s + cc)
+        if TABLES_SMEM:
+            tc = gl.minimum(start + gl.arange(0, 64, layout=gl.SliceLayout(1, LCC)), hi - 1).to(gl.int64)
+            cc = gl.expand_dims(gl.arange(0, HALF, layout=gl.SliceLayout(0, LCC)), 0)
+            _async_load(cbuf, cos_ptr + c_off + gl.expand_dims(tc, 1) * sc_s + cc)
+            _async_load(sbuf, sin_ptr + s_off + gl.expand_dims(tc, 1) * ss_s + cc)
+
+    @gluon.jit
+    def _table_rows(cos_ptr, sin_ptr, c_off, s_off, sc_s, ss_s, tok, hi, HALF: gl.constexpr, CS_L: gl.constexpr):
+        """The cos/sin rows [64, HALF] of tokens ``tok`` (clamped to the last token) from global
+        memory, in the thread-run layout."""
+        t = gl.minimum(gl.convert_layout(tok, gl.SliceLayout(1, CS_L)), hi - 1).to(gl.int64)
+        f = gl.expand_dims(gl.arange(0, HALF, layout=gl.SliceLayout(0, CS_L)), 0)
+        return (gl.load(cos_ptr + c_off + gl.expand_dims(t * sc_s, 1) + f),
+                gl.load(sin_ptr + s_off + gl.expand_dims(t * ss_s, 1) + f))
 
     @gluon.jit
     def _vectors(ks_ptr, kz_ptr, vs_ptr, vz_ptr, q_off, sq_s, mask_ptr, m_off, sm_k, tok, hi,
@@ -256,7 +268,7 @@ if HAVE_GLUON:
                          _head_column(zk, j, HPP, gl.SliceLayout(1, RUN_K)), RK, BITS, RUN_K, BF16, DT)
         acc = warpgroup_mma(gl.convert_layout(a, A_OP), wab.index(j), gl.zeros([64, csn.shape[1]], gl.float32, ACC),
                             use_acc=False)
-        s = gl.sum(acc * csn, axis=1)
+        s = gl.sum(acc * csn.to(gl.float32), axis=1)
         t = gl.where(keep, s * qscale + madd, float("-inf"))
         m_new = gl.maximum(m_i, t)
         m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
@@ -307,6 +319,7 @@ if HAVE_GLUON:
         STAGES: gl.constexpr, MASK_KIND: gl.constexpr, DIRECT: gl.constexpr, BF16: gl.constexpr,
         RUN_K: gl.constexpr, RUN_V: gl.constexpr, CS_L: gl.constexpr, LCK: gl.constexpr, LCV: gl.constexpr,
         LCC: gl.constexpr, SWK: gl.constexpr, SWV: gl.constexpr, SWC: gl.constexpr, HV_L: gl.constexpr,
+        TABLES_SMEM: gl.constexpr = True,
     ):
         # k_ptr / v_ptr: plain latents (element strides) or the codes as int32 words (word
         # strides); ss_*: scales and zeros [B, S, heads] (shared strides, checked by the host)
@@ -360,17 +373,20 @@ if HAVE_GLUON:
         # stage i, head j at index i HPP + j
         kbuf = gl.allocate_shared_memory(KT, [STAGES * HPP, 64, KW], SWK)
         vbuf = gl.allocate_shared_memory(KT, [STAGES * HPP, 64, VW], SWV)
-        cbuf = gl.allocate_shared_memory(cos_ptr.dtype.element_ty, [STAGES, 64, HALF], SWC)
-        sbuf = gl.allocate_shared_memory(cos_ptr.dtype.element_ty, [STAGES, 64, HALF], SWC)
+        # cos/sin rows: copied with the latents, or (TABLES_SMEM off: less shared memory, more
+        # programs per SM) loaded from global memory a tile ahead into registers
+        TS: gl.constexpr = STAGES if TABLES_SMEM else 1
+        cbuf = gl.allocate_shared_memory(cos_ptr.dtype.element_ty, [TS, 64, HALF if TABLES_SMEM else 8], SWC)
+        sbuf = gl.allocate_shared_memory(cos_ptr.dtype.element_ty, [TS, 64, HALF if TABLES_SMEM else 8], SWC)
         k_off = b * sk_b + h0 * KW
         v_off = b * sv_b + h0 * VW
         c_off = b * sc_b
         s_off = b * ssn_b
         n_tiles = gl.cdiv(hi - lo, 64)
         for i in gl.static_range(STAGES - 1):
-            _copy_tile(kbuf, vbuf, i * HPP, cbuf.index(i), sbuf.index(i), k_ptr, v_ptr, cos_ptr, sin_ptr,
+            _copy_tile(kbuf, vbuf, i * HPP, cbuf.index(i % TS), sbuf.index(i % TS), k_ptr, v_ptr, cos_ptr, sin_ptr,
                        k_off, v_off, c_off, s_off, sk_s, sv_s, sc_s, ssn_s, lo + i * 64, hi, HPP, KW, VW, HALF,
-                       LCK, LCV, LCC)
+                       LCK, LCV, LCC, TABLES_SMEM)
             cp.commit_group()
 
         q_off = b * ss_b + h0
@@ -378,6 +394,7 @@ if HAVE_GLUON:
         tok_n = lo + gl.arange(0, 64, layout=ROW)
         sk_n, zk_n, sv_n, zv_n, mr_n = _vectors(ks_ptr, kz_ptr, vs_ptr, vz_ptr, q_off, ss_s, mask_ptr, m_off, sm_k,
                                                 tok_n, hi, HPP, HV_L, BITS, MASK_KIND)
+        cs_n, sn_n = _table_rows(cos_ptr, sin_ptr, c_off, s_off, sc_s, ssn_s, tok_n, hi, HALF, CS_L)
         m0 = gl.full([64], float("-inf"), gl.float32, ROW)
         l0 = gl.zeros([64], gl.float32, ROW)
         o0 = gl.zeros([64, RV], gl.float32, V_L)
@@ -391,14 +408,18 @@ if HAVE_GLUON:
                                                     sm_k, tok_n, hi, HPP, HV_L, BITS, MASK_KIND)
             _barrier()  # the stage the next copy overwrites was read in the last iteration
             nxt = (it + STAGES - 1) % STAGES
-            _copy_tile(kbuf, vbuf, nxt * HPP, cbuf.index(nxt), sbuf.index(nxt), k_ptr, v_ptr, cos_ptr,
+            _copy_tile(kbuf, vbuf, nxt * HPP, cbuf.index(nxt % TS), sbuf.index(nxt % TS), k_ptr, v_ptr, cos_ptr,
                        sin_ptr, k_off, v_off, c_off, s_off, sk_s, sv_s, sc_s, ssn_s, lo + (it + STAGES - 1) * 64, hi,
-                       HPP, KW, VW, HALF, LCK, LCV, LCC)
+                       HPP, KW, VW, HALF, LCK, LCV, LCC, TABLES_SMEM)
             cp.commit_group()
             cp.wait_group(STAGES - 1)
             _barrier()  # other threads' copies are visible
             stage = it % STAGES
-            csn = _pair_tables(cbuf.index(stage), sbuf.index(stage), HALF, CS_L, ACC)
+            if TABLES_SMEM:
+                csn = _pair_tables(cbuf.index(stage).load(CS_L), sbuf.index(stage).load(CS_L), HALF, ACC)
+            else:
+                csn = _pair_tables(cs_n, sn_n, HALF, ACC)
+                cs_n, sn_n = _table_rows(cos_ptr, sin_ptr, c_off, s_off, sc_s, ssn_s, tok_n, hi, HALF, CS_L)
             keep = tok < hi
             madd = mr * 0.0
             if MASK_KIND == 3:
@@ -448,7 +469,7 @@ def applies(q, kl, vl, lk, k_bias, k_norm_weight, cos, sin, rope_style, softcap,
 
 
 def launch(q, lk, kl, vl, cos, sin, mask_kind, mask, sm_b, sm_k, scale, out, nsplit, chunk, part, lse,
-           heads_per_program=1, stages=2, probe=False):
+           heads_per_program=1, stages=2, tables_smem=True, max_regs=0, probe=False):
     """Launch over ``nsplit`` splits of ``chunk`` tokens; ``part``/``lse``: the split partials, one
     row per head of a program (``heads_per_program`` rows), as ``common.combine_splits_kernel``
     reads them. ``cos``/``sin``: [B, S, D] (broadcast strides allowed). ``probe``: return
@@ -481,7 +502,9 @@ def launch(q, lk, kl, vl, cos, sin, mask_kind, mask, sm_b, sm_k, scale, out, nsp
                   RUN_K=thread_run_layout(kw), RUN_V=thread_run_layout(vw), CS_L=thread_run_layout(half),
                   LCK=copy_layout(kw, eb), LCV=copy_layout(vw, eb), LCC=copy_layout(half, tb),
                   SWK=_swizzle(kw, eb), SWV=_swizzle(vw, eb), SWC=_swizzle(half, tb),
-                  HV_L=head_columns_layout(hpp), num_warps=4)
+                  HV_L=head_columns_layout(hpp), TABLES_SMEM=tables_smem, num_warps=4)
+    if max_regs:  # ptxas's register cap: more programs per SM
+        consts["maxnreg"] = max_regs
     if probe:
         return rope_decode_kernel, grid, args, consts
     rope_decode_kernel[grid](*args, **consts)

@@ -93,6 +93,8 @@ class KernelConfig:
     gluon_block_s: int = 32
     gluon_stages: int = 2
     gluon_rope_stages: int = 2
+    gluon_rope_smem_tables: bool = True
+    gluon_rope_regs: int = 0
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -589,13 +591,13 @@ def _gluon_rope(q, lk, kl, vl, cos, sin, mask_kind, mask, mstr, scale, cfg, out)
     B, Hq, _, _ = q.shape
     RV = out.shape[-1]
     Skv = kl.data.shape[1]
-    stages = cfg.gluon_rope_stages
+    knobs = (cfg.gluon_rope_stages, cfg.gluon_rope_smem_tables, cfg.gluon_rope_regs)
 
     def launch(nsplit, chunk, part, lse, probe=False):
         return gluon_rope.launch(q, lk, kl, vl, cos, sin, mask_kind, mask, mstr[0], mstr[3], scale, out, nsplit,
-                                 chunk, part, lse, 1, stages, probe=probe)
+                                 chunk, part, lse, 1, *knobs, probe=probe)
 
-    resident = _resident_cached(("gluon_rope", stages, q.dtype, cos.dtype, kl.bits, lk.shape[1:], RV, mask_kind,
+    resident = _resident_cached(("gluon_rope", knobs, q.dtype, cos.dtype, kl.bits, lk.shape[1:], RV, mask_kind,
                                  q.device.index), launch, q.device)
     plan_cfg = KernelConfig(programs_per_sm=max(1, resident), num_splits=cfg.num_splits, fill_waves=True)
     NSPLIT, chunk = _split_plan(plan_cfg, B * Hq, Skv, _num_sms(q.device.index or 0), resident)

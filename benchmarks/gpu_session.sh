@@ -30,6 +30,7 @@
 #   bash benchmarks/gpu_session.sh 29  # Gluon tests with bf16; the bf16 4-bit rows at the target point
 #   bash benchmarks/gpu_session.sh 30  # the Gluon RoPE kernel: GPU tests, A/B against the Triton kernels, the RoPE rows
 #   bash benchmarks/gpu_session.sh 31  # Gluon RoPE: cos/sin from global memory and a register cap (3 programs per SM), A/B
+#   bash benchmarks/gpu_session.sh 32  # Gluon RoPE: Nsight Compute profiles, then copy stages A/B
 set -u
 export PYTHONPATH=.
 OUT=${OUT:-/tmp/palu_gpu}
@@ -237,5 +238,11 @@ case "${1:-1}" in
         --variant rope4:triton=gluon=false --variant rope4:global=gluon_rope_smem_tables=false \
         --variant rope4:g168=gluon_rope_smem_tables=false,gluon_rope_regs=168 \
         --variant rope4:s168=gluon_rope_regs=168
+    ;;
+32)
+    OUT=$OUT bash benchmarks/ncu_session.sh rope
+    step rope_ab 300 python -u benchmarks/kernel_ab.py --cases rope rope4 --rounds 3 \
+        --variant rope:st3=gluon_rope_stages=3 --variant rope4:global=gluon_rope_smem_tables=false \
+        --variant rope4:global3=gluon_rope_smem_tables=false,gluon_rope_stages=3
     ;;
 esac

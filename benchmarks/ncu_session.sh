@@ -4,6 +4,7 @@
 #   OUT=/tmp/ncu bash benchmarks/ncu_session.sh       # the fp16 and 4-bit defaults
 #   OUT=/tmp/ncu bash benchmarks/ncu_session.sh q4    # 4 bits: word-wise PTX against Triton's unpack
 #   OUT=/tmp/ncu bash benchmarks/ncu_session.sh now   # the library defaults of the gs1 kernels, with the mask
+#   OUT=/tmp/ncu bash benchmarks/ncu_session.sh rope  # the Gluon RoPE kernel (fp16, 4-bit), with the mask
 set -u
 export PYTHONPATH=.
 S="--section SpeedOfLight --section WarpStateStats --section Occupancy --section LaunchStats --section SchedulerStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis"
@@ -19,6 +20,11 @@ if [ "${1:-}" = now ]; then
   prof rope_default_mask per_head --rope --mask
   prof rope_q4_default_mask per_head --rope --mask --bits 4
   prof absorbed_q4_default_mask per_head --mask --bits 4
+  exit 0
+fi
+if [ "${1:-}" = rope ]; then
+  prof rope_gluon rope_decode --rope --mask
+  prof rope_gluon_q4 rope_decode --rope --mask --bits 4
   exit 0
 fi
 if [ "${1:-}" = q4 ]; then

@@ -31,6 +31,7 @@
 #   bash benchmarks/gpu_session.sh 30  # the Gluon RoPE kernel: GPU tests, A/B against the Triton kernels, the RoPE rows
 #   bash benchmarks/gpu_session.sh 31  # Gluon RoPE: cos/sin from global memory and a register cap (3 programs per SM), A/B
 #   bash benchmarks/gpu_session.sh 32  # Gluon RoPE: Nsight Compute profiles, then copy stages A/B
+#   bash benchmarks/gpu_session.sh 33  # Gluon RoPE: cos/sin copies through L1 (.ca) or not, alternating processes
 set -u
 export PYTHONPATH=.
 OUT=${OUT:-/tmp/palu_gpu}
@@ -244,5 +245,11 @@ case "${1:-1}" in
     step rope_ab 300 python -u benchmarks/kernel_ab.py --cases rope rope4 --rounds 3 \
         --variant rope:st3=gluon_rope_stages=3 --variant rope4:global=gluon_rope_smem_tables=false \
         --variant rope4:global3=gluon_rope_smem_tables=false,gluon_rope_stages=3
+    ;;
+33)
+    for tcm in .ca "" .ca ""; do
+        PALU_FX_ROPE_TCM=$tcm step rope_ab_tcm${tcm} 150 python -u benchmarks/kernel_ab.py --cases rope rope4 \
+            --rounds 3 --tag "tcm${tcm:-cg}" --variant rope4:global=gluon_rope_smem_tables=false
+    done
     ;;
 esac

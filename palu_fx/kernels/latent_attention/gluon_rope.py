@@ -37,6 +37,8 @@ on the GPU and compiled for sm_90 without one in CI (``tests/kernels/test_gluon_
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 try:  # Gluon ships with Triton >= 3.5; without it the Triton kernels serve every call
@@ -114,9 +116,9 @@ def head_columns_layout(heads: int):
                                       [BLOCK_S, heads])
 
 
-def copy_layout(width: int, elem_bytes: int):
-    """Blocked layout of 16-byte copies of a [64, width] tile over 4 warps."""
-    vec = max(1, 16 // elem_bytes)
+def copy_layout(width: int, elem_bytes: int, copy_bytes: int = 16):
+    """Blocked layout of ``copy_bytes`` copies of a [64, width] tile over 4 warps."""
+    vec = max(1, copy_bytes // elem_bytes)
     tw = max(1, min(32, width // vec))
     return gl.BlockedLayout([1, min(vec, width)], [32 // tw, tw], [4, 1], [1, 0])
 
@@ -200,7 +202,7 @@ if HAVE_GLUON:
     def _copy_tile(kbuf, vbuf, slot0, cbuf, sbuf, k_ptr, v_ptr, cos_ptr, sin_ptr, k_off, v_off, c_off, s_off, sk_s, sv_s,
                    sc_s, ss_s, start, hi, HPP: gl.constexpr, KW: gl.constexpr, VW: gl.constexpr,
                    HALF: gl.constexpr, LCK: gl.constexpr, LCV: gl.constexpr, LCC: gl.constexpr,
-                   TABLES_SMEM: gl.constexpr):
+                   TABLES_SMEM: gl.constexpr, TCM: gl.constexpr):
         """Start the copies of a tile's latents (each head's row segment) and cos/sin rows; rows
         past ``hi`` are clamped to the last token (real memory, masked out of the scores)."""
         tk = gl.minimum(start + gl.arange(0, 64, layout=gl.SliceLayout(1, LCK)), hi - 1).to(gl.int64)
@@ -213,17 +215,18 @@ if HAVE_GLUON:
         if TABLES_SMEM:
             tc = gl.minimum(start + gl.arange(0, 64, layout=gl.SliceLayout(1, LCC)), hi - 1).to(gl.int64)
             cc = gl.expand_dims(gl.arange(0, HALF, layout=gl.SliceLayout(0, LCC)), 0)
-            _async_load(cbuf, cos_ptr + c_off + gl.expand_dims(tc, 1) * sc_s + cc)
-            _async_load(sbuf, sin_ptr + s_off + gl.expand_dims(tc, 1) * ss_s + cc)
+            _async_load(cbuf, cos_ptr + c_off + gl.expand_dims(tc, 1) * sc_s + cc, cache_modifier=TCM)
+            _async_load(sbuf, sin_ptr + s_off + gl.expand_dims(tc, 1) * ss_s + cc, cache_modifier=TCM)
 
     @gluon.jit
-    def _table_rows(cos_ptr, sin_ptr, c_off, s_off, sc_s, ss_s, tok, hi, HALF: gl.constexpr, CS_L: gl.constexpr):
+    def _table_rows(cos_ptr, sin_ptr, c_off, s_off, sc_s, ss_s, tok, hi, HALF: gl.constexpr, CS_L: gl.constexpr,
+                    TCM: gl.constexpr):
         """The cos/sin rows [64, HALF] of tokens ``tok`` (clamped to the last token) from global
         memory, in the thread-run layout."""
         t = gl.minimum(gl.convert_layout(tok, gl.SliceLayout(1, CS_L)), hi - 1).to(gl.int64)
         f = gl.expand_dims(gl.arange(0, HALF, layout=gl.SliceLayout(0, CS_L)), 0)
-        return (gl.load(cos_ptr + c_off + gl.expand_dims(t * sc_s, 1) + f),
-                gl.load(sin_ptr + s_off + gl.expand_dims(t * ss_s, 1) + f))
+        return (gl.load(cos_ptr + c_off + gl.expand_dims(t * sc_s, 1) + f, cache_modifier=TCM),
+                gl.load(sin_ptr + s_off + gl.expand_dims(t * ss_s, 1) + f, cache_modifier=TCM))
 
     @gluon.jit
     def _vectors(ks_ptr, kz_ptr, vs_ptr, vz_ptr, q_off, sq_s, mask_ptr, m_off, sm_k, tok, hi,
@@ -319,7 +322,7 @@ if HAVE_GLUON:
         STAGES: gl.constexpr, MASK_KIND: gl.constexpr, DIRECT: gl.constexpr, BF16: gl.constexpr,
         RUN_K: gl.constexpr, RUN_V: gl.constexpr, CS_L: gl.constexpr, LCK: gl.constexpr, LCV: gl.constexpr,
         LCC: gl.constexpr, SWK: gl.constexpr, SWV: gl.constexpr, SWC: gl.constexpr, HV_L: gl.constexpr,
-        TABLES_SMEM: gl.constexpr = True,
+        TABLES_SMEM: gl.constexpr = True, TCM: gl.constexpr = "",
     ):
         # k_ptr / v_ptr: plain latents (element strides) or the codes as int32 words (word
         # strides); ss_*: scales and zeros [B, S, heads] (shared strides, checked by the host)
@@ -386,7 +389,7 @@ if HAVE_GLUON:
         for i in gl.static_range(STAGES - 1):
             _copy_tile(kbuf, vbuf, i * HPP, cbuf.index(i % TS), sbuf.index(i % TS), k_ptr, v_ptr, cos_ptr, sin_ptr,
                        k_off, v_off, c_off, s_off, sk_s, sv_s, sc_s, ssn_s, lo + i * 64, hi, HPP, KW, VW, HALF,
-                       LCK, LCV, LCC, TABLES_SMEM)
+                       LCK, LCV, LCC, TABLES_SMEM, TCM)
             cp.commit_group()
 
         q_off = b * ss_b + h0
@@ -394,7 +397,7 @@ if HAVE_GLUON:
         tok_n = lo + gl.arange(0, 64, layout=ROW)
         sk_n, zk_n, sv_n, zv_n, mr_n = _vectors(ks_ptr, kz_ptr, vs_ptr, vz_ptr, q_off, ss_s, mask_ptr, m_off, sm_k,
                                                 tok_n, hi, HPP, HV_L, BITS, MASK_KIND)
-        cs_n, sn_n = _table_rows(cos_ptr, sin_ptr, c_off, s_off, sc_s, ssn_s, tok_n, hi, HALF, CS_L)
+        cs_n, sn_n = _table_rows(cos_ptr, sin_ptr, c_off, s_off, sc_s, ssn_s, tok_n, hi, HALF, CS_L, TCM)
         m0 = gl.full([64], float("-inf"), gl.float32, ROW)
         l0 = gl.zeros([64], gl.float32, ROW)
         o0 = gl.zeros([64, RV], gl.float32, V_L)
@@ -410,7 +413,7 @@ if HAVE_GLUON:
             nxt = (it + STAGES - 1) % STAGES
             _copy_tile(kbuf, vbuf, nxt * HPP, cbuf.index(nxt % TS), sbuf.index(nxt % TS), k_ptr, v_ptr, cos_ptr,
                        sin_ptr, k_off, v_off, c_off, s_off, sk_s, sv_s, sc_s, ssn_s, lo + (it + STAGES - 1) * 64, hi,
-                       HPP, KW, VW, HALF, LCK, LCV, LCC, TABLES_SMEM)
+                       HPP, KW, VW, HALF, LCK, LCV, LCC, TABLES_SMEM, TCM)
             cp.commit_group()
             cp.wait_group(STAGES - 1)
             _barrier()  # other threads' copies are visible
@@ -419,7 +422,7 @@ if HAVE_GLUON:
                 csn = _pair_tables(cbuf.index(stage).load(CS_L), sbuf.index(stage).load(CS_L), HALF, ACC)
             else:
                 csn = _pair_tables(cs_n, sn_n, HALF, ACC)
-                cs_n, sn_n = _table_rows(cos_ptr, sin_ptr, c_off, s_off, sc_s, ssn_s, tok_n, hi, HALF, CS_L)
+                cs_n, sn_n = _table_rows(cos_ptr, sin_ptr, c_off, s_off, sc_s, ssn_s, tok_n, hi, HALF, CS_L, TCM)
             keep = tok < hi
             madd = mr * 0.0
             if MASK_KIND == 3:
@@ -500,9 +503,10 @@ def launch(q, lk, kl, vl, cos, sin, mask_kind, mask, sm_b, sm_k, scale, out, nsp
     consts = dict(RK=rk, RV=rv, HALF=half, HPP=hpp, BITS=bits, STAGES=stages, MASK_KIND=mask_kind,
                   DIRECT=nsplit == 1, BF16=q.dtype == torch.bfloat16,
                   RUN_K=thread_run_layout(kw), RUN_V=thread_run_layout(vw), CS_L=thread_run_layout(half),
-                  LCK=copy_layout(kw, eb), LCV=copy_layout(vw, eb), LCC=copy_layout(half, tb),
+                  LCK=copy_layout(kw, eb), LCV=copy_layout(vw, eb), LCC=copy_layout(half, tb, 8 if os.environ.get("PALU_FX_ROPE_TCM") else 16),
                   SWK=_swizzle(kw, eb), SWV=_swizzle(vw, eb), SWC=_swizzle(half, tb),
-                  HV_L=head_columns_layout(hpp), TABLES_SMEM=tables_smem, num_warps=4)
+                  HV_L=head_columns_layout(hpp), TABLES_SMEM=tables_smem,
+                  TCM=os.environ.get("PALU_FX_ROPE_TCM", ""), num_warps=4)
     if max_regs:  # ptxas's register cap: more programs per SM
         consts["maxnreg"] = max_regs
     if probe:

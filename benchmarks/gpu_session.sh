@@ -32,6 +32,7 @@
 #   bash benchmarks/gpu_session.sh 31  # Gluon RoPE: cos/sin from global memory and a register cap (3 programs per SM), A/B
 #   bash benchmarks/gpu_session.sh 32  # Gluon RoPE: Nsight Compute profiles, then copy stages A/B
 #   bash benchmarks/gpu_session.sh 33  # Gluon RoPE: cos/sin copies through L1 (.ca) or not, alternating processes
+#   bash benchmarks/gpu_session.sh 34  # Gluon RoPE with one softmax lane per thread: tests, A/B of heads per program
 set -u
 export PYTHONPATH=.
 OUT=${OUT:-/tmp/palu_gpu}
@@ -251,5 +252,12 @@ case "${1:-1}" in
         PALU_FX_ROPE_TCM=$tcm step rope_ab_tcm${tcm} 150 python -u benchmarks/kernel_ab.py --cases rope rope4 \
             --rounds 3 --tag "tcm${tcm:-cg}" --variant rope4:global=gluon_rope_smem_tables=false
     done
+    ;;
+34)
+    step rope_tests 200 python -m pytest -q -x tests/kernels/test_gluon_rope.py
+    step rope_ab 300 python -u benchmarks/kernel_ab.py --cases rope rope4 --rounds 3 \
+        --variant rope:triton=gluon=false --variant rope:h2=gluon_rope_heads=2 \
+        --variant rope4:triton=gluon=false --variant rope4:global=gluon_rope_smem_tables=false \
+        --variant rope4:h2=gluon_rope_heads=2 --variant rope4:h2g=gluon_rope_heads=2,gluon_rope_smem_tables=false
     ;;
 esac

@@ -212,6 +212,10 @@ CASES = [
                  id="fp16-tables-from-global-168-regs"),
     pytest.param(dict(bits=4, S=999, mask="bool", B=3), dict(gluon_rope_smem_tables=False, gluon_rope_regs=168),
                  id="q4-tables-from-global-168-regs"),
+    pytest.param(dict(bits=4, S=1000, mask="add", H=4), dict(gluon_rope_heads=2, num_splits=3), id="q4-2heads-3splits"),
+    pytest.param(dict(S=777, mask="bool", H=4), dict(gluon_rope_heads=2, num_splits=1), id="fp16-2heads-direct"),
+    pytest.param(dict(bits=4, S=500, H=4, dtype=torch.bfloat16), dict(gluon_rope_heads=2, gluon_rope_smem_tables=False),
+                 id="bf16-q4-2heads-global-tables"),
 ]
 
 

@@ -272,32 +272,42 @@ if HAVE_GLUON:
         acc = warpgroup_mma(gl.convert_layout(a, A_OP), wab.index(j), gl.zeros([64, csn.shape[1]], gl.float32, ACC),
                             use_acc=False)
         s = gl.sum(acc * csn.to(gl.float32), axis=1)
-        t = gl.where(keep, s * qscale + madd, float("-inf"))
-        m_new = gl.maximum(m_i, t)
+        # rows 16 w + 8 r + g as (w, r, g): a thread's two rows (r) share one softmax lane
+        t = gl.reshape(gl.where(keep, s * qscale + madd, float("-inf")), [4, 2, 8])
+        m_new = gl.maximum(m_i, gl.max(t, axis=1))
         m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
-        p = gl.exp2(t - m_use)
+        p = gl.exp2(t - gl.expand_dims(m_use, 1))
         alpha = gl.exp2(m_i - m_use)
-        l_i = l_i * alpha + p
+        l_i = l_i * alpha + gl.sum(p, axis=1)
         v = _latent_rows(vbuf, _head_column(sv, j, HPP, gl.SliceLayout(1, RUN_V)),
                          _head_column(zv, j, HPP, gl.SliceLayout(1, RUN_V)), RV, BITS, RUN_V, BF16, DT)
-        v = gl.convert_layout(v, V_L).to(gl.float32)
-        pv = gl.expand_dims(gl.convert_layout(p, gl.SliceLayout(1, V_L)), 1)
-        av = gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, V_L)), 1)
-        o_i = o_i * av + pv * v
+        v = gl.reshape(gl.convert_layout(v, V_L).to(gl.float32), [4, 2, 8, RV])
+        pv = gl.expand_dims(gl.convert_layout(p, gl.SliceLayout(3, v.type.layout)), 3)
+        o_i = o_i * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(2, o_i.type.layout)), 2) + gl.sum(
+            pv * v, axis=1)
         return m_new, l_i, o_i
+
+    @gluon.jit
+    def _softmax_init(RV: gl.constexpr, ROW: gl.constexpr, V_L: gl.constexpr):
+        """Empty softmax lanes (max, sum [4, 8]; values [4, 8, RV]) in the layouts ``_head_step``'s
+        reductions give them (made by the same reductions)."""
+        m = gl.max(gl.reshape(gl.full([64], float("-inf"), gl.float32, ROW), [4, 2, 8]), axis=1)
+        o = gl.sum(gl.reshape(gl.zeros([64, RV], gl.float32, V_L), [4, 2, 8, RV]), axis=1)
+        return m, m * 0.0, o
 
     @gluon.jit
     def _finish_head(m_i, l_i, o_i, j: gl.constexpr, out_ptr, out_off, part_ptr, lse_ptr, slot,
                      RV: gl.constexpr, HPP: gl.constexpr, BITS: gl.constexpr, V_L: gl.constexpr,
                      DIRECT: gl.constexpr):
-        """Merge the 64 row lanes of head ``j`` and store its output (channel order restored) or
-        its split's partial with the base-2 LSE."""
-        mx = gl.max(m_i, axis=0)
+        """Merge the 32 softmax lanes of head ``j`` and store its output (channel order restored)
+        or its split's partial with the base-2 LSE."""
+        mx = gl.max(gl.max(m_i, axis=1), axis=0)
         m_use = gl.where(mx == float("-inf"), 0.0, mx)
         w = gl.exp2(m_i - m_use)
-        l = gl.sum(l_i * w, axis=0)
-        o = gl.sum(o_i * gl.expand_dims(gl.convert_layout(w, gl.SliceLayout(1, V_L)), 1), axis=0)
-        kap = gl.arange(0, RV, layout=gl.SliceLayout(0, V_L))
+        l = gl.sum(gl.sum(l_i * w, axis=1), axis=0)
+        wo = gl.expand_dims(gl.convert_layout(w, gl.SliceLayout(2, o_i.type.layout)), 2)
+        o = gl.sum(gl.sum(o_i * wo, axis=1), axis=0)
+        kap = gl.arange(0, RV, layout=o.type.layout)
         b_, hi_, c_, e_ = kap // 16, (kap // 8) % 2, (kap // 2) % 4, kap % 2
         if BITS == 4:
             ch = c_ * (RV // 4) + 8 * (b_ // 2) + 2 * (b_ % 2) + hi_ + 4 * e_
@@ -398,9 +408,7 @@ if HAVE_GLUON:
         sk_n, zk_n, sv_n, zv_n, mr_n = _vectors(ks_ptr, kz_ptr, vs_ptr, vz_ptr, q_off, ss_s, mask_ptr, m_off, sm_k,
                                                 tok_n, hi, HPP, HV_L, BITS, MASK_KIND)
         cs_n, sn_n = _table_rows(cos_ptr, sin_ptr, c_off, s_off, sc_s, ssn_s, tok_n, hi, HALF, CS_L, TCM)
-        m0 = gl.full([64], float("-inf"), gl.float32, ROW)
-        l0 = gl.zeros([64], gl.float32, ROW)
-        o0 = gl.zeros([64, RV], gl.float32, V_L)
+        m0, l0, o0 = _softmax_init(RV, ROW, V_L)
         m1, l1, o1 = m0, l0, o0
         qscale = scale * 1.4426950408889634
         for it in range(n_tiles):

@@ -92,6 +92,7 @@ class KernelConfig:
     gluon_heads: int = 4
     gluon_block_s: int = 32
     gluon_stages: int = 2
+    gluon_rope_heads: int = 1
     gluon_rope_stages: int = 2
     gluon_rope_smem_tables: bool = True
     gluon_rope_regs: int = 0
@@ -591,21 +592,22 @@ def _gluon_rope(q, lk, kl, vl, cos, sin, mask_kind, mask, mstr, scale, cfg, out)
     B, Hq, _, _ = q.shape
     RV = out.shape[-1]
     Skv = kl.data.shape[1]
-    knobs = (cfg.gluon_rope_stages, cfg.gluon_rope_smem_tables, cfg.gluon_rope_regs)
+    hpp = cfg.gluon_rope_heads if cfg.gluon_rope_heads in (1, 2) and Hq % cfg.gluon_rope_heads == 0 else 1
+    knobs = (hpp, cfg.gluon_rope_stages, cfg.gluon_rope_smem_tables, cfg.gluon_rope_regs)
 
     def launch(nsplit, chunk, part, lse, probe=False):
         return gluon_rope.launch(q, lk, kl, vl, cos, sin, mask_kind, mask, mstr[0], mstr[3], scale, out, nsplit,
-                                 chunk, part, lse, 1, *knobs, probe=probe)
+                                 chunk, part, lse, *knobs, probe=probe)
 
     resident = _resident_cached(("gluon_rope", knobs, q.dtype, cos.dtype, kl.bits, lk.shape[1:], RV, mask_kind,
                                  q.device.index), launch, q.device)
     plan_cfg = KernelConfig(programs_per_sm=max(1, resident), num_splits=cfg.num_splits, fill_waves=True)
-    NSPLIT, chunk = _split_plan(plan_cfg, B * Hq, Skv, _num_sms(q.device.index or 0), resident)
+    NSPLIT, chunk = _split_plan(plan_cfg, B * Hq // hpp, Skv, _num_sms(q.device.index or 0), resident)
     if NSPLIT == 1:
         launch(1, chunk, out, out)
         return out
     part = torch.empty(B * Hq * NSPLIT * RV, dtype=torch.float32, device=q.device)
     lse = torch.empty(B * Hq * NSPLIT, dtype=torch.float32, device=q.device)
     launch(NSPLIT, chunk, part, lse)
-    _merge_splits(part, lse, out, Hq, 1, 1, NSPLIT, 1, 1, 1, RV, RV, False)
+    _merge_splits(part, lse, out, Hq // hpp, 1, 1, NSPLIT, hpp, hpp, hpp, RV, RV, False)
     return out

@@ -293,7 +293,8 @@ if HAVE_GLUON:
         reductions give them (made by the same reductions)."""
         m = gl.max(gl.reshape(gl.full([64], float("-inf"), gl.float32, ROW), [4, 2, 8]), axis=1)
         o = gl.sum(gl.reshape(gl.zeros([64, RV], gl.float32, V_L), [4, 2, 8, RV]), axis=1)
-        return m, m * 0.0, o
+        l = gl.max(gl.reshape(gl.zeros([64], gl.float32, ROW), [4, 2, 8]), axis=1)
+        return m, l, o
 
     @gluon.jit
     def _finish_head(m_i, l_i, o_i, j: gl.constexpr, out_ptr, out_off, part_ptr, lse_ptr, slot,

@@ -34,6 +34,7 @@
 #   bash benchmarks/gpu_session.sh 33  # Gluon RoPE: cos/sin copies through L1 (.ca) or not, alternating processes
 #   bash benchmarks/gpu_session.sh 34  # Gluon RoPE with one softmax lane per thread: tests, A/B of heads per program
 #   bash benchmarks/gpu_session.sh 35  # Gluon RoPE: tests again; A/B of 2 heads per program with cos/sin from global memory
+#   bash benchmarks/gpu_session.sh 36  # Gluon RoPE: tests; A/B of the cos/sin modes with 2 heads per program (fp16 and 4-bit)
 set -u
 export PYTHONPATH=.
 OUT=${OUT:-/tmp/palu_gpu}
@@ -268,5 +269,12 @@ case "${1:-1}" in
         --variant rope:h2g168=gluon_rope_heads=2,gluon_rope_smem_tables=false,gluon_rope_regs=168 \
         --variant rope4:h2g=gluon_rope_heads=2,gluon_rope_smem_tables=false \
         --variant rope4:h2g3=gluon_rope_heads=2,gluon_rope_smem_tables=false,gluon_rope_stages=3
+    ;;
+36)
+    step rope_tests 200 python -m pytest -q tests/kernels/test_gluon_rope.py
+    step rope_ab 300 python -u benchmarks/kernel_ab.py --cases rope rope4 --rounds 4 \
+        --variant rope:triton=gluon=false --variant rope:h2t2=gluon_rope_heads=2,gluon_rope_tables=2 \
+        --variant rope4:triton=gluon=false --variant rope4:h2t2=gluon_rope_heads=2,gluon_rope_tables=2 \
+        --variant rope4:h2t1=gluon_rope_heads=2,gluon_rope_tables=1
     ;;
 esac

@@ -208,15 +208,26 @@ CASES = [
     pytest.param(dict(B=3, H=32, S=2049), dict(), id="fp16-B3-32heads-auto-splits"),
     pytest.param(dict(dtype=torch.bfloat16, S=1000, mask="add"), dict(), id="bf16"),
     pytest.param(dict(dtype=torch.bfloat16, bits=4, S=1000, mask="bool"), dict(num_splits=2), id="bf16-q4"),
-    pytest.param(dict(S=1000, mask="add"), dict(gluon_rope_smem_tables=False, gluon_rope_regs=168),
+    pytest.param(dict(S=1000, mask="add"), dict(gluon_rope_tables=0, gluon_rope_regs=168),
                  id="fp16-tables-from-global-168-regs"),
-    pytest.param(dict(bits=4, S=999, mask="bool", B=3), dict(gluon_rope_smem_tables=False, gluon_rope_regs=168),
-                 id="q4-tables-from-global-168-regs"),
-    pytest.param(dict(bits=4, S=1000, mask="add", H=4), dict(gluon_rope_heads=2, num_splits=3), id="q4-2heads-3splits"),
-    pytest.param(dict(S=777, mask="bool", H=4), dict(gluon_rope_heads=2, num_splits=1), id="fp16-2heads-direct"),
-    pytest.param(dict(bits=4, S=500, H=4, dtype=torch.bfloat16), dict(gluon_rope_heads=2, gluon_rope_smem_tables=False),
+    pytest.param(dict(bits=4, S=999, mask="bool", B=3), dict(gluon_rope_heads=1, gluon_rope_tables=1, gluon_rope_regs=168),
+                 id="q4-1head-tables-copied-168-regs"),
+    pytest.param(dict(bits=4, S=1000, mask="add", H=4), dict(gluon_rope_heads=2, gluon_rope_tables=2, num_splits=3),
+                 id="q4-2heads-one-table-buffer-3splits"),
+    pytest.param(dict(S=777, mask="bool", H=4), dict(gluon_rope_heads=2, gluon_rope_tables=2, num_splits=1),
+                 id="fp16-2heads-one-table-buffer-direct"),
+    pytest.param(dict(S=300, H=6), dict(gluon_rope_heads=2, gluon_rope_tables=1, gluon_rope_stages=3),
+                 id="fp16-2heads-3stages"),
+    pytest.param(dict(bits=4, S=500, H=4, dtype=torch.bfloat16), dict(gluon_rope_heads=2, gluon_rope_tables=0),
                  id="bf16-q4-2heads-global-tables"),
 ]
+
+
+@pytest.mark.parametrize("bits,heads,knobs,want", [(4, 32, (0, -1), (2, 0)), (0, 32, (0, -1), (1, 1)),
+                                                   (4, 3, (0, -1), (1, 0)), (0, 8, (2, 2), (2, 2)),
+                                                   (4, 8, (5, 7), (2, 0))])
+def test_default_knobs(bits, heads, knobs, want):
+    assert gluon_rope.default_knobs(bits, heads, *knobs) == want
 
 
 @on_gpu

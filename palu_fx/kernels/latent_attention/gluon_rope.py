@@ -37,8 +37,6 @@ on the GPU and compiled for sm_90 without one in CI (``tests/kernels/test_gluon_
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 try:  # Gluon ships with Triton >= 3.5; without it the Triton kernels serve every call
@@ -50,7 +48,7 @@ try:  # Gluon ships with Triton >= 3.5; without it the Triton kernels serve ever
 except ImportError:  # pragma: no cover (older Triton)
     HAVE_GLUON = False
 
-__all__ = ["HAVE_GLUON", "applies", "launch", "key_channel", "pair_of_column"]
+__all__ = ["HAVE_GLUON", "applies", "default_knobs", "launch", "key_channel", "pair_of_column"]
 
 BLOCK_S = 64  # token rows per tile: the M of one warpgroup MMA
 
@@ -202,7 +200,7 @@ if HAVE_GLUON:
     def _copy_tile(kbuf, vbuf, slot0, cbuf, sbuf, k_ptr, v_ptr, cos_ptr, sin_ptr, k_off, v_off, c_off, s_off, sk_s, sv_s,
                    sc_s, ss_s, start, hi, HPP: gl.constexpr, KW: gl.constexpr, VW: gl.constexpr,
                    HALF: gl.constexpr, LCK: gl.constexpr, LCV: gl.constexpr, LCC: gl.constexpr,
-                   TABLES_SMEM: gl.constexpr, TCM: gl.constexpr):
+                   TABLES: gl.constexpr):
         """Start the copies of a tile's latents (each head's row segment) and cos/sin rows; rows
         past ``hi`` are clamped to the last token (real memory, masked out of the scores)."""
         tk = gl.minimum(start + gl.arange(0, 64, layout=gl.SliceLayout(1, LCK)), hi - 1).to(gl.int64)
@@ -212,21 +210,20 @@ if HAVE_GLUON:
         for j in gl.static_range(HPP):
             _async_load(kbuf.index(slot0 + j), k_ptr + k_off + j * KW + gl.expand_dims(tk, 1) * sk_s + ck)
             _async_load(vbuf.index(slot0 + j), v_ptr + v_off + j * VW + gl.expand_dims(tv, 1) * sv_s + cv)
-        if TABLES_SMEM:
+        if TABLES > 0:
             tc = gl.minimum(start + gl.arange(0, 64, layout=gl.SliceLayout(1, LCC)), hi - 1).to(gl.int64)
             cc = gl.expand_dims(gl.arange(0, HALF, layout=gl.SliceLayout(0, LCC)), 0)
-            _async_load(cbuf, cos_ptr + c_off + gl.expand_dims(tc, 1) * sc_s + cc, cache_modifier=TCM)
-            _async_load(sbuf, sin_ptr + s_off + gl.expand_dims(tc, 1) * ss_s + cc, cache_modifier=TCM)
+            _async_load(cbuf, cos_ptr + c_off + gl.expand_dims(tc, 1) * sc_s + cc)
+            _async_load(sbuf, sin_ptr + s_off + gl.expand_dims(tc, 1) * ss_s + cc)
 
     @gluon.jit
-    def _table_rows(cos_ptr, sin_ptr, c_off, s_off, sc_s, ss_s, tok, hi, HALF: gl.constexpr, CS_L: gl.constexpr,
-                    TCM: gl.constexpr):
+    def _table_rows(cos_ptr, sin_ptr, c_off, s_off, sc_s, ss_s, tok, hi, HALF: gl.constexpr, CS_L: gl.constexpr):
         """The cos/sin rows [64, HALF] of tokens ``tok`` (clamped to the last token) from global
         memory, in the thread-run layout."""
         t = gl.minimum(gl.convert_layout(tok, gl.SliceLayout(1, CS_L)), hi - 1).to(gl.int64)
         f = gl.expand_dims(gl.arange(0, HALF, layout=gl.SliceLayout(0, CS_L)), 0)
-        return (gl.load(cos_ptr + c_off + gl.expand_dims(t * sc_s, 1) + f, cache_modifier=TCM),
-                gl.load(sin_ptr + s_off + gl.expand_dims(t * ss_s, 1) + f, cache_modifier=TCM))
+        return (gl.load(cos_ptr + c_off + gl.expand_dims(t * sc_s, 1) + f),
+                gl.load(sin_ptr + s_off + gl.expand_dims(t * ss_s, 1) + f))
 
     @gluon.jit
     def _vectors(ks_ptr, kz_ptr, vs_ptr, vz_ptr, q_off, sq_s, mask_ptr, m_off, sm_k, tok, hi,
@@ -333,7 +330,7 @@ if HAVE_GLUON:
         STAGES: gl.constexpr, MASK_KIND: gl.constexpr, DIRECT: gl.constexpr, BF16: gl.constexpr,
         RUN_K: gl.constexpr, RUN_V: gl.constexpr, CS_L: gl.constexpr, LCK: gl.constexpr, LCV: gl.constexpr,
         LCC: gl.constexpr, SWK: gl.constexpr, SWV: gl.constexpr, SWC: gl.constexpr, HV_L: gl.constexpr,
-        TABLES_SMEM: gl.constexpr = True, TCM: gl.constexpr = "",
+        TABLES: gl.constexpr = 1,
     ):
         # k_ptr / v_ptr: plain latents (element strides) or the codes as int32 words (word
         # strides); ss_*: scales and zeros [B, S, heads] (shared strides, checked by the host)
@@ -387,20 +384,23 @@ if HAVE_GLUON:
         # stage i, head j at index i HPP + j
         kbuf = gl.allocate_shared_memory(KT, [STAGES * HPP, 64, KW], SWK)
         vbuf = gl.allocate_shared_memory(KT, [STAGES * HPP, 64, VW], SWV)
-        # cos/sin rows: copied with the latents, or (TABLES_SMEM off: less shared memory, more
-        # programs per SM) loaded from global memory a tile ahead into registers
-        TS: gl.constexpr = STAGES if TABLES_SMEM else 1
-        cbuf = gl.allocate_shared_memory(cos_ptr.dtype.element_ty, [TS, 64, HALF if TABLES_SMEM else 8], SWC)
-        sbuf = gl.allocate_shared_memory(cos_ptr.dtype.element_ty, [TS, 64, HALF if TABLES_SMEM else 8], SWC)
+        # cos/sin rows (TABLES): 1, copied with the latents into each stage; 2, copied into one
+        # buffer, read into registers before the next tile's copy starts (less shared memory: two
+        # programs of two heads fit an SM); 0, loaded from global memory a tile ahead into registers
+        TS: gl.constexpr = STAGES if TABLES == 1 else 1
+        TW: gl.constexpr = HALF if TABLES > 0 else 8
+        cbuf = gl.allocate_shared_memory(cos_ptr.dtype.element_ty, [TS, 64, TW], SWC)
+        sbuf = gl.allocate_shared_memory(cos_ptr.dtype.element_ty, [TS, 64, TW], SWC)
         k_off = b * sk_b + h0 * KW
         v_off = b * sv_b + h0 * VW
         c_off = b * sc_b
         s_off = b * ssn_b
         n_tiles = gl.cdiv(hi - lo, 64)
-        for i in gl.static_range(STAGES - 1):
+        AHEAD: gl.constexpr = 1 if TABLES == 2 else STAGES - 1  # tiles in flight
+        for i in gl.static_range(AHEAD):
             _copy_tile(kbuf, vbuf, i * HPP, cbuf.index(i % TS), sbuf.index(i % TS), k_ptr, v_ptr, cos_ptr, sin_ptr,
                        k_off, v_off, c_off, s_off, sk_s, sv_s, sc_s, ssn_s, lo + i * 64, hi, HPP, KW, VW, HALF,
-                       LCK, LCV, LCC, TABLES_SMEM, TCM)
+                       LCK, LCV, LCC, TABLES)
             cp.commit_group()
 
         q_off = b * ss_b + h0
@@ -408,7 +408,7 @@ if HAVE_GLUON:
         tok_n = lo + gl.arange(0, 64, layout=ROW)
         sk_n, zk_n, sv_n, zv_n, mr_n = _vectors(ks_ptr, kz_ptr, vs_ptr, vz_ptr, q_off, ss_s, mask_ptr, m_off, sm_k,
                                                 tok_n, hi, HPP, HV_L, BITS, MASK_KIND)
-        cs_n, sn_n = _table_rows(cos_ptr, sin_ptr, c_off, s_off, sc_s, ssn_s, tok_n, hi, HALF, CS_L, TCM)
+        cs_n, sn_n = _table_rows(cos_ptr, sin_ptr, c_off, s_off, sc_s, ssn_s, tok_n, hi, HALF, CS_L)
         m0, l0, o0 = _softmax_init(RV, ROW, V_L)
         m1, l1, o1 = m0, l0, o0
         qscale = scale * 1.4426950408889634
@@ -418,31 +418,44 @@ if HAVE_GLUON:
             tok_n = tok + 64
             sk_n, zk_n, sv_n, zv_n, mr_n = _vectors(ks_ptr, kz_ptr, vs_ptr, vz_ptr, q_off, ss_s, mask_ptr, m_off,
                                                     sm_k, tok_n, hi, HPP, HV_L, BITS, MASK_KIND)
-            _barrier()  # the stage the next copy overwrites was read in the last iteration
-            nxt = (it + STAGES - 1) % STAGES
-            _copy_tile(kbuf, vbuf, nxt * HPP, cbuf.index(nxt % TS), sbuf.index(nxt % TS), k_ptr, v_ptr, cos_ptr,
-                       sin_ptr, k_off, v_off, c_off, s_off, sk_s, sv_s, sc_s, ssn_s, lo + (it + STAGES - 1) * 64, hi,
-                       HPP, KW, VW, HALF, LCK, LCV, LCC, TABLES_SMEM, TCM)
-            cp.commit_group()
-            cp.wait_group(STAGES - 1)
-            _barrier()  # other threads' copies are visible
             stage = it % STAGES
-            if TABLES_SMEM:
-                csn = _pair_tables(cbuf.index(stage).load(CS_L), sbuf.index(stage).load(CS_L), HALF, ACC)
+            nxt = (it + AHEAD) % STAGES
+            if TABLES == 2:
+                cp.wait_group(0)
+                # this tile's copies are visible, and every thread is done with the last one's stage
+                _barrier()
+                csn = _pair_tables(cbuf.index(0).load(CS_L), sbuf.index(0).load(CS_L), HALF, ACC)
+                _barrier()  # the tables are read: the next copy may overwrite them
+                _copy_tile(kbuf, vbuf, nxt * HPP, cbuf.index(0), sbuf.index(0), k_ptr, v_ptr, cos_ptr, sin_ptr, k_off,
+                           v_off, c_off, s_off, sk_s, sv_s, sc_s, ssn_s, lo + (it + 1) * 64, hi, HPP, KW, VW, HALF,
+                           LCK, LCV, LCC, TABLES)
+                cp.commit_group()
             else:
-                csn = _pair_tables(cs_n, sn_n, HALF, ACC)
-                cs_n, sn_n = _table_rows(cos_ptr, sin_ptr, c_off, s_off, sc_s, ssn_s, tok_n, hi, HALF, CS_L, TCM)
+                _barrier()  # the stage the next copy overwrites was read in the last iteration
+                _copy_tile(kbuf, vbuf, nxt * HPP, cbuf.index(nxt % TS), sbuf.index(nxt % TS), k_ptr, v_ptr, cos_ptr,
+                           sin_ptr, k_off, v_off, c_off, s_off, sk_s, sv_s, sc_s, ssn_s, lo + (it + AHEAD) * 64, hi,
+                           HPP, KW, VW, HALF, LCK, LCV, LCC, TABLES)
+                cp.commit_group()
+                cp.wait_group(AHEAD)
+                _barrier()  # other threads' copies are visible
+                if TABLES == 1:
+                    csn = _pair_tables(cbuf.index(stage).load(CS_L), sbuf.index(stage).load(CS_L), HALF, ACC)
+                else:
+                    csn = _pair_tables(cs_n, sn_n, HALF, ACC)
+                    cs_n, sn_n = _table_rows(cos_ptr, sin_ptr, c_off, s_off, sc_s, ssn_s, tok_n, hi, HALF, CS_L)
             keep = tok < hi
             madd = mr * 0.0
             if MASK_KIND == 3:
                 keep = keep & (mr != 0.0)
             if MASK_KIND == 4:
                 madd = mr * 1.4426950408889634
-            m0, l0, o0 = _head_step(kbuf.index(stage * HPP), vbuf.index(stage * HPP), wab, csn, sk, zk, sv, zv, 0, keep, madd, qscale, m0, l0, o0, RK, RV, BITS,
-                                    HPP, RUN_K, RUN_V, ACC, A_OP, V_L, BF16, DT)
+            m0, l0, o0 = _head_step(kbuf.index(stage * HPP), vbuf.index(stage * HPP), wab, csn, sk, zk, sv, zv, 0,
+                                    keep, madd, qscale, m0, l0, o0, RK, RV, BITS, HPP, RUN_K, RUN_V, ACC, A_OP, V_L,
+                                    BF16, DT)
             if HPP > 1:
-                m1, l1, o1 = _head_step(kbuf.index(stage * HPP + 1), vbuf.index(stage * HPP + 1), wab, csn, sk, zk, sv, zv, 1, keep, madd, qscale, m1, l1, o1, RK, RV,
-                                        BITS, HPP, RUN_K, RUN_V, ACC, A_OP, V_L, BF16, DT)
+                m1, l1, o1 = _head_step(kbuf.index(stage * HPP + 1), vbuf.index(stage * HPP + 1), wab, csn, sk, zk, sv,
+                                        zv, 1, keep, madd, qscale, m1, l1, o1, RK, RV, BITS, HPP, RUN_K, RUN_V, ACC,
+                                        A_OP, V_L, BF16, DT)
         cp.wait_group(0)
 
         slot = pid_x * NSPLIT + pid_s
@@ -480,8 +493,21 @@ def applies(q, kl, vl, lk, k_bias, k_norm_weight, cos, sin, rope_style, softcap,
                     for x in (kl, vl)))
 
 
+def default_knobs(bits: int, heads: int, heads_per_program: int = 0, tables: int = -1) -> tuple[int, int]:
+    """(heads per program, cos/sin mode) where the caller leaves them at 0 / -1 (H200, B=8 x 32k,
+    RESULTS.md): 4-bit latents take two heads per program (the cos/sin rows serve both) with the
+    rows loaded a tile ahead into registers; plain latents one head, the rows copied with each
+    stage. Two heads need an even head count."""
+    hpp = heads_per_program if heads_per_program in (1, 2) else (2 if bits == 4 else 1)
+    if heads % hpp:
+        hpp = 1
+    if tables not in (0, 1, 2):
+        tables = 0 if bits == 4 else 1
+    return hpp, tables
+
+
 def launch(q, lk, kl, vl, cos, sin, mask_kind, mask, sm_b, sm_k, scale, out, nsplit, chunk, part, lse,
-           heads_per_program=1, stages=2, tables_smem=True, max_regs=0, probe=False):
+           heads_per_program=1, stages=2, tables=1, max_regs=0, probe=False):
     """Launch over ``nsplit`` splits of ``chunk`` tokens; ``part``/``lse``: the split partials, one
     row per head of a program (``heads_per_program`` rows), as ``common.combine_splits_kernel``
     reads them. ``cos``/``sin``: [B, S, D] (broadcast strides allowed). ``probe``: return
@@ -509,13 +535,14 @@ def launch(q, lk, kl, vl, cos, sin, mask_kind, mask, sm_b, sm_k, scale, out, nsp
             kd.stride(0), kd.stride(1), vd.stride(0), vd.stride(1), *ss,
             cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1), sm_b, sm_k, out.stride(0), out.stride(1),
             Hq, kd.shape[1], chunk, nsplit, float(scale))
-    consts = dict(RK=rk, RV=rv, HALF=half, HPP=hpp, BITS=bits, STAGES=stages, MASK_KIND=mask_kind,
+    consts = dict(RK=rk, RV=rv, HALF=half, HPP=hpp, BITS=bits, STAGES=2 if tables == 2 else stages,
+                  MASK_KIND=mask_kind,
                   DIRECT=nsplit == 1, BF16=q.dtype == torch.bfloat16,
                   RUN_K=thread_run_layout(kw), RUN_V=thread_run_layout(vw), CS_L=thread_run_layout(half),
-                  LCK=copy_layout(kw, eb), LCV=copy_layout(vw, eb), LCC=copy_layout(half, tb, 8 if os.environ.get("PALU_FX_ROPE_TCM") else 16),
+                  LCK=copy_layout(kw, eb), LCV=copy_layout(vw, eb), LCC=copy_layout(half, tb),
                   SWK=_swizzle(kw, eb), SWV=_swizzle(vw, eb), SWC=_swizzle(half, tb),
-                  HV_L=head_columns_layout(hpp), TABLES_SMEM=tables_smem,
-                  TCM=os.environ.get("PALU_FX_ROPE_TCM", ""), num_warps=4)
+                  HV_L=head_columns_layout(hpp), TABLES=tables,
+                  num_warps=4)
     if max_regs:  # ptxas's register cap: more programs per SM
         consts["maxnreg"] = max_regs
     if probe:

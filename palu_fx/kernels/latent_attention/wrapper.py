@@ -92,9 +92,9 @@ class KernelConfig:
     gluon_heads: int = 4
     gluon_block_s: int = 32
     gluon_stages: int = 2
-    gluon_rope_heads: int = 1
+    gluon_rope_heads: int = 0
     gluon_rope_stages: int = 2
-    gluon_rope_smem_tables: bool = True
+    gluon_rope_tables: int = -1
     gluon_rope_regs: int = 0
 
 
@@ -592,8 +592,8 @@ def _gluon_rope(q, lk, kl, vl, cos, sin, mask_kind, mask, mstr, scale, cfg, out)
     B, Hq, _, _ = q.shape
     RV = out.shape[-1]
     Skv = kl.data.shape[1]
-    hpp = cfg.gluon_rope_heads if cfg.gluon_rope_heads in (1, 2) and Hq % cfg.gluon_rope_heads == 0 else 1
-    knobs = (hpp, cfg.gluon_rope_stages, cfg.gluon_rope_smem_tables, cfg.gluon_rope_regs)
+    hpp, tables = gluon_rope.default_knobs(kl.bits, Hq, cfg.gluon_rope_heads, cfg.gluon_rope_tables)
+    knobs = (hpp, cfg.gluon_rope_stages, tables, cfg.gluon_rope_regs)
 
     def launch(nsplit, chunk, part, lse, probe=False):
         return gluon_rope.launch(q, lk, kl, vl, cos, sin, mask_kind, mask, mstr[0], mstr[3], scale, out, nsplit,

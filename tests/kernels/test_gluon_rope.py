@@ -150,6 +150,8 @@ def test_applies_only_where_the_kernel_serves():
 @needs_gluon
 @pytest.mark.parametrize("bits,rank", [(0, 64), (4, 64), (4, 128)])
 def test_compiles_for_sm90_without_spills(bits, rank):
+    """The defaults (two heads per program) at the Llama-2-7B specialization: no spills, and two
+    programs fit an SM (registers and shared memory, as ``wrapper._resident_programs`` counts)."""
     pytest.importorskip("triton.backends.nvidia")
     import sys
     from pathlib import Path
@@ -163,10 +165,12 @@ def test_compiles_for_sm90_without_spills(bits, rank):
     m = args[12 if bits else 8]
     out = torch.empty(2, H, 1, rank, dtype=torch.float16)
     part = torch.empty(64)
+    hpp, tables = gluon_rope.default_knobs(bits, H, rank)
     probe = gluon_rope.launch(q, lk, kl, vl, cos.expand(2, 512, 128), sin.expand(2, 512, 128), 4, m, m.stride(0),
-                              m.stride(3), 0.125, out, 2, 256, part, part, probe=True)
+                              m.stride(3), 0.125, out, 2, 256, part, part, hpp, 2, tables, probe=True)
     res = resources(compile_sm90(probe[0], probe[2], probe[3]))
     assert res["stack"] == 0 and res["regs"] <= 255, (res["stack"], res["regs"])
+    assert wrapper.programs_by_registers(res["regs"], 4) >= 2 and 2 * (res["shared"] + 1024) <= 233472, res
 
 
 # ---------------------------------------------------------------- GPU: against the references
@@ -223,11 +227,11 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("bits,heads,knobs,want", [(4, 32, (0, -1), (2, 0)), (0, 32, (0, -1), (1, 1)),
-                                                   (4, 3, (0, -1), (1, 0)), (0, 8, (2, 2), (2, 2)),
-                                                   (4, 8, (5, 7), (2, 0))])
-def test_default_knobs(bits, heads, knobs, want):
-    assert gluon_rope.default_knobs(bits, heads, *knobs) == want
+@pytest.mark.parametrize("bits,heads,rank,knobs,want", [
+    (4, 32, 64, (0, -1), (2, 0)), (0, 32, 64, (0, -1), (2, 2)), (4, 32, 128, (0, -1), (1, 1)),
+    (4, 3, 64, (0, -1), (1, 1)), (0, 8, 64, (1, -1), (1, 1)), (4, 8, 32, (5, 7), (2, 0)), (0, 8, 64, (1, 0), (1, 0))])
+def test_default_knobs(bits, heads, rank, knobs, want):
+    assert gluon_rope.default_knobs(bits, heads, rank, *knobs) == want
 
 
 @on_gpu

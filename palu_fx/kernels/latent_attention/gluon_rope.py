@@ -493,16 +493,19 @@ def applies(q, kl, vl, lk, k_bias, k_norm_weight, cos, sin, rope_style, softcap,
                     for x in (kl, vl)))
 
 
-def default_knobs(bits: int, heads: int, heads_per_program: int = 0, tables: int = -1) -> tuple[int, int]:
-    """(heads per program, cos/sin mode) where the caller leaves them at 0 / -1 (H200, B=8 x 32k,
-    RESULTS.md): 4-bit latents take two heads per program (the cos/sin rows serve both) with the
-    rows loaded a tile ahead into registers; plain latents one head, the rows copied with each
-    stage. Two heads need an even head count."""
-    hpp = heads_per_program if heads_per_program in (1, 2) else (2 if bits == 4 else 1)
+def default_knobs(bits: int, heads: int, rank: int, heads_per_program: int = 0, tables: int = -1) -> tuple[int, int]:
+    """(heads per program, cos/sin mode) where the caller leaves them at 0 / -1. Two heads per
+    program, so that each tile's cos/sin rows serve both (H200, B=8 x 32k, RESULTS.md: fp16
+    0.50 ms against 0.60-0.64 with one head, where the rows' reads from L2 matched the latents';
+    4-bit 0.54 against 0.69); their rows loaded a tile ahead into registers for 4-bit latents,
+    copied into one buffer for plain ones (whose copy stages fill the shared memory). One head
+    where the head count is odd or ``rank`` (the larger of the key and value ranks) is over 64
+    (two heads would spill registers), its rows copied with each stage."""
+    hpp = heads_per_program if heads_per_program in (1, 2) else (2 if rank <= 64 else 1)
     if heads % hpp:
         hpp = 1
     if tables not in (0, 1, 2):
-        tables = 0 if bits == 4 else 1
+        tables = (0 if bits == 4 else 2) if hpp == 2 else 1
     return hpp, tables
 
 

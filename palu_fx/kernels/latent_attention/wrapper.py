@@ -592,7 +592,8 @@ def _gluon_rope(q, lk, kl, vl, cos, sin, mask_kind, mask, mstr, scale, cfg, out)
     B, Hq, _, _ = q.shape
     RV = out.shape[-1]
     Skv = kl.data.shape[1]
-    hpp, tables = gluon_rope.default_knobs(kl.bits, Hq, cfg.gluon_rope_heads, cfg.gluon_rope_tables)
+    hpp, tables = gluon_rope.default_knobs(kl.bits, Hq, max(lk.shape[-1], RV), cfg.gluon_rope_heads,
+                                           cfg.gluon_rope_tables)
     knobs = (hpp, cfg.gluon_rope_stages, tables, cfg.gluon_rope_regs)
 
     def launch(nsplit, chunk, part, lse, probe=False):

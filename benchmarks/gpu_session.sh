@@ -35,6 +35,7 @@
 #   bash benchmarks/gpu_session.sh 34  # Gluon RoPE with one softmax lane per thread: tests, A/B of heads per program
 #   bash benchmarks/gpu_session.sh 35  # Gluon RoPE: tests again; A/B of 2 heads per program with cos/sin from global memory
 #   bash benchmarks/gpu_session.sh 36  # Gluon RoPE: tests; A/B of the cos/sin modes with 2 heads per program (fp16 and 4-bit)
+#   bash benchmarks/gpu_session.sh 37  # Gluon RoPE defaults: tests, the gs1 rows of the issue table (B 1/8/32 x 4k/32k/128k), bf16
 set -u
 export PYTHONPATH=.
 OUT=${OUT:-/tmp/palu_gpu}
@@ -276,5 +277,12 @@ case "${1:-1}" in
         --variant rope:triton=gluon=false --variant rope:h2t2=gluon_rope_heads=2,gluon_rope_tables=2 \
         --variant rope4:triton=gluon=false --variant rope4:h2t2=gluon_rope_heads=2,gluon_rope_tables=2 \
         --variant rope4:h2t1=gluon_rope_heads=2,gluon_rope_tables=1
+    ;;
+37)
+    step rope_tests 150 python -m pytest -q tests/kernels/test_gluon_rope.py
+    step table_gs1 330 python -u benchmarks/attention.py --no-sweep --defaults-only --no-prefill --no-naive \
+        --quant-bits 4 --shapes llama2 --batch 1 8 32 --ctx 4k 32k 128k --gs 1 --budget-s 300
+    step table_bf16 90 python -u benchmarks/attention.py --no-sweep --defaults-only --no-prefill --no-naive \
+        --quant-bits 4 --shapes llama2 --batch 8 --ctx 32k --gs 1 --bf16 --budget-s 60
     ;;
 esac

@@ -36,6 +36,7 @@
 #   bash benchmarks/gpu_session.sh 35  # Gluon RoPE: tests again; A/B of 2 heads per program with cos/sin from global memory
 #   bash benchmarks/gpu_session.sh 36  # Gluon RoPE: tests; A/B of the cos/sin modes with 2 heads per program (fp16 and 4-bit)
 #   bash benchmarks/gpu_session.sh 37  # Gluon RoPE defaults: tests, the gs1 rows of the issue table (B 1/8/32 x 4k/32k/128k), bf16
+#   bash benchmarks/gpu_session.sh 38  # after review: Gluon RoPE tests, the MHA smoke in a model, the kernels' GPU tests, A/B
 set -u
 export PYTHONPATH=.
 OUT=${OUT:-/tmp/palu_gpu}
@@ -284,5 +285,13 @@ case "${1:-1}" in
         --quant-bits 4 --shapes llama2 --batch 1 8 32 --ctx 4k 32k 128k --gs 1 --budget-s 300
     step table_bf16 90 python -u benchmarks/attention.py --no-sweep --defaults-only --no-prefill --no-naive \
         --quant-bits 4 --shapes llama2 --batch 8 --ctx 32k --gs 1 --bf16 --budget-s 60
+    ;;
+38)
+    step rope_tests 150 python -m pytest -q tests/kernels/test_gluon_rope.py
+    step smoke_mha 150 python -u benchmarks/gpu_smoke.py --mha
+    step kernel_tests 200 python -m pytest -q -x tests/kernels/test_latent_attention.py \
+        tests/kernels/test_quant_latent_attention.py tests/kernels/test_gluon_q4.py
+    step rope_ab 120 python -u benchmarks/kernel_ab.py --cases rope rope4 --rounds 3 --variant rope:triton=gluon=false \
+        --variant rope4:triton=gluon=false
     ;;
 esac

@@ -2,7 +2,8 @@
 with the PyTorch reference (PALU_FX_KERNEL=reference), prefill and decode, fp16.
 
 Every config runs on its own and reports its error (Python traceback first), so one failure
-does not hide the others. Without CUDA it runs the same check on the CPU in fp32 with the
+does not hide the others. ``--mha``: 8 KV heads (no GQA sharing), gs1 with and without 4-bit
+latents, and a count of the Gluon RoPE kernel's launches (the path those calls take on a GPU). Without CUDA it runs the same check on the CPU in fp32 with the
 Triton interpreter (set TRITON_INTERPRET=1; small sizes), to check the script itself.
 """
 import os
@@ -18,8 +19,14 @@ import palu_fx
 cuda = torch.cuda.is_available()
 dev, dtype = ("cuda", torch.float16) if cuda else ("cpu", torch.float32)
 prompt, total, max_len = (256, 300, 1024) if cuda else (40, 44, 64)
+MHA = "--mha" in sys.argv
 cfg = LlamaConfig(vocab_size=512, hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
-                  num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=4096)
+                  num_attention_heads=8, num_key_value_heads=8 if MHA else 4, max_position_embeddings=4096)
+launches = [0]
+if MHA:
+    from palu_fx.kernels.latent_attention import gluon_rope
+    _launch = gluon_rope.launch
+    gluon_rope.launch = lambda *a, **k: launches.__setitem__(0, launches[0] + 1) or _launch(*a, **k)
 torch.manual_seed(0)
 model = LlamaForCausalLM(cfg).to(dev, dtype).eval()
 t0 = time.time()
@@ -27,9 +34,12 @@ ep = palu_fx.export_decoder(model, batch_size=2, max_cache_len=max_len)
 print(f"exported in {time.time() - t0:.0f}s", flush=True)
 ids = torch.randint(3, 512, (2, total), device=dev)
 rows, failed = [], []
-for ratio, group in ((1.0, 1), (0.5, 1), (0.5, 2), (0.5, "all")):
+configs = ((1.0, 1, None), (0.5, 1, None), (0.5, 1, 4)) if MHA else (
+    (1.0, 1, None), (0.5, 1, None), (0.5, 2, None), (0.5, "all", None))
+for ratio, group, bits in configs:
     try:
-        ep2 = palu_fx.compress_exported(ep, palu_fx.PaluConfig(rank_ratio=ratio, group_size=group))
+        ep2 = palu_fx.compress_exported(ep, palu_fx.PaluConfig(rank_ratio=ratio, group_size=group, bits=bits))
+        launches[0] = 0
         outs = {}
         for kernel in ("triton", "reference"):
             os.environ["PALU_FX_KERNEL"] = kernel
@@ -41,7 +51,8 @@ for ratio, group in ((1.0, 1), (0.5, 1), (0.5, 2), (0.5, "all")):
             outs[kernel] = torch.cat(o, 1).float()
         err = ((outs["triton"] - outs["reference"]).norm() / outs["reference"].norm()).item()
         rows.append((ratio, group, err))
-        print(f"ratio {ratio} group {group}: triton vs reference rel err {err:.2e}", flush=True)
+        print(f"ratio {ratio} group {group} bits {bits}: triton vs reference rel err {err:.2e}"
+              + (f", Gluon RoPE launches {launches[0]}" if MHA else ""), flush=True)
     except Exception as e:  # report and go on: the point is to see every failure in one run
         failed.append((ratio, group))
         print(f"ratio {ratio} group {group}: FAILED {type(e).__name__}: {str(e)[:1500]}", flush=True)

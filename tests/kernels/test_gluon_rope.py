@@ -91,13 +91,14 @@ def test_pair_columns_match_the_tables_reshape(half):
 
 
 # ---------------------------------------------------------------- inputs
-def _tables(Skv, D, dtype, device):
-    ang = torch.rand(1, Skv, D // 2, dtype=torch.float64) * 6.3 * torch.linspace(1, 40, D // 2, dtype=torch.float64)
+def _tables(Skv, D, dtype, device, batch=1):
+    ang = torch.rand(batch, Skv, D // 2, dtype=torch.float64) * 6.3 * torch.linspace(1, 40, D // 2, dtype=torch.float64)
     ang = torch.cat([ang, ang], -1)
     return ang.cos().to(dtype).to(device), ang.sin().to(dtype).to(device)
 
 
-def _case(B=2, H=4, D=128, rk=64, rv=64, S=300, mask=None, dtype=torch.float16, bits=0, device="cpu", seed=0):
+def _case(B=2, H=4, D=128, rk=64, rv=64, S=300, mask=None, dtype=torch.float16, bits=0, device="cpu", seed=0,
+          table_dtype=None, per_batch=False):
     """(args of the plain or the quantized entry point, the same in float64 for the reference)."""
     gen = torch.Generator().manual_seed(seed)
 
@@ -106,7 +107,7 @@ def _case(B=2, H=4, D=128, rk=64, rv=64, S=300, mask=None, dtype=torch.float16, 
 
     q, hk, hv = rnd(B, H, 1, D), rnd(B, S, H * rk), rnd(B, S, H * rv)
     lk = rnd(H, D, rk, s=rk ** -0.5)
-    cos, sin = _tables(S, D, dtype, device)
+    cos, sin = _tables(S, D, table_dtype or dtype, device, B if per_batch else 1)
     m = None
     if mask == "bool":
         m = (torch.rand(B, 1, 1, S, generator=gen) > 0.3).to(device)
@@ -224,7 +225,17 @@ CASES = [
                  id="fp16-2heads-3stages"),
     pytest.param(dict(bits=4, S=500, H=4, dtype=torch.bfloat16), dict(gluon_rope_heads=2, gluon_rope_tables=0),
                  id="bf16-q4-2heads-global-tables"),
+    pytest.param(dict(S=700, table_dtype=torch.float32, per_batch=True, mask="add"), dict(), id="fp16-fp32-tables-per-batch"),
+    pytest.param(dict(bits=4, S=700, table_dtype=torch.float32, per_batch=True), dict(gluon_rope_tables=1),
+                 id="q4-fp32-tables-per-batch-copied"),
 ]
+
+
+@pytest.mark.parametrize("field,value", [("gluon_rope_heads", 3), ("gluon_rope_stages", 1), ("gluon_rope_tables", 5),
+                                         ("gluon_rope_regs", 300)])
+def test_config_rejects_out_of_range_knobs(field, value):
+    with pytest.raises(ValueError, match=field):
+        wrapper.KernelConfig(**{field: value})
 
 
 @pytest.mark.parametrize("bits,heads,rank,knobs,want", [

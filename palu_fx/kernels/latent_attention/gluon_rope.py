@@ -1,11 +1,11 @@
 """Gluon decode kernel: RoPE attention with keys rebuilt from plain or 4-bit latents, one query
 head per latent group (multi-head attention at group size 1), on Hopper's warpgroup MMA.
 
-Why: ``per_head.py`` serves these calls in Triton at 0.63 ms (fp16) and 0.69 ms (4-bit) for
-B=8 x 32k (Llama-2-7B shape, rank ratio 0.5), where the bytes need 0.48 and 0.14 ms and the
-key products 0.20 (RESULTS.md). Triton spreads each score tile's token axis over four warps,
-so every tile pays cross-warp reductions and barriers, and it places a wait after each
-product. Here the layouts are the kernel's:
+Why: ``per_head.py`` served these calls in Triton at 0.63-0.69 ms (fp16) and 0.69 ms (4-bit)
+for B=8 x 32k (Llama-2-7B shape, rank ratio 0.5), where the bytes need 0.53 and 0.15 ms and the
+key products 0.19-0.20 (RESULTS.md). Triton spreads each score tile's token axis over four
+warps, so every tile pays cross-warp reductions and barriers. Here the layouts are the
+kernel's; it takes 0.50-0.52 ms (fp16) and 0.54-0.56 ms (4-bit) there:
 
 * **Scores without rotated keys** (as ``per_head.py``): for rotary pair ``f`` with partners
   ``lo``/``hi``, ``q . rope_t(L h_t) = sum_f cos_tf (Wa h_t)_f + sin_tf (Wb h_t)_f`` with
@@ -13,27 +13,32 @@ product. Here the layouts are the kernel's:
   program builds ``[Wa | Wb]`` of its heads once ([rank, head_dim] in shared memory); a token
   tile's ``[64, head_dim]`` products come from one ``wgmma`` per head with the latents as
   the register operand.
-* **One row of the tile per softmax lane.** The ``wgmma`` accumulator gives a thread two
-  token rows; the pair columns it holds are permuted (the order of ``[Wa | Wb]``'s columns is
-  the kernel's choice) so that its cos/sin values are one contiguous run of the table. The
-  score of a row is a sum over the thread's registers and two shuffles within its quad. Every
-  row keeps its own running max, sum and value accumulator, so nothing crosses a warp until
-  the program's end.
+* **One softmax lane per thread.** The ``wgmma`` accumulator gives a thread two token rows;
+  the pair columns it holds are permuted (the order of ``[Wa | Wb]``'s columns is the
+  kernel's choice) so that its cos/sin values are one contiguous run of the table. The score
+  of a row is a sum over the thread's registers and two shuffles within its quad. The two
+  rows share one running max, sum and value accumulator (the quad's four threads hold a
+  quarter of its channels each), so nothing crosses a warp until the program's end.
 * **Latents straight into the operand layout.** A thread's share of the key operand (two rows,
   ``rank/4`` channels each) is one contiguous run of each row once the product's inner index
   is permuted (``[Wa | Wb]``'s rows take the same order); 4-bit codes are dequantized into it
   (``s c + z`` in the operand dtype, two channels per instruction). Values take the same
-  path into fp32 accumulators (``p_t (s_t c_t + z_t)`` summed per row).
-* **Copies streamed with ``cp.async``** into a ring of shared-memory stages: each tile's
-  latents and its cos/sin rows; the scales and zeros and the mask row are loaded a tile
-  ahead into registers.
+  path into fp32 accumulators (``p_t (s_t c_t + z_t)`` summed per lane).
+* **Two heads per program** (``default_knobs``): every tile's cos/sin rows serve both. With
+  one head the rows cost as many L2 reads as the fp16 latents themselves (Nsight Compute: L2
+  at 89% of its peak, DRAM at 78%).
+* **Copies streamed with ``cp.async``** into a ring of shared-memory stages (each tile's
+  latents); the cos/sin rows go with them (``TABLES`` 1), into one buffer read before the next
+  copy starts (2: two programs of two fp16 heads fit an SM), or straight into registers a tile
+  ahead (0); the scales and zeros and the mask row are loaded a tile ahead into registers.
 
 Covers: fp16 and bf16, rotate-half RoPE over the whole head (head dim 64 or 128, the tables'
 last dim contiguous), key and value ranks 32/64/128 (powers of two), plain latents or 4-bit
 codes with one quantization group per head (both caches alike), shared decode masks or none,
 no softcap, no key bias or norm, one query token. ``applies`` says whether a call is covered;
 everything else takes the Triton kernels. Gluon has no CPU interpreter: the kernel is tested
-on the GPU and compiled for sm_90 without one in CI (``tests/kernels/test_gluon_rope.py``).
+on the GPU, its dequantizing PTX on the CPU by an emulator, its layouts' orders by torch
+reshapes, and it is compiled for sm_90 without a GPU in CI (``tests/kernels/test_gluon_rope.py``).
 """
 from __future__ import annotations
 
@@ -261,8 +266,8 @@ if HAVE_GLUON:
                    RK: gl.constexpr, RV: gl.constexpr, BITS: gl.constexpr, HPP: gl.constexpr,
                    RUN_K: gl.constexpr, RUN_V: gl.constexpr, ACC: gl.constexpr, A_OP: gl.constexpr,
                    V_L: gl.constexpr, BF16: gl.constexpr, DT: gl.constexpr):
-        """One head over one tile: scores from one ``wgmma``, per-row online softmax, values
-        accumulated per row in fp32."""
+        """One head over one tile: scores from one ``wgmma``, the online softmax of each thread's
+        two rows, values accumulated in fp32."""
         ROW: gl.constexpr = gl.SliceLayout(1, ACC)
         a = _latent_rows(kbuf, _head_column(sk, j, HPP, gl.SliceLayout(1, RUN_K)),
                          _head_column(zk, j, HPP, gl.SliceLayout(1, RUN_K)), RK, BITS, RUN_K, BF16, DT)

@@ -72,7 +72,14 @@ class KernelConfig:
     most 8 query heads per group, fp16 or bf16, on a GPU) run the Gluon kernel instead, with
     about gluon_heads query heads per one-warp program, gluon_block_s tokens per tile and
     gluon_stages copy stages (H200, B=8 x 32k: 0.162-0.169 ms against 0.416 for the Triton
-    kernel; RESULTS.md, issue 5).
+    kernel; RESULTS.md, issue 5); and calls ``gluon_rope.applies`` to (RoPE decode with one
+    query head per latent group, plain or 4-bit latents, fp16 or bf16, on a GPU) run the Gluon
+    RoPE kernel (B=8 x 32k: fp16 0.50-0.52 ms against 0.63-0.69 for the Triton kernel, 4-bit
+    0.54-0.56 against 0.69; RESULTS.md, issues 3 and 5), with gluon_rope_heads heads per
+    program (1 or 2; 0: ``gluon_rope.default_knobs``), gluon_rope_stages copy stages,
+    gluon_rope_tables for where its cos/sin rows go (-1: the default; 0: registers, loaded a
+    tile ahead; 1: copied with each stage; 2: one copy buffer) and gluon_rope_regs as ptxas's
+    register cap (0: none).
     """
 
     block_s: int = 64
@@ -96,6 +103,16 @@ class KernelConfig:
     gluon_rope_stages: int = 2
     gluon_rope_tables: int = -1
     gluon_rope_regs: int = 0
+
+    def __post_init__(self):
+        checks = {"gluon_rope_heads": self.gluon_rope_heads in (0, 1, 2),
+                  "gluon_rope_stages": self.gluon_rope_stages >= 2,
+                  "gluon_rope_tables": self.gluon_rope_tables in (-1, 0, 1, 2),
+                  "gluon_rope_regs": self.gluon_rope_regs == 0 or 24 <= self.gluon_rope_regs <= 255}
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"KernelConfig.{bad[0]}={getattr(self, bad[0])!r} is out of range "
+                             "(heads 0/1/2, stages >= 2, tables -1/0/1/2, regs 0 or 24-255)")
 
 
 def _cdiv(a: int, b: int) -> int:

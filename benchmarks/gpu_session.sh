@@ -289,9 +289,9 @@ case "${1:-1}" in
 38)
     step rope_tests 150 python -m pytest -q tests/kernels/test_gluon_rope.py
     step smoke_mha 150 python -u benchmarks/gpu_smoke.py --mha
-    step kernel_tests 200 python -m pytest -q -x tests/kernels/test_latent_attention.py \
-        tests/kernels/test_quant_latent_attention.py tests/kernels/test_gluon_q4.py
-    step rope_ab 120 python -u benchmarks/kernel_ab.py --cases rope rope4 --rounds 3 --variant rope:triton=gluon=false \
+    step kernel_tests 120 python -m pytest -q tests/kernels/test_gluon_q4.py tests/kernels/test_quant_latent_attention.py \
+        -k "gluon or per_head or rope"
+    step rope_ab 100 python -u benchmarks/kernel_ab.py --cases rope rope4 --rounds 3 --variant rope:triton=gluon=false \
         --variant rope4:triton=gluon=false
     ;;
 esac

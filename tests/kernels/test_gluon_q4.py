@@ -75,6 +75,20 @@ def test_channel_orders_are_permutations(rank):
         assert words == {t + 4 * m for m in range(rank // 32)}
 
 
+def decode_mask(kind, B, S, gen, rnd, device):
+    """A shared decode mask [B, 1, 1, S]: None, ``bool`` (keep flags), ``add`` (additive, ``rnd``),
+    or ``dead`` (sequence 1 sees nothing)."""
+    if kind == "bool":
+        return (torch.rand(B, 1, 1, S, generator=gen) > 0.3).to(device)
+    if kind == "add":
+        return rnd(B, 1, 1, S)
+    if kind == "dead":
+        m = torch.ones(B, 1, 1, S, dtype=torch.bool)
+        m[1] = False
+        return m.to(device)
+    return None
+
+
 def _quant_case(B=2, Hq=8, R=64, S=300, mask=None, device="cpu", seed=0, G=None, dtype=torch.float16):
     gen = torch.Generator().manual_seed(seed)
 
@@ -83,15 +97,7 @@ def _quant_case(B=2, Hq=8, R=64, S=300, mask=None, device="cpu", seed=0, G=None,
 
     G = G or Hq  # latent groups (Hq // G query heads read each)
     q, hk, hv = rnd(B, Hq, 1, R), rnd(B, S, G * R), rnd(B, S, G * R)
-    m = None
-    if mask == "bool":
-        m = (torch.rand(B, 1, 1, S, generator=gen) > 0.3).to(device)
-    elif mask == "add":
-        m = rnd(B, 1, 1, S)
-    elif mask == "dead":  # sequence 1 sees nothing
-        m = torch.ones(B, 1, 1, S, dtype=torch.bool)
-        m[1] = False
-        m = m.to(device)
+    m = decode_mask(mask, B, S, gen, rnd, device)
     return (q, *quantize_packed(hk, 4, R), *quantize_packed(hv, 4, R), None, None, None, None, None, m, R ** -0.5,
             4, R, 4, R, 0.0, False, 0)
 

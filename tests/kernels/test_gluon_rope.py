@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from test_dequant_words import _bf16, _pair, _unpair, run_asm
+from test_gluon_q4 import decode_mask
 
 from palu_fx.kernels.latent_attention import gluon_rope, quant, wrapper
 from palu_fx.kernels.latent_attention.naive import latent_attention_ref
@@ -108,15 +109,7 @@ def _case(B=2, H=4, D=128, rk=64, rv=64, S=300, mask=None, dtype=torch.float16, 
     q, hk, hv = rnd(B, H, 1, D), rnd(B, S, H * rk), rnd(B, S, H * rv)
     lk = rnd(H, D, rk, s=rk ** -0.5)
     cos, sin = _tables(S, D, table_dtype or dtype, device, B if per_batch else 1)
-    m = None
-    if mask == "bool":
-        m = (torch.rand(B, 1, 1, S, generator=gen) > 0.3).to(device)
-    elif mask == "add":
-        m = rnd(B, 1, 1, S)
-    elif mask == "dead":  # sequence 1 sees nothing
-        m = torch.ones(B, 1, 1, S, dtype=torch.bool)
-        m[1] = False
-        m = m.to(device)
+    m = decode_mask(mask, B, S, gen, rnd, device)
     if bits:
         return (q, *quantize_packed(hk, bits, rk), *quantize_packed(hv, bits, rv), lk, None, cos, sin, None, m,
                 D ** -0.5, bits, rk, bits, rv, 0.0, False, 1)

@@ -242,3 +242,49 @@ def test_gluon_host_side_merges_the_kernels_partials(qk, hq, hkv, splits, monkey
     cfg = qk.KernelConfig(num_splits=splits)
     check(qk.quant_latent_attention_triton(*args, config=cfg), args)
     assert launched == [splits]
+
+
+@pytest.mark.parametrize("hq,splits,hpp", [(8, 3, 2), (4, 1, 2), (6, 2, 1)], ids=["2heads-3splits", "direct", "1head"])
+def test_gluon_rope_host_side_merges_the_kernels_partials(qk, hq, splits, hpp, monkeypatch):
+    # As above for the Gluon RoPE kernel (gluon_rope.launch): a float64 reference writes its
+    # outputs or its split partials (one row per head of a program), keys rebuilt with RoPE
+    import math
+
+    from palu_fx.kernels.latent_attention import gluon_rope
+    from palu_fx.kernels.latent_attention.naive import reconstruct_keys
+    from palu_fx.quant import dequantize_packed
+
+    wrapper = kernel_modules()["wrapper"]
+    args = quant_inputs(k_bits=4, Hq=hq, Hkv=hq, gs=1, D=64, rk=32, rv=32, Skv=600, mask="add", dtype=torch.float16)
+    launched = []
+
+    def fake_launch(q, lk, kl, vl, cos, sin, mask_kind, mask, sm_b, sm_k, scale, out, nsplit, chunk, part, lse,
+                    heads_per_program, *knobs, probe=False):
+        B, Hq, _, D = q.shape
+        R = lk.shape[-1]
+        hk = dequantize_packed(kl.data, kl.scale, kl.zero, 4, R, torch.float64)
+        keys = reconstruct_keys(hk, lk.double(), None, cos.double(), sin.double(), None, D, 1, 1e-6, torch.float64)
+        v = dequantize_packed(vl.data, vl.scale, vl.zero, 4, R, torch.float64).view(B, -1, Hq, R)
+        m = args[12].double().view(B, -1)
+        launched.append((nsplit, heads_per_program))
+        for b in range(B):
+            for h in range(Hq):
+                pid_x, r = divmod(b * Hq + h, heads_per_program)
+                for s in range(nsplit):
+                    lo, hi = s * chunk, min(s * chunk + chunk, v.shape[1])
+                    logit = (keys[b, h, lo:hi] @ q[b, h, 0].double()) * scale + m[b, lo:hi]
+                    o = torch.softmax(logit, 0) @ v[b, lo:hi, h]
+                    if nsplit == 1:
+                        out[b, h, 0] = o.to(out.dtype)
+                    else:
+                        row = (pid_x * nsplit + s) * heads_per_program + r
+                        part[row * R:(row + 1) * R] = o.float()
+                        lse[row] = torch.logsumexp(logit, 0).item() / math.log(2)
+
+    monkeypatch.setattr(gluon_rope, "applies", lambda *a: True)
+    monkeypatch.setattr(gluon_rope, "launch", fake_launch)
+    monkeypatch.setattr(wrapper, "_resident_cached", lambda *a: 2)
+    monkeypatch.setattr(wrapper, "_num_sms", lambda index: 4)
+    cfg = qk.KernelConfig(num_splits=splits, gluon_rope_heads=hpp)
+    check(qk.quant_latent_attention_triton(*args, config=cfg), args)
+    assert launched == [(splits, hpp)]

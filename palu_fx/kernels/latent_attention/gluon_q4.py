@@ -200,6 +200,19 @@ if HAVE_GLUON:
         return mma_v2(v, wv, o * gl.expand_dims(alpha, 0))
 
     @gluon.jit
+    def store_output(val, l, m, ch, out_ptr, out_off, part_ptr, lse_ptr, row, RV: gl.constexpr, DIRECT: gl.constexpr):
+        """A query head's output ``val / l`` at channels ``ch`` (zeros where it saw no token), final
+        or as row ``row`` of a split's partials with its base-2 LSE ``m + log2 l`` (as
+        ``common.combine_splits_kernel`` reads them, ``RV`` channels per row)."""
+        empty = l == 0.0
+        val = val / gl.where(empty, 1.0, l)
+        if DIRECT:
+            gl.store(out_ptr + out_off + ch, val.to(out_ptr.dtype.element_ty))
+        else:
+            gl.store(part_ptr + row * RV + ch, val)
+            gl.store(lse_ptr + row, gl.where(empty, float("-inf"), m + gl.log2(gl.where(empty, 1.0, l))))
+
+    @gluon.jit
     def _finish_head(o, h: gl.constexpr, cols, m_i, l_i, z_i, out_ptr, out_off, part_ptr, lse_ptr, slot,
                      NCOL: gl.constexpr, R: gl.constexpr, RV_P: gl.constexpr, DIRECT: gl.constexpr,
                      MMA: gl.constexpr, BF16: gl.constexpr):
@@ -220,14 +233,7 @@ if HAVE_GLUON:
             val = col * _BF16_UNSCALE + z
         else:
             val = col * gl.where(j % 2 == 1, _F16_UNSCALE / 16, _F16_UNSCALE) + z
-        empty = l == 0.0
-        val = val / gl.where(empty, 1.0, l)
-        if DIRECT:
-            gl.store(out_ptr + out_off + ch, val.to(out_ptr.dtype.element_ty))
-        else:
-            gl.store(part_ptr + (slot * NCOL + h) * RV_P + ch, val)
-            lse = gl.where(empty, float("-inf"), m + gl.log2(gl.where(empty, 1.0, l)))
-            gl.store(lse_ptr + slot * NCOL + h, lse)
+        store_output(val, l, m, ch, out_ptr, out_off, part_ptr, lse_ptr, slot * NCOL + h, RV_P, DIRECT)
 
     @gluon.jit
     def _finish_group(o, gg: gl.constexpr, cols, m_i, l_i, z_i, out_ptr, out_off, so_h, part_ptr, lse_ptr, slot,

@@ -53,6 +53,9 @@ try:  # Gluon ships with Triton >= 3.5; without it the Triton kernels serve ever
 except ImportError:  # pragma: no cover (older Triton)
     HAVE_GLUON = False
 
+if HAVE_GLUON:
+    from palu_fx.kernels.latent_attention.gluon_q4 import store_output
+
 __all__ = ["HAVE_GLUON", "applies", "default_knobs", "launch", "key_channel", "pair_of_column"]
 
 BLOCK_S = 64  # token rows per tile: the M of one warpgroup MMA
@@ -316,13 +319,7 @@ if HAVE_GLUON:
             ch = c_ * (RV // 4) + 8 * (b_ // 2) + 2 * (b_ % 2) + hi_ + 4 * e_
         else:
             ch = c_ * (RV // 4) + 4 * b_ + 2 * hi_ + e_
-        empty = l == 0.0
-        val = o / gl.where(empty, 1.0, l)
-        if DIRECT:
-            gl.store(out_ptr + out_off + ch, val.to(out_ptr.dtype.element_ty))
-        else:
-            gl.store(part_ptr + (slot * HPP + j) * RV + ch, val)
-            gl.store(lse_ptr + slot * HPP + j, gl.where(empty, float("-inf"), mx + gl.log2(gl.where(empty, 1.0, l))))
+        store_output(o, l, mx, ch, out_ptr, out_off, part_ptr, lse_ptr, slot * HPP + j, RV, DIRECT)
 
     @gluon.jit
     def rope_decode_kernel(

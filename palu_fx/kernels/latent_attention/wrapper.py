@@ -588,24 +588,13 @@ def _gluon_q4(q, kl, vl, mask_kind, mask, mstr, scale, cfg, out):
         return gluon_q4.launch(q, kl, vl, mask_kind, mask, mstr[0], mstr[3], scale, out, nsplit, chunk, part, lse,
                                *knobs, probe=probe)
 
-    resident = _resident_cached(("gluon_q4", knobs, q.dtype, R, Hq // G, mask_kind, q.device.index), launch,
-                                q.device)
-    plan_cfg = KernelConfig(programs_per_sm=max(cfg.programs_per_sm, resident), num_splits=cfg.num_splits,
-                            fill_waves=True)
-    NSPLIT, chunk = _split_plan(plan_cfg, n_base, Skv, _num_sms(q.device.index or 0), resident)
-    if NSPLIT == 1:
-        launch(1, chunk, out, out)
-        return out
-    part = torch.empty(n_base * NSPLIT * rows * R, dtype=torch.float32, device=q.device)
-    lse = torch.empty(n_base * NSPLIT * rows, dtype=torch.float32, device=q.device)
-    launch(NSPLIT, chunk, part, lse)
-    _merge_splits(part, lse, out, Hq // rows, 1, 1, NSPLIT, rows, _p2(rows), rows, R, R, False)
-    return out
+    key = ("gluon_q4", knobs, q.dtype, R, Hq // G, mask_kind, q.device.index)
+    return _gluon_splits(launch, key, out, n_base, rows, R, Skv, cfg.programs_per_sm, cfg.num_splits)
 
 
 def _gluon_rope(q, lk, kl, vl, cos, sin, mask_kind, mask, mstr, scale, cfg, out):
-    """``gluon_rope.rope_decode_kernel`` (one head per program) over the splits that fill whole
-    waves of what an SM holds, then ``combine_splits_kernel``."""
+    """``gluon_rope.rope_decode_kernel`` (``default_knobs`` heads per program) over the splits that
+    fill whole waves of what an SM holds, then ``combine_splits_kernel``."""
     B, Hq, _, _ = q.shape
     RV = out.shape[-1]
     Skv = kl.data.shape[1]
@@ -617,15 +606,23 @@ def _gluon_rope(q, lk, kl, vl, cos, sin, mask_kind, mask, mstr, scale, cfg, out)
         return gluon_rope.launch(q, lk, kl, vl, cos, sin, mask_kind, mask, mstr[0], mstr[3], scale, out, nsplit,
                                  chunk, part, lse, *knobs, probe=probe)
 
-    resident = _resident_cached(("gluon_rope", knobs, q.dtype, cos.dtype, kl.bits, lk.shape[1:], RV, mask_kind,
-                                 q.device.index), launch, q.device)
-    plan_cfg = KernelConfig(programs_per_sm=max(1, resident), num_splits=cfg.num_splits, fill_waves=True)
-    NSPLIT, chunk = _split_plan(plan_cfg, B * Hq // hpp, Skv, _num_sms(q.device.index or 0), resident)
+    key = ("gluon_rope", knobs, q.dtype, cos.dtype, kl.bits, lk.shape[1:], RV, mask_kind, q.device.index)
+    return _gluon_splits(launch, key, out, B * Hq // hpp, hpp, RV, Skv, 1, cfg.num_splits)
+
+
+def _gluon_splits(launch, key, out, n_base, rows, R, Skv, programs_per_sm, num_splits):
+    """Run a Gluon decode kernel (``launch(nsplit, chunk, part, lse, probe=False)``; ``n_base``
+    programs per split, ``rows`` query heads of ``R`` output channels each) over the splits that
+    fill whole waves of what an SM holds (its occupancy compiled once per ``key``), then
+    ``combine_splits_kernel`` over the partials."""
+    resident = _resident_cached(key, launch, out.device)
+    plan_cfg = KernelConfig(programs_per_sm=max(programs_per_sm, resident), num_splits=num_splits, fill_waves=True)
+    NSPLIT, chunk = _split_plan(plan_cfg, n_base, Skv, _num_sms(out.device.index or 0), resident)
     if NSPLIT == 1:
         launch(1, chunk, out, out)
         return out
-    part = torch.empty(B * Hq * NSPLIT * RV, dtype=torch.float32, device=q.device)
-    lse = torch.empty(B * Hq * NSPLIT, dtype=torch.float32, device=q.device)
+    part = torch.empty(n_base * NSPLIT * rows * R, dtype=torch.float32, device=out.device)
+    lse = torch.empty(n_base * NSPLIT * rows, dtype=torch.float32, device=out.device)
     launch(NSPLIT, chunk, part, lse)
-    _merge_splits(part, lse, out, Hq // hpp, 1, 1, NSPLIT, hpp, hpp, hpp, RV, RV, False)
+    _merge_splits(part, lse, out, out.shape[1] // rows, 1, 1, NSPLIT, rows, _p2(rows), rows, R, R, False)
     return out

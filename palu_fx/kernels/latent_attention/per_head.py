@@ -6,6 +6,8 @@ score tiles, and rebuild keys that no other query row reuses. Here a program tak
 ``HPP`` consecutive heads of one sequence (their latents are adjacent groups), one
 score column each, so the online softmax, the masks and each cos/sin tile are shared by
 ``HPP`` heads; each head's latents are dequantized in registers as in the group kernels.
+On a GPU, RoPE calls that ``gluon_rope.applies`` to take the Gluon kernel of ``gluon_rope.py``
+instead (the same scores, with explicit layouts: 0.50 ms against 0.65-0.69 at B=8 x 32k).
 
 Scores per head and token tile:
 

@@ -37,6 +37,7 @@
 #   bash benchmarks/gpu_session.sh 36  # Gluon RoPE: tests; A/B of the cos/sin modes with 2 heads per program (fp16 and 4-bit)
 #   bash benchmarks/gpu_session.sh 37  # Gluon RoPE defaults: tests, the gs1 rows of the issue table (B 1/8/32 x 4k/32k/128k), bf16
 #   bash benchmarks/gpu_session.sh 38  # after review: Gluon RoPE tests, the MHA smoke in a model, the kernels' GPU tests, A/B
+#   bash benchmarks/gpu_session.sh 39  # Gluon RoPE, 4-bit values summed as fp16 pairs: tests, A/B
 set -u
 export PYTHONPATH=.
 OUT=${OUT:-/tmp/palu_gpu}
@@ -293,5 +294,9 @@ case "${1:-1}" in
         -k "gluon or per_head or rope"
     step rope_ab 100 python -u benchmarks/kernel_ab.py --cases rope rope4 --rounds 3 --variant rope:triton=gluon=false \
         --variant rope4:triton=gluon=false
+    ;;
+39)
+    step rope_tests 100 python -m pytest -q tests/kernels/test_gluon_rope.py
+    step rope_ab 90 python -u benchmarks/kernel_ab.py --cases rope4 --rounds 3 --variant rope4:triton=gluon=false
     ;;
 esac

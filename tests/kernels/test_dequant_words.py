@@ -100,11 +100,12 @@ def run_asm(asm: str, inputs: dict[int, int]) -> dict[int, int]:
             regs[d] = _prmt(val(a[0]), val(a[1]), val(a[2]))
         elif op == "lop3.b32":
             regs[d] = _lop3(val(a[0]), val(a[1]), val(a[2]), val(a[3]))
-        elif op in ("sub.f16x2", "fma.rn.f16x2", "fma.rn.bf16x2"):
+        elif op in ("sub.f16x2", "mul.rn.f16x2", "fma.rn.f16x2", "fma.rn.bf16x2"):
             # exact in float64 for 16-bit operands (the sums here stay far inside its range), then one rounding
             kind = "bf16" if "bf16" in op else "f16"
             x = [_unpair(kind, val(t)) for t in a]
-            res = [x[0][i] - x[1][i] if op.startswith("sub") else x[0][i] * x[1][i] + x[2][i] for i in (0, 1)]
+            res = [x[0][i] - x[1][i] if op.startswith("sub") else x[0][i] * x[1][i] if op.startswith("mul")
+                   else x[0][i] * x[1][i] + x[2][i] for i in (0, 1)]
             regs[d] = _pair(kind, *res)
         else:
             raise AssertionError(f"the emulator does not know {op}")

@@ -49,6 +49,21 @@ def test_dequant_asm_gives_scaled_codes_in_nibble_pairs(kind):
             assert all(abs(g - w) <= t for g, w, t in zip(got, want, tol)), (codes, p, got, want)
 
 
+def test_value_asm_sums_two_rows_weighted_codes():
+    gen = np.random.default_rng(7)
+    for trial in range(40):
+        c0 = (np.arange(8) + trial) % 16 if trial < 16 else gen.integers(0, 16, 8)
+        c1 = gen.integers(0, 16, 8)
+        w0, w1 = (sum(int(c) << (4 * i) for i, c in enumerate(x)) for x in (c0, c1))
+        p0, p1 = (float(np.float16(x)) for x in gen.uniform(0.0, 0.05, 2))  # softmax weight x scale
+        out = run_asm(gluon_rope._value_asm(), {8: w0, 9: w1, 10: _pair("f16", p0, p0), 11: _pair("f16", p1, p1)})
+        for p in range(4):
+            got = _unpair("f16", out[2 * p] | (out[2 * p + 1] << 16))
+            want = [p0 * float(c0[p + 4 * e]) + p1 * float(c1[p + 4 * e]) for e in (0, 1)]
+            # two fp16 roundings (the product, the FMA): within an ulp of the larger term
+            assert all(abs(g - w) <= abs(w) * 2 ** -10 + 1e-9 for g, w in zip(got, want)), (c0, c1, p, got, want)
+
+
 # ---------------------------------------------------------------- CPU: the orders the reshapes give
 def _kappa_plain(x, R):  # the kernel's _kappa_plain on a torch tensor
     return x.reshape(-1, 4, R // 16, 2, 2).permute(0, 2, 3, 1, 4).reshape(-1, R)

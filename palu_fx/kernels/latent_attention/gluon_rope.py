@@ -86,6 +86,24 @@ def _dequant_asm(bf16: bool) -> str:
     return "\n".join(lines + ["}"])
 
 
+def _value_asm() -> str:
+    """Two rows' words of 8 value codes ($8, $9), each row's ``p s`` as an fp16 pair ($10, $11) ->
+    8 fp16 sums ``p_0 s_0 c_0 + p_1 s_1 c_1``, output ``2p + e`` = nibble ``p + 4e``: the codes made
+    exact as in ``_dequant_asm`` (AND-OR, packed subtract), then one packed multiply and one
+    packed FMA per channel pair for both rows. fp16 whatever the model's dtype: codes and the
+    fp16 scales are exact in it, and the sums go to fp32 accumulators once per tile."""
+    lines = ["{", ".reg .b32 a, b, s, t, neg;", "mov.b32 neg, 0x64006400;"]
+    for p in range(4):
+        src0, src1 = "$8", "$9"
+        if p:
+            lines += [f"shr.b32 s, $8, {4 * p};", f"shr.b32 t, $9, {4 * p};"]
+            src0, src1 = "s", "t"
+        lines += [f"lop3.b32 a, {src0}, 0x000f000f, 0x64006400, 0xea;", "sub.f16x2 a, a, neg;",
+                  f"lop3.b32 b, {src1}, 0x000f000f, 0x64006400, 0xea;", "sub.f16x2 b, b, neg;",
+                  "mul.rn.f16x2 a, a, $10;", "fma.rn.f16x2 a, b, $11, a;", f"mov.b32 {{${2 * p}, ${2 * p + 1}}}, a;"]
+    return "\n".join(lines + ["}"])
+
+
 def key_channel(kappa: torch.Tensor, rank: int, packed: bool) -> torch.Tensor:
     """Latent channel held at inner index ``kappa`` of the key product (and at the same index of
     the value accumulators): ``kappa = 16 b + 8 hi + 2 c + e`` is what the operand layout gives
@@ -141,6 +159,7 @@ if HAVE_GLUON:
     _async_load = getattr(cp, "async_load", None) or cp.async_copy_global_to_shared
     _ASM_F16 = gl.constexpr(_dequant_asm(False))
     _ASM_BF16 = gl.constexpr(_dequant_asm(True))
+    _ASM_VALUES = gl.constexpr(_value_asm())
 
     @gluon.jit
     def _kappa_plain(x, R: gl.constexpr):
@@ -265,12 +284,13 @@ if HAVE_GLUON:
         return gl.convert_layout(gl.sum(gl.where(gl.expand_dims(hh == j, 0), t, 0.0), axis=1), ROW)
 
     @gluon.jit
-    def _head_step(kbuf, vbuf, wab, csn, sk, zk, sv, zv, j: gl.constexpr, keep, madd, qscale, m_i, l_i, o_i,
+    def _head_step(kbuf, vbuf, wab, csn, sk, zk, sv, zv, j: gl.constexpr, keep, madd, qscale, m_i, l_i, o_i, z_i,
                    RK: gl.constexpr, RV: gl.constexpr, BITS: gl.constexpr, HPP: gl.constexpr,
                    RUN_K: gl.constexpr, RUN_V: gl.constexpr, ACC: gl.constexpr, A_OP: gl.constexpr,
                    V_L: gl.constexpr, BF16: gl.constexpr, DT: gl.constexpr):
         """One head over one tile: scores from one ``wgmma``, the online softmax of each thread's
-        two rows, values accumulated in fp32."""
+        two rows, values accumulated in fp32 (4-bit: the codes' weighted sums ``o``, the zeros'
+        ``z``)."""
         ROW: gl.constexpr = gl.SliceLayout(1, ACC)
         a = _latent_rows(kbuf, _head_column(sk, j, HPP, gl.SliceLayout(1, RUN_K)),
                          _head_column(zk, j, HPP, gl.SliceLayout(1, RUN_K)), RK, BITS, RUN_K, BF16, DT)
@@ -284,25 +304,50 @@ if HAVE_GLUON:
         p = gl.exp2(t - gl.expand_dims(m_use, 1))
         alpha = gl.exp2(m_i - m_use)
         l_i = l_i * alpha + gl.sum(p, axis=1)
-        v = _latent_rows(vbuf, _head_column(sv, j, HPP, gl.SliceLayout(1, RUN_V)),
-                         _head_column(zv, j, HPP, gl.SliceLayout(1, RUN_V)), RV, BITS, RUN_V, BF16, DT)
-        v = gl.reshape(gl.convert_layout(v, V_L).to(gl.float32), [4, 2, 8, RV])
-        pv = gl.expand_dims(gl.convert_layout(p, gl.SliceLayout(3, v.type.layout)), 3)
-        o_i = o_i * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(2, o_i.type.layout)), 2) + gl.sum(
-            pv * v, axis=1)
-        return m_new, l_i, o_i
+        a_o = gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(2, o_i.type.layout)), 2)
+        if BITS == 4:  # sum_t p_t (s_t c_t + z_t) = sum_t (p_t s_t) c_t + sum_t p_t z_t
+            s3 = gl.convert_layout(gl.reshape(_head_column(sv, j, HPP, ROW), [4, 2, 8]), p.type.layout)
+            z3 = gl.convert_layout(gl.reshape(_head_column(zv, j, HPP, ROW), [4, 2, 8]), p.type.layout)
+            z_i = z_i * alpha + gl.sum(p * z3, axis=1)
+            o_i = o_i * a_o + gl.convert_layout(_value_sums(vbuf.load(RUN_V), p * s3, RV), o_i.type.layout)
+        else:
+            v = _latent_rows(vbuf, sv, zv, RV, BITS, RUN_V, BF16, DT)
+            v = gl.reshape(gl.convert_layout(v, V_L).to(gl.float32), [4, 2, 8, RV])
+            pv = gl.expand_dims(gl.convert_layout(p, gl.SliceLayout(3, v.type.layout)), 3)
+            o_i = o_i * a_o + gl.sum(pv * v, axis=1)
+        return m_new, l_i, o_i, z_i
+
+    @gluon.jit
+    def _value_sums(w, ps, RV: gl.constexpr):
+        """Value code words [64, RV/8] and the rows' ``p s`` [4, 2, 8] (fp32) -> sum over each
+        thread's two rows of ``p s c`` [4, 8, RV] in fp32, channels in the key operand's order
+        (``key_channel``, packed)."""
+        W: gl.constexpr = RV // 8
+        w0, w1 = gl.split(gl.permute(gl.reshape(w, [4, 2, 8, W]), [0, 2, 3, 1]))  # [4, 8, W] per row
+        p0, p1 = gl.split(gl.permute(ps, [0, 2, 1]))  # [4, 8]
+        WL: gl.constexpr = gl.SliceLayout(2, w0.type.layout)
+        p0 = gl.expand_dims(gl.convert_layout(_both_halves(p0.to(gl.float16)), WL), 2) + gl.zeros_like(w0)
+        p1 = gl.expand_dims(gl.convert_layout(_both_halves(p1.to(gl.float16)), WL), 2) + gl.zeros_like(w0)
+        o0, o1, o2, o3, o4, o5, o6, o7 = gl.inline_asm_elementwise(
+            _ASM_VALUES, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r", [w0, w1, p0, p1], dtype=(gl.float16, ) * 8, is_pure=True,
+            pack=1)
+        # output 4k + 2i + e at (e, i, k): nibble 2k + i + 4e (as _kappa_words)
+        x = gl.join(gl.join(gl.join(o0, o1), gl.join(o2, o3)), gl.join(gl.join(o4, o5), gl.join(o6, o7)))
+        x = gl.reshape(x, [4, 8, 4, W // 4, 2, 2, 2])  # (w, g, c, u, e, i, k)
+        x = gl.permute(x, [0, 1, 3, 6, 5, 2, 4])  # (w, g, u, k, i, c, e)
+        return gl.reshape(x, [4, 8, RV]).to(gl.float32)
 
     @gluon.jit
     def _softmax_init(RV: gl.constexpr, ROW: gl.constexpr, V_L: gl.constexpr):
-        """Empty softmax lanes (max, sum [4, 8]; values [4, 8, RV]) in the layouts ``_head_step``'s
-        reductions give them (made by the same reductions)."""
+        """Empty softmax lanes (max, sum, zeros' sum [4, 8]; values [4, 8, RV]) in the layouts
+        ``_head_step``'s reductions give them (made by the same reductions)."""
         m = gl.max(gl.reshape(gl.full([64], float("-inf"), gl.float32, ROW), [4, 2, 8]), axis=1)
         o = gl.sum(gl.reshape(gl.zeros([64, RV], gl.float32, V_L), [4, 2, 8, RV]), axis=1)
         l = gl.max(gl.reshape(gl.zeros([64], gl.float32, ROW), [4, 2, 8]), axis=1)
-        return m, l, o
+        return m, l, o, l
 
     @gluon.jit
-    def _finish_head(m_i, l_i, o_i, j: gl.constexpr, out_ptr, out_off, part_ptr, lse_ptr, slot,
+    def _finish_head(m_i, l_i, o_i, z_i, j: gl.constexpr, out_ptr, out_off, part_ptr, lse_ptr, slot,
                      RV: gl.constexpr, HPP: gl.constexpr, BITS: gl.constexpr, V_L: gl.constexpr,
                      DIRECT: gl.constexpr):
         """Merge the 32 softmax lanes of head ``j`` and store its output (channel order restored)
@@ -312,7 +357,8 @@ if HAVE_GLUON:
         w = gl.exp2(m_i - m_use)
         l = gl.sum(gl.sum(l_i * w, axis=1), axis=0)
         wo = gl.expand_dims(gl.convert_layout(w, gl.SliceLayout(2, o_i.type.layout)), 2)
-        o = gl.sum(gl.sum(o_i * wo, axis=1), axis=0)
+        zo = gl.expand_dims(gl.convert_layout(z_i, gl.SliceLayout(2, o_i.type.layout)), 2)
+        o = gl.sum(gl.sum((o_i + zo) * wo, axis=1), axis=0)
         kap = gl.arange(0, RV, layout=o.type.layout)
         b_, hi_, c_, e_ = kap // 16, (kap // 8) % 2, (kap // 2) % 4, kap % 2
         if BITS == 4:
@@ -411,8 +457,8 @@ if HAVE_GLUON:
         sk_n, zk_n, sv_n, zv_n, mr_n = _vectors(ks_ptr, kz_ptr, vs_ptr, vz_ptr, q_off, ss_s, mask_ptr, m_off, sm_k,
                                                 tok_n, hi, HPP, HV_L, BITS, MASK_KIND)
         cs_n, sn_n = _table_rows(cos_ptr, sin_ptr, c_off, s_off, sc_s, ssn_s, tok_n, hi, HALF, CS_L)
-        m0, l0, o0 = _softmax_init(RV, ROW, V_L)
-        m1, l1, o1 = m0, l0, o0
+        m0, l0, o0, z0 = _softmax_init(RV, ROW, V_L)
+        m1, l1, o1, z1 = m0, l0, o0, z0
         qscale = scale * 1.4426950408889634
         for it in range(n_tiles):
             tok = tok_n
@@ -451,20 +497,20 @@ if HAVE_GLUON:
                 keep = keep & (mr != 0.0)
             if MASK_KIND == 4:
                 madd = mr * 1.4426950408889634
-            m0, l0, o0 = _head_step(kbuf.index(stage * HPP), vbuf.index(stage * HPP), wab, csn, sk, zk, sv, zv, 0,
-                                    keep, madd, qscale, m0, l0, o0, RK, RV, BITS, HPP, RUN_K, RUN_V, ACC, A_OP, V_L,
+            m0, l0, o0, z0 = _head_step(kbuf.index(stage * HPP), vbuf.index(stage * HPP), wab, csn, sk, zk, sv, zv,
+                                        0, keep, madd, qscale, m0, l0, o0, z0, RK, RV, BITS, HPP, RUN_K, RUN_V, ACC, A_OP, V_L,
                                     BF16, DT)
             if HPP > 1:
-                m1, l1, o1 = _head_step(kbuf.index(stage * HPP + 1), vbuf.index(stage * HPP + 1), wab, csn, sk, zk, sv,
-                                        zv, 1, keep, madd, qscale, m1, l1, o1, RK, RV, BITS, HPP, RUN_K, RUN_V, ACC,
+                m1, l1, o1, z1 = _head_step(kbuf.index(stage * HPP + 1), vbuf.index(stage * HPP + 1), wab, csn, sk,
+                                            zk, sv, zv, 1, keep, madd, qscale, m1, l1, o1, z1, RK, RV, BITS, HPP, RUN_K, RUN_V, ACC,
                                         A_OP, V_L, BF16, DT)
         cp.wait_group(0)
 
         slot = pid_x * NSPLIT + pid_s
         out_off = b * so_b + h0 * so_h
-        _finish_head(m0, l0, o0, 0, out_ptr, out_off, part_ptr, lse_ptr, slot, RV, HPP, BITS, V_L, DIRECT)
+        _finish_head(m0, l0, o0, z0, 0, out_ptr, out_off, part_ptr, lse_ptr, slot, RV, HPP, BITS, V_L, DIRECT)
         if HPP > 1:
-            _finish_head(m1, l1, o1, 1, out_ptr, out_off + so_h, part_ptr, lse_ptr, slot, RV, HPP, BITS, V_L, DIRECT)
+            _finish_head(m1, l1, o1, z1, 1, out_ptr, out_off + so_h, part_ptr, lse_ptr, slot, RV, HPP, BITS, V_L, DIRECT)
 
 
 def applies(q, kl, vl, lk, k_bias, k_norm_weight, cos, sin, rope_style, softcap, is_causal, mask_kind, groups,

@@ -5,7 +5,7 @@ Why: ``per_head.py`` served these calls in Triton at 0.63-0.69 ms (fp16) and 0.6
 for B=8 x 32k (Llama-2-7B shape, rank ratio 0.5), where the bytes need 0.53 and 0.15 ms and the
 key products 0.19-0.20 (RESULTS.md). Triton spreads each score tile's token axis over four
 warps, so every tile pays cross-warp reductions and barriers. Here the layouts are the
-kernel's; it takes 0.50-0.52 ms (fp16) and 0.54-0.56 ms (4-bit) there:
+kernel's; it takes 0.50-0.52 ms (fp16) and 0.52 ms (4-bit) there:
 
 * **Scores without rotated keys** (as ``per_head.py``): for rotary pair ``f`` with partners
   ``lo``/``hi``, ``q . rope_t(L h_t) = sum_f cos_tf (Wa h_t)_f + sin_tf (Wb h_t)_f`` with
@@ -22,8 +22,9 @@ kernel's; it takes 0.50-0.52 ms (fp16) and 0.54-0.56 ms (4-bit) there:
 * **Latents straight into the operand layout.** A thread's share of the key operand (two rows,
   ``rank/4`` channels each) is one contiguous run of each row once the product's inner index
   is permuted (``[Wa | Wb]``'s rows take the same order); 4-bit codes are dequantized into it
-  (``s c + z`` in the operand dtype, two channels per instruction). Values take the same
-  path into fp32 accumulators (``p_t (s_t c_t + z_t)`` summed per lane).
+  (``s c + z`` in the operand dtype, two channels per instruction). Plain values go to fp32
+  accumulators as they are; 4-bit values as ``sum_t (p_t s_t) c_t`` over a thread's two rows in
+  fp16 pairs (``_value_asm``) plus ``sum_t p_t z_t`` in fp32.
 * **Two heads per program** (``default_knobs``): every tile's cos/sin rows serve both. With
   one head the rows cost as many L2 reads as the fp16 latents themselves (Nsight Compute: L2
   at 89% of its peak, DRAM at 78%).

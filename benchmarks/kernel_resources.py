@@ -11,6 +11,7 @@ spill stack is suspect), and to compare what a change does to the code:
     PYTHONPATH=. python benchmarks/kernel_resources.py                       # Llama-2-7B shape, gs1 RoPE
     PYTHONPATH=. python benchmarks/kernel_resources.py --gs 2 --block-s 128 --warps 8 --stages 2
     PYTHONPATH=. python benchmarks/kernel_resources.py --absorbed --bits 4 --group-heads 4
+    PYTHONPATH=. python benchmarks/kernel_resources.py --no-gluon                        # the Triton kernels
 
 Use the Triton the GPU has (its SASS differs between versions). ``loads`` counts the global
 load instructions by width: ``LDG.U8`` one byte, ``LDG.128`` sixteen.
@@ -28,6 +29,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+import palu_fx.kernels.latent_attention.gluon_q4 as gluon_q4
+import palu_fx.kernels.latent_attention.gluon_rope as gluon_rope
 import palu_fx.kernels.latent_attention.per_head as per_head
 import palu_fx.kernels.latent_attention.wrapper as wrapper
 
@@ -60,19 +63,22 @@ def _arg_type(x) -> str:
 def record(call) -> list:
     """The kernel launches ``call()`` makes, as (jit function, args, kwargs)."""
     log: list = []
-    saved = (wrapper.rebuild_attention_kernel, wrapper.absorbed_attention_kernel, wrapper.combine_splits_kernel,
-             per_head.per_head_attention_kernel, wrapper._interpreting, wrapper._num_sms)
+    # (module, name) of every kernel a call may launch, and the host hooks that pick GPU configs
+    kernels = [(wrapper, "rebuild_attention_kernel"), (wrapper, "absorbed_attention_kernel"),
+               (wrapper, "combine_splits_kernel"), (per_head, "per_head_attention_kernel")]
+    kernels += [(m, n) for m, n in ((gluon_q4, "q4_absorbed_kernel"), (gluon_rope, "rope_decode_kernel"))
+                if hasattr(m, n)]  # Gluon kernels exist where Triton has Gluon
+    saved = [getattr(m, n) for m, n in kernels] + [wrapper._interpreting, wrapper._num_sms]
     try:
-        wrapper.rebuild_attention_kernel = _Recorder(saved[0], log)
-        wrapper.absorbed_attention_kernel = _Recorder(saved[1], log)
-        wrapper.combine_splits_kernel = _Recorder(saved[2], log)
-        per_head.per_head_attention_kernel = _Recorder(saved[3], log)
+        for (m, n), fn in zip(kernels, saved):
+            setattr(m, n, _Recorder(fn, log))
         wrapper._interpreting = lambda t: False  # pick the GPU configs, not the interpreter's
         wrapper._num_sms = lambda index: 132  # H100 SXM / H200
         call()
     finally:
-        (wrapper.rebuild_attention_kernel, wrapper.absorbed_attention_kernel, wrapper.combine_splits_kernel,
-         per_head.per_head_attention_kernel, wrapper._interpreting, wrapper._num_sms) = saved
+        for (m, n), fn in zip(kernels, saved):
+            setattr(m, n, fn)
+        wrapper._interpreting, wrapper._num_sms = saved[-2:]
     return log
 
 
@@ -142,6 +148,7 @@ def main() -> None:
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--group-heads", type=int, default=0, help="per-head kernel with this many heads per program")
     ap.add_argument("--bits", type=int, default=0, help="a packed cache of this many bits (one group per latent)")
+    ap.add_argument("--no-gluon", action="store_true", help="the Triton kernels where a Gluon kernel would run")
     ap.add_argument("--maxnreg", type=int, default=0,
                     help="cap registers per thread (e.g. 168 for three 4-warp programs per SM) and show the spills")
     args = ap.parse_args()
@@ -153,7 +160,7 @@ def main() -> None:
     lk = None if args.absorbed else torch.randn(G, gs * D, rank, dtype=dt)
     cos = sin = None if args.absorbed else torch.randn(1, S, D, dtype=dt)
     cfg = wrapper.KernelConfig(block_s=args.block_s, num_warps=args.warps, num_stages=args.stages,
-                               group_heads=args.group_heads)
+                               group_heads=args.group_heads, gluon=not args.no_gluon)
     print(f"{H}q/{Hkv}kv d{D} gs{gs} rank {rank} {'absorbed' if args.absorbed else 'RoPE'} "
           f"{f'{args.bits}-bit' if args.bits else 'fp16'}, {cfg}; sm_90, "
           f"triton {triton.__version__}")

@@ -269,3 +269,19 @@ def test_fully_masked_sequence_gives_zeros(bits, splits, monkeypatch):
     out = _run(args, bits, dict(num_splits=splits), monkeypatch)
     assert (out[1] == 0).all()
     _check(out[:1], [a[:1] if torch.is_tensor(a) and a.dim() > 2 and a.shape[0] == 2 else a for a in args], bits)
+
+
+@needs_gluon
+@pytest.mark.parametrize("bits", [0, 4])
+def test_kernel_resources_records_the_gluon_launch(bits):
+    # benchmarks/kernel_resources.py screens the launches a GPU call would make, on the CPU: the
+    # Gluon kernel must be recorded, not launched
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import kernel_resources
+
+    args = _case(B=2, H=4, S=256, bits=bits)
+    entry = quant.quant_latent_attention_triton if bits else wrapper.latent_attention_triton
+    log = kernel_resources.record(lambda: entry(*args))
+    assert [fn.__name__ for fn, _, _ in log][:1] == ["rope_decode_kernel"], log

@@ -70,6 +70,7 @@ def _dequant_asm(bf16: bool) -> str:
     packed subtract takes that off exactly. fp16: one FMA applies scale and zero (one rounding);
     bf16: heads and tails as in ``common._dequant4_asm`` (bf16's 8 bits would otherwise round
     the fp16 scale first)."""
+    # lop3 0xea: (a & b) | c
     if bf16:
         lines = ["{", ".reg .b32 r, t, u, one, neg;", "mov.b32 one, 0x3f803f80;", "mov.b32 neg, 0xc300c300;"]
         step = ["lop3.b32 r, {src}, 0x000f000f, 0x43004300, 0xea;", "fma.rn.bf16x2 r, r, one, neg;",
@@ -80,7 +81,7 @@ def _dequant_asm(bf16: bool) -> str:
                 "fma.rn.f16x2 r, r, $9, $10;"]
     for p in range(4):
         src = "$8"
-        if p:  # lop3 0xea: (a & b) | c
+        if p:
             lines.append(f"shr.b32 t, $8, {4 * p};")
             src = "t"
         lines += [x.format(src=src) for x in step] + [f"mov.b32 {{${2 * p}, ${2 * p + 1}}}, r;"]
@@ -141,9 +142,9 @@ def head_columns_layout(heads: int):
                                       [BLOCK_S, heads])
 
 
-def copy_layout(width: int, elem_bytes: int, copy_bytes: int = 16):
-    """Blocked layout of ``copy_bytes`` copies of a [64, width] tile over 4 warps."""
-    vec = max(1, copy_bytes // elem_bytes)
+def copy_layout(width: int, elem_bytes: int):
+    """Blocked layout of 16-byte copies of a [64, width] tile over 4 warps."""
+    vec = max(1, 16 // elem_bytes)
     tw = max(1, min(32, width // vec))
     return gl.BlockedLayout([1, min(vec, width)], [32 // tw, tw], [4, 1], [1, 0])
 
@@ -588,13 +589,11 @@ def launch(q, lk, kl, vl, cos, sin, mask_kind, mask, sm_b, sm_k, scale, out, nsp
             cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1), sm_b, sm_k, out.stride(0), out.stride(1),
             Hq, kd.shape[1], chunk, nsplit, float(scale))
     consts = dict(RK=rk, RV=rv, HALF=half, HPP=hpp, BITS=bits, STAGES=2 if tables == 2 else stages,
-                  MASK_KIND=mask_kind,
-                  DIRECT=nsplit == 1, BF16=q.dtype == torch.bfloat16,
+                  MASK_KIND=mask_kind, DIRECT=nsplit == 1, BF16=q.dtype == torch.bfloat16,
                   RUN_K=thread_run_layout(kw), RUN_V=thread_run_layout(vw), CS_L=thread_run_layout(half),
                   LCK=copy_layout(kw, eb), LCV=copy_layout(vw, eb), LCC=copy_layout(half, tb),
                   SWK=_swizzle(kw, eb), SWV=_swizzle(vw, eb), SWC=_swizzle(half, tb),
-                  HV_L=head_columns_layout(hpp), TABLES=tables,
-                  num_warps=4)
+                  HV_L=head_columns_layout(hpp), TABLES=tables, num_warps=4)
     if max_regs:  # ptxas's register cap: more programs per SM
         consts["maxnreg"] = max_regs
     if probe:

@@ -25,9 +25,8 @@ kernel's; it takes 0.50-0.52 ms (fp16) and 0.52 ms (4-bit) there:
   (``s c + z`` in the operand dtype, two channels per instruction). Plain values go to fp32
   accumulators as they are; 4-bit values as ``sum_t (p_t s_t) c_t`` over a thread's two rows in
   fp16 pairs (``_value_asm``) plus ``sum_t p_t z_t`` in fp32.
-* **Two heads per program** (``default_knobs``): every tile's cos/sin rows serve both. With
-  one head the rows cost as many L2 reads as the fp16 latents themselves (Nsight Compute: L2
-  at 89% of its peak, DRAM at 78%).
+* **Two heads per program** (``default_knobs``): every tile's cos/sin rows serve both (with one,
+  they cost as many L2 reads as the fp16 latents: L2 at 89% of its peak, DRAM at 78%).
 * **Copies streamed with ``cp.async``** into a ring of shared-memory stages (each tile's
   latents); the cos/sin rows go with them (``TABLES`` 1), into one buffer read before the next
   copy starts (2: two programs of two fp16 heads fit an SM), or straight into registers a tile
@@ -37,9 +36,8 @@ Covers: fp16 and bf16, rotate-half RoPE over the whole head (head dim 64 or 128,
 last dim contiguous), key and value ranks 32/64/128 (powers of two), plain latents or 4-bit
 codes with one quantization group per head (both caches alike), shared decode masks or none,
 no softcap, no key bias or norm, one query token. ``applies`` says whether a call is covered;
-everything else takes the Triton kernels. Gluon has no CPU interpreter: the kernel is tested
-on the GPU, its dequantizing PTX on the CPU by an emulator, its layouts' orders by torch
-reshapes, and it is compiled for sm_90 without a GPU in CI (``tests/kernels/test_gluon_rope.py``).
+everything else takes the Triton kernels. Gluon has no CPU interpreter: CI checks the PTX on an
+emulator, the layouts' orders with torch reshapes, and compiles for sm_90 (``test_gluon_rope.py``).
 """
 from __future__ import annotations
 
@@ -226,8 +224,8 @@ if HAVE_GLUON:
         return gl.convert_layout(gl.reshape(x, [64, 2 * HALF]), ACC)
 
     @gluon.jit
-    def _copy_tile(kbuf, vbuf, slot0, cbuf, sbuf, k_ptr, v_ptr, cos_ptr, sin_ptr, k_off, v_off, c_off, s_off, sk_s, sv_s,
-                   sc_s, ss_s, start, hi, HPP: gl.constexpr, KW: gl.constexpr, VW: gl.constexpr,
+    def _copy_tile(kbuf, vbuf, slot0, cbuf, sbuf, k_ptr, v_ptr, cos_ptr, sin_ptr, k_off, v_off, c_off, s_off,
+                   sk_s, sv_s, sc_s, ss_s, start, hi, HPP: gl.constexpr, KW: gl.constexpr, VW: gl.constexpr,
                    HALF: gl.constexpr, LCK: gl.constexpr, LCV: gl.constexpr, LCC: gl.constexpr,
                    TABLES: gl.constexpr):
         """Start the copies of a tile's latents (each head's row segment) and cos/sin rows; rows
@@ -500,19 +498,20 @@ if HAVE_GLUON:
             if MASK_KIND == 4:
                 madd = mr * 1.4426950408889634
             m0, l0, o0, z0 = _head_step(kbuf.index(stage * HPP), vbuf.index(stage * HPP), wab, csn, sk, zk, sv, zv,
-                                        0, keep, madd, qscale, m0, l0, o0, z0, RK, RV, BITS, HPP, RUN_K, RUN_V, ACC, A_OP, V_L,
-                                    BF16, DT)
+                                        0, keep, madd, qscale, m0, l0, o0, z0, RK, RV, BITS, HPP, RUN_K, RUN_V, ACC,
+                                        A_OP, V_L, BF16, DT)
             if HPP > 1:
                 m1, l1, o1, z1 = _head_step(kbuf.index(stage * HPP + 1), vbuf.index(stage * HPP + 1), wab, csn, sk,
-                                            zk, sv, zv, 1, keep, madd, qscale, m1, l1, o1, z1, RK, RV, BITS, HPP, RUN_K, RUN_V, ACC,
-                                        A_OP, V_L, BF16, DT)
+                                            zk, sv, zv, 1, keep, madd, qscale, m1, l1, o1, z1, RK, RV, BITS, HPP,
+                                            RUN_K, RUN_V, ACC, A_OP, V_L, BF16, DT)
         cp.wait_group(0)
 
         slot = pid_x * NSPLIT + pid_s
         out_off = b * so_b + h0 * so_h
         _finish_head(m0, l0, o0, z0, 0, out_ptr, out_off, part_ptr, lse_ptr, slot, RV, HPP, BITS, V_L, DIRECT)
         if HPP > 1:
-            _finish_head(m1, l1, o1, z1, 1, out_ptr, out_off + so_h, part_ptr, lse_ptr, slot, RV, HPP, BITS, V_L, DIRECT)
+            _finish_head(m1, l1, o1, z1, 1, out_ptr, out_off + so_h, part_ptr, lse_ptr, slot, RV, HPP, BITS, V_L,
+                         DIRECT)
 
 
 def applies(q, kl, vl, lk, k_bias, k_norm_weight, cos, sin, rope_style, softcap, is_causal, mask_kind, groups,
@@ -562,9 +561,8 @@ def default_knobs(bits: int, heads: int, rank: int, heads_per_program: int = 0, 
 def launch(q, lk, kl, vl, cos, sin, mask_kind, mask, sm_b, sm_k, scale, out, nsplit, chunk, part, lse,
            heads_per_program=1, stages=2, tables=1, max_regs=0, probe=False):
     """Launch over ``nsplit`` splits of ``chunk`` tokens; ``part``/``lse``: the split partials, one
-    row per head of a program (``heads_per_program`` rows), as ``common.combine_splits_kernel``
-    reads them. ``cos``/``sin``: [B, S, D] (broadcast strides allowed). ``probe``: return
-    (kernel, grid, args, constexprs)."""
+    row per head of a program, as ``common.combine_splits_kernel`` reads them. ``cos``/``sin``:
+    [B, S, D] (broadcast strides allowed). ``probe``: return (kernel, grid, args, constexprs)."""
     B, Hq, _, D = q.shape
     half = D // 2
     rk = lk.shape[-1]

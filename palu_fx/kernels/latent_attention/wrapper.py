@@ -26,7 +26,7 @@ import torch
 import triton
 from triton.runtime.errors import OutOfResources
 
-from palu_fx.kernels.latent_attention import gluon_q4, gluon_rope
+from palu_fx.kernels.latent_attention import gluon_host, gluon_q4, gluon_rope
 from palu_fx.kernels.latent_attention.absorbed import absorbed_attention_kernel
 from palu_fx.kernels.latent_attention.common import (
     MASK_ADD, MASK_ADD_SHARED, MASK_BOOL, MASK_BOOL_SHARED, MASK_NONE, combine_splits_kernel,
@@ -478,10 +478,10 @@ def fused_attention(q, kl: Latent, vl: Latent, lk, k_bias, cos, sin, k_norm_weig
     RK_P, RV_P = max(16, _p2(RK)), max(16, _p2(RV))
     mask_kind, mask, mstr = _mask_args(attn_mask, B, Hq, Sq, Skv, q)
     if cfg.gluon and gluon_q4.applies(qc, kl, vl, lk, softcap, is_causal, mask_kind, G, interpret):
-        return _gluon_q4(qc, kl, vl, mask_kind, mask, mstr, scale, cfg, out)
+        return gluon_host.run_q4(qc, kl, vl, mask_kind, mask, mstr, scale, cfg, out)
     if cfg.gluon and rebuild and gluon_rope.applies(qc, kl, vl, lk, k_bias, k_norm_weight, p["cos"], p["sin"],
                                                     rope_style, softcap, is_causal, mask_kind, G, interpret):
-        return _gluon_rope(qc, lk, kl, vl, p["cos"], p["sin"], mask_kind, mask, mstr, scale, cfg, out)
+        return gluon_host.run_rope(qc, lk, kl, vl, p["cos"], p["sin"], mask_kind, mask, mstr, scale, cfg, out)
     (hk, hks, hkz), k_strides, k_q = kl.kernel_args(RK, RK_P)
     (hv, hvs, hvz), v_strides, v_q = vl.kernel_args(RV, RV_P)
     latent_strides = (*k_strides[:2], *v_strides[:2], *k_strides[2:4], *v_strides[2:4], k_strides[4], v_strides[4])
@@ -572,57 +572,3 @@ def _merge_splits(part, lse, out, groups, Sq, NQB, NSPLIT, HPG, HPG_P, M_BLOCK, 
         HPG=HPG, HPG_P=HPG_P, M_BLOCK=M_BLOCK, RV=RV, RV_P=RV_P,
         SPLIT_BLOCK=16 if interpret else 32, COLS=cols, num_warps=4,
     )
-
-
-def _gluon_q4(q, kl, vl, mask_kind, mask, mstr, scale, cfg, out):
-    """``gluon_q4.q4_absorbed_kernel`` over the splits that fill whole waves of what an SM holds,
-    then ``combine_splits_kernel`` (rows = a program's query heads)."""
-    B, Hq, _, R = q.shape
-    Skv = kl.data.shape[1]
-    G = kl.channels // R
-    rows = gluon_q4.program_groups(G, Hq // G, cfg.gluon_heads) * (Hq // G)  # query heads per program
-    n_base = B * Hq // rows
-    knobs = (cfg.gluon_heads, cfg.gluon_block_s, cfg.gluon_stages)
-
-    def launch(nsplit, chunk, part, lse, probe=False):
-        return gluon_q4.launch(q, kl, vl, mask_kind, mask, mstr[0], mstr[3], scale, out, nsplit, chunk, part, lse,
-                               *knobs, probe=probe)
-
-    key = ("gluon_q4", knobs, q.dtype, R, Hq // G, mask_kind, q.device.index)
-    return _gluon_splits(launch, key, out, n_base, rows, R, Skv, cfg.programs_per_sm, cfg.num_splits)
-
-
-def _gluon_rope(q, lk, kl, vl, cos, sin, mask_kind, mask, mstr, scale, cfg, out):
-    """``gluon_rope.rope_decode_kernel`` (``default_knobs`` heads per program) over the splits that
-    fill whole waves of what an SM holds, then ``combine_splits_kernel``."""
-    B, Hq, _, _ = q.shape
-    RV = out.shape[-1]
-    Skv = kl.data.shape[1]
-    hpp, tables = gluon_rope.default_knobs(kl.bits, Hq, max(lk.shape[-1], RV), cfg.gluon_rope_heads,
-                                           cfg.gluon_rope_tables)
-    knobs = (hpp, cfg.gluon_rope_stages, tables, cfg.gluon_rope_regs)
-
-    def launch(nsplit, chunk, part, lse, probe=False):
-        return gluon_rope.launch(q, lk, kl, vl, cos, sin, mask_kind, mask, mstr[0], mstr[3], scale, out, nsplit,
-                                 chunk, part, lse, *knobs, probe=probe)
-
-    key = ("gluon_rope", knobs, q.dtype, cos.dtype, kl.bits, lk.shape[1:], RV, mask_kind, q.device.index)
-    return _gluon_splits(launch, key, out, B * Hq // hpp, hpp, RV, Skv, 1, cfg.num_splits)
-
-
-def _gluon_splits(launch, key, out, n_base, rows, R, Skv, programs_per_sm, num_splits):
-    """Run a Gluon decode kernel (``launch(nsplit, chunk, part, lse, probe=False)``; ``n_base``
-    programs per split, ``rows`` query heads of ``R`` output channels each) over the splits that
-    fill whole waves of what an SM holds (its occupancy compiled once per ``key``), then
-    ``combine_splits_kernel`` over the partials."""
-    resident = _resident_cached(key, launch, out.device)
-    plan_cfg = KernelConfig(programs_per_sm=max(programs_per_sm, resident), num_splits=num_splits, fill_waves=True)
-    NSPLIT, chunk = _split_plan(plan_cfg, n_base, Skv, _num_sms(out.device.index or 0), resident)
-    if NSPLIT == 1:
-        launch(1, chunk, out, out)
-        return out
-    part = torch.empty(n_base * NSPLIT * rows * R, dtype=torch.float32, device=out.device)
-    lse = torch.empty(n_base * NSPLIT * rows, dtype=torch.float32, device=out.device)
-    launch(NSPLIT, chunk, part, lse)
-    _merge_splits(part, lse, out, out.shape[1] // rows, 1, 1, NSPLIT, rows, _p2(rows), rows, R, R, False)
-    return out

@@ -2,7 +2,7 @@
 head per latent group (multi-head attention at group size 1), on Hopper's warpgroup MMA.
 
 Why: ``per_head.py`` served these calls in Triton at 0.63-0.69 ms (fp16) and 0.69 ms (4-bit)
-for B=8 x 32k (Llama-2-7B shape, rank ratio 0.5), where the bytes need 0.53 and 0.15 ms and the
+for B=8 x 32k (32 heads of 128, rank ratio 0.5), where the bytes need 0.53 and 0.15 ms and the
 key products 0.19-0.20 (RESULTS.md). Triton spreads each score tile's token axis over four
 warps, so every tile pays cross-warp reductions and barriers. Here the layouts are the
 kernel's; it takes 0.50-0.52 ms (fp16) and 0.52 ms (4-bit) there:

@@ -162,6 +162,16 @@ if HAVE_GLUON:
     _ASM_VALUES = gl.constexpr(_value_asm())
 
     @gluon.jit
+    def _key_channel(kappa, R: gl.constexpr, BITS: gl.constexpr):
+        """``key_channel`` in the kernel (the Python one is what the tests check the reshapes against)."""
+        b, hi, c, e = kappa // 16, (kappa // 8) % 2, (kappa // 2) % 4, kappa % 2
+        if BITS == 4:
+            ch = c * (R // 4) + 8 * (b // 2) + 2 * (b % 2) + hi + 4 * e
+        else:
+            ch = c * (R // 4) + 4 * b + 2 * hi + e
+        return ch
+
+    @gluon.jit
     def _kappa_plain(x, R: gl.constexpr):
         """[64, R] in memory order (thread c holds channels c R/4 ..) -> the inner-index order of
         the key operand (``key_channel``, plain)."""
@@ -359,12 +369,7 @@ if HAVE_GLUON:
         wo = gl.expand_dims(gl.convert_layout(w, gl.SliceLayout(2, o_i.type.layout)), 2)
         zo = gl.expand_dims(gl.convert_layout(z_i, gl.SliceLayout(2, o_i.type.layout)), 2)
         o = gl.sum(gl.sum((o_i + zo) * wo, axis=1), axis=0)
-        kap = gl.arange(0, RV, layout=o.type.layout)
-        b_, hi_, c_, e_ = kap // 16, (kap // 8) % 2, (kap // 2) % 4, kap % 2
-        if BITS == 4:
-            ch = c_ * (RV // 4) + 8 * (b_ // 2) + 2 * (b_ % 2) + hi_ + 4 * e_
-        else:
-            ch = c_ * (RV // 4) + 4 * b_ + 2 * hi_ + e_
+        ch = _key_channel(gl.arange(0, RV, layout=o.type.layout), RV, BITS)
         store_output(o, l, mx, ch, out_ptr, out_off, part_ptr, lse_ptr, slot * HPP + j, RV, DIRECT)
 
     @gluon.jit
@@ -406,12 +411,7 @@ if HAVE_GLUON:
         # accumulator order of pairs (pair_of_column), built in fp32 and rounded to the operand dtype
         WL: gl.constexpr = gl.NVMMASharedLayout.get_default_for([RK, N], DT)
         wab = gl.allocate_shared_memory(DT, [HPP, RK, N], WL)
-        kap = gl.arange(0, RK, layout=gl.SliceLayout(1, LW))
-        b_, hi_, c_, e_ = kap // 16, (kap // 8) % 2, (kap // 2) % 4, kap % 2
-        if BITS == 4:
-            mch = c_ * (RK // 4) + 8 * (b_ // 2) + 2 * (b_ % 2) + hi_ + 4 * e_
-        else:
-            mch = c_ * (RK // 4) + 4 * b_ + 2 * hi_ + e_
+        mch = _key_channel(gl.arange(0, RK, layout=gl.SliceLayout(1, LW)), RK, BITS)
         n = gl.arange(0, N, layout=gl.SliceLayout(0, LW))
         part = n // HALF
         nn = n % HALF

@@ -38,6 +38,7 @@
 #   bash benchmarks/gpu_session.sh 37  # Gluon RoPE defaults: tests, the gs1 rows of the issue table (B 1/8/32 x 4k/32k/128k), bf16
 #   bash benchmarks/gpu_session.sh 38  # after review: Gluon RoPE tests, the MHA smoke in a model, the kernels' GPU tests, A/B
 #   bash benchmarks/gpu_session.sh 39  # Gluon RoPE, 4-bit values summed as fp16 pairs: tests, A/B
+#   bash benchmarks/gpu_session.sh 40  # Gluon RoPE at gs2 (two heads per latent group): tests, A/B of its knobs, the gs2 rows
 set -u
 export PYTHONPATH=.
 OUT=${OUT:-/tmp/palu_gpu}
@@ -298,5 +299,13 @@ case "${1:-1}" in
 39)
     step rope_tests 100 python -m pytest -q tests/kernels/test_gluon_rope.py
     step rope_ab 90 python -u benchmarks/kernel_ab.py --cases rope4 --rounds 3 --variant rope4:triton=gluon=false
+    ;;
+40)
+    step rope_tests 150 python -m pytest -q tests/kernels/test_gluon_rope.py
+    step rope_ab_gs2 200 python -u benchmarks/kernel_ab.py --gs 2 --cases rope rope4 --rounds 3 \
+        --variant rope:triton=gluon=false --variant rope:t1=gluon_rope_tables=1 --variant rope:t0=gluon_rope_tables=0 \
+        --variant rope:h2=gluon_rope_heads=2 --variant rope4:triton=gluon=false --variant rope4:t0=gluon_rope_tables=0
+    step table_gs2 180 python -u benchmarks/attention.py --no-sweep --defaults-only --no-prefill --no-naive \
+        --quant-bits 4 --shapes llama2 --batch 1 8 32 --ctx 32k 128k --gs 2 --budget-s 160
     ;;
 esac

@@ -1,6 +1,6 @@
 """A/B timing of decode-kernel configs at the issue targets' point, interleaved over rounds.
 
-Llama-2-7B shape (32 heads, head dim 128), rank ratio 0.5, gs1, B=8, 32k, with the additive
+Llama-2-7B shape (32 heads, head dim 128), rank ratio 0.5, gs1 (``--gs``), B=8, 32k, with the additive
 decode mask a compiled model passes. For each case (RoPE / absorbed x fp16 / 4-bit latents)
 the default config and any ``--variant`` are timed in turn, round after round (identical
 configs timed in one block differed by up to 6-12% on the H200), and the median is printed:
@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--ctx", type=int, default=32768)
+    ap.add_argument("--gs", type=int, default=1, help="KV heads per latent group (rank = gs x 64)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tag", default="")
     ap.add_argument("--no-mask", action="store_true", help="no attention mask (attention.py's table has none)")
@@ -67,17 +68,18 @@ def main() -> None:
     B, S = args.batch, args.ctx
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (interpreter)"
     print(f"{device}, torch {torch.__version__}, palu_fx at {os.path.dirname(palu_fx.__file__)}; "
-          f"B={B}, {S} tokens, 32 heads, d128, rank ratio 0.5, gs1, {'no mask' if args.no_mask else 'additive mask'}; "
+          f"B={B}, {S} tokens, 32 heads, d128, rank ratio 0.5, gs{args.gs}, {'no mask' if args.no_mask else 'additive mask'}; "
           f"median ms of {args.rounds} interleaved rounds", flush=True)
     rows = []
     for case in args.cases:
         rope, bits = CASES[case]
-        base = choose_config(rope, 1, 64, 64, 128, 1, False, quantized=bits > 0)
+        r = 64 * args.gs
+        base = choose_config(rope, args.gs, r, r, 128, args.gs, False, quantized=bits > 0)
         cfgs = {"default": base}
         for vcase, name, kw in args.variant:
             if vcase == case:
                 cfgs[name] = dataclasses.replace(base, **kw)
-        op = list(latent_case(32, 32, 128, 1, B, S, rope))
+        op = list(latent_case(32, 32, 128, args.gs, B, S, rope))
         if not args.no_mask:
             op[8] = torch.zeros(B, 1, 1, S, device=op[0].device, dtype=op[0].dtype)
         if bits:

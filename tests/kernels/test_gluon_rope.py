@@ -114,15 +114,17 @@ def _tables(Skv, D, dtype, device, batch=1):
 
 
 def _case(B=2, H=4, D=128, rk=64, rv=64, S=300, mask=None, dtype=torch.float16, bits=0, device="cpu", seed=0,
-          table_dtype=None, per_batch=False):
-    """(args of the plain or the quantized entry point, the same in float64 for the reference)."""
+          table_dtype=None, per_batch=False, gs=1):
+    """(args of the plain or the quantized entry point, the same in float64 for the reference);
+    multi-head attention, ``gs`` heads per latent group."""
     gen = torch.Generator().manual_seed(seed)
 
     def rnd(*shape, s=1.0):
         return (torch.randn(*shape, generator=gen, dtype=torch.float64) * s).to(dtype).to(device)
 
-    q, hk, hv = rnd(B, H, 1, D), rnd(B, S, H * rk), rnd(B, S, H * rv)
-    lk = rnd(H, D, rk, s=rk ** -0.5)
+    G = H // gs
+    q, hk, hv = rnd(B, H, 1, D), rnd(B, S, G * rk), rnd(B, S, G * rv)
+    lk = rnd(G, gs * D, rk, s=rk ** -0.5)
     cos, sin = _tables(S, D, table_dtype or dtype, device, B if per_batch else 1)
     m = decode_mask(mask, B, S, gen, rnd, device)
     if bits:
@@ -134,9 +136,9 @@ def _case(B=2, H=4, D=128, rk=64, rv=64, S=300, mask=None, dtype=torch.float16, 
 def _latents(args, bits):
     """The (key, value) ``Latent``s the wrapper builds from a case's args."""
     if bits:
-        heads = args[0].shape[1]
+        groups = args[7].shape[0]
         return (wrapper.Latent(*args[1:4], 4, args[7].shape[-1]),
-                wrapper.Latent(*args[4:7], 4, args[4].shape[-1] * 2 // heads))
+                wrapper.Latent(*args[4:7], 4, args[4].shape[-1] * 2 // groups))
     return wrapper.Latent(args[1]), wrapper.Latent(args[2])
 
 
@@ -154,13 +156,20 @@ def test_applies_only_where_the_kernel_serves():
                     dict(k_norm_weight=torch.zeros(1)), dict(lk=lk[..., :48]),
                     dict(cos=cos.expand(2, 128, 128)[..., :64], sin=sin.expand(2, 128, 128)[..., :64])):
             assert not gluon_rope.applies(**{**ok, **bad}), (bits, bad)
+    # two heads per latent group (multi-head): served; the same latents under 8 query heads (GQA): not
+    args = _case(S=128, gs=2, rk=128, rv=128)
+    kl, vl = _latents(args, 0)
+    mha = {**ok, **dict(q=args[0], kl=kl, vl=vl, lk=args[3], groups=2)}
+    assert gluon_rope.applies(**mha) == gluon_rope.HAVE_GLUON
+    assert not gluon_rope.applies(**{**mha, **dict(q=torch.zeros(2, 8, 1, 128, dtype=torch.float16))})
 
 
 @needs_gluon
-@pytest.mark.parametrize("bits,rank", [(0, 64), (4, 64), (4, 128)])
-def test_compiles_for_sm90_without_spills(bits, rank):
-    """The defaults (two heads per program) at the Llama-2-7B specialization: no spills, and two
-    programs fit an SM (registers and shared memory, as ``wrapper._resident_programs`` counts)."""
+@pytest.mark.parametrize("bits,rank,gs", [(0, 64, 1), (4, 64, 1), (4, 128, 1), (0, 128, 1), (0, 128, 2), (4, 128, 2)])
+def test_compiles_for_sm90_without_spills(bits, rank, gs):
+    """The defaults at the Llama-2-7B specialization (rank ratio 0.5 at gs 1 and 2; 1.0 at gs1):
+    no spills, and two programs fit an SM (registers and shared memory, as
+    ``wrapper._resident_programs`` counts)."""
     pytest.importorskip("triton.backends.nvidia")
     import sys
     from pathlib import Path
@@ -168,13 +177,13 @@ def test_compiles_for_sm90_without_spills(bits, rank):
     from kernel_resources import compile_sm90, resources
 
     H = 32  # the specialization of a Llama-2-7B shape
-    args = _case(B=2, H=H, S=512, mask="add", rk=rank, rv=rank, bits=bits)
+    args = _case(B=2, H=H, S=512, mask="add", rk=rank, rv=rank, bits=bits, gs=gs)
     q, lk, cos, sin = args[0], args[7 if bits else 3], args[9 if bits else 5], args[10 if bits else 6]
     kl, vl = _latents(args, bits)
     m = args[12 if bits else 8]
     out = torch.empty(2, H, 1, rank, dtype=torch.float16)
     part = torch.empty(64)
-    hpp, tables = gluon_rope.default_knobs(bits, H, rank)
+    hpp, tables = gluon_rope.default_knobs(bits, H, rank, group_size=gs)
     probe = gluon_rope.launch(q, lk, kl, vl, cos.expand(2, 512, 128), sin.expand(2, 512, 128), 4, m, m.stride(0),
                               m.stride(3), 0.125, out, 2, 256, part, part, hpp, 2, tables, probe=True)
     res = resources(compile_sm90(probe[0], probe[2], probe[3]))
@@ -238,6 +247,14 @@ CASES = [
                  id="fp16-fp32-tables-per-batch"),
     pytest.param(dict(bits=4, S=700, table_dtype=torch.float32, per_batch=True), dict(gluon_rope_tables=1),
                  id="q4-fp32-tables-per-batch-copied"),
+    # two or four heads per latent group (multi-head attention): each head its slice of the group's L_k
+    pytest.param(dict(gs=2, rk=128, rv=128, S=1000, mask="add"), dict(), id="gs2-fp16-add"),
+    pytest.param(dict(gs=2, rk=128, rv=128, S=999, bits=4, mask="bool"), dict(num_splits=3), id="gs2-q4-bool-3splits"),
+    pytest.param(dict(gs=2, rk=64, rv=32, S=500, H=6, dtype=torch.bfloat16), dict(gluon_rope_heads=2),
+                 id="gs2-bf16-2heads-share-latents"),
+    pytest.param(dict(gs=2, rk=64, rv=64, S=400, H=4, bits=4), dict(gluon_rope_heads=2, gluon_rope_tables=1),
+                 id="gs2-q4-2heads-share-latents"),
+    pytest.param(dict(gs=4, rk=128, rv=64, S=300, H=8, D=64, mask="add"), dict(num_splits=2), id="gs4-d64-fp16"),
 ]
 
 
@@ -250,7 +267,9 @@ def test_config_rejects_out_of_range_knobs(field, value):
 
 @pytest.mark.parametrize("bits,heads,rank,knobs,want", [
     (4, 32, 64, (0, -1), (2, 0)), (0, 32, 64, (0, -1), (2, 2)), (4, 32, 128, (0, -1), (1, 1)),
-    (4, 3, 64, (0, -1), (1, 1)), (0, 8, 64, (1, -1), (1, 1)), (4, 8, 32, (5, 7), (2, 0)), (0, 8, 64, (1, 0), (1, 0))])
+    (4, 3, 64, (0, -1), (1, 1)), (0, 8, 64, (1, -1), (1, 1)), (4, 8, 32, (5, 7), (2, 0)), (0, 8, 64, (1, 0), (1, 0)),
+    (0, 32, 128, (0, -1), (1, 2)), (0, 32, 64, (0, -1, 2), (2, 2)), (4, 32, 64, (2, -1, 3), (1, 1)),
+    (0, 12, 32, (0, -1, 4), (2, 2))])
 def test_default_knobs(bits, heads, rank, knobs, want):
     assert gluon_rope.default_knobs(bits, heads, rank, *knobs) == want
 

@@ -41,7 +41,7 @@ def run_rope(q, lk, kl, vl, cos, sin, mask_kind, mask, mstr, scale, cfg, out):
     RV = out.shape[-1]
     Skv = kl.data.shape[1]
     hpp, tables = gluon_rope.default_knobs(kl.bits, Hq, max(lk.shape[-1], RV), cfg.gluon_rope_heads,
-                                           cfg.gluon_rope_tables)
+                                           cfg.gluon_rope_tables, Hq // lk.shape[0])
     knobs = (hpp, cfg.gluon_rope_stages, tables, cfg.gluon_rope_regs)
 
     def launch(nsplit, chunk, part, lse, probe=False):

@@ -235,16 +235,16 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _copy_tile(kbuf, vbuf, slot0, cbuf, sbuf, k_ptr, v_ptr, cos_ptr, sin_ptr, k_off, v_off, c_off, s_off,
-                   sk_s, sv_s, sc_s, ss_s, start, hi, HPP: gl.constexpr, KW: gl.constexpr, VW: gl.constexpr,
+                   sk_s, sv_s, sc_s, ss_s, start, hi, LAT: gl.constexpr, KW: gl.constexpr, VW: gl.constexpr,
                    HALF: gl.constexpr, LCK: gl.constexpr, LCV: gl.constexpr, LCC: gl.constexpr,
                    TABLES: gl.constexpr):
-        """Start the copies of a tile's latents (each head's row segment) and cos/sin rows; rows
+        """Start the copies of a tile's latents (each latent group's row segment) and cos/sin rows; rows
         past ``hi`` are clamped to the last token (real memory, masked out of the scores)."""
         tk = gl.minimum(start + gl.arange(0, 64, layout=gl.SliceLayout(1, LCK)), hi - 1).to(gl.int64)
         ck = gl.expand_dims(gl.arange(0, KW, layout=gl.SliceLayout(0, LCK)), 0)
         tv = gl.minimum(start + gl.arange(0, 64, layout=gl.SliceLayout(1, LCV)), hi - 1).to(gl.int64)
         cv = gl.expand_dims(gl.arange(0, VW, layout=gl.SliceLayout(0, LCV)), 0)
-        for j in gl.static_range(HPP):
+        for j in gl.static_range(LAT):
             _async_load(kbuf.index(slot0 + j), k_ptr + k_off + j * KW + gl.expand_dims(tk, 1) * sk_s + ck)
             _async_load(vbuf.index(slot0 + j), v_ptr + v_off + j * VW + gl.expand_dims(tv, 1) * sv_s + cv)
         if TABLES > 0:
@@ -264,8 +264,8 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _vectors(ks_ptr, kz_ptr, vs_ptr, vz_ptr, q_off, sq_s, mask_ptr, m_off, sm_k, tok, hi,
-                 HPP: gl.constexpr, HV_L: gl.constexpr, BITS: gl.constexpr, MASK_KIND: gl.constexpr):
-        """A tile's per-token scales and zeros [64, HPP] (column = head; 4-bit) and its mask row
+                 LAT: gl.constexpr, HV_L: gl.constexpr, BITS: gl.constexpr, MASK_KIND: gl.constexpr):
+        """A tile's per-token scales and zeros [64, LAT] (column = latent group; 4-bit) and its mask row
         [64], fp32."""
         ok = tok < hi
         mr = tok.to(gl.float32) * 0.0
@@ -273,17 +273,17 @@ if HAVE_GLUON:
             mr = (gl.load(mask_ptr + m_off + tok * sm_k, mask=ok, other=0) != 0).to(gl.float32)
         elif MASK_KIND == 4:  # additive
             mr = gl.load(mask_ptr + m_off + tok * sm_k, mask=ok, other=0.0).to(gl.float32)
-        hh = gl.arange(0, HPP, layout=gl.SliceLayout(0, HV_L))
+        hh = gl.arange(0, LAT, layout=gl.SliceLayout(0, HV_L))
         tk = gl.convert_layout(tok, gl.SliceLayout(1, HV_L))
         off = q_off + gl.expand_dims(tk, 1) * sq_s + gl.expand_dims(hh, 0)
-        ok2 = gl.expand_dims(tk < hi, 1) & gl.expand_dims(hh < HPP, 0)
+        ok2 = gl.expand_dims(tk < hi, 1) & gl.expand_dims(hh < LAT, 0)
         if BITS == 4:
             sk = gl.load(ks_ptr + off, mask=ok2, other=0.0).to(gl.float32)
             zk = gl.load(kz_ptr + off, mask=ok2, other=0.0).to(gl.float32)
             sv = gl.load(vs_ptr + off, mask=ok2, other=0.0).to(gl.float32)
             zv = gl.load(vz_ptr + off, mask=ok2, other=0.0).to(gl.float32)
         else:
-            sk = gl.zeros([64, HPP], gl.float32, HV_L)
+            sk = gl.zeros([64, LAT], gl.float32, HV_L)
             zk, sv, zv = sk, sk, sk
         return sk, zk, sv, zv, mr
 
@@ -294,16 +294,16 @@ if HAVE_GLUON:
         return gl.convert_layout(gl.sum(gl.where(gl.expand_dims(hh == j, 0), t, 0.0), axis=1), ROW)
 
     @gluon.jit
-    def _head_step(kbuf, vbuf, wab, csn, sk, zk, sv, zv, j: gl.constexpr, keep, madd, qscale, m_i, l_i, o_i, z_i,
-                   RK: gl.constexpr, RV: gl.constexpr, BITS: gl.constexpr, HPP: gl.constexpr,
+    def _head_step(kbuf, vbuf, wab, csn, sk, zk, sv, zv, j: gl.constexpr, jl: gl.constexpr, keep, madd, qscale,
+                   m_i, l_i, o_i, z_i, RK: gl.constexpr, RV: gl.constexpr, BITS: gl.constexpr, LAT: gl.constexpr,
                    RUN_K: gl.constexpr, RUN_V: gl.constexpr, ACC: gl.constexpr, A_OP: gl.constexpr,
                    V_L: gl.constexpr, BF16: gl.constexpr, DT: gl.constexpr):
-        """One head over one tile: scores from one ``wgmma``, the online softmax of each thread's
+        """Head ``j`` (latent group ``jl`` of the program's) over one tile: scores from one ``wgmma``, the online softmax of each thread's
         two rows, values accumulated in fp32 (4-bit: the codes' weighted sums ``o``, the zeros'
         ``z``)."""
         ROW: gl.constexpr = gl.SliceLayout(1, ACC)
-        a = _latent_rows(kbuf, _head_column(sk, j, HPP, gl.SliceLayout(1, RUN_K)),
-                         _head_column(zk, j, HPP, gl.SliceLayout(1, RUN_K)), RK, BITS, RUN_K, BF16, DT)
+        a = _latent_rows(kbuf, _head_column(sk, jl, LAT, gl.SliceLayout(1, RUN_K)),
+                         _head_column(zk, jl, LAT, gl.SliceLayout(1, RUN_K)), RK, BITS, RUN_K, BF16, DT)
         acc = warpgroup_mma(gl.convert_layout(a, A_OP), wab.index(j), gl.zeros([64, csn.shape[1]], gl.float32, ACC),
                             use_acc=False)
         s = gl.sum(acc * csn.to(gl.float32), axis=1)
@@ -316,8 +316,8 @@ if HAVE_GLUON:
         l_i = l_i * alpha + gl.sum(p, axis=1)
         a_o = gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(2, o_i.type.layout)), 2)
         if BITS == 4:  # sum_t p_t (s_t c_t + z_t) = sum_t (p_t s_t) c_t + sum_t p_t z_t
-            s3 = gl.convert_layout(gl.reshape(_head_column(sv, j, HPP, ROW), [4, 2, 8]), p.type.layout)
-            z3 = gl.convert_layout(gl.reshape(_head_column(zv, j, HPP, ROW), [4, 2, 8]), p.type.layout)
+            s3 = gl.convert_layout(gl.reshape(_head_column(sv, jl, LAT, ROW), [4, 2, 8]), p.type.layout)
+            z3 = gl.convert_layout(gl.reshape(_head_column(zv, jl, LAT, ROW), [4, 2, 8]), p.type.layout)
             z_i = z_i * alpha + gl.sum(p * z3, axis=1)
             o_i = o_i * a_o + gl.convert_layout(_value_sums(vbuf.load(RUN_V), p * s3, RV), o_i.type.layout)
         else:
@@ -379,14 +379,17 @@ if HAVE_GLUON:
         sq_b, sq_h, sq_d, slk_g, slk_d, slk_r, sk_b, sk_s, sv_b, sv_s, ss_b, ss_s,
         sc_b, sc_s, ssn_b, ssn_s, sm_b, sm_k, so_b, so_h,
         Hq, Skv, chunk, NSPLIT, scale,
-        RK: gl.constexpr, RV: gl.constexpr, HALF: gl.constexpr, HPP: gl.constexpr, BITS: gl.constexpr,
-        STAGES: gl.constexpr, MASK_KIND: gl.constexpr, DIRECT: gl.constexpr, BF16: gl.constexpr,
+        RK: gl.constexpr, RV: gl.constexpr, HALF: gl.constexpr, HPP: gl.constexpr, GS: gl.constexpr,
+        BITS: gl.constexpr, STAGES: gl.constexpr, MASK_KIND: gl.constexpr, DIRECT: gl.constexpr, BF16: gl.constexpr,
         RUN_K: gl.constexpr, RUN_V: gl.constexpr, CS_L: gl.constexpr, LCK: gl.constexpr, LCV: gl.constexpr,
         LCC: gl.constexpr, SWK: gl.constexpr, SWV: gl.constexpr, SWC: gl.constexpr, HV_L: gl.constexpr,
         TABLES: gl.constexpr = 1,
     ):
         # k_ptr / v_ptr: plain latents (element strides) or the codes as int32 words (word
-        # strides); ss_*: scales and zeros [B, S, heads] (shared strides, checked by the host)
+        # strides); ss_*: scales and zeros [B, S, groups] (shared strides, checked by the host).
+        # GS query heads per latent group (each its own slice of the group's L_k); a program's HPP
+        # heads are in one group (GS > 1: they share its LAT = 1 latent tile) or each its own (GS 1)
+        LAT: gl.constexpr = HPP if GS == 1 else 1
         N: gl.constexpr = 2 * HALF
         DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
         ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, N, 16])
@@ -404,6 +407,7 @@ if HAVE_GLUON:
         nblk = Hq // HPP
         b = (pid_x // nblk).to(gl.int64)
         h0 = (pid_x % nblk) * HPP
+        g0 = h0 // GS
         lo = pid_s * chunk
         hi = gl.minimum(lo + chunk, Skv)
 
@@ -418,7 +422,7 @@ if HAVE_GLUON:
         f = (HALF // 4) * ((nn // 2) % 4) + 2 * (nn // 8) + nn % 2
         for j in gl.static_range(HPP):
             h = h0 + j
-            lrow = lk_ptr + h * slk_g + gl.expand_dims(mch * slk_r, 1)
+            lrow = lk_ptr + (h // GS) * slk_g + (h % GS) * (2 * HALF) * slk_d + gl.expand_dims(mch * slk_r, 1)
             l_lo = gl.load(lrow + gl.expand_dims(f * slk_d, 0)).to(gl.float32)
             l_hi = gl.load(lrow + gl.expand_dims((f + HALF) * slk_d, 0)).to(gl.float32)
             qrow = q_ptr + b * sq_b + h * sq_h
@@ -429,9 +433,9 @@ if HAVE_GLUON:
         fence_async_shared()
         _barrier()
 
-        # stage i, head j at index i HPP + j
-        kbuf = gl.allocate_shared_memory(KT, [STAGES * HPP, 64, KW], SWK)
-        vbuf = gl.allocate_shared_memory(KT, [STAGES * HPP, 64, VW], SWV)
+        # stage i, latent tile j at index i LAT + j
+        kbuf = gl.allocate_shared_memory(KT, [STAGES * LAT, 64, KW], SWK)
+        vbuf = gl.allocate_shared_memory(KT, [STAGES * LAT, 64, VW], SWV)
         # cos/sin rows (TABLES): 1, copied with the latents into each stage; 2, copied into one
         # buffer, read into registers before the next tile's copy starts (less shared memory: two
         # programs of two heads fit an SM); 0, loaded from global memory a tile ahead into registers
@@ -439,23 +443,23 @@ if HAVE_GLUON:
         TW: gl.constexpr = HALF if TABLES > 0 else 8
         cbuf = gl.allocate_shared_memory(cos_ptr.dtype.element_ty, [TS, 64, TW], SWC)
         sbuf = gl.allocate_shared_memory(cos_ptr.dtype.element_ty, [TS, 64, TW], SWC)
-        k_off = b * sk_b + h0 * KW
-        v_off = b * sv_b + h0 * VW
+        k_off = b * sk_b + g0 * KW
+        v_off = b * sv_b + g0 * VW
         c_off = b * sc_b
         s_off = b * ssn_b
         n_tiles = gl.cdiv(hi - lo, 64)
         AHEAD: gl.constexpr = 1 if TABLES == 2 else STAGES - 1  # tiles in flight
         for i in gl.static_range(AHEAD):
-            _copy_tile(kbuf, vbuf, i * HPP, cbuf.index(i % TS), sbuf.index(i % TS), k_ptr, v_ptr, cos_ptr, sin_ptr,
-                       k_off, v_off, c_off, s_off, sk_s, sv_s, sc_s, ssn_s, lo + i * 64, hi, HPP, KW, VW, HALF,
+            _copy_tile(kbuf, vbuf, i * LAT, cbuf.index(i % TS), sbuf.index(i % TS), k_ptr, v_ptr, cos_ptr, sin_ptr,
+                       k_off, v_off, c_off, s_off, sk_s, sv_s, sc_s, ssn_s, lo + i * 64, hi, LAT, KW, VW, HALF,
                        LCK, LCV, LCC, TABLES)
             cp.commit_group()
 
-        q_off = b * ss_b + h0
+        q_off = b * ss_b + g0
         m_off = b * sm_b
         tok_n = lo + gl.arange(0, 64, layout=ROW)
         sk_n, zk_n, sv_n, zv_n, mr_n = _vectors(ks_ptr, kz_ptr, vs_ptr, vz_ptr, q_off, ss_s, mask_ptr, m_off, sm_k,
-                                                tok_n, hi, HPP, HV_L, BITS, MASK_KIND)
+                                                tok_n, hi, LAT, HV_L, BITS, MASK_KIND)
         cs_n, sn_n = _table_rows(cos_ptr, sin_ptr, c_off, s_off, sc_s, ssn_s, tok_n, hi, HALF, CS_L)
         m0, l0, o0, z0 = _softmax_init(RV, ROW, V_L)
         m1, l1, o1, z1 = m0, l0, o0, z0
@@ -465,7 +469,7 @@ if HAVE_GLUON:
             sk, zk, sv, zv, mr = sk_n, zk_n, sv_n, zv_n, mr_n
             tok_n = tok + 64
             sk_n, zk_n, sv_n, zv_n, mr_n = _vectors(ks_ptr, kz_ptr, vs_ptr, vz_ptr, q_off, ss_s, mask_ptr, m_off,
-                                                    sm_k, tok_n, hi, HPP, HV_L, BITS, MASK_KIND)
+                                                    sm_k, tok_n, hi, LAT, HV_L, BITS, MASK_KIND)
             stage = it % STAGES
             nxt = (it + AHEAD) % STAGES
             if TABLES == 2:
@@ -474,15 +478,15 @@ if HAVE_GLUON:
                 _barrier()
                 csn = _pair_tables(cbuf.index(0).load(CS_L), sbuf.index(0).load(CS_L), HALF, ACC)
                 _barrier()  # the tables are read: the next copy may overwrite them
-                _copy_tile(kbuf, vbuf, nxt * HPP, cbuf.index(0), sbuf.index(0), k_ptr, v_ptr, cos_ptr, sin_ptr, k_off,
-                           v_off, c_off, s_off, sk_s, sv_s, sc_s, ssn_s, lo + (it + 1) * 64, hi, HPP, KW, VW, HALF,
+                _copy_tile(kbuf, vbuf, nxt * LAT, cbuf.index(0), sbuf.index(0), k_ptr, v_ptr, cos_ptr, sin_ptr, k_off,
+                           v_off, c_off, s_off, sk_s, sv_s, sc_s, ssn_s, lo + (it + 1) * 64, hi, LAT, KW, VW, HALF,
                            LCK, LCV, LCC, TABLES)
                 cp.commit_group()
             else:
                 _barrier()  # the stage the next copy overwrites was read in the last iteration
-                _copy_tile(kbuf, vbuf, nxt * HPP, cbuf.index(nxt % TS), sbuf.index(nxt % TS), k_ptr, v_ptr, cos_ptr,
+                _copy_tile(kbuf, vbuf, nxt * LAT, cbuf.index(nxt % TS), sbuf.index(nxt % TS), k_ptr, v_ptr, cos_ptr,
                            sin_ptr, k_off, v_off, c_off, s_off, sk_s, sv_s, sc_s, ssn_s, lo + (it + AHEAD) * 64, hi,
-                           HPP, KW, VW, HALF, LCK, LCV, LCC, TABLES)
+                           LAT, KW, VW, HALF, LCK, LCV, LCC, TABLES)
                 cp.commit_group()
                 cp.wait_group(AHEAD)
                 _barrier()  # other threads' copies are visible
@@ -497,13 +501,13 @@ if HAVE_GLUON:
                 keep = keep & (mr != 0.0)
             if MASK_KIND == 4:
                 madd = mr * 1.4426950408889634
-            m0, l0, o0, z0 = _head_step(kbuf.index(stage * HPP), vbuf.index(stage * HPP), wab, csn, sk, zk, sv, zv,
-                                        0, keep, madd, qscale, m0, l0, o0, z0, RK, RV, BITS, HPP, RUN_K, RUN_V, ACC,
-                                        A_OP, V_L, BF16, DT)
+            m0, l0, o0, z0 = _head_step(kbuf.index(stage * LAT), vbuf.index(stage * LAT), wab, csn, sk, zk, sv, zv,
+                                        0, 0, keep, madd, qscale, m0, l0, o0, z0, RK, RV, BITS, LAT, RUN_K, RUN_V,
+                                        ACC, A_OP, V_L, BF16, DT)
             if HPP > 1:
-                m1, l1, o1, z1 = _head_step(kbuf.index(stage * HPP + 1), vbuf.index(stage * HPP + 1), wab, csn, sk,
-                                            zk, sv, zv, 1, keep, madd, qscale, m1, l1, o1, z1, RK, RV, BITS, HPP,
-                                            RUN_K, RUN_V, ACC, A_OP, V_L, BF16, DT)
+                m1, l1, o1, z1 = _head_step(kbuf.index(stage * LAT + LAT - 1), vbuf.index(stage * LAT + LAT - 1), wab,
+                                            csn, sk, zk, sv, zv, 1, LAT - 1, keep, madd, qscale, m1, l1, o1, z1, RK,
+                                            RV, BITS, LAT, RUN_K, RUN_V, ACC, A_OP, V_L, BF16, DT)
         cp.wait_group(0)
 
         slot = pid_x * NSPLIT + pid_s
@@ -520,8 +524,10 @@ def applies(q, kl, vl, lk, k_bias, k_norm_weight, cos, sin, rope_style, softcap,
     B, Hq, Sq, D = q.shape
     if not (HAVE_GLUON and not interpret and lk is not None and rope_style == 1 and k_bias is None
             and k_norm_weight is None and softcap == 0 and not is_causal and mask_kind in (0, 3, 4)
-            and Sq == 1 and groups == Hq and q.dtype in (torch.float16, torch.bfloat16)
-            and D in (64, 128) and tuple(lk.shape[1:2]) == (D, ) and cos.shape[-1] == D and sin.shape[-1] == D):
+            and Sq == 1 and Hq % groups == 0 and q.dtype in (torch.float16, torch.bfloat16)
+            and D in (64, 128) and cos.shape[-1] == D and sin.shape[-1] == D):
+        return False
+    if tuple(lk.shape[:2]) != (groups, Hq // groups * D):  # multi-head attention: one KV head per query head
         return False
     rk, rv = lk.shape[-1], vl.channels // groups
     if rk not in (32, 64, 128) or rv not in (32, 64, 128) or kl.channels != groups * rk:
@@ -542,19 +548,25 @@ def applies(q, kl, vl, lk, k_bias, k_norm_weight, cos, sin, rope_style, softcap,
                     for x in (kl, vl)))
 
 
-def default_knobs(bits: int, heads: int, rank: int, heads_per_program: int = 0, tables: int = -1) -> tuple[int, int]:
+def default_knobs(bits: int, heads: int, rank: int, heads_per_program: int = 0, tables: int = -1,
+                  group_size: int = 1) -> tuple[int, int]:
     """(heads per program, cos/sin mode) where the caller leaves them at 0 / -1. Two heads per
     program, so that each tile's cos/sin rows serve both (H200, B=8 x 32k, RESULTS.md: fp16
     0.50 ms against 0.60-0.64 with one head, where the rows' reads from L2 matched the latents';
     4-bit 0.54 against 0.69); their rows loaded a tile ahead into registers for 4-bit latents,
     copied into one buffer for plain ones (whose copy stages fill the shared memory). One head
-    where the head count is odd or ``rank`` (the larger of the key and value ranks) is over 64
-    (two heads would spill registers), its rows copied with each stage."""
+    where the head count (or ``group_size``, the query heads per latent group, over 1) is odd or
+    ``rank`` (the larger of the key and value ranks) is over 64 (two heads would spill
+    registers), its rows copied with each stage (one buffer for plain latents over rank 64: each
+    stage is 32 KB at rank 128, and a program with a copy per stage takes 128 KB, one per SM)."""
     hpp = heads_per_program if heads_per_program in (1, 2) else (2 if rank <= 64 else 1)
-    if heads % hpp:
+    if heads % hpp or group_size % hpp and group_size > 1:  # a program's heads: one group's, or one each
         hpp = 1
     if tables not in (0, 1, 2):
-        tables = (0 if bits == 4 else 2) if hpp == 2 else 1
+        if bits == 4:
+            tables = 0 if hpp == 2 else 1
+        else:  # over rank 64, the stages of plain latents leave room for two programs only so
+            tables = 2 if hpp == 2 or rank > 64 else 1
     return hpp, tables
 
 
@@ -566,7 +578,8 @@ def launch(q, lk, kl, vl, cos, sin, mask_kind, mask, sm_b, sm_k, scale, out, nsp
     B, Hq, _, D = q.shape
     half = D // 2
     rk = lk.shape[-1]
-    rv = vl.channels // Hq
+    groups = lk.shape[0]
+    rv = vl.channels // groups
     hpp = heads_per_program
     bits = 4 if kl.bits == 4 else 16
     if bits == 4:
@@ -586,12 +599,12 @@ def launch(q, lk, kl, vl, cos, sin, mask_kind, mask, sm_b, sm_k, scale, out, nsp
             kd.stride(0), kd.stride(1), vd.stride(0), vd.stride(1), *ss,
             cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1), sm_b, sm_k, out.stride(0), out.stride(1),
             Hq, kd.shape[1], chunk, nsplit, float(scale))
-    consts = dict(RK=rk, RV=rv, HALF=half, HPP=hpp, BITS=bits, STAGES=2 if tables == 2 else stages,
+    consts = dict(RK=rk, RV=rv, HALF=half, HPP=hpp, GS=Hq // groups, BITS=bits, STAGES=2 if tables == 2 else stages,
                   MASK_KIND=mask_kind, DIRECT=nsplit == 1, BF16=q.dtype == torch.bfloat16,
                   RUN_K=thread_run_layout(kw), RUN_V=thread_run_layout(vw), CS_L=thread_run_layout(half),
                   LCK=copy_layout(kw, eb), LCV=copy_layout(vw, eb), LCC=copy_layout(half, tb),
                   SWK=_swizzle(kw, eb), SWV=_swizzle(vw, eb), SWC=_swizzle(half, tb),
-                  HV_L=head_columns_layout(hpp), TABLES=tables, num_warps=4)
+                  HV_L=head_columns_layout(hpp if groups == Hq else 1), TABLES=tables, num_warps=4)
     if max_regs:  # ptxas's register cap: more programs per SM
         consts["maxnreg"] = max_regs
     if probe:

@@ -39,6 +39,7 @@
 #   bash benchmarks/gpu_session.sh 38  # after review: Gluon RoPE tests, the MHA smoke in a model, the kernels' GPU tests, A/B
 #   bash benchmarks/gpu_session.sh 39  # Gluon RoPE, 4-bit values summed as fp16 pairs: tests, A/B
 #   bash benchmarks/gpu_session.sh 40  # Gluon RoPE at gs2 (two heads per latent group): tests, A/B of its knobs, the gs2 rows
+#   bash benchmarks/gpu_session.sh 41  # Gluon RoPE at gs2, two heads on one latent tile: tests, A/B (gs2 and gs1), the gs2 rows
 set -u
 export PYTHONPATH=.
 OUT=${OUT:-/tmp/palu_gpu}
@@ -299,6 +300,15 @@ case "${1:-1}" in
 39)
     step rope_tests 100 python -m pytest -q tests/kernels/test_gluon_rope.py
     step rope_ab 90 python -u benchmarks/kernel_ab.py --cases rope4 --rounds 3 --variant rope4:triton=gluon=false
+    ;;
+41)
+    step rope_tests 150 python -m pytest -q tests/kernels/test_gluon_rope.py
+    step rope_ab_gs2 200 python -u benchmarks/kernel_ab.py --gs 2 --cases rope rope4 --rounds 3 \
+        --variant rope:h1t2=gluon_rope_heads=1,gluon_rope_tables=2 --variant rope:h2t1=gluon_rope_tables=1 \
+        --variant rope4:h1t1=gluon_rope_heads=1,gluon_rope_tables=1 --variant rope4:h2t1=gluon_rope_tables=1
+    step rope_ab_gs1 80 python -u benchmarks/kernel_ab.py --cases rope rope4 --rounds 3
+    step table_gs2 150 python -u benchmarks/attention.py --no-sweep --defaults-only --no-prefill --no-naive \
+        --quant-bits 4 --shapes llama2 --batch 1 8 32 --ctx 32k 128k --gs 2 --budget-s 130
     ;;
 40)
     step rope_tests 150 python -m pytest -q tests/kernels/test_gluon_rope.py

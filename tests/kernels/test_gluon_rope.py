@@ -187,7 +187,9 @@ def test_compiles_for_sm90_without_spills(bits, rank, gs):
     probe = gluon_rope.launch(q, lk, kl, vl, cos.expand(2, 512, 128), sin.expand(2, 512, 128), 4, m, m.stride(0),
                               m.stride(3), 0.125, out, 2, 256, part, part, hpp, 2, tables, probe=True)
     res = resources(compile_sm90(probe[0], probe[2], probe[3]))
-    assert res["stack"] == 0 and res["regs"] <= 255, (res["stack"], res["regs"])
+    # gs > 1: two heads on one latent tile spill a few 16-bit values (32-64 bytes, ~20 local
+    # accesses per 64-token tile, from L1) and are still faster than one head per program (RESULTS.md)
+    assert res["stack"] <= (64 if gs > 1 else 0) and res["regs"] <= 255, (res["stack"], res["regs"])
     assert wrapper.programs_by_registers(res["regs"], 4) >= 2 and 2 * (res["shared"] + 1024) <= 233472, res
 
 
@@ -268,8 +270,8 @@ def test_config_rejects_out_of_range_knobs(field, value):
 @pytest.mark.parametrize("bits,heads,rank,knobs,want", [
     (4, 32, 64, (0, -1), (2, 0)), (0, 32, 64, (0, -1), (2, 2)), (4, 32, 128, (0, -1), (1, 1)),
     (4, 3, 64, (0, -1), (1, 1)), (0, 8, 64, (1, -1), (1, 1)), (4, 8, 32, (5, 7), (2, 0)), (0, 8, 64, (1, 0), (1, 0)),
-    (0, 32, 128, (0, -1), (1, 2)), (0, 32, 64, (0, -1, 2), (2, 2)), (4, 32, 64, (2, -1, 3), (1, 1)),
-    (0, 12, 32, (0, -1, 4), (2, 2))])
+    (0, 32, 128, (0, -1), (1, 2)), (0, 32, 128, (0, -1, 2), (2, 0)), (4, 32, 128, (0, -1, 2), (2, 0)),
+    (4, 32, 64, (2, -1, 3), (1, 1)), (0, 24, 64, (1, -1, 3), (1, 2)), (0, 12, 32, (0, 1, 4), (2, 1))])
 def test_default_knobs(bits, heads, rank, knobs, want):
     assert gluon_rope.default_knobs(bits, heads, rank, *knobs) == want
 

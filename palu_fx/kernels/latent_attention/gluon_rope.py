@@ -237,7 +237,7 @@ if HAVE_GLUON:
     def _copy_tile(kbuf, vbuf, slot0, cbuf, sbuf, k_ptr, v_ptr, cos_ptr, sin_ptr, k_off, v_off, c_off, s_off,
                    sk_s, sv_s, sc_s, ss_s, start, hi, LAT: gl.constexpr, KW: gl.constexpr, VW: gl.constexpr,
                    HALF: gl.constexpr, LCK: gl.constexpr, LCV: gl.constexpr, LCC: gl.constexpr,
-                   TABLES: gl.constexpr):
+                   TABLES: gl.constexpr, VALUES: gl.constexpr):
         """Start the copies of a tile's latents (each latent group's row segment) and cos/sin rows; rows
         past ``hi`` are clamped to the last token (real memory, masked out of the scores)."""
         tk = gl.minimum(start + gl.arange(0, 64, layout=gl.SliceLayout(1, LCK)), hi - 1).to(gl.int64)
@@ -246,7 +246,8 @@ if HAVE_GLUON:
         cv = gl.expand_dims(gl.arange(0, VW, layout=gl.SliceLayout(0, LCV)), 0)
         for j in gl.static_range(LAT):
             _async_load(kbuf.index(slot0 + j), k_ptr + k_off + j * KW + gl.expand_dims(tk, 1) * sk_s + ck)
-            _async_load(vbuf.index(slot0 + j), v_ptr + v_off + j * VW + gl.expand_dims(tv, 1) * sv_s + cv)
+            if VALUES:
+                _async_load(vbuf.index(slot0 + j), v_ptr + v_off + j * VW + gl.expand_dims(tv, 1) * sv_s + cv)
         if TABLES > 0:
             tc = gl.minimum(start + gl.arange(0, 64, layout=gl.SliceLayout(1, LCC)), hi - 1).to(gl.int64)
             cc = gl.expand_dims(gl.arange(0, HALF, layout=gl.SliceLayout(0, LCC)), 0)
@@ -294,38 +295,76 @@ if HAVE_GLUON:
         return gl.convert_layout(gl.sum(gl.where(gl.expand_dims(hh == j, 0), t, 0.0), axis=1), ROW)
 
     @gluon.jit
-    def _head_step(kbuf, vbuf, wab, csn, sk, zk, sv, zv, j: gl.constexpr, jl: gl.constexpr, keep, madd, qscale,
-                   m_i, l_i, o_i, z_i, RK: gl.constexpr, RV: gl.constexpr, BITS: gl.constexpr, LAT: gl.constexpr,
-                   RUN_K: gl.constexpr, RUN_V: gl.constexpr, ACC: gl.constexpr, A_OP: gl.constexpr,
-                   V_L: gl.constexpr, BF16: gl.constexpr, DT: gl.constexpr):
-        """Head ``j`` (latent group ``jl`` of the program's) over one tile: scores from one ``wgmma``, the online softmax of each thread's
-        two rows, values accumulated in fp32 (4-bit: the codes' weighted sums ``o``, the zeros'
-        ``z``)."""
-        ROW: gl.constexpr = gl.SliceLayout(1, ACC)
-        a = _latent_rows(kbuf, _head_column(sk, jl, LAT, gl.SliceLayout(1, RUN_K)),
-                         _head_column(zk, jl, LAT, gl.SliceLayout(1, RUN_K)), RK, BITS, RUN_K, BF16, DT)
-        acc = warpgroup_mma(gl.convert_layout(a, A_OP), wab.index(j), gl.zeros([64, csn.shape[1]], gl.float32, ACC),
-                            use_acc=False)
-        s = gl.sum(acc * csn.to(gl.float32), axis=1)
-        # rows 16 w + 8 r + g as (w, r, g): a thread's two rows (r) share one softmax lane
+    def _scores(a, w, csn, ACC: gl.constexpr):
+        """A tile's scores [64] of one head: its ``[Wa | Wb]`` product (one ``wgmma``, ``a`` the key
+        operand), weighted by the tile's cos/sin and summed per row."""
+        acc = warpgroup_mma(a, w, gl.zeros([64, csn.shape[1]], gl.float32, ACC), use_acc=False)
+        x = acc * csn.to(gl.float32)
+        return gl.sum(x, axis=1)
+
+    @gluon.jit
+    def _softmax_step(s, keep, madd, qscale, m_i, l_i):
+        """Online softmax of a tile's scores: (weights p [4, 2, 8], rescale alpha, max, sum). Rows
+        16 w + 8 r + g as (w, r, g): a thread's two rows (r) share one softmax lane."""
         t = gl.reshape(gl.where(keep, s * qscale + madd, float("-inf")), [4, 2, 8])
         m_new = gl.maximum(m_i, gl.max(t, axis=1))
         m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
         p = gl.exp2(t - gl.expand_dims(m_use, 1))
         alpha = gl.exp2(m_i - m_use)
-        l_i = l_i * alpha + gl.sum(p, axis=1)
+        return p, alpha, m_new, l_i * alpha + gl.sum(p, axis=1)
+
+    @gluon.jit
+    def _value_tile(vbuf, RV: gl.constexpr, BITS: gl.constexpr, RUN_V: gl.constexpr, V_L: gl.constexpr,
+                    BF16: gl.constexpr, DT: gl.constexpr):
+        """A tile's values from their stage: 4-bit code words [64, RV/8], or plain [4, 2, 8, RV] fp32."""
+        if BITS == 4:
+            v = vbuf.load(RUN_V)
+        else:
+            v = _latent_rows(vbuf, 0.0, 0.0, RV, BITS, RUN_V, BF16, DT)
+            v = gl.reshape(gl.convert_layout(v, V_L).to(gl.float32), [4, 2, 8, RV])
+        return v
+
+    @gluon.jit
+    def _value_step(v, p, alpha, o_i, z_i, sv, zv, jl: gl.constexpr, LAT: gl.constexpr, RV: gl.constexpr,
+                    BITS: gl.constexpr, ROW: gl.constexpr):
+        """Values accumulated in fp32 (4-bit: the codes' weighted sums ``o``, the zeros' ``z``)."""
         a_o = gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(2, o_i.type.layout)), 2)
         if BITS == 4:  # sum_t p_t (s_t c_t + z_t) = sum_t (p_t s_t) c_t + sum_t p_t z_t
             s3 = gl.convert_layout(gl.reshape(_head_column(sv, jl, LAT, ROW), [4, 2, 8]), p.type.layout)
             z3 = gl.convert_layout(gl.reshape(_head_column(zv, jl, LAT, ROW), [4, 2, 8]), p.type.layout)
             z_i = z_i * alpha + gl.sum(p * z3, axis=1)
-            o_i = o_i * a_o + gl.convert_layout(_value_sums(vbuf.load(RUN_V), p * s3, RV), o_i.type.layout)
+            o_i = o_i * a_o + gl.convert_layout(_value_sums(v, p * s3, RV), o_i.type.layout)
         else:
-            v = _latent_rows(vbuf, sv, zv, RV, BITS, RUN_V, BF16, DT)
-            v = gl.reshape(gl.convert_layout(v, V_L).to(gl.float32), [4, 2, 8, RV])
             pv = gl.expand_dims(gl.convert_layout(p, gl.SliceLayout(3, v.type.layout)), 3)
             o_i = o_i * a_o + gl.sum(pv * v, axis=1)
-        return m_new, l_i, o_i, z_i
+        return o_i, z_i
+
+    @gluon.jit
+    def _key_operand(kbuf, sk, zk, jl: gl.constexpr, LAT: gl.constexpr, RK: gl.constexpr, BITS: gl.constexpr,
+                     RUN_K: gl.constexpr, A_OP: gl.constexpr, BF16: gl.constexpr, DT: gl.constexpr):
+        """Latent group ``jl``'s keys of a tile as the ``wgmma`` register operand."""
+        a = _latent_rows(kbuf, _head_column(sk, jl, LAT, gl.SliceLayout(1, RUN_K)),
+                         _head_column(zk, jl, LAT, gl.SliceLayout(1, RUN_K)), RK, BITS, RUN_K, BF16, DT)
+        return gl.convert_layout(a, A_OP)
+
+    @gluon.jit
+    def _head_step(kbuf, vbuf, wab, csn, sk, zk, sv, zv, j: gl.constexpr, jl: gl.constexpr, keep, madd, qscale,
+                   m_i, l_i, o_i, z_i, RK: gl.constexpr, RV: gl.constexpr, BITS: gl.constexpr, LAT: gl.constexpr,
+                   RUN_K: gl.constexpr, RUN_V: gl.constexpr, ACC: gl.constexpr, A_OP: gl.constexpr,
+                   V_L: gl.constexpr, BF16: gl.constexpr, DT: gl.constexpr):
+        """Head ``j`` (latent tile ``jl`` of the program's) over one tile."""
+        a = _key_operand(kbuf, sk, zk, jl, LAT, RK, BITS, RUN_K, A_OP, BF16, DT)
+        p, alpha, m_i, l_i = _softmax_step(_scores(a, wab.index(j), csn, ACC), keep, madd, qscale, m_i, l_i)
+        o_i, z_i = _value_step(_value_tile(vbuf, RV, BITS, RUN_V, V_L, BF16, DT), p, alpha, o_i, z_i, sv, zv, jl, LAT,
+                               RV, BITS, gl.SliceLayout(1, ACC))
+        return m_i, l_i, o_i, z_i
+
+    @gluon.jit
+    def _copy_values(vbuf, v_ptr, v_off, sv_s, start, hi, VW: gl.constexpr, LCV: gl.constexpr):
+        """Start the copy of a tile's values (one latent group) into ``vbuf``."""
+        tv = gl.minimum(start + gl.arange(0, 64, layout=gl.SliceLayout(1, LCV)), hi - 1).to(gl.int64)
+        cv = gl.expand_dims(gl.arange(0, VW, layout=gl.SliceLayout(0, LCV)), 0)
+        _async_load(vbuf, v_ptr + v_off + gl.expand_dims(tv, 1) * sv_s + cv)
 
     @gluon.jit
     def _value_sums(w, ps, RV: gl.constexpr):
@@ -383,13 +422,16 @@ if HAVE_GLUON:
         BITS: gl.constexpr, STAGES: gl.constexpr, MASK_KIND: gl.constexpr, DIRECT: gl.constexpr, BF16: gl.constexpr,
         RUN_K: gl.constexpr, RUN_V: gl.constexpr, CS_L: gl.constexpr, LCK: gl.constexpr, LCV: gl.constexpr,
         LCC: gl.constexpr, SWK: gl.constexpr, SWV: gl.constexpr, SWC: gl.constexpr, HV_L: gl.constexpr,
-        TABLES: gl.constexpr = 1,
+        TABLES: gl.constexpr = 1, VONE: gl.constexpr = False,
     ):
         # k_ptr / v_ptr: plain latents (element strides) or the codes as int32 words (word
         # strides); ss_*: scales and zeros [B, S, groups] (shared strides, checked by the host).
         # GS query heads per latent group (each its own slice of the group's L_k); a program's HPP
         # heads are in one group (GS > 1: they share its LAT = 1 latent tile) or each its own (GS 1)
         LAT: gl.constexpr = HPP if GS == 1 else 1
+        PAIR: gl.constexpr = LAT == 1 and HPP == 2
+        # VONE (two heads on one group's plain latents): the values are copied into one buffer after
+        # the last tile's are read, so that two programs fit an SM (each head's [Wa | Wb] is 32 KB)
         N: gl.constexpr = 2 * HALF
         DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
         ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, N, 16])
@@ -435,7 +477,7 @@ if HAVE_GLUON:
 
         # stage i, latent tile j at index i LAT + j
         kbuf = gl.allocate_shared_memory(KT, [STAGES * LAT, 64, KW], SWK)
-        vbuf = gl.allocate_shared_memory(KT, [STAGES * LAT, 64, VW], SWV)
+        vbuf = gl.allocate_shared_memory(KT, [1 if VONE else STAGES * LAT, 64, VW], SWV)
         # cos/sin rows (TABLES): 1, copied with the latents into each stage; 2, copied into one
         # buffer, read into registers before the next tile's copy starts (less shared memory: two
         # programs of two heads fit an SM); 0, loaded from global memory a tile ahead into registers
@@ -452,7 +494,10 @@ if HAVE_GLUON:
         for i in gl.static_range(AHEAD):
             _copy_tile(kbuf, vbuf, i * LAT, cbuf.index(i % TS), sbuf.index(i % TS), k_ptr, v_ptr, cos_ptr, sin_ptr,
                        k_off, v_off, c_off, s_off, sk_s, sv_s, sc_s, ssn_s, lo + i * 64, hi, LAT, KW, VW, HALF,
-                       LCK, LCV, LCC, TABLES)
+                       LCK, LCV, LCC, TABLES, not VONE)
+            cp.commit_group()
+        if VONE:
+            _copy_values(vbuf.index(0), v_ptr, v_off, sv_s, lo, hi, VW, LCV)
             cp.commit_group()
 
         q_off = b * ss_b + g0
@@ -480,31 +525,49 @@ if HAVE_GLUON:
                 _barrier()  # the tables are read: the next copy may overwrite them
                 _copy_tile(kbuf, vbuf, nxt * LAT, cbuf.index(0), sbuf.index(0), k_ptr, v_ptr, cos_ptr, sin_ptr, k_off,
                            v_off, c_off, s_off, sk_s, sv_s, sc_s, ssn_s, lo + (it + 1) * 64, hi, LAT, KW, VW, HALF,
-                           LCK, LCV, LCC, TABLES)
+                           LCK, LCV, LCC, TABLES, not VONE)
                 cp.commit_group()
             else:
                 _barrier()  # the stage the next copy overwrites was read in the last iteration
                 _copy_tile(kbuf, vbuf, nxt * LAT, cbuf.index(nxt % TS), sbuf.index(nxt % TS), k_ptr, v_ptr, cos_ptr,
                            sin_ptr, k_off, v_off, c_off, s_off, sk_s, sv_s, sc_s, ssn_s, lo + (it + AHEAD) * 64, hi,
-                           LAT, KW, VW, HALF, LCK, LCV, LCC, TABLES)
+                           LAT, KW, VW, HALF, LCK, LCV, LCC, TABLES, not VONE)
                 cp.commit_group()
-                cp.wait_group(AHEAD)
+                cp.wait_group(AHEAD + 1 if VONE else AHEAD)  # VONE: this tile's values may still land
                 _barrier()  # other threads' copies are visible
                 if TABLES == 1:
                     csn = _pair_tables(cbuf.index(stage).load(CS_L), sbuf.index(stage).load(CS_L), HALF, ACC)
                 else:
                     csn = _pair_tables(cs_n, sn_n, HALF, ACC)
-                    cs_n, sn_n = _table_rows(cos_ptr, sin_ptr, c_off, s_off, sc_s, ssn_s, tok_n, hi, HALF, CS_L)
+                    if not PAIR:  # (a pair's scores need these registers: it loads them after)
+                        cs_n, sn_n = _table_rows(cos_ptr, sin_ptr, c_off, s_off, sc_s, ssn_s, tok_n, hi, HALF, CS_L)
             keep = tok < hi
             madd = mr * 0.0
             if MASK_KIND == 3:
                 keep = keep & (mr != 0.0)
             if MASK_KIND == 4:
                 madd = mr * 1.4426950408889634
-            m0, l0, o0, z0 = _head_step(kbuf.index(stage * LAT), vbuf.index(stage * LAT), wab, csn, sk, zk, sv, zv,
-                                        0, 0, keep, madd, qscale, m0, l0, o0, z0, RK, RV, BITS, LAT, RUN_K, RUN_V,
-                                        ACC, A_OP, V_L, BF16, DT)
-            if HPP > 1:
+            if PAIR:  # two heads on one latent tile: its operand and values read once
+                a = _key_operand(kbuf.index(stage), sk, zk, 0, 1, RK, BITS, RUN_K, A_OP, BF16, DT)
+                p0, al0, m0, l0 = _softmax_step(_scores(a, wab.index(0), csn, ACC), keep, madd, qscale, m0, l0)
+                p1, al1, m1, l1 = _softmax_step(_scores(a, wab.index(1), csn, ACC), keep, madd, qscale, m1, l1)
+                if TABLES == 0:
+                    cs_n, sn_n = _table_rows(cos_ptr, sin_ptr, c_off, s_off, sc_s, ssn_s, tok_n, hi, HALF, CS_L)
+                if VONE:
+                    cp.wait_group(1)
+                    _barrier()  # this tile's values are visible
+                v = _value_tile(vbuf.index(0 if VONE else stage), RV, BITS, RUN_V, V_L, BF16, DT)
+                o0, z0 = _value_step(v, p0, al0, o0, z0, sv, zv, 0, 1, RV, BITS, ROW)
+                o1, z1 = _value_step(v, p1, al1, o1, z1, sv, zv, 0, 1, RV, BITS, ROW)
+                if VONE:
+                    _barrier()  # every thread has read them: the next tile's may overwrite them
+                    _copy_values(vbuf.index(0), v_ptr, v_off, sv_s, lo + (it + 1) * 64, hi, VW, LCV)
+                    cp.commit_group()
+            else:
+                m0, l0, o0, z0 = _head_step(kbuf.index(stage * LAT), vbuf.index(stage * LAT), wab, csn, sk, zk, sv,
+                                            zv, 0, 0, keep, madd, qscale, m0, l0, o0, z0, RK, RV, BITS, LAT, RUN_K,
+                                            RUN_V, ACC, A_OP, V_L, BF16, DT)
+            if HPP > 1 and LAT > 1:
                 m1, l1, o1, z1 = _head_step(kbuf.index(stage * LAT + LAT - 1), vbuf.index(stage * LAT + LAT - 1), wab,
                                             csn, sk, zk, sv, zv, 1, LAT - 1, keep, madd, qscale, m1, l1, o1, z1, RK,
                                             RV, BITS, LAT, RUN_K, RUN_V, ACC, A_OP, V_L, BF16, DT)
@@ -550,22 +613,33 @@ def applies(q, kl, vl, lk, k_bias, k_norm_weight, cos, sin, rope_style, softcap,
 
 def default_knobs(bits: int, heads: int, rank: int, heads_per_program: int = 0, tables: int = -1,
                   group_size: int = 1) -> tuple[int, int]:
-    """(heads per program, cos/sin mode) where the caller leaves them at 0 / -1. Two heads per
-    program, so that each tile's cos/sin rows serve both (H200, B=8 x 32k, RESULTS.md: fp16
-    0.50 ms against 0.60-0.64 with one head, where the rows' reads from L2 matched the latents';
-    4-bit 0.54 against 0.69); their rows loaded a tile ahead into registers for 4-bit latents,
-    copied into one buffer for plain ones (whose copy stages fill the shared memory). One head
-    where the head count (or ``group_size``, the query heads per latent group, over 1) is odd or
-    ``rank`` (the larger of the key and value ranks) is over 64 (two heads would spill
-    registers), its rows copied with each stage (one buffer for plain latents over rank 64: each
-    stage is 32 KB at rank 128, and a program with a copy per stage takes 128 KB, one per SM)."""
+    """(heads per program, cos/sin mode) where the caller leaves them at 0 / -1.
+
+    One head per latent group (``group_size`` 1): two heads per program, so that each tile's
+    cos/sin rows serve both (H200, B=8 x 32k, RESULTS.md: fp16 0.50 ms against 0.60-0.64 with
+    one head, where the rows' reads from L2 matched the latents'; 4-bit 0.54 against 0.69);
+    their rows loaded a tile ahead into registers for 4-bit latents, copied into one buffer for
+    plain ones (whose copy stages fill the shared memory). One head where the head count is odd
+    or ``rank`` (the larger of the key and value ranks) is over 64 (two heads would spill
+    registers), its rows copied with each stage (one buffer for plain latents over rank 64: a
+    copy per stage takes 128 KB at rank 128, one program per SM).
+
+    Several heads per group: two of a group per program (they share its latent tile, read once;
+    one head per program reads it twice, from L2 at best), rows loaded a tile ahead into
+    registers (the shared memory holds each head's ``[Wa | Wb]``)."""
+    if group_size > 1:
+        hpp = heads_per_program if heads_per_program in (1, 2) else 2
+        hpp = hpp if group_size % hpp == 0 else 1
+        if tables not in (0, 1, 2):
+            tables = 0 if hpp == 2 else (1 if bits == 4 else 2)
+        return hpp, tables
     hpp = heads_per_program if heads_per_program in (1, 2) else (2 if rank <= 64 else 1)
-    if heads % hpp or group_size % hpp and group_size > 1:  # a program's heads: one group's, or one each
+    if heads % hpp:
         hpp = 1
     if tables not in (0, 1, 2):
         if bits == 4:
             tables = 0 if hpp == 2 else 1
-        else:  # over rank 64, the stages of plain latents leave room for two programs only so
+        else:
             tables = 2 if hpp == 2 or rank > 64 else 1
     return hpp, tables
 
@@ -604,7 +678,8 @@ def launch(q, lk, kl, vl, cos, sin, mask_kind, mask, sm_b, sm_k, scale, out, nsp
                   RUN_K=thread_run_layout(kw), RUN_V=thread_run_layout(vw), CS_L=thread_run_layout(half),
                   LCK=copy_layout(kw, eb), LCV=copy_layout(vw, eb), LCC=copy_layout(half, tb),
                   SWK=_swizzle(kw, eb), SWV=_swizzle(vw, eb), SWC=_swizzle(half, tb),
-                  HV_L=head_columns_layout(hpp if groups == Hq else 1), TABLES=tables, num_warps=4)
+                  HV_L=head_columns_layout(hpp if groups == Hq else 1), TABLES=tables,
+                  VONE=bits == 16 and groups < Hq and hpp == 2, num_warps=4)
     if max_regs:  # ptxas's register cap: more programs per SM
         consts["maxnreg"] = max_regs
     if probe:

@@ -40,6 +40,7 @@
 #   bash benchmarks/gpu_session.sh 39  # Gluon RoPE, 4-bit values summed as fp16 pairs: tests, A/B
 #   bash benchmarks/gpu_session.sh 40  # Gluon RoPE at gs2 (two heads per latent group): tests, A/B of its knobs, the gs2 rows
 #   bash benchmarks/gpu_session.sh 41  # Gluon RoPE at gs2, two heads on one latent tile: tests, A/B (gs2 and gs1), the gs2 rows
+#   bash benchmarks/gpu_session.sh 42  # after review: Gluon RoPE tests, kernels' GPU tests, MHA smoke (gs1/gs2) in a model, A/B
 set -u
 export PYTHONPATH=.
 OUT=${OUT:-/tmp/palu_gpu}
@@ -300,6 +301,15 @@ case "${1:-1}" in
 39)
     step rope_tests 100 python -m pytest -q tests/kernels/test_gluon_rope.py
     step rope_ab 90 python -u benchmarks/kernel_ab.py --cases rope4 --rounds 3 --variant rope4:triton=gluon=false
+    ;;
+42)
+    step rope_tests 120 python -m pytest -q tests/kernels/test_gluon_rope.py
+    step kernel_tests 150 python -m pytest -q tests/kernels/test_gluon_q4.py tests/kernels/test_quant_latent_attention.py \
+        tests/kernels/test_latent_attention.py -k "gluon or per_head or rope or group"
+    step smoke_mha 150 python -u benchmarks/gpu_smoke.py --mha
+    step rope_ab_gs2 100 python -u benchmarks/kernel_ab.py --gs 2 --cases rope rope4 --rounds 3 \
+        --variant rope:triton=gluon=false --variant rope4:triton=gluon=false
+    step rope_ab_gs1 60 python -u benchmarks/kernel_ab.py --cases rope rope4 --rounds 3
     ;;
 41)
     step rope_tests 150 python -m pytest -q tests/kernels/test_gluon_rope.py

@@ -41,6 +41,7 @@
 #   bash benchmarks/gpu_session.sh 40  # Gluon RoPE at gs2 (two heads per latent group): tests, A/B of its knobs, the gs2 rows
 #   bash benchmarks/gpu_session.sh 41  # Gluon RoPE at gs2, two heads on one latent tile: tests, A/B (gs2 and gs1), the gs2 rows
 #   bash benchmarks/gpu_session.sh 42  # after review: Gluon RoPE tests, kernels' GPU tests, MHA smoke (gs1/gs2) in a model, A/B
+#   bash benchmarks/gpu_session.sh 43  # gs2 pair: keys and values in a ring of three slots, against .ab/old (carried), tests
 set -u
 export PYTHONPATH=.
 OUT=${OUT:-/tmp/palu_gpu}
@@ -301,6 +302,14 @@ case "${1:-1}" in
 39)
     step rope_tests 100 python -m pytest -q tests/kernels/test_gluon_rope.py
     step rope_ab 90 python -u benchmarks/kernel_ab.py --cases rope4 --rounds 3 --variant rope4:triton=gluon=false
+    ;;
+43)
+    for round in 1 2; do
+        step ab_gs2_new$round 60 python -u benchmarks/kernel_ab.py --gs 2 --cases rope --rounds 3 --tag new
+        step ab_gs2_old$round 60 env PYTHONPATH=.ab/old python -u benchmarks/kernel_ab.py --gs 2 --cases rope --rounds 3 \
+            --tag old
+    done
+    step rope_tests 120 python -m pytest -q tests/kernels/test_gluon_rope.py
     ;;
 42)
     step rope_tests 120 python -m pytest -q tests/kernels/test_gluon_rope.py

@@ -257,7 +257,7 @@ if HAVE_GLUON:
         BITS: gl.constexpr, STAGES: gl.constexpr, MASK_KIND: gl.constexpr, DIRECT: gl.constexpr, BF16: gl.constexpr,
         RUN_K: gl.constexpr, RUN_V: gl.constexpr, CS_L: gl.constexpr, LCK: gl.constexpr, LCV: gl.constexpr,
         LCC: gl.constexpr, SWK: gl.constexpr, SWV: gl.constexpr, SWC: gl.constexpr, HV_L: gl.constexpr,
-        TABLES: gl.constexpr = 1, VONE: gl.constexpr = False,
+        TABLES: gl.constexpr = 1, RING3: gl.constexpr = False,
     ):
         # k_ptr / v_ptr: plain latents (element strides) or the codes as int32 words (word
         # strides); ss_*: scales and zeros [B, S, groups] (shared strides, checked by the host).
@@ -265,8 +265,9 @@ if HAVE_GLUON:
         # heads are in one group (GS > 1: they share its LAT = 1 latent tile) or each its own (GS 1)
         LAT: gl.constexpr = HPP if GS == 1 else 1
         PAIR: gl.constexpr = LAT == 1 and HPP == 2
-        # VONE (two heads on one group's plain latents): the values are copied into one buffer after
-        # the last tile's are read, so that two programs fit an SM (each head's [Wa | Wb] is 32 KB)
+        # RING3 (two heads on one group's plain latents, key and value ranks alike, tables 0): keys and
+        # values take turns in a ring of three slots (copy n of K0, V0, K1, V1, .. into slot n % 3),
+        # each copied a whole tile ahead, so that two programs fit an SM (each head's [Wa | Wb] is 32 KB)
         N: gl.constexpr = 2 * HALF
         DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
         ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, N, 16])
@@ -311,8 +312,11 @@ if HAVE_GLUON:
         _barrier()
 
         # stage i, latent tile j at index i LAT + j
-        kbuf = gl.allocate_shared_memory(KT, [STAGES * LAT, 64, KW], SWK)
-        vbuf = gl.allocate_shared_memory(KT, [1 if VONE else STAGES * LAT, 64, VW], SWV)
+        kbuf = gl.allocate_shared_memory(KT, [3 if RING3 else STAGES * LAT, 64, KW], SWK)
+        if RING3:
+            vbuf = kbuf
+        else:
+            vbuf = gl.allocate_shared_memory(KT, [STAGES * LAT, 64, VW], SWV)
         # cos/sin rows (TABLES): 1, copied with the latents into each stage; 2, copied into one
         # buffer, read into registers before the next tile's copy starts (less shared memory: two
         # programs of two heads fit an SM); 0, loaded from global memory a tile ahead into registers
@@ -325,14 +329,14 @@ if HAVE_GLUON:
         c_off = b * sc_b
         s_off = b * ssn_b
         n_tiles = gl.cdiv(hi - lo, 64)
-        AHEAD: gl.constexpr = 1 if TABLES == 2 else STAGES - 1  # tiles in flight
+        AHEAD: gl.constexpr = 1 if TABLES == 2 or RING3 else STAGES - 1  # tiles in flight
         for i in gl.static_range(AHEAD):
             _copy_tile(kbuf, vbuf, i * LAT, cbuf.index(i % TS), sbuf.index(i % TS), k_ptr, v_ptr, cos_ptr, sin_ptr,
                        k_off, v_off, c_off, s_off, sk_s, sv_s, sc_s, ssn_s, lo + i * 64, hi, LAT, KW, VW, HALF,
-                       LCK, LCV, LCC, TABLES, not VONE)
+                       LCK, LCV, LCC, TABLES, not RING3)
             cp.commit_group()
-        if VONE:
-            _copy_values(vbuf.index(0), v_ptr, v_off, sv_s, lo, hi, VW, LCV)
+        if RING3:
+            _copy_values(vbuf.index(1), v_ptr, v_off, sv_s, lo, hi, VW, LCV)
             cp.commit_group()
 
         q_off = b * ss_b + g0
@@ -352,7 +356,16 @@ if HAVE_GLUON:
                                                     sm_k, tok_n, hi, LAT, HV_L, BITS, MASK_KIND)
             stage = it % STAGES
             nxt = (it + AHEAD) % STAGES
-            if TABLES == 2:
+            if RING3:
+                cp.wait_group(1)
+                _barrier()  # this tile's keys are visible; every thread is done with the last one's values
+                stage = (2 * it) % 3
+                _copy_tile(kbuf, vbuf, (stage + 2) % 3, cbuf.index(0), sbuf.index(0), k_ptr, v_ptr, cos_ptr, sin_ptr,
+                           k_off, v_off, c_off, s_off, sk_s, sv_s, sc_s, ssn_s, lo + (it + 1) * 64, hi, LAT, KW, VW,
+                           HALF, LCK, LCV, LCC, TABLES, False)
+                cp.commit_group()
+                csn = _pair_tables(cs_n, sn_n, HALF, ACC)
+            elif TABLES == 2:
                 cp.wait_group(0)
                 # this tile's copies are visible, and every thread is done with the last one's stage
                 _barrier()
@@ -360,15 +373,15 @@ if HAVE_GLUON:
                 _barrier()  # the tables are read: the next copy may overwrite them
                 _copy_tile(kbuf, vbuf, nxt * LAT, cbuf.index(0), sbuf.index(0), k_ptr, v_ptr, cos_ptr, sin_ptr, k_off,
                            v_off, c_off, s_off, sk_s, sv_s, sc_s, ssn_s, lo + (it + 1) * 64, hi, LAT, KW, VW, HALF,
-                           LCK, LCV, LCC, TABLES, not VONE)
+                           LCK, LCV, LCC, TABLES, True)
                 cp.commit_group()
             else:
                 _barrier()  # the stage the next copy overwrites was read in the last iteration
                 _copy_tile(kbuf, vbuf, nxt * LAT, cbuf.index(nxt % TS), sbuf.index(nxt % TS), k_ptr, v_ptr, cos_ptr,
                            sin_ptr, k_off, v_off, c_off, s_off, sk_s, sv_s, sc_s, ssn_s, lo + (it + AHEAD) * 64, hi,
-                           LAT, KW, VW, HALF, LCK, LCV, LCC, TABLES, not VONE)
+                           LAT, KW, VW, HALF, LCK, LCV, LCC, TABLES, True)
                 cp.commit_group()
-                cp.wait_group(AHEAD + 1 if VONE else AHEAD)  # VONE: this tile's values may still land
+                cp.wait_group(AHEAD)
                 _barrier()  # other threads' copies are visible
                 if TABLES == 1:
                     csn = _pair_tables(cbuf.index(stage).load(CS_L), sbuf.index(stage).load(CS_L), HALF, ACC)
@@ -388,16 +401,16 @@ if HAVE_GLUON:
                 p1, al1, m1, l1 = _softmax_step(_scores(a, wab.index(1), csn, ACC), keep, madd, qscale, m1, l1)
                 if TABLES == 0:
                     cs_n, sn_n = _table_rows(cos_ptr, sin_ptr, c_off, s_off, sc_s, ssn_s, tok_n, hi, HALF, CS_L)
-                if VONE:
+                vslot = stage
+                if RING3:
                     cp.wait_group(1)
-                    _barrier()  # this tile's values are visible
-                v = _value_tile(vbuf.index(0 if VONE else stage), RV, BITS, RUN_V, V_L, BF16, DT)
+                    _barrier()  # this tile's values are visible; every thread is done with its keys
+                    _copy_values(vbuf.index(stage), v_ptr, v_off, sv_s, lo + (it + 1) * 64, hi, VW, LCV)
+                    cp.commit_group()
+                    vslot = (stage + 1) % 3
+                v = _value_tile(vbuf.index(vslot), RV, BITS, RUN_V, V_L, BF16, DT)
                 o0, z0 = _value_step(v, p0, al0, o0, z0, sv, zv, 0, 1, RV, BITS, ROW)
                 o1, z1 = _value_step(v, p1, al1, o1, z1, sv, zv, 0, 1, RV, BITS, ROW)
-                if VONE:
-                    _barrier()  # every thread has read them: the next tile's may overwrite them
-                    _copy_values(vbuf.index(0), v_ptr, v_off, sv_s, lo + (it + 1) * 64, hi, VW, LCV)
-                    cp.commit_group()
             else:
                 m0, l0, o0, z0 = _head_step(kbuf.index(stage * LAT), vbuf.index(stage * LAT), wab, csn, sk, zk, sv,
                                             zv, 0, 0, keep, madd, qscale, m0, l0, o0, z0, RK, RV, BITS, LAT, RUN_K,
@@ -516,7 +529,7 @@ def launch(q, lk, kl, vl, cos, sin, mask_kind, mask, sm_b, sm_k, scale, out, nsp
                   LCK=copy_layout(kw, eb), LCV=copy_layout(vw, eb), LCC=copy_layout(half, tb),
                   SWK=_swizzle(kw, eb), SWV=_swizzle(vw, eb), SWC=_swizzle(half, tb),
                   HV_L=head_columns_layout(hpp if groups == Hq else 1), TABLES=tables,
-                  VONE=bits == 16 and groups < Hq and hpp == 2, num_warps=4)
+                  RING3=bits == 16 and groups < Hq and hpp == 2 and tables == 0 and rk == rv, num_warps=4)
     if max_regs:  # ptxas's register cap: more programs per SM
         consts["maxnreg"] = max_regs
     if probe:

@@ -41,7 +41,8 @@
 #   bash benchmarks/gpu_session.sh 40  # Gluon RoPE at gs2 (two heads per latent group): tests, A/B of its knobs, the gs2 rows
 #   bash benchmarks/gpu_session.sh 41  # Gluon RoPE at gs2, two heads on one latent tile: tests, A/B (gs2 and gs1), the gs2 rows
 #   bash benchmarks/gpu_session.sh 42  # after review: Gluon RoPE tests, kernels' GPU tests, MHA smoke (gs1/gs2) in a model, A/B
-#   bash benchmarks/gpu_session.sh 43  # gs2 pair: keys and values in a ring of three slots, against .ab/old (carried), tests
+#   bash benchmarks/gpu_session.sh 43  # gs2 pair: three-slot ring, static slots (this code) against dynamic (.ab/ring3a)
+#                                      # and values in one buffer (.ab/old), carried; tests
 set -u
 export PYTHONPATH=.
 OUT=${OUT:-/tmp/palu_gpu}
@@ -306,8 +307,10 @@ case "${1:-1}" in
 43)
     for round in 1 2; do
         step ab_gs2_new$round 60 python -u benchmarks/kernel_ab.py --gs 2 --cases rope --rounds 3 --tag new
-        step ab_gs2_old$round 60 env PYTHONPATH=.ab/old python -u benchmarks/kernel_ab.py --gs 2 --cases rope --rounds 3 \
-            --tag old
+        for v in ring3a old; do
+            step ab_gs2_$v$round 60 env PYTHONPATH=.ab/$v python -u benchmarks/kernel_ab.py --gs 2 --cases rope \
+                --rounds 3 --tag $v
+        done
     done
     step rope_tests 120 python -m pytest -q tests/kernels/test_gluon_rope.py
     ;;

@@ -353,8 +353,9 @@ if HAVE_GLUON:
         _barrier()
 
         # stage i, latent tile j at index i LAT + j
-        kbuf = gl.allocate_shared_memory(KT, [0 if RING3 else STAGES * LAT, 64, KW], SWK)
-        vbuf = gl.allocate_shared_memory(KT, [0 if RING3 else STAGES * LAT, 64, VW], SWV)
+        if not RING3:  # (its slots are allocated below)
+            kbuf = gl.allocate_shared_memory(KT, [STAGES * LAT, 64, KW], SWK)
+            vbuf = gl.allocate_shared_memory(KT, [STAGES * LAT, 64, VW], SWV)
         # cos/sin rows (TABLES): 1, copied with the latents into each stage; 2, copied into one
         # buffer, read into registers before the next tile's copy starts (less shared memory: two
         # programs of two heads fit an SM); 0, loaded from global memory a tile ahead into registers

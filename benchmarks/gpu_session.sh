@@ -43,6 +43,7 @@
 #   bash benchmarks/gpu_session.sh 42  # after review: Gluon RoPE tests, kernels' GPU tests, MHA smoke (gs1/gs2) in a model, A/B
 #   bash benchmarks/gpu_session.sh 43  # gs2 pair: three-slot ring, static slots (this code) against dynamic (.ab/ring3a)
 #                                      # and values in one buffer (.ab/old), carried; tests
+#   bash benchmarks/gpu_session.sh 44  # the kept ring (dynamic slots): tests, MHA smoke, A/B against Triton, the gs2 rows
 set -u
 export PYTHONPATH=.
 OUT=${OUT:-/tmp/palu_gpu}
@@ -303,6 +304,14 @@ case "${1:-1}" in
 39)
     step rope_tests 100 python -m pytest -q tests/kernels/test_gluon_rope.py
     step rope_ab 90 python -u benchmarks/kernel_ab.py --cases rope4 --rounds 3 --variant rope4:triton=gluon=false
+    ;;
+44)
+    step rope_tests 120 python -m pytest -q tests/kernels/test_gluon_rope.py
+    step smoke_mha 100 python -u benchmarks/gpu_smoke.py --mha
+    step rope_ab_gs2 100 python -u benchmarks/kernel_ab.py --gs 2 --cases rope rope4 --rounds 3 \
+        --variant rope:triton=gluon=false --variant rope4:triton=gluon=false
+    step table_gs2 150 python -u benchmarks/attention.py --no-sweep --defaults-only --no-prefill --no-naive \
+        --quant-bits 4 --shapes llama2 --batch 1 8 32 --ctx 32k 128k --gs 2 --budget-s 130
     ;;
 43)
     for round in 1 2; do

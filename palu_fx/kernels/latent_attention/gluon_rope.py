@@ -215,52 +215,11 @@ if HAVE_GLUON:
         return m_i, l_i, o_i, z_i
 
     @gluon.jit
-    def _copy_rows(buf, ptr, off, stride, start, hi, W: gl.constexpr, LC: gl.constexpr):
-        """Start the copy of a tile's latents (one latent group's ``W`` elements per row) into
-        ``buf``; rows past ``hi`` clamped to the last token."""
-        t = gl.minimum(start + gl.arange(0, 64, layout=gl.SliceLayout(1, LC)), hi - 1).to(gl.int64)
-        c = gl.expand_dims(gl.arange(0, W, layout=gl.SliceLayout(0, LC)), 0)
-        _async_load(buf, ptr + off + gl.expand_dims(t, 1) * stride + c)
-
-    @gluon.jit
-    def _ring3_tile(ks, vs, nk, wab, it, lo, hi, tok_n, mr_n, cs_n, sn_n, m0, l0, o0, z0, m1, l1, o1, z1, k_ptr, v_ptr,
-                    k_off, v_off, sk_s, sv_s, cos_ptr, sin_ptr, c_off, s_off, sc_s, ssn_s, mask_ptr, m_off, sm_k, qscale,
-                    RK: gl.constexpr, RV: gl.constexpr, HALF: gl.constexpr, KW: gl.constexpr, VW: gl.constexpr,
-                    MASK_KIND: gl.constexpr, RUN_K: gl.constexpr, RUN_V: gl.constexpr, CS_L: gl.constexpr,
-                    LCK: gl.constexpr, LCV: gl.constexpr, HV_L: gl.constexpr, ACC: gl.constexpr,
-                    A_OP: gl.constexpr, V_L: gl.constexpr, BF16: gl.constexpr, DT: gl.constexpr):
-        """Tile ``it`` of two heads on one group's plain latents: its keys in slot ``ks`` and values
-        in ``vs``; the next tile's keys are copied into ``nk`` (its values were read last tile) once
-        every thread is past them, and its values into ``ks`` once this tile's scores are done."""
-        ROW: gl.constexpr = gl.SliceLayout(1, ACC)
-        tok = tok_n
-        mr = mr_n
-        tok_n = tok + 64
-        zero, _z1, _z2, _z3, mr_n = _vectors(k_ptr, k_ptr, k_ptr, k_ptr, 0, 0, mask_ptr, m_off, sm_k, tok_n, hi, 1,
-                                              HV_L, 16, MASK_KIND)
-        cp.wait_group(1)
-        _barrier()  # this tile's keys are visible; every thread is done with the last tile's values
-        _copy_rows(nk, k_ptr, k_off, sk_s, lo + (it + 1) * 64, hi, KW, LCK)
-        cp.commit_group()
-        csn = _pair_tables(cs_n, sn_n, HALF, ACC)
-        keep = tok < hi
-        madd = mr * 0.0
-        if MASK_KIND == 3:
-            keep = keep & (mr != 0.0)
-        if MASK_KIND == 4:
-            madd = mr * 1.4426950408889634
-        a = _key_operand(ks, zero, zero, 0, 1, RK, 16, RUN_K, A_OP, BF16, DT)
-        p0, al0, m0, l0 = _softmax_step(_scores(a, wab.index(0), csn, ACC), keep, madd, qscale, m0, l0)
-        p1, al1, m1, l1 = _softmax_step(_scores(a, wab.index(1), csn, ACC), keep, madd, qscale, m1, l1)
-        cs_n, sn_n = _table_rows(cos_ptr, sin_ptr, c_off, s_off, sc_s, ssn_s, tok_n, hi, HALF, CS_L)
-        cp.wait_group(1)
-        _barrier()  # this tile's values are visible; every thread is done with its keys
-        _copy_rows(ks, v_ptr, v_off, sv_s, lo + (it + 1) * 64, hi, VW, LCV)
-        cp.commit_group()
-        v = _value_tile(vs, RV, 16, RUN_V, V_L, BF16, DT)
-        o0, z0 = _value_step(v, p0, al0, o0, z0, zero, zero, 0, 1, RV, 16, ROW)
-        o1, z1 = _value_step(v, p1, al1, o1, z1, zero, zero, 0, 1, RV, 16, ROW)
-        return tok_n, mr_n, cs_n, sn_n, m0, l0, o0, z0, m1, l1, o1, z1
+    def _copy_values(vbuf, v_ptr, v_off, sv_s, start, hi, VW: gl.constexpr, LCV: gl.constexpr):
+        """Start the copy of a tile's values (one latent group) into ``vbuf``."""
+        tv = gl.minimum(start + gl.arange(0, 64, layout=gl.SliceLayout(1, LCV)), hi - 1).to(gl.int64)
+        cv = gl.expand_dims(gl.arange(0, VW, layout=gl.SliceLayout(0, LCV)), 0)
+        _async_load(vbuf, v_ptr + v_off + gl.expand_dims(tv, 1) * sv_s + cv)
 
     @gluon.jit
     def _softmax_init(RV: gl.constexpr, ROW: gl.constexpr, V_L: gl.constexpr):
@@ -308,7 +267,10 @@ if HAVE_GLUON:
         PAIR: gl.constexpr = LAT == 1 and HPP == 2
         # RING3 (two heads on one group's plain latents, key and value ranks alike, tables 0): keys and
         # values take turns in a ring of three slots (copy n of K0, V0, K1, V1, .. into slot n % 3),
-        # each copied a whole tile ahead, so that two programs fit an SM (each head's [Wa | Wb] is 32 KB)
+        # each copied a whole tile ahead, so that two programs fit an SM (each head's [Wa | Wb] is 32 KB).
+        # Triton's barrier pass adds one after each copy (the slots share one allocation); three
+        # static slots in a loop unrolled by three had two barriers a tile but spilled 224 bytes
+        # (H200, B=8 x 32k: 1.00-1.02 ms against 0.83-0.86 for this, 0.89 with values in one buffer)
         N: gl.constexpr = 2 * HALF
         DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
         ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, N, 16])
@@ -353,8 +315,10 @@ if HAVE_GLUON:
         _barrier()
 
         # stage i, latent tile j at index i LAT + j
-        if not RING3:  # (its slots are allocated below)
-            kbuf = gl.allocate_shared_memory(KT, [STAGES * LAT, 64, KW], SWK)
+        kbuf = gl.allocate_shared_memory(KT, [3 if RING3 else STAGES * LAT, 64, KW], SWK)
+        if RING3:
+            vbuf = kbuf
+        else:
             vbuf = gl.allocate_shared_memory(KT, [STAGES * LAT, 64, VW], SWV)
         # cos/sin rows (TABLES): 1, copied with the latents into each stage; 2, copied into one
         # buffer, read into registers before the next tile's copy starts (less shared memory: two
@@ -368,11 +332,14 @@ if HAVE_GLUON:
         c_off = b * sc_b
         s_off = b * ssn_b
         n_tiles = gl.cdiv(hi - lo, 64)
-        AHEAD: gl.constexpr = 1 if TABLES == 2 else STAGES - 1  # tiles in flight
-        for i in gl.static_range(0 if RING3 else AHEAD):
+        AHEAD: gl.constexpr = 1 if TABLES == 2 or RING3 else STAGES - 1  # tiles in flight
+        for i in gl.static_range(AHEAD):
             _copy_tile(kbuf, vbuf, i * LAT, cbuf.index(i % TS), sbuf.index(i % TS), k_ptr, v_ptr, cos_ptr, sin_ptr,
                        k_off, v_off, c_off, s_off, sk_s, sv_s, sc_s, ssn_s, lo + i * 64, hi, LAT, KW, VW, HALF,
-                       LCK, LCV, LCC, TABLES, True)
+                       LCK, LCV, LCC, TABLES, not RING3)
+            cp.commit_group()
+        if RING3:
+            _copy_values(vbuf.index(1), v_ptr, v_off, sv_s, lo, hi, VW, LCV)
             cp.commit_group()
 
         q_off = b * ss_b + g0
@@ -384,82 +351,77 @@ if HAVE_GLUON:
         m0, l0, o0, z0 = _softmax_init(RV, ROW, V_L)
         m1, l1, o1, z1 = m0, l0, o0, z0
         qscale = scale * 1.4426950408889634
-        if RING3:  # three slots, three tiles per step (the slots are static: barriers only where needed)
-            s0 = gl.allocate_shared_memory(KT, [64, KW], SWK)
-            s1 = gl.allocate_shared_memory(KT, [64, KW], SWK)
-            s2 = gl.allocate_shared_memory(KT, [64, KW], SWK)
-            _copy_rows(s0, k_ptr, k_off, sk_s, lo, hi, KW, LCK)
-            cp.commit_group()
-            _copy_rows(s1, v_ptr, v_off, sv_s, lo, hi, VW, LCV)
-            cp.commit_group()
-            ptrs = (k_ptr, v_ptr, k_off, v_off, sk_s, sv_s, cos_ptr, sin_ptr, c_off, s_off, sc_s, ssn_s, mask_ptr, m_off,
-                    sm_k)
-            for it in range(0, n_tiles, 3):  # up to two tiles past the end: fully masked, no effect
-                # tile it + j: keys in slot 2j % 3, values in 2j + 1, the next keys into 2j + 2
-                st = (tok_n, mr_n, cs_n, sn_n, m0, l0, o0, z0, m1, l1, o1, z1)
-                st = _ring3_tile(s0, s1, s2, wab, it, lo, hi, *st, *ptrs, qscale, RK, RV, HALF, KW, VW, MASK_KIND, RUN_K, RUN_V,
-                                 CS_L, LCK, LCV, HV_L, ACC, A_OP, V_L, BF16, DT)
-                st = _ring3_tile(s2, s0, s1, wab, it + 1, lo, hi, *st, *ptrs, qscale, RK, RV, HALF, KW, VW, MASK_KIND, RUN_K, RUN_V,
-                                 CS_L, LCK, LCV, HV_L, ACC, A_OP, V_L, BF16, DT)
-                st = _ring3_tile(s1, s2, s0, wab, it + 2, lo, hi, *st, *ptrs, qscale, RK, RV, HALF, KW, VW, MASK_KIND, RUN_K, RUN_V,
-                                 CS_L, LCK, LCV, HV_L, ACC, A_OP, V_L, BF16, DT)
-                tok_n, mr_n, cs_n, sn_n, m0, l0, o0, z0, m1, l1, o1, z1 = st
-        else:
-            for it in range(n_tiles):
-                tok = tok_n
-                sk, zk, sv, zv, mr = sk_n, zk_n, sv_n, zv_n, mr_n
-                tok_n = tok + 64
-                sk_n, zk_n, sv_n, zv_n, mr_n = _vectors(ks_ptr, kz_ptr, vs_ptr, vz_ptr, q_off, ss_s, mask_ptr, m_off,
-                                                        sm_k, tok_n, hi, LAT, HV_L, BITS, MASK_KIND)
-                stage = it % STAGES
-                nxt = (it + AHEAD) % STAGES
-                if TABLES == 2:
-                    cp.wait_group(0)
-                    # this tile's copies are visible, and every thread is done with the last one's stage
-                    _barrier()
-                    csn = _pair_tables(cbuf.index(0).load(CS_L), sbuf.index(0).load(CS_L), HALF, ACC)
-                    _barrier()  # the tables are read: the next copy may overwrite them
-                    _copy_tile(kbuf, vbuf, nxt * LAT, cbuf.index(0), sbuf.index(0), k_ptr, v_ptr, cos_ptr, sin_ptr, k_off,
-                               v_off, c_off, s_off, sk_s, sv_s, sc_s, ssn_s, lo + (it + 1) * 64, hi, LAT, KW, VW, HALF,
-                               LCK, LCV, LCC, TABLES, True)
-                    cp.commit_group()
+        for it in range(n_tiles):
+            tok = tok_n
+            sk, zk, sv, zv, mr = sk_n, zk_n, sv_n, zv_n, mr_n
+            tok_n = tok + 64
+            sk_n, zk_n, sv_n, zv_n, mr_n = _vectors(ks_ptr, kz_ptr, vs_ptr, vz_ptr, q_off, ss_s, mask_ptr, m_off,
+                                                    sm_k, tok_n, hi, LAT, HV_L, BITS, MASK_KIND)
+            stage = it % STAGES
+            nxt = (it + AHEAD) % STAGES
+            if RING3:
+                cp.wait_group(1)
+                _barrier()  # this tile's keys are visible; every thread is done with the last one's values
+                stage = (2 * it) % 3
+                _copy_tile(kbuf, vbuf, (stage + 2) % 3, cbuf.index(0), sbuf.index(0), k_ptr, v_ptr, cos_ptr, sin_ptr,
+                           k_off, v_off, c_off, s_off, sk_s, sv_s, sc_s, ssn_s, lo + (it + 1) * 64, hi, LAT, KW, VW,
+                           HALF, LCK, LCV, LCC, TABLES, False)
+                cp.commit_group()
+                csn = _pair_tables(cs_n, sn_n, HALF, ACC)
+            elif TABLES == 2:
+                cp.wait_group(0)
+                # this tile's copies are visible, and every thread is done with the last one's stage
+                _barrier()
+                csn = _pair_tables(cbuf.index(0).load(CS_L), sbuf.index(0).load(CS_L), HALF, ACC)
+                _barrier()  # the tables are read: the next copy may overwrite them
+                _copy_tile(kbuf, vbuf, nxt * LAT, cbuf.index(0), sbuf.index(0), k_ptr, v_ptr, cos_ptr, sin_ptr, k_off,
+                           v_off, c_off, s_off, sk_s, sv_s, sc_s, ssn_s, lo + (it + 1) * 64, hi, LAT, KW, VW, HALF,
+                           LCK, LCV, LCC, TABLES, True)
+                cp.commit_group()
+            else:
+                _barrier()  # the stage the next copy overwrites was read in the last iteration
+                _copy_tile(kbuf, vbuf, nxt * LAT, cbuf.index(nxt % TS), sbuf.index(nxt % TS), k_ptr, v_ptr, cos_ptr,
+                           sin_ptr, k_off, v_off, c_off, s_off, sk_s, sv_s, sc_s, ssn_s, lo + (it + AHEAD) * 64, hi,
+                           LAT, KW, VW, HALF, LCK, LCV, LCC, TABLES, True)
+                cp.commit_group()
+                cp.wait_group(AHEAD)
+                _barrier()  # other threads' copies are visible
+                if TABLES == 1:
+                    csn = _pair_tables(cbuf.index(stage).load(CS_L), sbuf.index(stage).load(CS_L), HALF, ACC)
                 else:
-                    _barrier()  # the stage the next copy overwrites was read in the last iteration
-                    _copy_tile(kbuf, vbuf, nxt * LAT, cbuf.index(nxt % TS), sbuf.index(nxt % TS), k_ptr, v_ptr, cos_ptr,
-                               sin_ptr, k_off, v_off, c_off, s_off, sk_s, sv_s, sc_s, ssn_s, lo + (it + AHEAD) * 64, hi,
-                               LAT, KW, VW, HALF, LCK, LCV, LCC, TABLES, True)
-                    cp.commit_group()
-                    cp.wait_group(AHEAD)
-                    _barrier()  # other threads' copies are visible
-                    if TABLES == 1:
-                        csn = _pair_tables(cbuf.index(stage).load(CS_L), sbuf.index(stage).load(CS_L), HALF, ACC)
-                    else:
-                        csn = _pair_tables(cs_n, sn_n, HALF, ACC)
-                        if not PAIR:  # (a pair's scores need these registers: it loads them after)
-                            cs_n, sn_n = _table_rows(cos_ptr, sin_ptr, c_off, s_off, sc_s, ssn_s, tok_n, hi, HALF, CS_L)
-                keep = tok < hi
-                madd = mr * 0.0
-                if MASK_KIND == 3:
-                    keep = keep & (mr != 0.0)
-                if MASK_KIND == 4:
-                    madd = mr * 1.4426950408889634
-                if PAIR:  # two heads on one latent tile: its operand and values read once
-                    a = _key_operand(kbuf.index(stage), sk, zk, 0, 1, RK, BITS, RUN_K, A_OP, BF16, DT)
-                    p0, al0, m0, l0 = _softmax_step(_scores(a, wab.index(0), csn, ACC), keep, madd, qscale, m0, l0)
-                    p1, al1, m1, l1 = _softmax_step(_scores(a, wab.index(1), csn, ACC), keep, madd, qscale, m1, l1)
-                    if TABLES == 0:
+                    csn = _pair_tables(cs_n, sn_n, HALF, ACC)
+                    if not PAIR:  # (a pair's scores need these registers: it loads them after)
                         cs_n, sn_n = _table_rows(cos_ptr, sin_ptr, c_off, s_off, sc_s, ssn_s, tok_n, hi, HALF, CS_L)
-                    v = _value_tile(vbuf.index(stage), RV, BITS, RUN_V, V_L, BF16, DT)
-                    o0, z0 = _value_step(v, p0, al0, o0, z0, sv, zv, 0, 1, RV, BITS, ROW)
-                    o1, z1 = _value_step(v, p1, al1, o1, z1, sv, zv, 0, 1, RV, BITS, ROW)
-                else:
-                    m0, l0, o0, z0 = _head_step(kbuf.index(stage * LAT), vbuf.index(stage * LAT), wab, csn, sk, zk, sv,
-                                                zv, 0, 0, keep, madd, qscale, m0, l0, o0, z0, RK, RV, BITS, LAT, RUN_K,
-                                                RUN_V, ACC, A_OP, V_L, BF16, DT)
-                if HPP > 1 and LAT > 1:
-                    m1, l1, o1, z1 = _head_step(kbuf.index(stage * LAT + LAT - 1), vbuf.index(stage * LAT + LAT - 1), wab,
-                                                csn, sk, zk, sv, zv, 1, LAT - 1, keep, madd, qscale, m1, l1, o1, z1, RK,
-                                                RV, BITS, LAT, RUN_K, RUN_V, ACC, A_OP, V_L, BF16, DT)
+            keep = tok < hi
+            madd = mr * 0.0
+            if MASK_KIND == 3:
+                keep = keep & (mr != 0.0)
+            if MASK_KIND == 4:
+                madd = mr * 1.4426950408889634
+            if PAIR:  # two heads on one latent tile: its operand and values read once
+                a = _key_operand(kbuf.index(stage), sk, zk, 0, 1, RK, BITS, RUN_K, A_OP, BF16, DT)
+                p0, al0, m0, l0 = _softmax_step(_scores(a, wab.index(0), csn, ACC), keep, madd, qscale, m0, l0)
+                p1, al1, m1, l1 = _softmax_step(_scores(a, wab.index(1), csn, ACC), keep, madd, qscale, m1, l1)
+                if TABLES == 0:
+                    cs_n, sn_n = _table_rows(cos_ptr, sin_ptr, c_off, s_off, sc_s, ssn_s, tok_n, hi, HALF, CS_L)
+                vslot = stage
+                if RING3:
+                    cp.wait_group(1)
+                    _barrier()  # this tile's values are visible; every thread is done with its keys
+                    _copy_values(vbuf.index(stage), v_ptr, v_off, sv_s, lo + (it + 1) * 64, hi, VW, LCV)
+                    cp.commit_group()
+                    vslot = (stage + 1) % 3
+                v = _value_tile(vbuf.index(vslot), RV, BITS, RUN_V, V_L, BF16, DT)
+                o0, z0 = _value_step(v, p0, al0, o0, z0, sv, zv, 0, 1, RV, BITS, ROW)
+                o1, z1 = _value_step(v, p1, al1, o1, z1, sv, zv, 0, 1, RV, BITS, ROW)
+            else:
+                m0, l0, o0, z0 = _head_step(kbuf.index(stage * LAT), vbuf.index(stage * LAT), wab, csn, sk, zk, sv,
+                                            zv, 0, 0, keep, madd, qscale, m0, l0, o0, z0, RK, RV, BITS, LAT, RUN_K,
+                                            RUN_V, ACC, A_OP, V_L, BF16, DT)
+            if HPP > 1 and LAT > 1:
+                m1, l1, o1, z1 = _head_step(kbuf.index(stage * LAT + LAT - 1), vbuf.index(stage * LAT + LAT - 1), wab,
+                                            csn, sk, zk, sv, zv, 1, LAT - 1, keep, madd, qscale, m1, l1, o1, z1, RK,
+                                            RV, BITS, LAT, RUN_K, RUN_V, ACC, A_OP, V_L, BF16, DT)
         cp.wait_group(0)
 
         slot = pid_x * NSPLIT + pid_s

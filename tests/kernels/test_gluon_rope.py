@@ -257,7 +257,30 @@ CASES = [
     pytest.param(dict(gs=2, rk=64, rv=64, S=400, H=4, bits=4), dict(gluon_rope_heads=2, gluon_rope_tables=1),
                  id="gs2-q4-2heads-share-latents"),
     pytest.param(dict(gs=4, rk=128, rv=64, S=300, H=8, D=64, mask="add"), dict(num_splits=2), id="gs4-d64-fp16"),
+    # the three-slot ring (plain, two heads of a group, key rank = value rank): fewer tiles than
+    # slots, a tile count not a multiple of three, and a split boundary inside a tile
+    pytest.param(dict(gs=2, rk=64, rv=64, S=70, H=8, mask="bool"), dict(), id="gs2-ring-S70-bool"),
+    pytest.param(dict(gs=2, rk=128, rv=128, S=1000, B=3, dtype=torch.bfloat16, mask="bool"), dict(num_splits=3),
+                 id="gs2-ring-bf16-bool-3splits"),
 ]
+
+
+@needs_gluon
+def test_three_slot_ring_only_where_it_fits():
+    """Two heads of one group on plain latents with equal key and value ranks and cos/sin in
+    registers take the three-slot ring (two programs fit an SM); 4-bit latents, one head per
+    program, other cos/sin modes or unequal ranks take the copy stages."""
+    def ring(bits=0, hpp=2, tables=0, rv=128, gs=2):
+        args = _case(B=2, H=8, S=256, rk=128, rv=rv, bits=bits, gs=gs)
+        q, lk, cos, sin = args[0], args[7 if bits else 3], args[9 if bits else 5], args[10 if bits else 6]
+        kl, vl = _latents(args, bits)
+        out = torch.empty(2, 8, 1, rv, dtype=torch.float16)
+        probe = gluon_rope.launch(q, lk, kl, vl, cos, sin, 0, q, 0, 0, 0.1, out, 1, 256, out, out, hpp, 2, tables,
+                                  probe=True)
+        return probe[3]["RING3"]
+
+    assert ring()
+    assert not any((ring(bits=4), ring(hpp=1), ring(tables=1), ring(tables=2), ring(rv=64), ring(gs=1, hpp=2)))
 
 
 @pytest.mark.parametrize("field,value", [("gluon_rope_heads", 3), ("gluon_rope_stages", 1), ("gluon_rope_tables", 5),

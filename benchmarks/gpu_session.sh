@@ -44,6 +44,7 @@
 #   bash benchmarks/gpu_session.sh 43  # gs2 pair: three-slot ring, static slots (this code) against dynamic (.ab/ring3a)
 #                                      # and values in one buffer (.ab/old), carried; tests
 #   bash benchmarks/gpu_session.sh 44  # the kept ring (dynamic slots): tests, MHA smoke, A/B against Triton, the gs2 rows
+#   bash benchmarks/gpu_session.sh 45  # after review: Gluon RoPE tests (two more three-slot-ring cases), gs2 A/B
 set -u
 export PYTHONPATH=.
 OUT=${OUT:-/tmp/palu_gpu}
@@ -304,6 +305,10 @@ case "${1:-1}" in
 39)
     step rope_tests 100 python -m pytest -q tests/kernels/test_gluon_rope.py
     step rope_ab 90 python -u benchmarks/kernel_ab.py --cases rope4 --rounds 3 --variant rope4:triton=gluon=false
+    ;;
+45)
+    step rope_tests 150 python -m pytest -q tests/kernels/test_gluon_rope.py
+    step rope_ab_gs2 80 python -u benchmarks/kernel_ab.py --gs 2 --cases rope rope4 --rounds 3
     ;;
 44)
     step rope_tests 120 python -m pytest -q tests/kernels/test_gluon_rope.py

@@ -68,7 +68,8 @@ def main() -> None:
     B, S = args.batch, args.ctx
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (interpreter)"
     print(f"{device}, torch {torch.__version__}, palu_fx at {os.path.dirname(palu_fx.__file__)}; "
-          f"B={B}, {S} tokens, 32 heads, d128, rank ratio 0.5, gs{args.gs}, {'no mask' if args.no_mask else 'additive mask'}; "
+          f"B={B}, {S} tokens, 32 heads, d128, rank ratio 0.5, gs{args.gs}, "
+          f"{'no mask' if args.no_mask else 'additive mask'}; "
           f"median ms of {args.rounds} interleaved rounds", flush=True)
     rows = []
     for case in args.cases:

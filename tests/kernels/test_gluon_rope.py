@@ -56,7 +56,8 @@ def test_value_asm_sums_two_rows_weighted_codes():
         c1 = gen.integers(0, 16, 8)
         w0, w1 = (sum(int(c) << (4 * i) for i, c in enumerate(x)) for x in (c0, c1))
         p0, p1 = (float(np.float16(x)) for x in gen.uniform(0.0, 0.05, 2))  # softmax weight x scale
-        out = run_asm(gluon_rope_layouts._value_asm(), {8: w0, 9: w1, 10: _pair("f16", p0, p0), 11: _pair("f16", p1, p1)})
+        out = run_asm(gluon_rope_layouts._value_asm(),
+                      {8: w0, 9: w1, 10: _pair("f16", p0, p0), 11: _pair("f16", p1, p1)})
         for p in range(4):
             got = _unpair("f16", out[2 * p] | (out[2 * p + 1] << 16))
             want = [p0 * float(c0[p + 4 * e]) + p1 * float(c1[p + 4 * e]) for e in (0, 1)]

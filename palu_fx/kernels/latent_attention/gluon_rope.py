@@ -30,9 +30,9 @@ kernel's; it takes 0.50-0.52 ms (fp16) and 0.52 ms (4-bit) there:
   group size 1 each head has its own latents. Above it, the two are heads of one group, each
   with its slice of the group's ``L_k`` (its own ``[Wa | Wb]``), and share the group's latent
   tile: its key operand is built once for both products and its values read once for both
-  sums (B=8 x 32k at gs2: 0.83-0.88 ms against 0.97-1.07 with a head per program, and 1.68 for
-  the Triton group kernel). Plain values then go into one buffer, copied after each tile's
-  sums, so that two programs fit an SM beside the two 32 KB ``[Wa | Wb]``.
+  sums (B=8 x 32k at gs2: 0.82-0.86 ms against 0.97-1.07 with a head per program, and 1.68 for
+  the Triton group kernel). Plain keys and values then take turns in a ring of three slots
+  (``RING3``), so that two programs fit an SM beside the two 32 KB ``[Wa | Wb]``.
 * **Copies streamed with ``cp.async``** into a ring of shared-memory stages (each tile's
   latents); the cos/sin rows go with them (``TABLES`` 1), into one buffer read before the next
   copy starts (2: two programs of two fp16 heads fit an SM), or straight into registers a tile
@@ -60,8 +60,8 @@ try:  # Gluon ships with Triton >= 3.5; without it the Triton kernels serve ever
 except ImportError:  # pragma: no cover (older Triton)
     HAVE_GLUON = False
 
-from palu_fx.kernels.latent_attention.gluon_rope_layouts import (_swizzle, copy_layout, head_columns_layout,
-                                                                 key_channel, pair_of_column, thread_run_layout)
+from palu_fx.kernels.latent_attention.gluon_rope_layouts import (copy_layout, head_columns_layout, key_channel,
+                                                                 pair_of_column, swizzled_layout, thread_run_layout)
 
 if HAVE_GLUON:
     from palu_fx.kernels.latent_attention.gluon_q4 import store_output
@@ -93,8 +93,9 @@ if HAVE_GLUON:
                    sk_s, sv_s, sc_s, ss_s, start, hi, LAT: gl.constexpr, KW: gl.constexpr, VW: gl.constexpr,
                    HALF: gl.constexpr, LCK: gl.constexpr, LCV: gl.constexpr, LCC: gl.constexpr,
                    TABLES: gl.constexpr, VALUES: gl.constexpr):
-        """Start the copies of a tile's latents (each latent group's row segment) and cos/sin rows; rows
-        past ``hi`` are clamped to the last token (real memory, masked out of the scores)."""
+        """Start the copies of a tile's latents (each latent group's row segment; keys only unless
+        ``VALUES``) and cos/sin rows; rows past ``hi`` are clamped to the last token (real memory,
+        masked out of the scores)."""
         tk = gl.minimum(start + gl.arange(0, 64, layout=gl.SliceLayout(1, LCK)), hi - 1).to(gl.int64)
         ck = gl.expand_dims(gl.arange(0, KW, layout=gl.SliceLayout(0, LCK)), 0)
         tv = gl.minimum(start + gl.arange(0, 64, layout=gl.SliceLayout(1, LCV)), hi - 1).to(gl.int64)
@@ -121,8 +122,8 @@ if HAVE_GLUON:
     @gluon.jit
     def _vectors(ks_ptr, kz_ptr, vs_ptr, vz_ptr, q_off, sq_s, mask_ptr, m_off, sm_k, tok, hi,
                  LAT: gl.constexpr, HV_L: gl.constexpr, BITS: gl.constexpr, MASK_KIND: gl.constexpr):
-        """A tile's per-token scales and zeros [64, LAT] (column = latent group; 4-bit) and its mask row
-        [64], fp32."""
+        """A tile's per-token scales and zeros [64, LAT] (column = latent group; 4-bit) and its
+        mask row [64], fp32."""
         ok = tok < hi
         mr = tok.to(gl.float32) * 0.0
         if MASK_KIND == 3:  # keep flags
@@ -154,8 +155,7 @@ if HAVE_GLUON:
         """A tile's scores [64] of one head: its ``[Wa | Wb]`` product (one ``wgmma``, ``a`` the key
         operand), weighted by the tile's cos/sin and summed per row."""
         acc = warpgroup_mma(a, w, gl.zeros([64, csn.shape[1]], gl.float32, ACC), use_acc=False)
-        x = acc * csn.to(gl.float32)
-        return gl.sum(x, axis=1)
+        return gl.sum(acc * csn.to(gl.float32), axis=1)
 
     @gluon.jit
     def _softmax_step(s, keep, madd, qscale, m_i, l_i):
@@ -362,7 +362,7 @@ if HAVE_GLUON:
             if RING3:
                 cp.wait_group(1)
                 _barrier()  # this tile's keys are visible; every thread is done with the last one's values
-                stage = (2 * it) % 3
+                stage = (2 * it) % 3  # this tile's keys (its values: the next slot)
                 _copy_tile(kbuf, vbuf, (stage + 2) % 3, cbuf.index(0), sbuf.index(0), k_ptr, v_ptr, cos_ptr, sin_ptr,
                            k_off, v_off, c_off, s_off, sk_s, sv_s, sc_s, ssn_s, lo + (it + 1) * 64, hi, LAT, KW, VW,
                            HALF, LCK, LCV, LCC, TABLES, False)
@@ -476,14 +476,15 @@ def default_knobs(bits: int, heads: int, rank: int, heads_per_program: int = 0, 
     copy per stage takes 128 KB at rank 128, one program per SM).
 
     Several heads per group: two of a group per program (they share its latent tile, read once;
-    one head per program reads it twice, from L2 at best: B=8 x 32k at gs2, fp16 0.83-0.88 ms
-    against 0.97-1.07, and 4.6 ms against 3.6 at 128k, where the heads' programs drift apart);
-    rows copied with each stage for 4-bit latents (0.80 ms against 0.85 from registers), loaded a
-    tile ahead into registers for plain ones (the shared memory holds each head's ``[Wa | Wb]``)."""
+    one head per program reads it twice, from L2 at best: B=8 x 32k at gs2, fp16 0.82-0.86 ms
+    against 0.97-1.07, and 3.5 ms against 4.6 at 128k, where the heads' programs drift apart);
+    rows copied with each stage for 4-bit latents (0.77-0.80 ms against 0.85 from registers),
+    loaded a tile ahead into registers for plain ones (the shared memory holds each head's
+    ``[Wa | Wb]``; with equal key and value ranks they take the three-slot ring)."""
     if group_size > 1:
         hpp = heads_per_program if heads_per_program in (1, 2) else 2
         hpp = hpp if group_size % hpp == 0 else 1
-        if tables not in (0, 1, 2):  # (gs2, B=8 x 32k: fp16 0.83-0.88 ms, 4-bit 0.80 with rows copied)
+        if tables not in (0, 1, 2):
             tables = 1 if bits == 4 else (0 if hpp == 2 else 2)
         return hpp, tables
     hpp = heads_per_program if heads_per_program in (1, 2) else (2 if rank <= 64 else 1)
@@ -530,7 +531,7 @@ def launch(q, lk, kl, vl, cos, sin, mask_kind, mask, sm_b, sm_k, scale, out, nsp
                   MASK_KIND=mask_kind, DIRECT=nsplit == 1, BF16=q.dtype == torch.bfloat16,
                   RUN_K=thread_run_layout(kw), RUN_V=thread_run_layout(vw), CS_L=thread_run_layout(half),
                   LCK=copy_layout(kw, eb), LCV=copy_layout(vw, eb), LCC=copy_layout(half, tb),
-                  SWK=_swizzle(kw, eb), SWV=_swizzle(vw, eb), SWC=_swizzle(half, tb),
+                  SWK=swizzled_layout(kw, eb), SWV=swizzled_layout(vw, eb), SWC=swizzled_layout(half, tb),
                   HV_L=head_columns_layout(hpp if groups == Hq else 1), TABLES=tables,
                   RING3=bits == 16 and groups < Hq and hpp == 2 and tables == 0 and rk == rv, num_warps=4)
     if max_regs:  # ptxas's register cap: more programs per SM

@@ -104,12 +104,11 @@ def copy_layout(width: int, elem_bytes: int):
     return gl.BlockedLayout([1, min(vec, width)], [32 // tw, tw], [4, 1], [1, 0])
 
 
-def _swizzle(width: int, elem_bytes: int):
+def swizzled_layout(width: int, elem_bytes: int):
     """XOR of 16-byte chunks by row: a quad's row runs hit distinct banks across rows."""
     vec = max(1, 16 // elem_bytes)
     chunks = max(1, width // vec)
     return gl.SwizzledSharedLayout(vec=vec, per_phase=1, max_phase=min(8, chunks), order=[1, 0])
-
 
 
 if HAVE_GLUON:

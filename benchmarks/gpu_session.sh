@@ -45,6 +45,7 @@
 #                                      # and values in one buffer (.ab/old), carried; tests
 #   bash benchmarks/gpu_session.sh 44  # the kept ring (dynamic slots): tests, MHA smoke, A/B against Triton, the gs2 rows
 #   bash benchmarks/gpu_session.sh 45  # after review: Gluon RoPE tests (two more three-slot-ring cases), gs2 A/B
+#   bash benchmarks/gpu_session.sh 46  # gs1 at rank ratio 1.0 (rank 128): cos/sin in one copy buffer (new default) or per stage
 set -u
 export PYTHONPATH=.
 OUT=${OUT:-/tmp/palu_gpu}
@@ -305,6 +306,10 @@ case "${1:-1}" in
 39)
     step rope_tests 100 python -m pytest -q tests/kernels/test_gluon_rope.py
     step rope_ab 90 python -u benchmarks/kernel_ab.py --cases rope4 --rounds 3 --variant rope4:triton=gluon=false
+    ;;
+46)
+    step rope_ab_r128 120 python -u benchmarks/kernel_ab.py --rank-ratio 1.0 --cases rope rope4 --rounds 3 \
+        --variant rope:t1=gluon_rope_tables=1 --variant rope:triton=gluon=false --variant rope4:triton=gluon=false
     ;;
 45)
     step rope_tests 150 python -m pytest -q tests/kernels/test_gluon_rope.py

@@ -25,6 +25,7 @@ import torch
 from tabulate import tabulate
 
 sys.path.insert(0, os.path.dirname(__file__))
+import attention  # noqa: E402
 from attention import gpu_time, latent_case, quantized, run_ours, run_ours_quant  # noqa: E402
 
 import palu_fx  # noqa: E402
@@ -59,7 +60,8 @@ def main() -> None:
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--ctx", type=int, default=32768)
-    ap.add_argument("--gs", type=int, default=1, help="KV heads per latent group (rank = gs x 64)")
+    ap.add_argument("--gs", type=int, default=1, help="KV heads per latent group")
+    ap.add_argument("--rank-ratio", type=float, default=0.5, help="rank = ratio x gs x 128")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tag", default="")
     ap.add_argument("--no-mask", action="store_true", help="no attention mask (attention.py's table has none)")
@@ -68,13 +70,14 @@ def main() -> None:
     B, S = args.batch, args.ctx
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (interpreter)"
     print(f"{device}, torch {torch.__version__}, palu_fx at {os.path.dirname(palu_fx.__file__)}; "
-          f"B={B}, {S} tokens, 32 heads, d128, rank ratio 0.5, gs{args.gs}, "
+          f"B={B}, {S} tokens, 32 heads, d128, rank ratio {args.rank_ratio}, gs{args.gs}, "
           f"{'no mask' if args.no_mask else 'additive mask'}; "
           f"median ms of {args.rounds} interleaved rounds", flush=True)
     rows = []
     for case in args.cases:
         rope, bits = CASES[case]
-        r = 64 * args.gs
+        attention.RANK_RATIO = args.rank_ratio  # (latent_case reads it)
+        r = int(args.rank_ratio * args.gs * 128)
         base = choose_config(rope, args.gs, r, r, 128, args.gs, False, quantized=bits > 0)
         cfgs = {"default": base}
         for vcase, name, kw in args.variant:

@@ -473,7 +473,8 @@ def default_knobs(bits: int, heads: int, rank: int, heads_per_program: int = 0, 
     plain ones (whose copy stages fill the shared memory). One head where the head count is odd
     or ``rank`` (the larger of the key and value ranks) is over 64 (two heads would spill
     registers), its rows copied with each stage (one buffer for plain latents over rank 64: a
-    copy per stage takes 128 KB at rank 128, one program per SM).
+    copy per stage takes 128 KB at rank 128, one program per SM; B=8 x 32k at rank 128: 1.07 ms
+    against 1.48, and 1.28 for the Triton kernel).
 
     Several heads per group: two of a group per program (they share its latent tile, read once;
     one head per program reads it twice, from L2 at best: B=8 x 32k at gs2, fp16 0.82-0.86 ms

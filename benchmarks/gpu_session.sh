@@ -46,6 +46,7 @@
 #   bash benchmarks/gpu_session.sh 44  # the kept ring (dynamic slots): tests, MHA smoke, A/B against Triton, the gs2 rows
 #   bash benchmarks/gpu_session.sh 45  # after review: Gluon RoPE tests (two more three-slot-ring cases), gs2 A/B
 #   bash benchmarks/gpu_session.sh 46  # gs1 at rank ratio 1.0 (rank 128): cos/sin in one copy buffer (new default) or per stage
+#   bash benchmarks/gpu_session.sh 47  # the B=32 x 128k gs2 rows with 4-bit latents (quantize_packed in place: they ran out of memory)
 set -u
 export PYTHONPATH=.
 OUT=${OUT:-/tmp/palu_gpu}
@@ -306,6 +307,10 @@ case "${1:-1}" in
 39)
     step rope_tests 100 python -m pytest -q tests/kernels/test_gluon_rope.py
     step rope_ab 90 python -u benchmarks/kernel_ab.py --cases rope4 --rounds 3 --variant rope4:triton=gluon=false
+    ;;
+47)
+    step table_b32 130 python -u benchmarks/attention.py --no-sweep --defaults-only --no-prefill --no-naive \
+        --quant-bits 4 --shapes llama2 --batch 32 --ctx 128k --gs 2 --budget-s 110
     ;;
 46)
     step rope_ab_r128 120 python -u benchmarks/kernel_ab.py --rank-ratio 1.0 --cases rope rope4 --rounds 3 \

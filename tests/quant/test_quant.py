@@ -157,6 +157,16 @@ def test_plain_tensor_forms_match_the_dataclass():
     assert torch.equal(dequantize_packed(codes, scale, zero, 3, 16), dequantize(q))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_quantize_packed_leaves_its_input_alone(dtype):
+    # the codes are computed in place on a float32 copy: never on the caller's tensor
+    x = torch.randn(4, 64, generator=gen(10)).to(dtype)
+    before = x.clone()
+    codes, scale, zero = quantize_packed(x, 4, 32)
+    assert torch.equal(x, before)
+    assert (dequantize_packed(codes, scale, zero, 4, 32) - x.float()).abs().max() <= scale.float().max() / 2 + 1e-3
+
+
 def test_quantize_traces_without_data_dependent_branches():
     from torch.fx.experimental.proxy_tensor import make_fx
 

@@ -108,7 +108,7 @@ def quantize_packed(
     s = scale.float()
     # a constant group has scale 0: every code is 0 and x̂ = zero
     inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
-    # in place: one fp32 copy of x at a time (a 17 GB fp16 cache took 100 GB of temporaries)
+    # in place on the copy: out of place, the codes took three more float32 temporaries the size of x
     codes = xf.sub_(z[..., None]).mul_(inv[..., None]).round_().clamp_(0, qmax).to(torch.uint8)
     return pack_codes(codes.flatten(-2), bits, n), scale, zero
 

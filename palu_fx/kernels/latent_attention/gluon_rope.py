@@ -89,26 +89,27 @@ if HAVE_GLUON:
         return x
 
     @gluon.jit
+    def _copy_rows(buf, ptr, off, stride, start, hi, W: gl.constexpr, LC: gl.constexpr):
+        """Start the copy of a tile's rows (``W`` elements each, from ``ptr + off``) into ``buf``;
+        rows past ``hi`` are clamped to the last token (real memory, masked out of the scores)."""
+        t = gl.minimum(start + gl.arange(0, 64, layout=gl.SliceLayout(1, LC)), hi - 1).to(gl.int64)
+        c = gl.expand_dims(gl.arange(0, W, layout=gl.SliceLayout(0, LC)), 0)
+        _async_load(buf, ptr + off + gl.expand_dims(t, 1) * stride + c)
+
+    @gluon.jit
     def _copy_tile(kbuf, vbuf, slot0, cbuf, sbuf, k_ptr, v_ptr, cos_ptr, sin_ptr, k_off, v_off, c_off, s_off,
                    sk_s, sv_s, sc_s, ss_s, start, hi, LAT: gl.constexpr, KW: gl.constexpr, VW: gl.constexpr,
                    HALF: gl.constexpr, LCK: gl.constexpr, LCV: gl.constexpr, LCC: gl.constexpr,
                    TABLES: gl.constexpr, VALUES: gl.constexpr):
         """Start the copies of a tile's latents (each latent group's row segment; keys only unless
-        ``VALUES``) and cos/sin rows; rows past ``hi`` are clamped to the last token (real memory,
-        masked out of the scores)."""
-        tk = gl.minimum(start + gl.arange(0, 64, layout=gl.SliceLayout(1, LCK)), hi - 1).to(gl.int64)
-        ck = gl.expand_dims(gl.arange(0, KW, layout=gl.SliceLayout(0, LCK)), 0)
-        tv = gl.minimum(start + gl.arange(0, 64, layout=gl.SliceLayout(1, LCV)), hi - 1).to(gl.int64)
-        cv = gl.expand_dims(gl.arange(0, VW, layout=gl.SliceLayout(0, LCV)), 0)
+        ``VALUES``) and cos/sin rows."""
         for j in gl.static_range(LAT):
-            _async_load(kbuf.index(slot0 + j), k_ptr + k_off + j * KW + gl.expand_dims(tk, 1) * sk_s + ck)
+            _copy_rows(kbuf.index(slot0 + j), k_ptr, k_off + j * KW, sk_s, start, hi, KW, LCK)
             if VALUES:
-                _async_load(vbuf.index(slot0 + j), v_ptr + v_off + j * VW + gl.expand_dims(tv, 1) * sv_s + cv)
+                _copy_rows(vbuf.index(slot0 + j), v_ptr, v_off + j * VW, sv_s, start, hi, VW, LCV)
         if TABLES > 0:
-            tc = gl.minimum(start + gl.arange(0, 64, layout=gl.SliceLayout(1, LCC)), hi - 1).to(gl.int64)
-            cc = gl.expand_dims(gl.arange(0, HALF, layout=gl.SliceLayout(0, LCC)), 0)
-            _async_load(cbuf, cos_ptr + c_off + gl.expand_dims(tc, 1) * sc_s + cc)
-            _async_load(sbuf, sin_ptr + s_off + gl.expand_dims(tc, 1) * ss_s + cc)
+            _copy_rows(cbuf, cos_ptr, c_off, sc_s, start, hi, HALF, LCC)
+            _copy_rows(sbuf, sin_ptr, s_off, ss_s, start, hi, HALF, LCC)
 
     @gluon.jit
     def _table_rows(cos_ptr, sin_ptr, c_off, s_off, sc_s, ss_s, tok, hi, HALF: gl.constexpr, CS_L: gl.constexpr):
@@ -213,13 +214,6 @@ if HAVE_GLUON:
         o_i, z_i = _value_step(_value_tile(vbuf, RV, BITS, RUN_V, V_L, BF16, DT), p, alpha, o_i, z_i, sv, zv, jl, LAT,
                                RV, BITS, gl.SliceLayout(1, ACC))
         return m_i, l_i, o_i, z_i
-
-    @gluon.jit
-    def _copy_values(vbuf, v_ptr, v_off, sv_s, start, hi, VW: gl.constexpr, LCV: gl.constexpr):
-        """Start the copy of a tile's values (one latent group) into ``vbuf``."""
-        tv = gl.minimum(start + gl.arange(0, 64, layout=gl.SliceLayout(1, LCV)), hi - 1).to(gl.int64)
-        cv = gl.expand_dims(gl.arange(0, VW, layout=gl.SliceLayout(0, LCV)), 0)
-        _async_load(vbuf, v_ptr + v_off + gl.expand_dims(tv, 1) * sv_s + cv)
 
     @gluon.jit
     def _softmax_init(RV: gl.constexpr, ROW: gl.constexpr, V_L: gl.constexpr):
@@ -339,7 +333,7 @@ if HAVE_GLUON:
                        LCK, LCV, LCC, TABLES, not RING3)
             cp.commit_group()
         if RING3:
-            _copy_values(vbuf.index(1), v_ptr, v_off, sv_s, lo, hi, VW, LCV)
+            _copy_rows(vbuf.index(1), v_ptr, v_off, sv_s, lo, hi, VW, LCV)
             cp.commit_group()
 
         q_off = b * ss_b + g0
@@ -408,7 +402,7 @@ if HAVE_GLUON:
                 if RING3:
                     cp.wait_group(1)
                     _barrier()  # this tile's values are visible; every thread is done with its keys
-                    _copy_values(vbuf.index(stage), v_ptr, v_off, sv_s, lo + (it + 1) * 64, hi, VW, LCV)
+                    _copy_rows(vbuf.index(stage), v_ptr, v_off, sv_s, lo + (it + 1) * 64, hi, VW, LCV)
                     cp.commit_group()
                     vslot = (stage + 1) % 3
                 v = _value_tile(vbuf.index(vslot), RV, BITS, RUN_V, V_L, BF16, DT)

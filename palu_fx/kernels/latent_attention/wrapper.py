@@ -72,10 +72,11 @@ class KernelConfig:
     most 8 query heads per group, fp16 or bf16, on a GPU) run the Gluon kernel instead, with
     about gluon_heads query heads per one-warp program, gluon_block_s tokens per tile and
     gluon_stages copy stages (H200, B=8 x 32k: 0.162-0.169 ms against 0.416 for the Triton
-    kernel; RESULTS.md, issue 5); and calls ``gluon_rope.applies`` to (RoPE decode with one
-    query head per latent group, plain or 4-bit latents, fp16 or bf16, on a GPU) run the Gluon
-    RoPE kernel (B=8 x 32k: fp16 0.50-0.52 ms against 0.63-0.69 for the Triton kernel, 4-bit
-    0.52 against 0.69; RESULTS.md, issues 3 and 5), with gluon_rope_heads heads per
+    kernel; RESULTS.md, issue 5); and calls ``gluon_rope.applies`` to (RoPE decode in
+    multi-head attention at any group size, ranks up to 128, plain or 4-bit latents, fp16 or
+    bf16, on a GPU) run the Gluon RoPE kernel (B=8 x 32k at gs1: fp16 0.50-0.52 ms against
+    0.63-0.69 for the Triton kernel, 4-bit 0.52 against 0.69; at gs2 0.82 and 0.77-0.81 against
+    1.69 and 2.03; RESULTS.md, issues 3 and 5), with gluon_rope_heads heads per
     program (1 or 2; 0: ``gluon_rope.default_knobs``), gluon_rope_stages copy stages,
     gluon_rope_tables for where its cos/sin rows go (-1: the default; 0: registers, loaded a
     tile ahead; 1: copied with each stage; 2: one copy buffer) and gluon_rope_regs as ptxas's

@@ -8,8 +8,8 @@ Same arguments and result as ``quant_naive.quant_latent_attention_ref``. Paths:
   fp16 scales/zeros and dequantize each tile in registers (``common.load_latent``): the
   cache is streamed at its packed size, nothing is materialised (4-bit absorbed calls on a
   GPU where ``gluon_q4.applies``: the Gluon kernel of ``gluon_q4.py``, which reads the codes
-  into the tensor cores' operand layouts directly; 4-bit RoPE calls with one query head per
-  latent group where ``gluon_rope.applies``: the Gluon kernel of ``gluon_rope.py``);
+  into the tensor cores' operand layouts directly; 4-bit RoPE calls in multi-head attention
+  where ``gluon_rope.applies``: the Gluon kernel of ``gluon_rope.py``);
 * prefill-shaped calls dequantize the cache to the query dtype once and take the
   unquantized path (keys rebuilt + SDPA): compute bound, a one-off per prompt;
 * layouts the in-register decode does not cover also dequantize first, then run the

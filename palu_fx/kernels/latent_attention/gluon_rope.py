@@ -146,9 +146,9 @@ if HAVE_GLUON:
         return sk, zk, sv, zv, mr
 
     @gluon.jit
-    def _head_column(t, j: gl.constexpr, HPP: gl.constexpr, ROW: gl.constexpr):
-        """Column ``j`` of a [64, HPP] tile as a [64] row vector (a select and an in-thread sum)."""
-        hh = gl.arange(0, HPP, layout=gl.SliceLayout(0, t.type.layout))
+    def _head_column(t, j: gl.constexpr, W: gl.constexpr, ROW: gl.constexpr):
+        """Column ``j`` of a [64, W] tile as a [64] row vector (a select and an in-thread sum)."""
+        hh = gl.arange(0, W, layout=gl.SliceLayout(0, t.type.layout))
         return gl.convert_layout(gl.sum(gl.where(gl.expand_dims(hh == j, 0), t, 0.0), axis=1), ROW)
 
     @gluon.jit
@@ -248,7 +248,8 @@ if HAVE_GLUON:
         sc_b, sc_s, ssn_b, ssn_s, sm_b, sm_k, so_b, so_h,
         Hq, Skv, chunk, NSPLIT, scale,
         RK: gl.constexpr, RV: gl.constexpr, HALF: gl.constexpr, HPP: gl.constexpr, GS: gl.constexpr,
-        BITS: gl.constexpr, STAGES: gl.constexpr, MASK_KIND: gl.constexpr, DIRECT: gl.constexpr, BF16: gl.constexpr,
+        LAT: gl.constexpr, BITS: gl.constexpr, STAGES: gl.constexpr, MASK_KIND: gl.constexpr,
+        DIRECT: gl.constexpr, BF16: gl.constexpr,
         RUN_K: gl.constexpr, RUN_V: gl.constexpr, CS_L: gl.constexpr, LCK: gl.constexpr, LCV: gl.constexpr,
         LCC: gl.constexpr, SWK: gl.constexpr, SWV: gl.constexpr, SWC: gl.constexpr, HV_L: gl.constexpr,
         TABLES: gl.constexpr = 1, RING3: gl.constexpr = False,
@@ -256,8 +257,7 @@ if HAVE_GLUON:
         # k_ptr / v_ptr: plain latents (element strides) or the codes as int32 words (word
         # strides); ss_*: scales and zeros [B, S, groups] (shared strides, checked by the host).
         # GS query heads per latent group (each its own slice of the group's L_k); a program's HPP
-        # heads are in one group (GS > 1: they share its LAT = 1 latent tile) or each its own (GS 1)
-        LAT: gl.constexpr = HPP if GS == 1 else 1
+        # heads read LAT latent tiles: their own (GS 1, LAT = HPP) or their group's (GS > 1, LAT 1)
         PAIR: gl.constexpr = LAT == 1 and HPP == 2
         # RING3 (two heads on one group's plain latents, key and value ranks alike, tables 0): keys and
         # values take turns in a ring of three slots (copy n of K0, V0, K1, V1, .. into slot n % 3),
@@ -504,6 +504,7 @@ def launch(q, lk, kl, vl, cos, sin, mask_kind, mask, sm_b, sm_k, scale, out, nsp
     groups = lk.shape[0]
     rv = vl.channels // groups
     hpp = heads_per_program
+    lat = hpp if groups == Hq else 1  # latent tiles per program: one per head, or the group's
     bits = 4 if kl.bits == 4 else 16
     if bits == 4:
         kd, vd = kl.data.view(torch.int32), vl.data.view(torch.int32)
@@ -522,13 +523,13 @@ def launch(q, lk, kl, vl, cos, sin, mask_kind, mask, sm_b, sm_k, scale, out, nsp
             kd.stride(0), kd.stride(1), vd.stride(0), vd.stride(1), *ss,
             cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1), sm_b, sm_k, out.stride(0), out.stride(1),
             Hq, kd.shape[1], chunk, nsplit, float(scale))
-    consts = dict(RK=rk, RV=rv, HALF=half, HPP=hpp, GS=Hq // groups, BITS=bits, STAGES=2 if tables == 2 else stages,
-                  MASK_KIND=mask_kind, DIRECT=nsplit == 1, BF16=q.dtype == torch.bfloat16,
+    consts = dict(RK=rk, RV=rv, HALF=half, HPP=hpp, GS=Hq // groups, LAT=lat, BITS=bits,
+                  STAGES=2 if tables == 2 else stages, MASK_KIND=mask_kind, DIRECT=nsplit == 1, BF16=q.dtype == torch.bfloat16,
                   RUN_K=thread_run_layout(kw), RUN_V=thread_run_layout(vw), CS_L=thread_run_layout(half),
                   LCK=copy_layout(kw, eb), LCV=copy_layout(vw, eb), LCC=copy_layout(half, tb),
                   SWK=swizzled_layout(kw, eb), SWV=swizzled_layout(vw, eb), SWC=swizzled_layout(half, tb),
-                  HV_L=head_columns_layout(hpp if groups == Hq else 1), TABLES=tables,
-                  RING3=bits == 16 and groups < Hq and hpp == 2 and tables == 0 and rk == rv, num_warps=4)
+                  HV_L=head_columns_layout(lat), TABLES=tables,
+                  RING3=bits == 16 and lat == 1 and hpp == 2 and tables == 0 and rk == rv, num_warps=4)
     if max_regs:  # ptxas's register cap: more programs per SM
         consts["maxnreg"] = max_regs
     if probe:

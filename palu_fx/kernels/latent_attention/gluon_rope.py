@@ -524,7 +524,8 @@ def launch(q, lk, kl, vl, cos, sin, mask_kind, mask, sm_b, sm_k, scale, out, nsp
             cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1), sm_b, sm_k, out.stride(0), out.stride(1),
             Hq, kd.shape[1], chunk, nsplit, float(scale))
     consts = dict(RK=rk, RV=rv, HALF=half, HPP=hpp, GS=Hq // groups, LAT=lat, BITS=bits,
-                  STAGES=2 if tables == 2 else stages, MASK_KIND=mask_kind, DIRECT=nsplit == 1, BF16=q.dtype == torch.bfloat16,
+                  STAGES=2 if tables == 2 else stages, MASK_KIND=mask_kind, DIRECT=nsplit == 1,
+                  BF16=q.dtype == torch.bfloat16,
                   RUN_K=thread_run_layout(kw), RUN_V=thread_run_layout(vw), CS_L=thread_run_layout(half),
                   LCK=copy_layout(kw, eb), LCV=copy_layout(vw, eb), LCC=copy_layout(half, tb),
                   SWK=swizzled_layout(kw, eb), SWV=swizzled_layout(vw, eb), SWC=swizzled_layout(half, tb),

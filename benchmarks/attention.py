@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import gc
 import math
 import os
 import statistics
@@ -166,8 +167,12 @@ def rope_tables(S, D, theta=10000.0, interleaved=False):
     return ang.cos().to(DT), ang.sin().to(DT)
 
 
-def latent_case(Hq, Hkv, D, gs, B, S, rope, tables=None, mask=False):
-    """Positional op args at rank ratio 0.5 (rope: reconstruct mode, else absorbed)."""
+def latent_case(Hq, Hkv, D, gs, B, S, rope, tables=None, mask=False, with_lv=False):
+    """Positional op args at rank ratio 0.5 (rope: reconstruct mode, else absorbed).
+
+    ``with_lv``: as the pass calls the op, with each KV head's value reconstruction ``lv``
+    where the value rank passes the head dim (the pass folds ``L_v`` into ``o_proj`` only
+    up to the head dim)."""
     G = Hkv // gs
     r = int(RANK_RATIO * gs * D)
     hk = torch.randn(B, S, G * r, device=DEV, dtype=DT)
@@ -180,9 +185,13 @@ def latent_case(Hq, Hkv, D, gs, B, S, rope, tables=None, mask=False):
         q = torch.randn(B, Hq, 1, D, device=DEV, dtype=DT)
         lk = torch.randn(G, gs * D, r, device=DEV, dtype=DT) / math.sqrt(r)
         cos, sin = tables if tables is not None else rope_tables(S, D)
-        return (q, hk, hv, lk, None, cos, sin, None, m, D ** -0.5, 0.0, False, 1, 1e-6)
-    q = torch.randn(B, Hq, 1, r, device=DEV, dtype=DT)
-    return (q, hk, hv, None, None, None, None, None, m, r ** -0.5, 0.0, False, 0, 1e-6)
+        args = (q, hk, hv, lk, None, cos, sin, None, m, D ** -0.5, 0.0, False, 1, 1e-6)
+    else:
+        q = torch.randn(B, Hq, 1, r, device=DEV, dtype=DT)
+        args = (q, hk, hv, None, None, None, None, None, m, r ** -0.5, 0.0, False, 0, 1e-6)
+    if with_lv and r > D:
+        args += (torch.randn(Hkv, D, r, device=DEV, dtype=DT) / math.sqrt(r),)
+    return args
 
 
 def quantized(args, bits, group_size=None):
@@ -193,9 +202,9 @@ def quantized(args, bits, group_size=None):
     kg = group_size or hk.shape[-1] // G
     vg = group_size or hv.shape[-1] // G
     tail = rest[:6]  # k_bias, cos, sin, k_norm_weight, attn_mask, scale
-    softcap, causal, rope, eps = rest[6:]
+    softcap, causal, rope, eps, *lv = rest[6:]
     return (q, *quantize_packed(hk, bits, kg), *quantize_packed(hv, bits, vg), lk, *tail, bits, kg, bits, vg,
-            softcap, causal, rope, eps)
+            softcap, causal, rope, eps, *lv)
 
 
 def latent_bytes(Hkv, D, gs, B, S, bits=0):
@@ -313,10 +322,10 @@ def correctness(shapes):
     args = list(latent_case(Hq, Hkv, D, 2, 2, S, True))
     args[0], args[10] = q, 30.0
     ok &= check_case("33 queries, softcap (fused, query tiles)", args, 5e-3)
-    args = list(latent_case(Hq, Hkv, D, 4, 1, 1030, True))
+    args = list(latent_case(Hq, Hkv, D, 4, 1, 1030, True, with_lv=True))
     args[0] = torch.randn(1, Hq, 1030, D, device=DEV, dtype=DT)
     args[11] = True
-    ok &= check_case("prefill 1030 tokens causal gs4 (rebuild + SDPA)", args, 5e-3)
+    ok &= check_case("prefill 1030 tokens causal gs4 (keys and values rebuilt + SDPA)", args, 5e-3)
     args = [a.to(torch.bfloat16) if torch.is_tensor(a) and a.is_floating_point() else a
             for a in latent_case(Hq, Hkv, D, 2, 2, S, True)]
     ok &= check_case("bf16 gs2 rope", args, 2.5e-2)
@@ -416,7 +425,7 @@ def quant_correctness(shapes):
     args = list(quantized(latent_case(Hq, Hkv, D, 2, 2, S, True), 4))
     args[0], args[18] = torch.randn(2, Hq, 33, D, device=DEV, dtype=DT), 30.0
     ok &= check_case("q4 33 queries, softcap (fused, query tiles)", args, 5e-3, quant=True)
-    args = list(quantized(latent_case(Hq, Hkv, D, 4, 1, 1030, True), 3, 32))
+    args = list(quantized(latent_case(Hq, Hkv, D, 4, 1, 1030, True, with_lv=True), 3, 32))
     args[0], args[19] = torch.randn(1, Hq, 1030, D, device=DEV, dtype=DT), True
     ok &= check_case("q3 prefill 1030 tokens causal gs4 (dequantize + SDPA)", args, 5e-3, quant=True)
     args = [a.to(torch.bfloat16) if torch.is_tensor(a) and a.is_floating_point() and i not in (2, 3, 5, 6) else a
@@ -540,6 +549,18 @@ def model_args_diag(run, args, label, cfg=None):
 
 
 # ------------------------------------------------------------------ table
+def held() -> str:
+    """What the GPU still holds between rows (B=32 x 128k 4-bit rows ran out of memory with
+    121 GiB allocated; each row's inputs should be gone by then): allocated GiB, and after a
+    garbage collection if that frees any (a reference cycle keeping tensors alive)."""
+    if DEV != "cuda":
+        return ""
+    before = torch.cuda.memory_allocated()
+    gc.collect()
+    after = torch.cuda.memory_allocated()
+    return f"  [held {before / 2**30:.1f} GiB" + (f", {after / 2**30:.1f} after gc]" if after < before else "]")
+
+
 def table(shapes, batches, contexts, ceilings, best, deadline, group_sizes=(1, 2, 4), bit_widths=(0,)):
     """Rows per (shape, batch, context, group size, mode); ``bit_widths``: 0 = fp16 latents,
     2/3/4 = packed latents (the quantized op)."""
@@ -557,7 +578,7 @@ def table(shapes, batches, contexts, ceilings, best, deadline, group_sizes=(1, 2
                     print(f"  table: out of time at {sname} B={B} S={S}")
                     return naive_column(rows, naive_jobs)
                 t_sdpa, sdpa_name = sdpa_time(Hq, Hkv, D, B, S)
-                print(f"  SDPA {sname} B={B} S={S}: {t_sdpa:.3f} ms ({sdpa_name})", flush=True)
+                print(f"  SDPA {sname} B={B} S={S}: {t_sdpa:.3f} ms ({sdpa_name}){held()}", flush=True)
                 tables = rope_tables(S, D)
                 for gs in group_sizes:
                     for rope, bits in [(r, b) for b in bit_widths for r in (True, False)]:
@@ -566,7 +587,7 @@ def table(shapes, batches, contexts, ceilings, best, deadline, group_sizes=(1, 2
                                                                                             latent_attention_ref)
 
                         def case():
-                            a = latent_case(Hq, Hkv, D, gs, B, S, rope, tables)
+                            a = latent_case(Hq, Hkv, D, gs, B, S, rope, tables, with_lv=True)
                             return quantized(a, bits) if bits else a
 
                         sets, t_ours, timed, best_cfg = [], float("nan"), [], None
@@ -597,8 +618,8 @@ def table(shapes, batches, contexts, ceilings, best, deadline, group_sizes=(1, 2
                         rows.append([sname, B, f"{S // 1024}k", gs, mode,
                                      t_ours, t_sdpa, float("nan"), t_sdpa / t_ours, f_bytes, f_flops,
                                      max(f_bytes, f_flops) / t_ours])
-                        print("  " + " ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in rows[-1]),
-                              flush=True)
+                        print("  " + " ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in rows[-1])
+                              + held(), flush=True)
                 if DEV == "cuda":
                     torch.cuda.empty_cache()
     return naive_column(rows, naive_jobs)
@@ -610,7 +631,7 @@ def naive_column(rows, jobs):
     later; the GPU's clocks after 30 ms calls of fp32 work, by all signs)."""
     for i, ref, (Hq, Hkv, D, gs, B, S, rope, bits) in jobs:
         try:
-            a = latent_case(Hq, Hkv, D, gs, B, S, rope)
+            a = latent_case(Hq, Hkv, D, gs, B, S, rope, with_lv=True)
             rows[i][7] = eager_time(ref, quantized(a, bits) if bits else a)
         except torch.OutOfMemoryError:
             pass
@@ -621,8 +642,24 @@ def naive_column(rows, jobs):
 
 # ------------------------------------------------------------------ prefill
 def prefill_table(shapes, S_list, deadline):
-    """Causal prefill (B=1): rebuild keys + SDPA vs SDPA on full keys/values."""
+    """Causal prefill (B=1): the op as the pass calls it (keys rebuilt, values latent or, where
+    the value rank passes the head dim, rebuilt with ``lv``; then SDPA) against SDPA on full
+    keys/values, the faster of its flash and cuDNN backends."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     from palu_fx.kernels.latent_attention import wrapper as W
+
+    def full_sdpa(q, k, v, gqa):
+        best = float("inf")
+        for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION):
+            def call(backend=backend):
+                with sdpa_kernel([backend]):
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            try:
+                best = min(best, gpu_time(call, [()]))
+            except RuntimeError as e:  # a backend without this call on this torch
+                print(f"  sdpa {backend.name}: {str(e).splitlines()[0]}")
+        return best
 
     rows = []
     for sname, (Hq, Hkv, D) in shapes.items():
@@ -632,22 +669,35 @@ def prefill_table(shapes, S_list, deadline):
             q = torch.randn(1, Hq, S, D, device=DEV, dtype=DT)
             k = torch.randn(1, Hkv, S, D, device=DEV, dtype=DT)
             v = torch.randn(1, Hkv, S, D, device=DEV, dtype=DT)
-            t_full = gpu_time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                                                     enable_gqa=Hq != Hkv), [()])
+            t_full = full_sdpa(q, k, v, Hq != Hkv) if DEV == "cuda" else \
+                gpu_time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=Hq != Hkv), [()])
+            del k, v
             tables = rope_tables(S, D)
             for gs in (1, 2, 4):
-                args = list(latent_case(Hq, Hkv, D, gs, 1, S, True, tables))
+                args = list(latent_case(Hq, Hkv, D, gs, 1, S, True, tables, with_lv=True))
                 args[0], args[11] = q, True
                 t_ours = gpu_time(lambda: latent_attention_triton(*args), [()])
-                hk, lk, cos, sin = args[1], args[3], args[5], args[6]
+                hk, hv, lk, cos, sin = args[1], args[2], args[3], args[5], args[6]
+                lv = args[14] if len(args) > 14 else None
                 p = W._parts(q, lk, None, cos, sin, None, 1, 1, S, DEV == "cpu", DT)
                 rv = hk.shape[-1] // lk.shape[0]
-                width = W.prefill_key_width(q, rv, None, True, Hq != Hkv, DT)
+                width = W.prefill_key_width(q, D if lv is not None else rv, None, True, Hq != Hkv, DT)
                 t_keys = gpu_time(lambda: W.rebuild_keys(hk, lk, None, cos, sin, None, 1e-6, p, width, DT,
                                                          DEV == "cpu"), [()])
-                rows.append([sname, f"{S // 1024}k", gs, rv, t_ours, t_keys, t_full, t_ours / t_full - 1])
+                t_vals = float("nan")
+                if lv is not None:
+                    lv_g = lv.reshape(lk.shape[0], -1, rv)
+                    pv = W._parts(q, lv_g, None, None, None, None, 0, 1, S, DEV == "cpu", DT, head_dim=D)
+                    t_vals = gpu_time(lambda: W.rebuild_keys(hv, lv_g, None, pv["cos"], pv["sin"], None, 1e-6, pv, D,
+                                                             DT, DEV == "cpu"), [()])
+                rows.append([sname, f"{S // 1024}k", gs, rv, "rebuilt" if lv is not None else "latent", t_ours,
+                             t_keys, t_vals, t_full, t_ours / t_full - 1])
                 print("  " + " ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in rows[-1]), flush=True)
     return rows
+
+
+PREFILL_HEADS = ["shape", "ctx", "gs", "rank v", "values", "ours ms", "keys ms", "values ms", "SDPA full ms",
+                 "overhead"]
 
 
 def main():
@@ -702,8 +752,7 @@ def main():
     print(header, flush=True)
     if a.prefill_only:
         prows = prefill_table(shapes, pre_s, deadline)
-        print(tabulate(prows, ["shape", "ctx", "gs", "rank v", "ours ms", "keys ms", "SDPA full ms", "overhead"],
-                       floatfmt=".3f", tablefmt="github"), flush=True)
+        print(tabulate(prows, PREFILL_HEADS, floatfmt=".3f", tablefmt="github"), flush=True)
         return
     quant_ok = True
     if a.check or a.check_only:
@@ -730,9 +779,10 @@ def main():
                     f"rank ratio {RANK_RATIO}",
             tabulate(rows, heads, floatfmt=".3f", tablefmt="github")]
     if prows:
-        text += ["", "prefill (B=1, causal, RoPE): ours = rebuild keys + SDPA; keys = the rebuild kernel alone",
-                 tabulate(prows, ["shape", "ctx", "gs", "rank v", "ours ms", "keys ms", "SDPA full ms", "overhead"],
-                          floatfmt=".3f", tablefmt="github")]
+        text += ["", "prefill (B=1, causal, RoPE): ours = the op (keys rebuilt; values latent, or rebuilt where "
+                 "the value rank passes the head dim; then SDPA); keys / values ms = the rebuild kernel alone; "
+                 "SDPA full = the faster of flash and cuDNN",
+                 tabulate(prows, PREFILL_HEADS, floatfmt=".3f", tablefmt="github")]
     if best:
         text += ["", "tuned configs: " + "; ".join(f"{k}: {v}" for k, v in best.items())]
     text.append(f"correctness: {'all ok' if ok else 'FAILURES (see log)'}")

@@ -47,6 +47,10 @@
 #   bash benchmarks/gpu_session.sh 45  # after review: Gluon RoPE tests (two more three-slot-ring cases), gs2 A/B
 #   bash benchmarks/gpu_session.sh 46  # gs1 at rank ratio 1.0 (rank 128): cos/sin in one copy buffer (new default) or per stage
 #   bash benchmarks/gpu_session.sh 47  # the B=32 x 128k gs2 rows with 4-bit latents (quantize_packed in place: they ran out of memory)
+#   bash benchmarks/gpu_session.sh 48  # values rebuilt by the op where rank_v > head dim (lv): kernel GPU tests, model
+#                                      # smoke (gs "all" takes lv), the prefill table
+#   bash benchmarks/gpu_session.sh 49  # decode rows with lv (gs4, B=8 x 32k); the B=32 x 128k 4-bit rows, with what the
+#                                      # GPU holds between rows
 set -u
 export PYTHONPATH=.
 OUT=${OUT:-/tmp/palu_gpu}
@@ -59,6 +63,18 @@ step() {  # name, time limit (s), command...
     grep -v -i warn "$OUT/$name.log" | grep -E "^\[|^\||rel err|smoke|speedup|ms/step|identical|diag|FAIL|Error|^rc|---|path|shape" | tail -40
 }
 case "${1:-1}" in
+49)
+    step table_gs4 150 python -u benchmarks/attention.py --no-sweep --defaults-only --no-prefill --no-naive \
+        --quant-bits 4 --shapes llama2 --batch 8 --ctx 32k --gs 4 --budget-s 120
+    step table_b32 150 python -u benchmarks/attention.py --no-sweep --defaults-only --no-prefill --no-naive \
+        --quant-bits 4 --shapes llama2 --batch 32 --ctx 128k --gs 2 --budget-s 130
+    ;;
+48)
+    step kernel_tests 220 python -m pytest -q tests/kernels/test_latent_attention.py \
+        tests/kernels/test_quant_latent_attention.py tests/kernels/test_prefill_dispatch.py
+    step smoke 120 python -u benchmarks/gpu_smoke.py
+    step prefill_table 220 python -u benchmarks/attention.py --prefill-only --budget-s 190
+    ;;
 1)
     step smoke 120 python -u benchmarks/gpu_smoke.py
     step decode8 420 python -u benchmarks/decode.py --layers 8 --batch 8 --context 16384 --steps 20 --profile

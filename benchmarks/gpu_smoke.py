@@ -2,7 +2,8 @@
 with the PyTorch reference (PALU_FX_KERNEL=reference), prefill and decode, fp16.
 
 Every config runs on its own and reports its error (Python traceback first), so one failure
-does not hide the others. ``--mha``: 8 KV heads (no GQA sharing), gs1 and gs2 with and without
+does not hide the others. Group size "all" at rank ratio 0.5 has value rank 128 for head dim
+64: the op rebuilds those values itself (``lv``) instead of a folded o_proj. ``--mha``: 8 KV heads (no GQA sharing), gs1 and gs2 with and without
 4-bit latents, and a count of the Gluon RoPE kernel's launches (the path those calls take on a
 GPU). Without CUDA it runs the same check on the CPU in fp32 with the Triton interpreter (set
 TRITON_INTERPRET=1; small sizes), to check the script itself.
@@ -36,7 +37,7 @@ print(f"exported in {time.time() - t0:.0f}s", flush=True)
 ids = torch.randint(3, 512, (2, total), device=dev)
 rows, failed = [], []
 configs = ((1.0, 1, None), (0.5, 1, None), (0.5, 1, 4), (0.5, 2, None), (0.5, 2, 4)) if MHA else (
-    (1.0, 1, None), (0.5, 1, None), (0.5, 2, None), (0.5, "all", None))
+    (1.0, 1, None), (0.5, 1, None), (0.5, 2, None), (0.5, "all", None), (0.5, "all", 4))
 for ratio, group, bits in configs:
     try:
         ep2 = palu_fx.compress_exported(ep, palu_fx.PaluConfig(rank_ratio=ratio, group_size=group, bits=bits))

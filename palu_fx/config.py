@@ -47,7 +47,9 @@ class PaluConfig:
             ``"energy"`` (whitened singular-value water-filling). Non-uniform allocators
             need calibration data.
         fold_values: fold the value reconstruction into the output projection when the
-            graph allows it (else values are rebuilt after attention).
+            graph allows it and the value rank is at most the head dim; elsewhere (or with
+            ``False``) the attention op rebuilds the values itself, since a fold would widen
+            ``o_proj`` and ``P @ hv`` by ``rank / head_dim``.
         bits: quantize the cached latents to ``2``, ``3`` or ``4`` bits per channel
             (per-token asymmetric, fp16 scale and zero per channel group; see
             ``palu_fx.quant``). ``None`` (default) keeps them in the model's dtype.

@@ -44,12 +44,15 @@ def latent_attention(
     is_causal: bool = False,
     rope_style: int = 0,
     k_norm_eps: float = 1e-6,
+    lv: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Attention over a latent KV cache; returns ``[B, Hq, Sq, rv]`` (value-latent space).
+    """Attention over a latent KV cache; returns ``[B, Hq, Sq, rv]`` (value-latent space), or
+    ``[B, Hq, Sq, Dv]`` with the values' reconstruction ``lv [Hkv, Dv, rv]``.
 
     Shapes and semantics: ``palu_fx.kernels.latent_attention.naive``.
     """
-    args = (q, hk, hv, lk, k_bias, cos, sin, k_norm_weight, attn_mask, scale, softcap, is_causal, rope_style, k_norm_eps)
+    args = (q, hk, hv, lk, k_bias, cos, sin, k_norm_weight, attn_mask, scale, softcap, is_causal, rope_style, k_norm_eps,
+            lv)
     if kernel_choice(q.device) == "triton":
         from palu_fx.kernels.latent_attention import triton_latent_attention
 
@@ -59,11 +62,11 @@ def latent_attention(
 
 @latent_attention.register_fake
 def _latent_attention_fake(q, hk, hv, lk, k_bias, cos, sin, k_norm_weight, attn_mask, scale, softcap=0.0,
-                           is_causal=False, rope_style=0, k_norm_eps=1e-6):
+                           is_causal=False, rope_style=0, k_norm_eps=1e-6, lv=None):
     B, Hq, Sq, Dq = q.shape
     groups = lk.shape[0] if lk is not None else hk.shape[-1] // Dq
     torch._check(hv.shape[-1] % groups == 0, lambda: "hv's last dim must be groups * rank_v")
-    return q.new_empty(B, Hq, Sq, hv.shape[-1] // groups)
+    return q.new_empty(B, Hq, Sq, hv.shape[-1] // groups if lv is None else lv.shape[1])
 
 
 @torch.library.custom_op("palu::cache_update", mutates_args=())
@@ -129,8 +132,10 @@ def quant_latent_attention(
     attn_mask: Optional[torch.Tensor], scale: float,
     k_bits: int, k_group_size: int, v_bits: int, v_group_size: int,
     softcap: float = 0.0, is_causal: bool = False, rope_style: int = 0, k_norm_eps: float = 1e-6,
+    lv: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """``palu::latent_attention`` over a quantized latent cache; returns ``[B, Hq, Sq, rv]``.
+    """``palu::latent_attention`` over a quantized latent cache; returns ``[B, Hq, Sq, rv]``
+    (``[B, Hq, Sq, Dv]`` with ``lv``).
 
     ``hk_codes`` uint8 ``[B, Skv, code_bytes]`` with fp16 ``hk_scale``/``hk_zero``
     ``[B, Skv, G*rk // k_group_size]`` (the same for the values); shapes and semantics:
@@ -141,7 +146,8 @@ def quant_latent_attention(
     ``kernels/latent_attention/quant.py``); otherwise the reference dequantizes and attends.
     """
     args = (q, hk_codes, hk_scale, hk_zero, hv_codes, hv_scale, hv_zero, lk, k_bias, cos, sin, k_norm_weight,
-            attn_mask, scale, k_bits, k_group_size, v_bits, v_group_size, softcap, is_causal, rope_style, k_norm_eps)
+            attn_mask, scale, k_bits, k_group_size, v_bits, v_group_size, softcap, is_causal, rope_style, k_norm_eps,
+            lv)
     if kernel_choice(q.device) == "triton":
         from palu_fx.kernels.latent_attention import triton_quant_latent_attention
 
@@ -154,8 +160,8 @@ def quant_latent_attention(
 @quant_latent_attention.register_fake
 def _quant_latent_attention_fake(q, hk_codes, hk_scale, hk_zero, hv_codes, hv_scale, hv_zero, lk, k_bias, cos, sin,
                                  k_norm_weight, attn_mask, scale, k_bits, k_group_size, v_bits, v_group_size,
-                                 softcap=0.0, is_causal=False, rope_style=0, k_norm_eps=1e-6):
+                                 softcap=0.0, is_causal=False, rope_style=0, k_norm_eps=1e-6, lv=None):
     B, Hq, Sq, Dq = q.shape
     ck, cv = hk_scale.shape[-1] * k_group_size, hv_scale.shape[-1] * v_group_size
     groups = lk.shape[0] if lk is not None else ck // Dq
-    return q.new_empty(B, Hq, Sq, cv // groups)
+    return q.new_empty(B, Hq, Sq, cv // groups if lv is None else lv.shape[1])

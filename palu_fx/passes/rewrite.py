@@ -9,7 +9,8 @@ For each site (all new nodes are inserted just before the attention op):
     cos_cache.index_copy_(1, pos, cos)   RoPE only: the rotary coefficients of each slot,
                                          shared by every layer that uses the same table
     z = palu::latent_attention(q, latent_k, latent_v, L_k, ...)   [B, Hq, Sq, rv]
-    out = z @ L_vᵀ (+ b_v)  -> old users; or folded into the output projection
+    z folded into the output projection (rv <= Dv and the graph allows it); else
+    out = palu::latent_attention(..., L_v) (+ b_v)  [B, Hq, Sq, Dv] -> old users
 
 Models without RoPE or k-norm absorb ``L_k`` into the query (``q' = q @ L_k``) and attend in
 latent space. The old caches, projections and attention nodes become dead and are removed;
@@ -174,19 +175,28 @@ def rewrite_site(graph: fx.Graph, site: AttentionSite, sp: SitePlan, editor: Sta
         if quantized:
             (kc, ks, kz), (vc, vs, vz) = quantized["k"], quantized["v"]
             gk, gv = quant_group_size or kf.rank, quant_group_size or vf.rank
-            z = b.call(palu.quant_latent_attention.default, q, kc, ks, kz, vc, vs, vz, lk, k_bias, cos, sin, knw,
-                       mask, call.scale, bits, gk, bits, gv, call.softcap, call.is_causal, style, eps)
+            op, args = palu.quant_latent_attention.default, (q, kc, ks, kz, vc, vs, vz, lk, k_bias, cos, sin, knw,
+                                                             mask, call.scale, bits, gk, bits, gv)
         else:
-            z = b.call(palu.latent_attention.default, q, hk, hv, lk, k_bias, cos, sin, knw, mask, call.scale,
-                       call.softcap, call.is_causal, style, eps)
-        folded = fold and fold_value_into_output(graph, b, site, sp, z, editor)
+            op, args = palu.latent_attention.default, (q, hk, hv, lk, k_bias, cos, sin, knw, mask, call.scale)
+        args += (call.softcap, call.is_causal, style, eps)
+        # Folding L_v into o_proj widens it by rv / Dv where the value rank passes the head dim
+        # (rank ratio 0.5 at 4 heads per group: rv = 256 for Dv = 128), and P @ hv with it;
+        # there the op takes L_v and returns Dv-wide heads instead, so o_proj stays as it was.
+        folded = False
+        if fold and vf.rank <= Dv:
+            z = b.call(op, *args)
+            folded = fold_value_into_output(graph, b, site, sp, z, editor)
+            if not folded:  # nothing else was touched: attend with lv below instead
+                graph.erase_node(z)
         if not folded:
-            Lv = editor.add_param(f"palu_{p}_v_up", _per_query_head(vf.L, Hq, Hkv, Dv).transpose(1, 2).contiguous().to(dt))
-            out = b.call(aten.matmul.default, z, Lv)
+            # [G, gs*Dv, rv] -> [Hkv, Dv, rv]: rows of a group are its KV heads' dims in order
+            Lv = editor.add_param(f"palu_{p}_v_up", vf.L.reshape(Hkv, Dv, vf.rank).to(dt))
+            out = b.call(op, *args, Lv)
             if vf.bias is not None:
                 bq = vf.bias.view(Hkv, 1, Dv).repeat_interleave(Hq // Hkv, 0)
                 out = b.call(aten.add.Tensor, out, editor.add_param(f"palu_{p}_v_bias", bq.to(dt)))
-            call.output.replace_all_uses_with(out)
+            call.output.replace_all_uses_with(_laid_out_as(b, out, val(call.output)))
     # fused attention variants return tuples: drop the unread extras (logsumexp...) with it
     for n in call.nodes:
         for u in list(n.users):
@@ -194,6 +204,29 @@ def rewrite_site(graph: fx.Graph, site: AttentionSite, sp: SitePlan, editor: Sta
                 graph.erase_node(u)
     return SiteResult(p, site.index, site.rope_kind, Hq, Hkv, sp.group_size, kf.rank, vf.rank, D,
                       site.key_cache is not None, absorbed, folded, before, after, table_bytes)
+
+
+def _laid_out_as(b: NodeBuilder, node: fx.Node, like) -> fx.Node:
+    """``node`` copied into the memory order of ``like`` where that is a permuted contiguous
+    layout: the graph after attention may ``view`` its output on the strength of its strides
+    (SDPA returns [B, H, S, D] heads in [B, S, H, D] memory), where the op's are contiguous."""
+    try:
+        strides, sizes = [int(s) for s in like.stride()], [int(s) for s in like.shape]
+    except (TypeError, RuntimeError):  # symbolic strides: leave the op's layout
+        return node
+    if like.is_contiguous():
+        return node
+    order = sorted(range(len(strides)), key=lambda d: -strides[d])  # stable: ties keep their order
+    expect, ok = 1, True
+    for d in reversed(order):
+        ok &= sizes[d] == 1 or strides[d] == expect
+        expect *= sizes[d]
+    if not ok:
+        return node
+    inverse = [order.index(d) for d in range(len(order))]
+    moved = b.call(aten.clone.default, b.call(aten.permute.default, node, order),
+                   memory_format=torch.contiguous_format)
+    return b.call(aten.permute.default, moved, inverse)
 
 
 def _write_slots(b: NodeBuilder, buf: fx.Node, cache, value: fx.Node) -> fx.Node:

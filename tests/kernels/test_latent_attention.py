@@ -81,8 +81,9 @@ def _rope_tables(B, Skv, rot, style, dtype, per_batch=False):
 
 def make_inputs(B=2, Hq=4, Hkv=2, gs=2, D=32, rk=32, rv=32, Sq=1, Skv=100, rope=1, rot=None, bias=False,
                 norm=False, mask=None, dtype=torch.float32, absorbed=False, softcap=0.0, causal=False,
-                per_batch_rope=False):
-    """Positional args of the op for one random case (``mask``: None/'bool'/'add'/a shape tag)."""
+                per_batch_rope=False, values=False):
+    """Positional args of the op for one random case (``mask``: None/'bool'/'add'/a shape tag;
+    ``values``: pass each KV head's value reconstruction ``lv`` too)."""
     G = Hkv // gs
     dev = DEVICE
 
@@ -107,7 +108,8 @@ def make_inputs(B=2, Hq=4, Hkv=2, gs=2, D=32, rk=32, rv=32, Sq=1, Skv=100, rope=
     elif mask == "bool-1d":
         m = torch.rand(Skv, device=dev) > 0.2
     scale = (rk if absorbed else D) ** -0.5
-    return (q, hk, hv, lk, kb, cos, sin, w, m, scale, softcap, causal, 0 if absorbed else rope, 1e-6)
+    args = (q, hk, hv, lk, kb, cos, sin, w, m, scale, softcap, causal, 0 if absorbed else rope, 1e-6)
+    return args + (rnd(Hkv, D, rv, s=rv ** -0.5),) if values else args
 
 
 def reference(args):
@@ -326,15 +328,46 @@ def test_prefill_half_precision(kern, case, mask):
         assert any(_UNPADDED.values()), _UNPADDED  # cuDNN took at least one kind unpadded
 
 
-def test_prefill_rebuilt_keys_match_reference(kern):
+@pytest.mark.parametrize("skv", [70, 150])  # interpreter: 2 chunks of 1 tile; of 2 tiles, the last past the end
+def test_prefill_rebuilt_keys_match_reference(kern, skv):
     from palu_fx.kernels.latent_attention.naive import reconstruct_keys
 
-    q, hk, hv, lk, kb, cos, sin, w, *_ = make_inputs(Skv=70, bias=True, norm=True, rot=16, rope=2)
-    p = kern._parts(q, lk, kb, cos, sin, w, 2, 2, 70, DEVICE == "cpu", q.dtype)
+    q, hk, hv, lk, kb, cos, sin, w, *_ = make_inputs(Skv=skv, bias=True, norm=True, rot=16, rope=2)
+    p = kern._parts(q, lk, kb, cos, sin, w, 2, 2, skv, DEVICE == "cpu", q.dtype)
     keys = kern.rebuild_keys(hk, lk, kb, p["cos"], p["sin"], w, 1e-6, p, 40, q.dtype, DEVICE == "cpu")
     ref = reconstruct_keys(hk.double(), lk.double(), kb.double(), cos.double(), sin.double(), w.double(), 32, 2, dtype=torch.float64)
     assert (keys[..., 32:] == 0).all()
     torch.testing.assert_close(keys[..., :32].double(), ref, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ values rebuilt by the op (lv)
+def test_lv_is_the_unfolded_value_projection():
+    # the reference's lv output is its latent output times L_v of each query head's KV head
+    args = make_inputs(Hq=8, Hkv=4, gs=2, rv=48, Sq=3, Skv=20, dtype=torch.float64, values=True)
+    z = latent_attention_ref(*args[:14])
+    lv = args[14]
+    want = torch.einsum("bhsr,hdr->bhsd", z, lv.repeat_interleave(2, dim=0))
+    torch.testing.assert_close(latent_attention_ref(*args), want, rtol=1e-12, atol=1e-12)
+
+
+LV_CASES = [
+    pytest.param(dict(Hq=4, Hkv=4, gs=4, rk=64, rv=64, D=32), id="mha-gs4-rv-gt-d"),
+    pytest.param(dict(Hq=8, Hkv=4, gs=2, rk=48, rv=48, rope=2, bias=True, norm=True), id="gqa-gs2-rv-gt-d"),
+    pytest.param(dict(Hq=4, Hkv=2, gs=1, rk=16, rv=16), id="gqa-gs1-rv-lt-d"),
+    pytest.param(dict(Hq=4, Hkv=4, gs=2, absorbed=True, rk=16, rv=48), id="absorbed-gs2"),
+]
+
+
+@pytest.mark.parametrize("shape", ["decode", "prefill"])
+@pytest.mark.parametrize("case", LV_CASES)
+def test_values_rebuilt_in_the_op(kern, case, shape):
+    # prefill rebuilds the values where rv > Dv (SDPA at the head dim), else attends in
+    # latent space and applies lv after, as decode always does
+    kw = dict(Sq=1, Skv=70, mask="bool") if shape == "decode" else dict(Sq=40, Skv=40, causal=True)
+    args = make_inputs(values=True, **case, **kw)
+    out = kern.latent_attention_triton(*args, config=cfg(kern, 2) if shape == "decode" else None)
+    assert out.shape[-1] == args[14].shape[1]
+    check(out, args)
 
 
 # ------------------------------------------------------------------ dispatch and plan

@@ -138,6 +138,21 @@ def test_prefill_dequantizes_then_unquantized_path(qk, absorbed):
     check(qk.quant_latent_attention_triton(*args), args)  # Sq * heads per group > the fused limit
 
 
+@pytest.mark.parametrize("shape", ["decode", "prefill"])
+def test_values_rebuilt_in_the_op(qk, shape, monkeypatch):
+    # lv (each KV head's value reconstruction): decode reads the packed codes in the kernel
+    # and applies lv after it; prefill dequantizes and rebuilds the values (rv 64 > Dv 32)
+    kw = dict(Sq=1, Skv=70) if shape == "decode" else dict(Sq=40, Skv=40, causal=True)
+    args = quant_inputs(k_bits=4, Hq=4, Hkv=4, gs=4, rk=64, rv=64, **kw)
+    lv = make_inputs(Hkv=4, gs=4, rv=64, values=True)[14]
+    args = args + (lv,)
+    if shape == "decode":
+        no_dequantize(qk, monkeypatch)
+    out = qk.quant_latent_attention_triton(*args, config=cfg(qk, 2) if shape == "decode" else None)
+    assert out.shape[-1] == 32
+    check(out, args)
+
+
 def test_op_runs_triton_when_forced(qk, monkeypatch):
     import palu_fx.ops  # noqa: F401  (registers torch.ops.palu)
 

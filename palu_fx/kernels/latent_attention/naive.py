@@ -12,12 +12,20 @@ gs heads per group, D head dim, rk / rv ranks per group, rot rotary dims):
     cos/sin [B or 1, Skv, rot]    rotary coefficients of each cached slot
     k_norm_weight [D]             effective RMSNorm weight applied to each rebuilt key head
     attn_mask broadcastable to [B, Hq, Sq, Skv]; bool (True = attend) or additive float
-    returns [B, Hq, Sq, rv]       attention output in value-latent space; the value
-                                  reconstruction L_v is folded into the output projection
+    lv      [Hkv, Dv, rv]         value reconstruction of each KV head (optional)
+    returns [B, Hq, Sq, rv]       attention output in value-latent space (the value
+                                  reconstruction L_v folded into the output projection), or
+            [B, Hq, Sq, Dv]       with ``lv``: that output times L_v of the head's KV head,
+                                  i.e. attention over the rebuilt values ``hv_g @ lv^T``
 
 Key pipeline per cached slot: k = hk_g @ lk_g^T (+ bias) -> RMSNorm (optional) -> RoPE on
 the first ``rot`` dims (optional) -> scores with q. Query head h reads KV head
 h // (Hq // Hkv) and value group h // (Hq // G).
+
+``lv`` is how a caller keeps ``o_proj`` as it was when folding would widen it: with
+``rv > Dv`` (rank ratio 0.5 at 4 heads per group has rv = 256 for Dv = 128) the folded
+projection is ``rv / Dv`` times larger and ``P @ hv`` that much wider, where ``lv`` costs
+``Hkv * Dv * rv`` weights and lets prefill attend over rebuilt ``Dv``-wide values.
 """
 from __future__ import annotations
 
@@ -94,6 +102,7 @@ def latent_attention_ref(
     is_causal: bool = False,
     rope_style: int = ROPE_NONE,
     k_norm_eps: float = 1e-6,
+    lv: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Reference latent attention (see the module docstring for shapes)."""
     B, Hq, Sq, Dq = q.shape
@@ -123,4 +132,16 @@ def latent_attention_ref(
     p = torch.softmax(scores, dim=-1)
     # a fully masked row gives zeros, as F.scaled_dot_product_attention does (not NaN)
     p = p.masked_fill(torch.isneginf(scores).all(dim=-1, keepdim=True), 0.0)
-    return torch.matmul(p, vals).to(q.dtype)
+    z = torch.matmul(p, vals)
+    return (z if lv is None else up_values(z, lv)).to(q.dtype)
+
+
+def up_values(z: torch.Tensor, lv: torch.Tensor) -> torch.Tensor:
+    """``z [B, Hq, Sq, rv]`` times ``lv[kv]^T`` of each query head's KV head: ``[B, Hq, Sq, Dv]``
+    in ``z``'s dtype (one batched matmul: the query heads of a KV head are adjacent)."""
+    B, Hq, Sq, rv = z.shape
+    Hkv, Dv, rl = lv.shape
+    if rl != rv or Hq % Hkv:
+        raise ValueError(f"lv {tuple(lv.shape)} does not match {Hq} query heads of value rank {rv}")
+    out = torch.matmul(z.reshape(B, Hkv, Hq // Hkv * Sq, rv), lv.to(z.dtype).transpose(1, 2))
+    return out.view(B, Hq, Sq, Dv)

@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from palu_fx.kernels.latent_attention.naive import ROPE_NONE
+from palu_fx.kernels.latent_attention.naive import ROPE_NONE, up_values
 from palu_fx.kernels.latent_attention.quant_naive import quant_latent_attention_ref
 from palu_fx.kernels.latent_attention.wrapper import (
     KernelConfig, Latent, _groups, _p2, fused_attention, fused_fits, latent_attention_triton,
@@ -71,13 +71,15 @@ def quant_latent_attention_triton(
     attn_mask: Optional[torch.Tensor], scale: float,
     k_bits: int, k_group_size: int, v_bits: int, v_group_size: int,
     softcap: float = 0.0, is_causal: bool = False, rope_style: int = ROPE_NONE, k_norm_eps: float = 1e-6,
+    lv: Optional[torch.Tensor] = None,
     *,
     config: Optional[KernelConfig] = None,
     path: Optional[str] = None,
 ) -> torch.Tensor:
     """Triton attention over packed latents; ``path`` forces ``"fused"`` or ``"prefill"`` (tests)."""
     args = (q, hk_codes, hk_scale, hk_zero, hv_codes, hv_scale, hv_zero, lk, k_bias, cos, sin, k_norm_weight,
-            attn_mask, scale, k_bits, k_group_size, v_bits, v_group_size, softcap, is_causal, rope_style, k_norm_eps)
+            attn_mask, scale, k_bits, k_group_size, v_bits, v_group_size, softcap, is_causal, rope_style, k_norm_eps,
+            lv)
     if q.dtype == torch.float64:
         return quant_latent_attention_ref(*args)
     kc, vc = hk_scale.shape[-1] * k_group_size, hv_scale.shape[-1] * v_group_size
@@ -88,7 +90,8 @@ def quant_latent_attention_triton(
     if path is None:
         path = "fused" if fused_fits(q, lk, kc, softcap) else "prefill"
     if path == "fused" and tile_layout_ok(RK, k_bits, k_group_size) and tile_layout_ok(RV, v_bits, v_group_size):
-        return fused_attention(q, kl, vl, *rest, config, q.dtype)
+        out = fused_attention(q, kl, vl, *rest, config, q.dtype)
+        return out if lv is None else up_values(out, lv)
     hk = dequantize_packed(kl.data, kl.scale, kl.zero, k_bits, k_group_size, q.dtype)
     hv = dequantize_packed(vl.data, vl.scale, vl.zero, v_bits, v_group_size, q.dtype)
-    return latent_attention_triton(q, hk, hv, *rest, config=config, path=path)
+    return latent_attention_triton(q, hk, hv, *rest, lv, config=config, path=path)

@@ -52,15 +52,17 @@ def quant_latent_attention_ref(
     is_causal: bool = False,
     rope_style: int = ROPE_NONE,
     k_norm_eps: float = 1e-6,
+    lv: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Quantized-cache latent attention (shapes: module docstring and ``naive.py``).
 
-    Returns ``[B, Hq, Sq, rv]`` in ``q.dtype``, like ``latent_attention_ref``.
+    Returns ``[B, Hq, Sq, rv]`` (``[B, Hq, Sq, Dv]`` with ``lv``) in ``q.dtype``, like
+    ``latent_attention_ref``.
     """
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     hk = dequantize_packed(hk_codes, hk_scale, hk_zero, k_bits, k_group_size, acc)
     hv = dequantize_packed(hv_codes, hv_scale, hv_zero, v_bits, v_group_size, acc)
     return latent_attention_ref(
         q, hk, hv, lk, k_bias, cos, sin, k_norm_weight, attn_mask, scale,
-        softcap=softcap, is_causal=is_causal, rope_style=rope_style, k_norm_eps=k_norm_eps,
+        softcap=softcap, is_causal=is_causal, rope_style=rope_style, k_norm_eps=k_norm_eps, lv=lv,
     )

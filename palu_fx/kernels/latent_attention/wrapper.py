@@ -32,8 +32,10 @@ from palu_fx.kernels.latent_attention.common import (
     MASK_ADD, MASK_ADD_SHARED, MASK_BOOL, MASK_BOOL_SHARED, MASK_NONE, combine_splits_kernel,
 )
 from palu_fx.kernels.latent_attention.decode import rebuild_attention_kernel
-from palu_fx.kernels.latent_attention.naive import ROPE_HALF, ROPE_INTERLEAVED, ROPE_NONE, latent_attention_ref
-from palu_fx.kernels.latent_attention.prefill import rebuild_keys, sdpa_latent, unpadded_values
+from palu_fx.kernels.latent_attention.naive import (
+    ROPE_HALF, ROPE_INTERLEAVED, ROPE_NONE, latent_attention_ref, up_values,
+)
+from palu_fx.kernels.latent_attention.prefill import rebuild_keys, sdpa_latent, sdpa_values, unpadded_values
 from palu_fx.kernels.latent_attention.per_head import per_head_applies, per_head_launch
 
 __all__ = ["KernelConfig", "Latent", "latent_attention_triton", "fused_attention", "fused_fits", "choose_config"]
@@ -183,10 +185,11 @@ def choose_config(rebuild: bool, gs: int, rk: int, rv: int, head_dim: int, rows:
     return KernelConfig(block_s=128, num_warps=8, num_stages=2, chunk=32, dynamic_heads=True, programs_per_sm=4)
 
 
-def _parts(q, lk, k_bias, cos, sin, k_norm_weight, rope_style, B, Skv, interpret, dtype):
-    """Constants and prepared tensors of the key pipeline (rebuild mode)."""
+def _parts(q, lk, k_bias, cos, sin, k_norm_weight, rope_style, B, Skv, interpret, dtype, head_dim=None):
+    """Constants and prepared tensors of the key pipeline (rebuild mode); ``head_dim``: the
+    rebuilt heads' width when not the query's (values rebuilt by the same kernel)."""
     G, gsD, RK = lk.shape
-    D = q.shape[-1]
+    D = head_dim or q.shape[-1]
     if gsD % D:
         raise ValueError(f"lk rows ({gsD}) are not a multiple of the head dim ({D})")
     if rope_style not in (ROPE_NONE, ROPE_HALF, ROPE_INTERLEAVED):
@@ -329,6 +332,7 @@ def latent_attention_triton(
     is_causal: bool = False,
     rope_style: int = ROPE_NONE,
     k_norm_eps: float = 1e-6,
+    lv: Optional[torch.Tensor] = None,
     *,
     config: Optional[KernelConfig] = None,
     path: Optional[str] = None,
@@ -336,20 +340,24 @@ def latent_attention_triton(
     """Triton latent attention; same arguments and result as ``latent_attention_ref``.
 
     ``config`` overrides the launch knobs; ``path`` forces ``"fused"`` or ``"prefill"``
-    (benchmarks and tests).
+    (benchmarks and tests). With ``lv`` the fused kernels still accumulate ``P @ hv`` in
+    latent space and one batched matmul applies ``lv`` after them (decode reads each latent
+    once either way); prefill rebuilds the values instead where they are narrower than
+    their latents (``_prefill``).
     """
     if q.dtype == torch.float64:
         return latent_attention_ref(q, hk, hv, lk, k_bias, cos, sin, k_norm_weight, attn_mask, scale,
-                                    softcap, is_causal, rope_style, k_norm_eps)
+                                    softcap, is_causal, rope_style, k_norm_eps, lv)
     hk = hk if hk.stride(-1) == 1 else hk.contiguous()
     hv = hv if hv.stride(-1) == 1 else hv.contiguous()
     if path is None:
         path = "fused" if fused_fits(q, lk, hk.shape[-1], softcap) else "prefill"
     if path == "prefill":
         return _prefill(q, hk, hv, lk, k_bias, cos, sin, k_norm_weight, attn_mask, scale, softcap, is_causal,
-                        rope_style, k_norm_eps)
-    return fused_attention(q, Latent(hk), Latent(hv), lk, k_bias, cos, sin, k_norm_weight, attn_mask, scale, softcap,
-                           is_causal, rope_style, k_norm_eps, config, hk.dtype)
+                        rope_style, k_norm_eps, lv)
+    out = fused_attention(q, Latent(hk), Latent(hv), lk, k_bias, cos, sin, k_norm_weight, attn_mask, scale, softcap,
+                          is_causal, rope_style, k_norm_eps, config, hk.dtype)
+    return out if lv is None else up_values(out, lv)
 
 
 def fused_fits(q: torch.Tensor, lk: Optional[torch.Tensor], k_channels: int, softcap: float) -> bool:
@@ -398,23 +406,38 @@ class Latent:
 
 
 def _prefill(q, hk, hv, lk, k_bias, cos, sin, k_norm_weight, attn_mask, scale, softcap, is_causal, rope_style,
-             k_norm_eps):
-    """Prefill path: keys rebuilt once (rebuild mode), then SDPA."""
+             k_norm_eps, lv=None):
+    """Prefill path: keys rebuilt once (rebuild mode), then SDPA.
+
+    With ``lv`` wider latents than values (``rv > Dv``) the values are rebuilt too, by the
+    same kernel, so SDPA runs at the head dims of the uncompressed model instead of ``P @ hv``
+    at ``rv``; otherwise attention stays latent and ``lv`` is applied after it.
+    """
     if softcap > 0:
         raise ValueError("the prefill path (SDPA) has no softcap")
     B, Hq, Sq, Dq = q.shape
     Skv = hk.shape[1]
     dtype = hk.dtype
+    interpret = _interpreting(q)
     G, RK, RV, GS = _groups(q, hk.shape[-1], hv.shape[-1], lk)
+    rebuild_v = lk is not None and lv is not None and RV > lv.shape[1]
     if lk is not None:
         lk = lk.to(dtype).contiguous()
-        p = _parts(q, lk, k_bias, cos, sin, k_norm_weight, rope_style, B, Skv, _interpreting(q), dtype)
-        width = prefill_key_width(q, RV, attn_mask, is_causal, Hq != G * GS, dtype)
-        keys = rebuild_keys(hk, lk, k_bias, p["cos"], p["sin"], k_norm_weight, k_norm_eps, p, width, dtype,
-                            _interpreting(q))
+        p = _parts(q, lk, k_bias, cos, sin, k_norm_weight, rope_style, B, Skv, interpret, dtype)
+        width = prefill_key_width(q, lv.shape[1] if rebuild_v else RV, attn_mask, is_causal, Hq != G * GS, dtype)
+        keys = rebuild_keys(hk, lk, k_bias, p["cos"], p["sin"], k_norm_weight, k_norm_eps, p, width, dtype, interpret)
     else:
         keys = hk.view(B, Skv, G, RK).transpose(1, 2)
-    return sdpa_latent(q.to(dtype), keys, hv, G, attn_mask, scale, is_causal).to(q.dtype).contiguous()
+    if rebuild_v:
+        Hkv, Dv, _ = lv.shape
+        if Hkv != G * GS:
+            raise ValueError(f"lv has {Hkv} KV heads, the keys {G * GS}")
+        lv_g = lv.to(dtype).reshape(G, GS * Dv, RV)
+        pv = _parts(q, lv_g, None, None, None, None, ROPE_NONE, B, Skv, interpret, dtype, head_dim=Dv)
+        vals = rebuild_keys(hv, lv_g, None, pv["cos"], pv["sin"], None, k_norm_eps, pv, Dv, dtype, interpret)
+        return sdpa_values(q.to(dtype), keys, vals, attn_mask, scale, is_causal).to(q.dtype).contiguous()
+    out = sdpa_latent(q.to(dtype), keys, hv, G, attn_mask, scale, is_causal).to(q.dtype).contiguous()
+    return out if lv is None else up_values(out, lv)
 
 
 def prefill_key_width(q, rv, attn_mask, is_causal, gqa, dtype) -> int:

@@ -21,9 +21,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Protocol
 
+import itertools
 import math
 import operator
 
+import sympy
 import torch
 import torch.fx as fx
 
@@ -209,24 +211,40 @@ def rewrite_site(graph: fx.Graph, site: AttentionSite, sp: SitePlan, editor: Sta
 def _laid_out_as(b: NodeBuilder, node: fx.Node, like) -> fx.Node:
     """``node`` copied into the memory order of ``like`` where that is a permuted contiguous
     layout: the graph after attention may ``view`` its output on the strength of its strides
-    (SDPA returns [B, H, S, D] heads in [B, S, H, D] memory), where the op's are contiguous."""
-    try:
-        strides, sizes = [int(s) for s in like.stride()], [int(s) for s in like.shape]
-    except (TypeError, RuntimeError):  # symbolic strides: leave the op's layout
-        return node
-    if like.is_contiguous():
-        return node
-    order = sorted(range(len(strides)), key=lambda d: -strides[d])  # stable: ties keep their order
-    expect, ok = 1, True
-    for d in reversed(order):
-        ok &= sizes[d] == 1 or strides[d] == expect
-        expect *= sizes[d]
-    if not ok:
-        return node
+    (SDPA returns [B, H, S, D] heads in [B, S, H, D] memory), where the op's are contiguous.
+
+    The order is found on the symbolic sizes and strides: reading a symbolic size as an int
+    would add a guard that pins an exported program to its example length.
+    """
+    order = _dense_order(like)
+    if order is None or list(order) == sorted(order):
+        return node  # not a permuted dense layout, or already the op's (contiguous) one
     inverse = [order.index(d) for d in range(len(order))]
-    moved = b.call(aten.clone.default, b.call(aten.permute.default, node, order),
+    moved = b.call(aten.clone.default, b.call(aten.permute.default, node, list(order)),
                    memory_format=torch.contiguous_format)
     return b.call(aten.permute.default, moved, inverse)
+
+
+def _dense_order(t) -> Optional[tuple]:
+    """The dims of ``t`` from outermost to innermost in memory if ``t`` is a permutation of a
+    contiguous tensor (dims of static size 1 may sit anywhere), else None; the identity first."""
+    def expr(x):
+        return sympy.Integer(x) if isinstance(x, int) else x.node.expr
+
+    try:
+        sizes, strides = [expr(x) for x in t.shape], [expr(x) for x in t.stride()]
+    except AttributeError:
+        return None
+    for order in itertools.permutations(range(len(sizes))):
+        expect, ok = sympy.Integer(1), True
+        for d in reversed(order):
+            if sizes[d] != 1 and sympy.expand(strides[d] - expect) != 0:
+                ok = False
+                break
+            expect = expect * sizes[d]
+        if ok:
+            return order
+    return None
 
 
 def _write_slots(b: NodeBuilder, buf: fx.Node, cache, value: fx.Node) -> fx.Node:

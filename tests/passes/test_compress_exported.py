@@ -34,6 +34,21 @@ def test_full_rank_is_lossless(name):
     assert sum(n.target == torch.ops.palu.latent_attention.default for n in ep1.graph.nodes) == 2
 
 
+@pytest.mark.parametrize("name", ["llama", "gpt_neox", "gpt2", "handwritten"])
+def test_value_rank_above_head_dim_is_rebuilt_in_the_op(name):
+    # one group of every KV head at full rank: value rank gs*D > D, where a fold would widen
+    # o_proj; the op takes L_v instead and returns D-wide heads. The prefill and the decode
+    # steps run one program (no guard may pin its length), and it stays lossless.
+    ep = exported(name)
+    ids = tokens()
+    ep1 = compress_exported(ep, PaluConfig(rank_ratio=1.0, group_size="all"))
+    sites = palu_fx.report(ep1).sites
+    assert sites and all(s.rank_v > s.head_dim and not s.folded for s in sites)
+    ops = [n for n in ep1.graph.nodes if n.target == torch.ops.palu.latent_attention.default]
+    assert len(ops) == len(sites) and all(len(n.args) == 15 for n in ops)  # ... with lv
+    assert rel_err(run(ep1, ids), run(ep, ids)) < 1e-4
+
+
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("group", [1, "all"])
 def test_half_rank_halves_the_cache(name, group):

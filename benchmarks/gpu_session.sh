@@ -51,6 +51,8 @@
 #                                      # smoke (gs "all" takes lv), the prefill table
 #   bash benchmarks/gpu_session.sh 49  # decode rows with lv (gs4, B=8 x 32k); the B=32 x 128k 4-bit rows, with what the
 #                                      # GPU holds between rows
+#   bash benchmarks/gpu_session.sh 50  # after 48: lv GPU tests, the smoke again (symbolic layout fix), the prefill table
+#                                      # (old key-rebuild grid, broadcast value copy), then 49's rows
 set -u
 export PYTHONPATH=.
 OUT=${OUT:-/tmp/palu_gpu}
@@ -63,6 +65,16 @@ step() {  # name, time limit (s), command...
     grep -v -i warn "$OUT/$name.log" | grep -E "^\[|^\||rel err|smoke|speedup|ms/step|identical|diag|FAIL|Error|^rc|---|path|shape" | tail -40
 }
 case "${1:-1}" in
+50)
+    step lv_tests 150 python -m pytest -q tests/kernels/test_latent_attention.py \
+        tests/kernels/test_quant_latent_attention.py tests/kernels/test_prefill_dispatch.py -k "prefill or values or lv"
+    step smoke 90 python -u benchmarks/gpu_smoke.py
+    step prefill_table 110 python -u benchmarks/attention.py --prefill-only --budget-s 90
+    step table_gs4 100 python -u benchmarks/attention.py --no-sweep --defaults-only --no-prefill --no-naive \
+        --quant-bits 4 --shapes llama2 --batch 8 --ctx 32k --gs 4 --budget-s 80
+    step table_b32 130 python -u benchmarks/attention.py --no-sweep --defaults-only --no-prefill --no-naive \
+        --quant-bits 4 --shapes llama2 --batch 32 --ctx 128k --gs 2 --budget-s 110
+    ;;
 49)
     step table_gs4 150 python -u benchmarks/attention.py --no-sweep --defaults-only --no-prefill --no-naive \
         --quant-bits 4 --shapes llama2 --batch 8 --ctx 32k --gs 4 --budget-s 120

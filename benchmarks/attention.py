@@ -203,8 +203,25 @@ def quantized(args, bits, group_size=None):
     vg = group_size or hv.shape[-1] // G
     tail = rest[:6]  # k_bias, cos, sin, k_norm_weight, attn_mask, scale
     softcap, causal, rope, eps, *lv = rest[6:]
-    return (q, *quantize_packed(hk, bits, kg), *quantize_packed(hv, bits, vg), lk, *tail, bits, kg, bits, vg,
+    return (q, *quantize_tokens(hk, bits, kg), *quantize_tokens(hv, bits, vg), lk, *tail, bits, kg, bits, vg,
             softcap, causal, rope, eps, *lv)
+
+
+def quantize_tokens(x, bits, group_size, chunk_elems=1 << 27):
+    """``quantize_packed`` over slices of tokens (it quantizes each token on its own). On a
+    whole 16 GiB latent (B=32 x 128k) its float32 copy and packing temporaries ran out of
+    memory: 121 GiB allocated, 32 of them the two fp16 latents, and 16 more asked for (the
+    rows before held 0.2 GiB between them: not a leak)."""
+    B, S, C = x.shape
+    step = max(1, chunk_elems // (B * C))
+    outs = None
+    for i in range(0, S, step):
+        part = quantize_packed(x[:, i:i + step], bits, group_size)
+        if outs is None:
+            outs = [torch.empty(B, S, t.shape[-1], dtype=t.dtype, device=t.device) for t in part]
+        for o, t in zip(outs, part):
+            o[:, i:i + step] = t
+    return tuple(outs)
 
 
 def latent_bytes(Hkv, D, gs, B, S, bits=0):

@@ -328,11 +328,13 @@ def test_prefill_half_precision(kern, case, mask):
         assert any(_UNPADDED.values()), _UNPADDED  # cuDNN took at least one kind unpadded
 
 
-@pytest.mark.parametrize("skv", [70, 150])  # interpreter: 2 chunks of 1 tile; of 2 tiles, the last past the end
-def test_prefill_rebuilt_keys_match_reference(kern, skv):
+@pytest.mark.parametrize("skv,gs,rk", [(70, 2, 32), (150, 4, 160)])  # per group; per head (rank x heads > 512)
+def test_prefill_rebuilt_keys_match_reference(kern, skv, gs, rk):
+    # per head, the interpreter runs two chunks of two tiles: the last ends past the sequence
     from palu_fx.kernels.latent_attention.naive import reconstruct_keys
 
-    q, hk, hv, lk, kb, cos, sin, w, *_ = make_inputs(Skv=skv, bias=True, norm=True, rot=16, rope=2)
+    q, hk, hv, lk, kb, cos, sin, w, *_ = make_inputs(Skv=skv, bias=True, norm=True, rot=16, rope=2, Hq=4, Hkv=4,
+                                                     gs=gs, rk=rk)
     p = kern._parts(q, lk, kb, cos, sin, w, 2, 2, skv, DEVICE == "cpu", q.dtype)
     keys = kern.rebuild_keys(hk, lk, kb, p["cos"], p["sin"], w, 1e-6, p, 40, q.dtype, DEVICE == "cpu")
     ref = reconstruct_keys(hk.double(), lk.double(), kb.double(), cos.double(), sin.double(), w.double(), 32, 2, dtype=torch.float64)

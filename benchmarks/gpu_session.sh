@@ -53,6 +53,8 @@
 #                                      # GPU holds between rows
 #   bash benchmarks/gpu_session.sh 50  # after 48: lv GPU tests, the smoke again (symbolic layout fix), the prefill table
 #                                      # (old key-rebuild grid, broadcast value copy), then 49's rows
+#   bash benchmarks/gpu_session.sh 51  # per-head rebuild for large groups: prefill GPU tests, the prefill table, the
+#                                      # B=32 x 128k rows with 4-bit latents quantized in token slices (gs 1/2/4)
 set -u
 export PYTHONPATH=.
 OUT=${OUT:-/tmp/palu_gpu}
@@ -65,6 +67,14 @@ step() {  # name, time limit (s), command...
     grep -v -i warn "$OUT/$name.log" | grep -E "^\[|^\||rel err|smoke|speedup|ms/step|identical|diag|FAIL|Error|^rc|---|path|shape" | tail -40
 }
 case "${1:-1}" in
+51)
+    step lv_tests 150 python -m pytest -q tests/kernels/test_latent_attention.py \
+        tests/kernels/test_quant_latent_attention.py tests/kernels/test_prefill_dispatch.py \
+        -k "prefill or values or lv or rebuilt"
+    step prefill_table 110 python -u benchmarks/attention.py --prefill-only --budget-s 90
+    step table_b32 240 python -u benchmarks/attention.py --no-sweep --defaults-only --no-prefill --no-naive \
+        --quant-bits 4 --shapes llama2 --batch 32 --ctx 128k --gs 1 2 4 --budget-s 200
+    ;;
 50)
     step lv_tests 150 python -m pytest -q tests/kernels/test_latent_attention.py \
         tests/kernels/test_quant_latent_attention.py tests/kernels/test_prefill_dispatch.py -k "prefill or values or lv"

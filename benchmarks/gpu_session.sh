@@ -55,6 +55,7 @@
 #                                      # (old key-rebuild grid, broadcast value copy), then 49's rows
 #   bash benchmarks/gpu_session.sh 51  # per-head rebuild for large groups: prefill GPU tests, the prefill table, the
 #                                      # B=32 x 128k rows with 4-bit latents quantized in token slices (gs 1/2/4)
+#   bash benchmarks/gpu_session.sh 52  # lv applied per KV head (bmm): its time against a broadcast matmul, the gs4 rows
 set -u
 export PYTHONPATH=.
 OUT=${OUT:-/tmp/palu_gpu}
@@ -67,6 +68,11 @@ step() {  # name, time limit (s), command...
     grep -v -i warn "$OUT/$name.log" | grep -E "^\[|^\||rel err|smoke|speedup|ms/step|identical|diag|FAIL|Error|^rc|---|path|shape" | tail -40
 }
 case "${1:-1}" in
+52)
+    step up_values 60 python -u benchmarks/up_values_probe.py
+    step table_gs4 200 python -u benchmarks/attention.py --no-sweep --defaults-only --no-prefill --no-naive \
+        --quant-bits 4 --shapes llama2 gqa --batch 8 --ctx 32k --gs 4 --budget-s 170
+    ;;
 51)
     step lv_tests 150 python -m pytest -q tests/kernels/test_latent_attention.py \
         tests/kernels/test_quant_latent_attention.py tests/kernels/test_prefill_dispatch.py \

@@ -138,10 +138,16 @@ def latent_attention_ref(
 
 def up_values(z: torch.Tensor, lv: torch.Tensor) -> torch.Tensor:
     """``z [B, Hq, Sq, rv]`` times ``lv[kv]^T`` of each query head's KV head: ``[B, Hq, Sq, Dv]``
-    in ``z``'s dtype (one batched matmul: the query heads of a KV head are adjacent)."""
+    in ``z``'s dtype.
+
+    One matmul per KV head over all its rows (batch, query heads, positions): ``lv`` is read
+    once. Broadcasting ``lv`` over the batch instead copied it B times (B=8 x 32k decode,
+    gs4: 0.05 ms on a 0.52 ms call, H200).
+    """
     B, Hq, Sq, rv = z.shape
     Hkv, Dv, rl = lv.shape
     if rl != rv or Hq % Hkv:
         raise ValueError(f"lv {tuple(lv.shape)} does not match {Hq} query heads of value rank {rv}")
-    out = torch.matmul(z.reshape(B, Hkv, Hq // Hkv * Sq, rv), lv.to(z.dtype).transpose(1, 2))
-    return out.view(B, Hq, Sq, Dv)
+    rows = z.reshape(B, Hkv, Hq // Hkv * Sq, rv).transpose(0, 1).reshape(Hkv, -1, rv)
+    out = torch.bmm(rows, lv.to(z.dtype).transpose(1, 2))  # [Hkv, B * rows, Dv]
+    return out.view(Hkv, B, Hq // Hkv * Sq, Dv).transpose(0, 1).reshape(B, Hq, Sq, Dv)

@@ -71,7 +71,7 @@ case "${1:-1}" in
 52)
     step up_values 60 python -u benchmarks/up_values_probe.py
     step table_gs4 200 python -u benchmarks/attention.py --no-sweep --defaults-only --no-prefill --no-naive \
-        --quant-bits 4 --shapes llama2 gqa --batch 8 --ctx 32k --gs 4 --budget-s 170
+        --quant-bits 4 --shapes llama2,gqa --batch 8 --ctx 32k --gs 4 --budget-s 170
     ;;
 51)
     step lv_tests 150 python -m pytest -q tests/kernels/test_latent_attention.py \

@@ -56,6 +56,7 @@
 #   bash benchmarks/gpu_session.sh 51  # per-head rebuild for large groups: prefill GPU tests, the prefill table, the
 #                                      # B=32 x 128k rows with 4-bit latents quantized in token slices (gs 1/2/4)
 #   bash benchmarks/gpu_session.sh 52  # lv applied per KV head (bmm): its time against a broadcast matmul, the gs4 rows
+#   bash benchmarks/gpu_session.sh 53  # the gs4 rows of the issue table with lv (B 1/8/32 x 4k/32k/128k, both shapes, 4 bits)
 set -u
 export PYTHONPATH=.
 OUT=${OUT:-/tmp/palu_gpu}
@@ -68,6 +69,10 @@ step() {  # name, time limit (s), command...
     grep -v -i warn "$OUT/$name.log" | grep -E "^\[|^\||rel err|smoke|speedup|ms/step|identical|diag|FAIL|Error|^rc|---|path|shape" | tail -40
 }
 case "${1:-1}" in
+53)
+    step table_gs4_all 560 python -u benchmarks/attention.py --no-sweep --defaults-only --no-prefill --no-naive \
+        --quant-bits 4 --gs 4 --budget-s 500
+    ;;
 52)
     step up_values 60 python -u benchmarks/up_values_probe.py
     step table_gs4 200 python -u benchmarks/attention.py --no-sweep --defaults-only --no-prefill --no-naive \

@@ -139,3 +139,23 @@ def test_layers_share_one_expansion_check_and_vectorized_rotary_probes(monkeypat
     fn = lambda p: torch.stack([p.float().sin(), (p * 3).float().cos()], -1)  # noqa: E731
     probes = torch.arange(40).view(10, 1, 4)
     assert torch.equal(rotary._map_probes(fn, probes, 4), torch.stack([fn(p) for p in probes]))
+
+
+def test_dense_order_reads_layouts_without_guards():
+    # the op's output is laid out as the attention output it replaces (SDPA: [B, H, S, D]
+    # heads in [B, S, H, D] memory); found on symbolic strides, so no length gets pinned
+    from torch._dynamo.source import ConstantSource
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from palu_fx.passes.rewrite import _dense_order
+
+    assert _dense_order(torch.empty(2, 3, 5, 4)) == (0, 1, 2, 3)
+    assert _dense_order(torch.empty(2, 5, 3, 4).transpose(1, 2)) == (0, 2, 1, 3)
+    assert _dense_order(torch.empty(2, 3, 5, 8)[..., :4]) is None  # not dense
+    env = ShapeEnv()
+    seq = env.create_symintnode(env.create_symbol(7, ConstantSource("seq")), hint=7)
+    with FakeTensorMode(shape_env=env):
+        x = torch.empty(2, seq, 3, 4).transpose(1, 2)  # strides (12*seq, 4, 12, 1)
+    assert _dense_order(x) == (0, 2, 1, 3)
+    assert not env.guards  # no size was read as an int (int() here adds one)

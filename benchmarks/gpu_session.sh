@@ -57,6 +57,7 @@
 #                                      # B=32 x 128k rows with 4-bit latents quantized in token slices (gs 1/2/4)
 #   bash benchmarks/gpu_session.sh 52  # lv applied per KV head (bmm): its time against a broadcast matmul, the gs4 rows
 #   bash benchmarks/gpu_session.sh 53  # the gs4 rows of the issue table with lv (B 1/8/32 x 4k/32k/128k, both shapes, 4 bits)
+#   bash benchmarks/gpu_session.sh 54  # final: the latent-attention and quantized kernels' GPU tests in full, the MHA smoke
 set -u
 export PYTHONPATH=.
 OUT=${OUT:-/tmp/palu_gpu}
@@ -69,6 +70,11 @@ step() {  # name, time limit (s), command...
     grep -v -i warn "$OUT/$name.log" | grep -E "^\[|^\||rel err|smoke|speedup|ms/step|identical|diag|FAIL|Error|^rc|---|path|shape" | tail -40
 }
 case "${1:-1}" in
+54)
+    step kernel_tests 470 python -m pytest -q -x tests/kernels/test_latent_attention.py \
+        tests/kernels/test_quant_latent_attention.py tests/kernels/test_prefill_dispatch.py
+    step smoke_mha 100 python -u benchmarks/gpu_smoke.py --mha
+    ;;
 53)
     step table_gs4_all 560 python -u benchmarks/attention.py --no-sweep --defaults-only --no-prefill --no-naive \
         --quant-bits 4 --gs 4 --budget-s 500

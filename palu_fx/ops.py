@@ -66,7 +66,15 @@ def _latent_attention_fake(q, hk, hv, lk, k_bias, cos, sin, k_norm_weight, attn_
     B, Hq, Sq, Dq = q.shape
     groups = lk.shape[0] if lk is not None else hk.shape[-1] // Dq
     torch._check(hv.shape[-1] % groups == 0, lambda: "hv's last dim must be groups * rank_v")
+    _check_lv(lv, Hq, hv.shape[-1] // groups)
     return q.new_empty(B, Hq, Sq, hv.shape[-1] // groups if lv is None else lv.shape[1])
+
+
+def _check_lv(lv, q_heads, rank_v):
+    if lv is not None:
+        torch._check(lv.dim() == 3 and lv.shape[2] == rank_v and q_heads % lv.shape[0] == 0,
+                     lambda: f"lv must be [KV heads, Dv, {rank_v}] with KV heads dividing {q_heads} query heads, "
+                             f"got {list(lv.shape)}")
 
 
 @torch.library.custom_op("palu::cache_update", mutates_args=())
@@ -164,4 +172,5 @@ def _quant_latent_attention_fake(q, hk_codes, hk_scale, hk_zero, hv_codes, hv_sc
     B, Hq, Sq, Dq = q.shape
     ck, cv = hk_scale.shape[-1] * k_group_size, hv_scale.shape[-1] * v_group_size
     groups = lk.shape[0] if lk is not None else ck // Dq
+    _check_lv(lv, Hq, cv // groups)
     return q.new_empty(B, Hq, Sq, cv // groups if lv is None else lv.shape[1])

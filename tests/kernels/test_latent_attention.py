@@ -354,6 +354,18 @@ def test_lv_is_the_unfolded_value_projection():
     assert out.is_contiguous()  # the op's declared layout (Inductor trusts the fake's strides)
 
 
+def test_mismatched_lv_is_refused():
+    import palu_fx.ops  # noqa: F401  (registers torch.ops.palu)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    args = make_inputs(Hq=4, Hkv=2, gs=1, rv=16, values=True)
+    bad = args[:14] + (args[14][..., :15],)  # rank 15 against latents of rank 16
+    with pytest.raises(ValueError, match="lv"):
+        latent_attention_ref(*bad)
+    with FakeTensorMode(allow_non_fake_inputs=True), pytest.raises(RuntimeError, match="lv must be"):
+        torch.ops.palu.latent_attention(*bad)  # what export and compile see
+
+
 LV_CASES = [
     pytest.param(dict(Hq=4, Hkv=4, gs=4, rk=64, rv=64, D=32), id="mha-gs4-rv-gt-d"),
     pytest.param(dict(Hq=8, Hkv=4, gs=2, rk=48, rv=48, rope=2, bias=True, norm=True), id="gqa-gs2-rv-gt-d"),

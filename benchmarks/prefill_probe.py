@@ -25,10 +25,41 @@ from palu_fx.kernels.latent_attention import wrapper as W  # noqa: E402
 from palu_fx.kernels.latent_attention.prefill import sdpa_latent  # noqa: E402
 
 
+def gs2_breakdown(S: int) -> None:
+    """Where the gs2 prefill time goes with 32 KV heads (value rank 128 = head dim: SDPA on the
+    rebuilt keys and the group's latent values copied per KV head), per SDPA backend."""
+    dev, dt, H, D = "cuda", torch.float16, 32, 128
+    q, k, v = (torch.randn(1, H, S, D, device=dev, dtype=dt) for _ in range(3))
+    args = list(latent_case(H, H, D, 2, 1, S, True))
+    args[0], args[11] = q, True
+    hk, hv, lk, cos, sin = args[1], args[2], args[3], args[5], args[6]
+    p = W._parts(q, lk, None, cos, sin, None, 1, 1, S, False, dt)
+    keys = W.rebuild_keys(hk, lk, None, cos, sin, None, 1e-6, p, D, dt, False)
+    vals = hv.view(1, S, H // 2, D).transpose(1, 2).repeat_interleave(2, dim=1)
+    parts = {
+        "ours (op)": gpu_time(lambda: W.latent_attention_triton(*args), [()]),
+        "keys": gpu_time(lambda: W.rebuild_keys(hk, lk, None, cos, sin, None, 1e-6, p, D, dt, False), [()]),
+        "values per KV head (repeat_interleave)": gpu_time(
+            lambda: hv.view(1, S, H // 2, D).transpose(1, 2).repeat_interleave(2, dim=1), [()]),
+    }
+    for be in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION):
+        with sdpa_kernel([be]):
+            parts[f"SDPA full, {be.name}"] = gpu_time(
+                lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), [()])
+            parts[f"SDPA on rebuilt keys, {be.name}"] = gpu_time(
+                lambda: F.scaled_dot_product_attention(q, keys, vals, is_causal=True), [()])
+    print(f"gs2, 32 KV heads, S={S}: " + "; ".join(f"{n} {t:.3f} ms" for n, t in parts.items()), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ctx", type=int, nargs="+", default=[4096, 16384])
+    ap.add_argument("--gs2", action="store_true", help="only the gs2 breakdown (32 KV heads)")
     a = ap.parse_args()
+    if a.gs2:
+        for S in a.ctx:
+            gs2_breakdown(S)
+        return
     dev, dt, H, D, r = "cuda", torch.float16, 32, 128, 64
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     for S in a.ctx:

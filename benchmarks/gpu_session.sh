@@ -59,6 +59,8 @@
 #   bash benchmarks/gpu_session.sh 53  # the gs4 rows of the issue table with lv (B 1/8/32 x 4k/32k/128k, both shapes, 4 bits)
 #   bash benchmarks/gpu_session.sh 54  # final: the latent-attention and quantized kernels' GPU tests in full, the MHA smoke
 #   bash benchmarks/gpu_session.sh 55  # where gs2 prefill time goes with 32 KV heads (4k, 16k), flash against cuDNN
+#   bash benchmarks/gpu_session.sh 56  # values replicated per KV head by a Triton kernel: GPU tests, the gs2 breakdown,
+#                                      # the prefill table
 set -u
 export PYTHONPATH=.
 OUT=${OUT:-/tmp/palu_gpu}
@@ -71,6 +73,12 @@ step() {  # name, time limit (s), command...
     grep -v -i warn "$OUT/$name.log" | grep -E "^\[|^\||rel err|smoke|speedup|ms/step|identical|diag|FAIL|Error|^rc|---|path|shape" | tail -40
 }
 case "${1:-1}" in
+56)
+    step prefill_tests 120 python -m pytest -q tests/kernels/test_latent_attention.py \
+        -k "replicated or prefill or values_rebuilt"
+    step prefill_gs2 60 python -u benchmarks/prefill_probe.py --gs2
+    step prefill_table 110 python -u benchmarks/attention.py --prefill-only --budget-s 90
+    ;;
 55)
     step prefill_gs2 100 python -u benchmarks/prefill_probe.py --gs2
     ;;

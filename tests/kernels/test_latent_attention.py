@@ -386,6 +386,15 @@ def test_values_rebuilt_in_the_op(kern, case, shape):
     check(out, args)
 
 
+@pytest.mark.parametrize("B,S,G,rep,rv", [(2, 70, 3, 2, 48), (1, 33, 2, 4, 32)])
+def test_values_replicated_per_kv_head(kern, B, S, G, rep, rv):
+    from palu_fx.kernels.latent_attention.prefill import replicate_values
+
+    hv = torch.randn(B, S, G * rv, device=DEVICE)
+    want = hv.view(B, S, G, rv).transpose(1, 2).repeat_interleave(rep, dim=1)
+    assert torch.equal(replicate_values(hv, G, G * rep), want)
+
+
 # ------------------------------------------------------------------ dispatch and plan
 def test_op_runs_triton_when_forced(kern, monkeypatch):
     import palu_fx.ops  # noqa: F401  (registers torch.ops.palu)

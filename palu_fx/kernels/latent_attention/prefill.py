@@ -133,6 +133,39 @@ def rebuild_keys(hk, lk, k_bias, cos, sin, k_norm_weight, eps, p, width, dtype, 
     return keys
 
 
+@triton.jit
+def replicate_values_kernel(hv_ptr, v_ptr, shv_b, shv_s, sv_b, sv_h, sv_s, G, Skv, R,
+                            REP: tl.constexpr, R_P: tl.constexpr, BLOCK_S: tl.constexpr):
+    """The latent values of one group and token tile, written once per KV head of the group."""
+    pid_t = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    b = pid_bg // G
+    g = pid_bg % G
+    kv = pid_t * BLOCK_S + tl.arange(0, BLOCK_S)
+    r = tl.arange(0, R_P)
+    ok = (kv < Skv)[:, None] & (r < R)[None, :]
+    tile = tl.load(hv_ptr + b.to(tl.int64) * shv_b + kv[:, None] * shv_s + (g * R + r)[None, :], mask=ok)
+    for j in tl.static_range(REP):
+        tl.store(v_ptr + b.to(tl.int64) * sv_b + (g * REP + j) * sv_h + kv[:, None] * sv_s + r[None, :], tile,
+                 mask=ok)
+
+
+def replicate_values(hv: torch.Tensor, groups: int, heads: int) -> torch.Tensor:
+    """``hv [B, Skv, groups*rv]`` -> ``[B, heads, Skv, rv]``, each group's latents for each of its
+    ``heads // groups`` KV heads (SDPA reads one value head per key head). A gather copy took
+    0.047 ms for the 48 MB of B=1 x 4k, 32 KV heads, gs2 (H200; 1 TB/s), a sixth of the call.
+    """
+    hv = hv if hv.stride(-1) == 1 else hv.contiguous()
+    B, Skv, C = hv.shape
+    rv = C // groups
+    vals = torch.empty(B, heads, Skv, rv, dtype=hv.dtype, device=hv.device)
+    block_s = 32
+    replicate_values_kernel[(triton.cdiv(Skv, block_s), B * groups)](
+        hv, vals, hv.stride(0), hv.stride(1), vals.stride(0), vals.stride(1), vals.stride(2), groups, Skv, rv,
+        REP=heads // groups, R_P=triton.next_power_of_2(rv), BLOCK_S=block_s, num_warps=4)
+    return vals
+
+
 # (device, dtypes, head dims, mask kind, causal, GQA) -> whether cuDNN's SDPA took the
 # unpadded values; a refusal is remembered, so only the first call of a kind pays for it
 _UNPADDED: dict = {}
@@ -163,9 +196,10 @@ def sdpa_latent(q, keys, hv, groups, attn_mask, scale, is_causal):
     B, Skv = hv.shape[0], hv.shape[1]
     rv = hv.shape[-1] // groups
     Hk = keys.shape[1]
-    vals = hv.view(B, Skv, groups, rv).transpose(1, 2)
     if Hk != groups:  # G-LRD: every KV head of a group reads the group's latent values
-        vals = vals.repeat_interleave(Hk // groups, dim=1)
+        vals = replicate_values(hv, groups, Hk)
+    else:
+        vals = hv.view(B, Skv, groups, rv).transpose(1, 2)
     return sdpa_values(q, keys, vals, attn_mask, scale, is_causal)
 
 

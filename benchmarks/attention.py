@@ -25,6 +25,9 @@ sizes 1/2/4, masks, ragged lengths) and exits non-zero if any case fails.
 Timing: the op runs inside a CUDA graph (one call per input set, several sets rotated so
 small cases do not sit in L2), median of replays with CUDA events: GPU time, no Python
 launch overhead, as a graph-captured decode step would see it.
+
+Parts in their own modules: the correctness checks (``attention_checks.py``), the tuning
+sweep (``attention_sweep.py``) and the prefill table (``prefill_table.py``).
 """
 from __future__ import annotations
 
@@ -299,56 +302,6 @@ def naive_fits(Hq, Hkv, D, gs, B, S):
     return est < 40e9 and B * S <= 8 * 32768
 
 
-def check_case(name, args, tol, quant=False, cfg=None):
-    """Ours vs the float64 reference (quant: the packed-cache op; stored fp16 scales/zeros kept)."""
-    out = (quant_latent_attention_triton if quant else latent_attention_triton)(*args, config=cfg)
-    keep = (2, 3, 5, 6) if quant else ()
-    up = [a.double() if torch.is_tensor(a) and a.is_floating_point() and i not in keep else a
-          for i, a in enumerate(args)]
-    ref = (quant_latent_attention_ref if quant else latent_attention_ref)(*up)
-    err = ((out.double() - ref).norm() / ref.norm()).item()
-    ok = bool(torch.isfinite(out).all()) and err < tol
-    print(f"  check {name:<42} rel-RMS {err:.2e} {'ok' if ok else 'FAIL'}")
-    return ok
-
-
-def masked_cases(shapes, S):
-    """(name, group size, op args) of the masked decode checks: every shape, group size and mode."""
-    for sname, (Hq, Hkv, D) in shapes.items():
-        for gs in (1, 2, 4):
-            for rope in (True, False):
-                yield f"{sname} gs{gs} {'rope' if rope else 'absorbed'}", gs, latent_case(Hq, Hkv, D, gs, 2, S, rope,
-                                                                                          mask=True)
-
-
-def correctness(shapes):
-    """GPU kernels vs the float64 reference on ragged lengths, masks and the odd paths."""
-    print("correctness (fp16 unless noted):")
-    ok = True
-    S = 67 if SMOKE else 4099
-    for name, _, args in masked_cases(shapes, S):
-        ok &= check_case(f"{name} masked", args, 5e-3)
-    Hq, Hkv, D = next(iter(shapes.values()))
-    args = list(latent_case(Hq, Hkv, D, 2, 2, S, True))
-    args[4] = torch.randn(Hkv * D, device=DEV, dtype=DT)           # key bias
-    args[7] = torch.rand(D, device=DEV, dtype=DT) + 0.5            # k-norm
-    args[5], args[6] = rope_tables(S, D // 2, interleaved=True)    # partial rotary
-    args[12] = 2                                                    # interleaved
-    ok &= check_case("partial interleaved rope + bias + k-norm", args, 5e-3)
-    q = torch.randn(2, Hq, 33, D, device=DEV, dtype=DT)
-    args = list(latent_case(Hq, Hkv, D, 2, 2, S, True))
-    args[0], args[10] = q, 30.0
-    ok &= check_case("33 queries, softcap (fused, query tiles)", args, 5e-3)
-    args = list(latent_case(Hq, Hkv, D, 4, 1, 1030, True, with_lv=True))
-    args[0] = torch.randn(1, Hq, 1030, D, device=DEV, dtype=DT)
-    args[11] = True
-    ok &= check_case("prefill 1030 tokens causal gs4 (keys and values rebuilt + SDPA)", args, 5e-3)
-    args = [a.to(torch.bfloat16) if torch.is_tensor(a) and a.is_floating_point() else a
-            for a in latent_case(Hq, Hkv, D, 2, 2, S, True)]
-    ok &= check_case("bf16 gs2 rope", args, 2.5e-2)
-    return ok
-
-
 def row_candidates(tuned, rope, gs, Hq, Hkv, bits):
     """(label, config) pairs a table row takes the fastest of (all are printed): the tuned or
     built-in config, plus, where one query head owns each latent group (group size 1, as
@@ -412,126 +365,6 @@ def wide_candidates(rope, bits):
             out.append((f"per-head x1 64/4w/3s/{ppsm}p",
                         KernelConfig(block_s=64, num_warps=4, num_stages=3, programs_per_sm=ppsm, group_heads=1)))
     return out
-
-
-def quant_correctness(shapes):
-    """Quantized kernels vs ``quant_latent_attention_ref``: every group size and mode at 4
-    bits, 3 and 2 bits with smaller quantization groups, per-sequence lengths (masks), a
-    context that is not a multiple of any block, and the few-query / prefill / bf16 paths."""
-    print("quantized-cache correctness (fp16 unless noted):")
-    ok = True
-    S = 67 if SMOKE else 4099
-    for name, gs, base in masked_cases(shapes, S):
-        for bits, qg in [(4, None)] + ([(3, 32), (2, 16)] if gs != 2 else []):
-            ok &= check_case(f"{name} q{bits} group {qg or 'rank'} masked", quantized(base, bits, qg), 5e-3, quant=True)
-    for sname, (Hq, Hkv, D) in shapes.items():
-        if Hq == Hkv:  # per_head.py's kernel (one query head per group) at every program width
-            for rope in (True, False):
-                mode = "rope" if rope else "absorbed"
-                base = latent_case(Hq, Hkv, D, 1, 2, S, rope, mask=True)
-                for h in ((1, 2) if rope else (1, 2, 4)):  # RoPE programs take at most two heads
-                    c = KernelConfig(block_s=32 if SMOKE else 64, num_warps=4, num_stages=1 if SMOKE else 3,
-                                     group_heads=h)
-                    ok &= check_case(f"{sname} gs1 {mode} per-head x{h} unquantized masked", base, 5e-3, cfg=c)
-                    ok &= check_case(f"{sname} gs1 {mode} per-head x{h} q4 masked", quantized(base, 4), 5e-3,
-                                     quant=True, cfg=c)
-            ok &= check_case(f"{sname} gs1 rope group kernel q4 masked",
-                             quantized(latent_case(Hq, Hkv, D, 1, 2, S, True, mask=True), 4), 5e-3, quant=True,
-                             cfg=KernelConfig(block_s=64, num_warps=4, num_stages=1 if SMOKE else 3))
-    Hq, Hkv, D = next(iter(shapes.values()))
-    args = list(quantized(latent_case(Hq, Hkv, D, 2, 2, S, True), 4))
-    args[0], args[18] = torch.randn(2, Hq, 33, D, device=DEV, dtype=DT), 30.0
-    ok &= check_case("q4 33 queries, softcap (fused, query tiles)", args, 5e-3, quant=True)
-    args = list(quantized(latent_case(Hq, Hkv, D, 4, 1, 1030, True, with_lv=True), 3, 32))
-    args[0], args[19] = torch.randn(1, Hq, 1030, D, device=DEV, dtype=DT), True
-    ok &= check_case("q3 prefill 1030 tokens causal gs4 (dequantize + SDPA)", args, 5e-3, quant=True)
-    args = [a.to(torch.bfloat16) if torch.is_tensor(a) and a.is_floating_point() and i not in (2, 3, 5, 6) else a
-            for i, a in enumerate(quantized(latent_case(Hq, Hkv, D, 2, 2, S, True), 4))]
-    ok &= check_case("bf16 q4 gs2 rope", args, 2.5e-2, quant=True)
-    if DEV == "cuda":  # the op's dispatch on CUDA is the Triton path
-        import palu_fx.ops  # noqa: F401
-
-        args = quantized(latent_case(Hq, Hkv, D, 1, 2, S, True, mask=True), 4)
-        same = torch.equal(torch.ops.palu.quant_latent_attention(*args), quant_latent_attention_triton(*args))
-        print(f"  check {'palu::quant_latent_attention runs the Triton kernels':<42} {'ok' if same else 'FAIL'}")
-        ok &= same
-    print(f"quantized-cache correctness: {'all ok' if ok else 'FAILED'}", flush=True)
-    return ok
-
-
-# ------------------------------------------------------------------ tuning sweep
-# Candidates screened without a GPU (sm_90 compile, cuobjdump resource usage): no register
-# spills (gs 4: the least spilling, 64-150 B) and shared memory under 227 KB.
-# (block_s, num_warps, num_stages, chunk, heads_per_program, dynamic_heads)
-ROPE_CANDIDATES = {
-    1: [(64, 4, 1, 64, 1, 0), (64, 4, 2, 64, 1, 0), (64, 4, 3, 64, 1, 0), (64, 8, 3, 64, 1, 0),
-        (128, 8, 1, 64, 1, 0), (128, 8, 2, 64, 1, 0), (128, 8, 3, 64, 1, 0)],
-    2: [(64, 4, 1, 64, 1, 0), (64, 4, 2, 64, 1, 0), (64, 8, 2, 64, 1, 0), (128, 8, 1, 64, 1, 0),
-        (128, 8, 2, 64, 1, 0), (64, 8, 2, 32, 0, 1), (128, 8, 2, 32, 0, 1), (128, 8, 3, 32, 0, 1),
-        (64, 4, 1, 32, 1, 0), (128, 8, 2, 32, 1, 0)],
-    4: [(64, 8, 2, 32, 2, 1), (64, 8, 2, 32, 0, 1), (64, 4, 1, 32, 1, 0), (128, 8, 2, 32, 0, 1),
-        (64, 8, 1, 32, 1, 0)],
-}
-ABSORBED_CANDIDATES = {  # (block_s, num_warps, num_stages)
-    1: [(64, 4, 3), (128, 4, 3), (128, 8, 4), (256, 8, 3), (256, 4, 2), (128, 4, 2)],
-    2: [(64, 4, 3), (64, 8, 4), (128, 8, 3), (128, 4, 2), (128, 8, 2)],
-    4: [(64, 4, 2), (64, 4, 3), (64, 8, 2), (64, 8, 3)],
-}
-
-
-def sweep_candidates(rope, gs):
-    if not rope:
-        return [KernelConfig(block_s=bs, num_warps=w, num_stages=st) for bs, w, st in ABSORBED_CANDIDATES[gs]]
-    return [KernelConfig(block_s=bs, num_warps=w, num_stages=st, chunk=ch, heads_per_program=hpp,
-                         dynamic_heads=bool(dyn)) for bs, w, st, ch, hpp, dyn in ROPE_CANDIDATES[gs]]
-
-
-def sweep(shapes, B, S, deadline):
-    """Time candidate configs per kernel variant at one (batch, context); returns the best."""
-    best = {}
-    ranked_first = {}
-    for sname, (Hq, Hkv, D) in shapes.items():
-        tables = rope_tables(S, D)
-        for gs in (1, 2, 4):
-            for rope in (True, False):
-                if time.time() > deadline:
-                    print(f"  sweep: out of time before {sname} gs{gs} rope={rope}")
-                    return best
-                args = latent_case(Hq, Hkv, D, gs, B, S, rope, tables)
-                results = []
-                cands = sweep_candidates(rope, gs)
-                if (sname, gs, rope) not in ranked_first and ranked_first.get(("*", gs, rope)):
-                    cands = ranked_first[("*", gs, rope)][:3]  # later shapes: the first one's top 3
-                for c in cands:
-                    try:
-                        results.append((gpu_time(run_ours, [(args, c)], max_iters=15), c))
-                    except Exception as e:  # noqa: BLE001 - a config that fails to compile is skipped
-                        print(f"  {sname} gs{gs} rope={rope} {c}: {type(e).__name__} {str(e)[:200]}")
-                if not results:
-                    continue
-                results.sort(key=lambda x: x[0])
-                ranked_first.setdefault(("*", gs, rope), [r[1] for r in results])
-                t0, c0 = results[0]
-                for pps in (2, 8, 16):
-                    c = KernelConfig(**{**c0.__dict__, "programs_per_sm": pps})
-                    results.append((gpu_time(run_ours, [(args, c)], max_iters=15), c))
-                t, c = min(results, key=lambda x: x[0])
-                best[(sname, gs, rope)] = c
-                if rope:  # what the rotary tables cost: same keys rebuilt, not rotated
-                    a2 = list(args)
-                    a2[5] = a2[6] = None
-                    a2[12] = 0
-                    try:
-                        t2 = gpu_time(run_ours, [(tuple(a2), c)], max_iters=15)
-                        print(f"  diag {sname} gs{gs}: rebuild without RoPE {t2:.3f} ms vs {t:.3f} with")
-                    except Exception as e:  # noqa: BLE001
-                        print(f"  diag failed: {type(e).__name__} {str(e)[:200]}")
-                line = ", ".join(f"{r[1].block_s}/{r[1].num_warps}w/{r[1].num_stages}s/ch{r[1].chunk}"
-                                 f"/hpp{r[1].heads_per_program}{'d' if r[1].dynamic_heads else ''}"
-                                 f"/pps{r[1].programs_per_sm}={r[0]:.3f}" for r in results)
-                print(f"  sweep {sname} gs{gs} rope={rope}: best {t:.3f} ms {c}\n    {line}", flush=True)
-                del args
-    return best
 
 
 def model_args_diag(run, args, label, cfg=None):
@@ -657,67 +490,11 @@ def naive_column(rows, jobs):
     return rows
 
 
-# ------------------------------------------------------------------ prefill
-def prefill_table(shapes, S_list, deadline):
-    """Causal prefill (B=1): the op as the pass calls it (keys rebuilt, values latent or, where
-    the value rank passes the head dim, rebuilt with ``lv``; then SDPA) against SDPA on full
-    keys/values, the faster of its flash and cuDNN backends."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    from palu_fx.kernels.latent_attention import wrapper as W
-
-    def full_sdpa(q, k, v, gqa):
-        best = float("inf")
-        for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION):
-            def call(backend=backend):
-                with sdpa_kernel([backend]):
-                    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-            try:
-                best = min(best, gpu_time(call, [()]))
-            except RuntimeError as e:  # a backend without this call on this torch
-                print(f"  sdpa {backend.name}: {str(e).splitlines()[0]}")
-        return best
-
-    rows = []
-    for sname, (Hq, Hkv, D) in shapes.items():
-        for S in S_list:
-            if time.time() > deadline:
-                return rows
-            q = torch.randn(1, Hq, S, D, device=DEV, dtype=DT)
-            k = torch.randn(1, Hkv, S, D, device=DEV, dtype=DT)
-            v = torch.randn(1, Hkv, S, D, device=DEV, dtype=DT)
-            t_full = full_sdpa(q, k, v, Hq != Hkv) if DEV == "cuda" else \
-                gpu_time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=Hq != Hkv), [()])
-            del k, v
-            tables = rope_tables(S, D)
-            for gs in (1, 2, 4):
-                args = list(latent_case(Hq, Hkv, D, gs, 1, S, True, tables, with_lv=True))
-                args[0], args[11] = q, True
-                t_ours = gpu_time(lambda: latent_attention_triton(*args), [()])
-                hk, hv, lk, cos, sin = args[1], args[2], args[3], args[5], args[6]
-                lv = args[14] if len(args) > 14 else None
-                p = W._parts(q, lk, None, cos, sin, None, 1, 1, S, DEV == "cpu", DT)
-                rv = hk.shape[-1] // lk.shape[0]
-                width = W.prefill_key_width(q, D if lv is not None else rv, None, True, Hq != Hkv, DT)
-                t_keys = gpu_time(lambda: W.rebuild_keys(hk, lk, None, cos, sin, None, 1e-6, p, width, DT,
-                                                         DEV == "cpu"), [()])
-                t_vals = float("nan")
-                if lv is not None:
-                    lv_g = lv.reshape(lk.shape[0], -1, rv)
-                    pv = W._parts(q, lv_g, None, None, None, None, 0, 1, S, DEV == "cpu", DT, head_dim=D)
-                    t_vals = gpu_time(lambda: W.rebuild_keys(hv, lv_g, None, pv["cos"], pv["sin"], None, 1e-6, pv, D,
-                                                             DT, DEV == "cpu"), [()])
-                rows.append([sname, f"{S // 1024}k", gs, rv, "rebuilt" if lv is not None else "latent", t_ours,
-                             t_keys, t_vals, t_full, t_ours / t_full - 1])
-                print("  " + " ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in rows[-1]), flush=True)
-    return rows
-
-
-PREFILL_HEADS = ["shape", "ctx", "gs", "rank v", "values", "ours ms", "keys ms", "values ms", "SDPA full ms",
-                 "overhead"]
-
-
 def main():
+    from attention_checks import correctness, quant_correctness  # (they import this module)
+    from attention_sweep import sweep
+    from prefill_table import PREFILL_HEADS, prefill_table
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true", help="CPU interpreter, tiny shapes (code-path check)")
     ap.add_argument("--no-sweep", action="store_true", help="use the built-in config heuristic only")

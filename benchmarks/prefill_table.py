@@ -1,0 +1,69 @@
+"""The prefill table of ``attention.py`` (``--prefill-only``, or after the decode table)."""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from attention import DEV, DT, gpu_time, latent_case, rope_tables
+from palu_fx.kernels.latent_attention.wrapper import latent_attention_triton
+
+
+def prefill_table(shapes, S_list, deadline):
+    """Causal prefill (B=1): the op as the pass calls it (keys rebuilt, values latent or, where
+    the value rank passes the head dim, rebuilt with ``lv``; then SDPA) against SDPA on full
+    keys/values, the faster of its flash and cuDNN backends."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from palu_fx.kernels.latent_attention import wrapper as W
+
+    def full_sdpa(q, k, v, gqa):
+        best = float("inf")
+        for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION):
+            def call(backend=backend):
+                with sdpa_kernel([backend]):
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            try:
+                best = min(best, gpu_time(call, [()]))
+            except RuntimeError as e:  # a backend without this call on this torch
+                print(f"  sdpa {backend.name}: {str(e).splitlines()[0]}")
+        return best
+
+    rows = []
+    for sname, (Hq, Hkv, D) in shapes.items():
+        for S in S_list:
+            if time.time() > deadline:
+                return rows
+            q = torch.randn(1, Hq, S, D, device=DEV, dtype=DT)
+            k = torch.randn(1, Hkv, S, D, device=DEV, dtype=DT)
+            v = torch.randn(1, Hkv, S, D, device=DEV, dtype=DT)
+            t_full = full_sdpa(q, k, v, Hq != Hkv) if DEV == "cuda" else \
+                gpu_time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=Hq != Hkv), [()])
+            del k, v
+            tables = rope_tables(S, D)
+            for gs in (1, 2, 4):
+                args = list(latent_case(Hq, Hkv, D, gs, 1, S, True, tables, with_lv=True))
+                args[0], args[11] = q, True
+                t_ours = gpu_time(lambda: latent_attention_triton(*args), [()])
+                hk, hv, lk, cos, sin = args[1], args[2], args[3], args[5], args[6]
+                lv = args[14] if len(args) > 14 else None
+                p = W._parts(q, lk, None, cos, sin, None, 1, 1, S, DEV == "cpu", DT)
+                rv = hk.shape[-1] // lk.shape[0]
+                width = W.prefill_key_width(q, D if lv is not None else rv, None, True, Hq != Hkv, DT)
+                t_keys = gpu_time(lambda: W.rebuild_keys(hk, lk, None, cos, sin, None, 1e-6, p, width, DT,
+                                                         DEV == "cpu"), [()])
+                t_vals = float("nan")
+                if lv is not None:
+                    lv_g = lv.reshape(lk.shape[0], -1, rv)
+                    pv = W._parts(q, lv_g, None, None, None, None, 0, 1, S, DEV == "cpu", DT, head_dim=D)
+                    t_vals = gpu_time(lambda: W.rebuild_keys(hv, lv_g, None, pv["cos"], pv["sin"], None, 1e-6, pv, D,
+                                                             DT, DEV == "cpu"), [()])
+                rows.append([sname, f"{S // 1024}k", gs, rv, "rebuilt" if lv is not None else "latent", t_ours,
+                             t_keys, t_vals, t_full, t_ours / t_full - 1])
+                print("  " + " ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in rows[-1]), flush=True)
+    return rows
+
+
+PREFILL_HEADS = ["shape", "ctx", "gs", "rank v", "values", "ours ms", "keys ms", "values ms", "SDPA full ms",
+                 "overhead"]

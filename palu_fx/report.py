@@ -60,6 +60,9 @@ class CompressionReport:
         if rows:
             out.append(tabulate(rows, headers=["layer", "RoPE", "q/kv heads", "group", "rank K", "rank V",
                                                "keys", "values", "cache before", "cache after"]))
+        if any(s.rank_v > s.head_dim and not s.folded for s in self.sites):
+            out.append("values rebuilt inside the attention op where rank V exceeds the head dim: folding them "
+                       "into o_proj would widen it by rank V / head dim")
         if not self.cache_found and self.sites:
             out.append("no KV cache was found: projections are factored, nothing is cached")
         elif self.sites:

@@ -42,8 +42,10 @@ def test_value_rank_above_head_dim_is_rebuilt_in_the_op(name):
     ep = exported(name)
     ids = tokens()
     ep1 = compress_exported(ep, PaluConfig(rank_ratio=1.0, group_size="all"))
-    sites = palu_fx.report(ep1).sites
+    rep = palu_fx.report(ep1)
+    sites = rep.sites
     assert sites and all(s.rank_v > s.head_dim and not s.folded for s in sites)
+    assert "values rebuilt inside the attention op" in str(rep)
     ops = [n for n in ep1.graph.nodes if n.target == torch.ops.palu.latent_attention.default]
     assert len(ops) == len(sites) and all(len(n.args) == 15 for n in ops)  # ... with lv
     assert rel_err(run(ep1, ids), run(ep, ids)) < 1e-4

@@ -3,9 +3,9 @@
 With many query tokens attention is compute bound and the flash kernels of
 ``F.scaled_dot_product_attention`` are hard to beat; what the latent cache adds is the key
 reconstruction (bias, k-norm, RoPE per cached slot), done here in one pass that reads the
-latents once and writes the keys once, in the query dtype. The values stay latent: SDPA
-runs ``P @ hv`` with each KV head reading its group's latent values, so the output is in
-value-latent space, as the op promises.
+latents once and writes the keys once, in the query dtype. Up to a value rank of one head
+dim the values stay latent: SDPA runs ``P @ hv`` with each KV head reading its group's latent
+values, so the output is in value-latent space, as the op promises without ``lv``.
 
 The values keep their rank as head dim where SDPA has a kernel for a value head dim other
 than the query's: cuDNN's (``unpadded_values``). At rank ratio 0.5 and group size 1 that

@@ -57,6 +57,7 @@
 #                                      # B=32 x 128k rows with 4-bit latents quantized in token slices (gs 1/2/4)
 #   bash benchmarks/gpu_session.sh 52  # lv applied per KV head (bmm): its time against a broadcast matmul, the gs4 rows
 #   bash benchmarks/gpu_session.sh 53  # the gs4 rows of the issue table with lv (B 1/8/32 x 4k/32k/128k, both shapes, 4 bits)
+#   bash benchmarks/gpu_session.sh 57  # 4k prefill parts: value copy / rebuild candidates (cuBLAS into BSHD), SDPA layouts
 #   bash benchmarks/gpu_session.sh 54  # final: the latent-attention and quantized kernels' GPU tests in full, the MHA smoke
 #   bash benchmarks/gpu_session.sh 55  # where gs2 prefill time goes with 32 KV heads (4k, 16k), flash against cuDNN
 #   bash benchmarks/gpu_session.sh 56  # values replicated per KV head by a Triton kernel: GPU tests, the gs2 breakdown,
@@ -430,5 +431,9 @@ case "${1:-1}" in
         --variant rope:h2=gluon_rope_heads=2 --variant rope4:triton=gluon=false --variant rope4:t0=gluon_rope_tables=0
     step table_gs2 180 python -u benchmarks/attention.py --no-sweep --defaults-only --no-prefill --no-naive \
         --quant-bits 4 --shapes llama2 --batch 1 8 32 --ctx 32k 128k --gs 2 --budget-s 160
+    ;;
+57)
+    step parts 300 python -u benchmarks/prefill_parts_probe.py --ctx 4096 16384
+    cat "$OUT/parts.log"
     ;;
 esac

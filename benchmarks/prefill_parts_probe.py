@@ -1,0 +1,146 @@
+"""Candidates for the 4k prefill parts that keep 32-KV-head rows over the 15% target (B=1,
+causal, Llama-2-7B shape, rank ratio 0.5): the gs2 copy of each group's latent values per KV
+head, the gs4 value rebuild (``lv``), the key rebuild, and SDPA on [B, S, H, D] memory.
+
+    PYTHONPATH=. python benchmarks/prefill_parts_probe.py [--ctx 4096 16384]
+    TRITON_INTERPRET=1 PYTHONPATH=. python benchmarks/prefill_parts_probe.py --smoke --ctx 200
+
+Each candidate is checked against the current path's output before it is timed.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, os.path.dirname(__file__))
+from attention import DEV, DT, gpu_time, latent_case, rope_tables  # noqa: E402
+
+from palu_fx.kernels.latent_attention import prefill as P  # noqa: E402
+from palu_fx.kernels.latent_attention import wrapper as W  # noqa: E402
+
+H, D = 32, 128
+CPU = DEV == "cpu"  # the interpreter runs the kernels
+
+
+def _same(name, got, want):
+    err = ((got.float() - want.float()).norm() / want.float().norm()).item()
+    if err > 2e-3:
+        raise SystemExit(f"{name}: rel err {err:.2e} against the current path")
+
+
+def copy_candidates(S: int) -> dict:
+    """gs2: hv [1, S, 16 x 128] -> one copy per KV head."""
+    G, rv, rep = H // 2, D, 2
+    hv = torch.randn(1, S, G * rv, device=DEV, dtype=DT)
+    want = P.replicate_values(hv, G, H)
+    out = {"copy: current kernel (BHSD, 32 tokens, 4 warps)": gpu_time(lambda: P.replicate_values(hv, G, H), [()])}
+    for bs, nw in ((64, 4), (128, 4), (128, 8), (256, 8)):
+        vals = torch.empty(1, H, S, rv, device=DEV, dtype=DT)
+
+        def call(bs=bs, nw=nw, vals=vals):
+            P.replicate_values_kernel[(triton.cdiv(S, bs), G)](
+                hv, vals, hv.stride(0), hv.stride(1), vals.stride(0), vals.stride(1), vals.stride(2), G, S, rv,
+                REP=rep, R_P=rv, BLOCK_S=bs, num_warps=nw)
+            return vals
+        _same(f"copy {bs}/{nw}", call(), want)
+        out[f"copy: kernel BHSD, {bs} tokens, {nw} warps"] = gpu_time(call, [()])
+        bshd = torch.empty(1, S, H, rv, device=DEV, dtype=DT).transpose(1, 2)
+
+        def call_bshd(bs=bs, nw=nw, v=bshd):
+            P.replicate_values_kernel[(triton.cdiv(S, bs), G)](
+                hv, v, hv.stride(0), hv.stride(1), v.stride(0), v.stride(1), v.stride(2), G, S, rv,
+                REP=rep, R_P=rv, BLOCK_S=bs, num_warps=nw)
+            return v
+        _same(f"copy bshd {bs}/{nw}", call_bshd(), want)
+        out[f"copy: kernel BSHD, {bs} tokens, {nw} warps"] = gpu_time(call_bshd, [()])
+    dst = torch.empty(1, S, G, rep, rv, device=DEV, dtype=DT)
+
+    def expand_copy():
+        dst.copy_(hv.view(1, S, G, 1, rv).expand(1, S, G, rep, rv))
+        return dst.view(1, S, H, rv).transpose(1, 2)
+    _same("expand copy", expand_copy(), want)
+    out["copy: torch expand -> BSHD"] = gpu_time(expand_copy, [()])
+    out["copy: bytes at 3.5 TB/s"] = 3 * hv.numel() * 2 / 3.5e9
+    return out
+
+
+def value_candidates(S: int) -> dict:
+    """gs4 with lv: hv [1, S, 8 x 256] -> values [1, 32, S, 128]."""
+    gs = 4
+    args = latent_case(H, H, D, gs, 1, S, True, with_lv=True)
+    q, hv, lk, lv = args[0], args[2], args[3], args[14]
+    G, rv = lk.shape[0], lk.shape[-1]
+    lv_g = lv.reshape(G, gs * D, rv)
+    pv = W._parts(q, lv_g, None, None, None, None, 0, 1, S, CPU, DT, head_dim=D)
+    want = W.rebuild_keys(hv, lv_g, None, pv["cos"], pv["sin"], None, 1e-6, pv, D, DT, CPU)
+    out = {"values: current kernel": gpu_time(
+        lambda: W.rebuild_keys(hv, lv_g, None, pv["cos"], pv["sin"], None, 1e-6, pv, D, DT, CPU), [()])}
+    dst = torch.empty(1, S, H, D, device=DEV, dtype=DT)
+    a = hv.view(S, G, rv).transpose(0, 1)
+    b = lv_g.transpose(1, 2)
+    c = dst.view(S, G, gs * D).transpose(0, 1)
+
+    def bmm():
+        torch.bmm(a, b, out=c)
+        return dst.transpose(1, 2)
+    _same("values bmm", bmm(), want)
+    out["values: cuBLAS bmm -> BSHD"] = gpu_time(bmm, [()])
+    out["values: bytes at 3.5 TB/s"] = (hv.numel() + dst.numel()) * 2 / 3.5e9
+    return out
+
+
+def key_candidates(S: int) -> dict:
+    """Keys (RoPE): the current kernel, and a cuBLAS bmm before RoPE (its lower bound)."""
+    out = {}
+    tables = rope_tables(S, D)
+    for gs in (1, 2, 4):
+        args = latent_case(H, H, D, gs, 1, S, True, tables)
+        q, hk, lk, cos, sin = args[0], args[1], args[3], args[5], args[6]
+        G, rk = lk.shape[0], lk.shape[-1]
+        p = W._parts(q, lk, None, cos, sin, None, 1, 1, S, CPU, DT)
+        out[f"keys gs{gs}: current kernel"] = gpu_time(
+            lambda: W.rebuild_keys(hk, lk, None, cos, sin, None, 1e-6, p, D, DT, CPU), [()])
+        dst = torch.empty(1, S, H, D, device=DEV, dtype=DT)
+        a, b, c = hk.view(S, G, rk).transpose(0, 1), lk.transpose(1, 2), dst.view(S, G, gs * D).transpose(0, 1)
+        out[f"keys gs{gs}: cuBLAS bmm alone (no RoPE)"] = gpu_time(lambda: torch.bmm(a, b, out=c), [()])
+    return out
+
+
+def sdpa_layouts(S: int) -> dict:
+    """SDPA (causal) with keys/values in [B, H, S, D] memory or [B, S, H, D] (a transposed view)."""
+    if CPU:  # no flash or cuDNN backend to pick
+        return {}
+    q = torch.randn(1, H, S, D, device=DEV, dtype=DT)
+    bhsd = [torch.randn(1, H, S, D, device=DEV, dtype=DT) for _ in range(2)]
+    bshd = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in bhsd]
+    q_s = q.transpose(1, 2).contiguous().transpose(1, 2)
+    out = {}
+    for be in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION):
+        for name, qq, (k, v) in (("q,k,v BHSD", q, bhsd), ("q BHSD, k,v BSHD", q, bshd), ("q,k,v BSHD", q_s, bshd)):
+            with sdpa_kernel([be]):
+                out[f"SDPA {be.name}: {name}"] = gpu_time(
+                    lambda: F.scaled_dot_product_attention(qq, k, v, is_causal=True), [()])
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ctx", type=int, nargs="+", default=[4096, 16384])
+    ap.add_argument("--smoke", action="store_true", help="on the CPU (interpreter), float32")
+    a = ap.parse_args()
+    print(torch.cuda.get_device_name() if DEV == "cuda" else DEV, torch.__version__, triton.__version__, flush=True)
+    for S in a.ctx:
+        for part in (copy_candidates, value_candidates, key_candidates, sdpa_layouts):
+            for name, t in part(S).items():
+                print(f"S={S:>6} {name:<52} {t:.4f} ms", flush=True)
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

@@ -58,6 +58,7 @@
 #   bash benchmarks/gpu_session.sh 52  # lv applied per KV head (bmm): its time against a broadcast matmul, the gs4 rows
 #   bash benchmarks/gpu_session.sh 53  # the gs4 rows of the issue table with lv (B 1/8/32 x 4k/32k/128k, both shapes, 4 bits)
 #   bash benchmarks/gpu_session.sh 57  # 4k prefill parts: value copy / rebuild candidates (cuBLAS into BSHD), SDPA layouts
+#   bash benchmarks/gpu_session.sh 58  # the key/value rebuild kernel: tile, warps, stages, per group or per head (4k, 16k)
 #   bash benchmarks/gpu_session.sh 54  # final: the latent-attention and quantized kernels' GPU tests in full, the MHA smoke
 #   bash benchmarks/gpu_session.sh 55  # where gs2 prefill time goes with 32 KV heads (4k, 16k), flash against cuDNN
 #   bash benchmarks/gpu_session.sh 56  # values replicated per KV head by a Triton kernel: GPU tests, the gs2 breakdown,
@@ -435,5 +436,9 @@ case "${1:-1}" in
 57)
     step parts 300 python -u benchmarks/prefill_parts_probe.py --ctx 4096 16384
     cat "$OUT/parts.log"
+    ;;
+58)
+    step sweep 400 python -u benchmarks/prefill_parts_probe.py --sweep --ctx 4096 16384
+    cat "$OUT/sweep.log"
     ;;
 esac

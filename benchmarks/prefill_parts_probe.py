@@ -129,14 +129,62 @@ def sdpa_layouts(S: int) -> dict:
     return out
 
 
+def rebuild_sweep(S: int) -> dict:
+    """The rebuild kernel's tile, warps and stages, per (group, tile) and per head over tiles:
+    keys at gs 1/2/4 (RoPE) and gs4 values (``lv``)."""
+    out = {}
+    tables = rope_tables(S, D)
+    cases = []
+    for gs in (1, 2, 4):
+        args = latent_case(H, H, D, gs, 1, S, True, tables, with_lv=True)
+        q, hk, lk, cos, sin = args[0], args[1], args[3], args[5], args[6]
+        p = W._parts(q, lk, None, cos, sin, None, 1, 1, S, CPU, DT)
+        cases.append((f"keys gs{gs}", (hk, lk, None, cos, sin, None, 1e-6, p, D, DT, CPU)))
+        if gs == 4:
+            lv_g = args[14].reshape(lk.shape[0], gs * D, -1)
+            pv = W._parts(q, lv_g, None, None, None, None, 0, 1, S, CPU, DT, head_dim=D)
+            cases.append(("values gs4", (args[2], lv_g, None, pv["cos"], pv["sin"], None, 1e-6, pv, D, DT, CPU)))
+    for name, rk_args in cases:
+        want = W.rebuild_keys(*rk_args)
+        kern, grid, args, consts = W.rebuild_keys(*rk_args, probe=True)
+        units = args[1].shape[0] * (args[1].shape[1] // D)  # heads
+        out[f"{name}: default ({'per head' if consts['HPP'] == 1 else 'per group'}, {consts['BLOCK_S']} tokens, "
+            f"{consts['num_warps']} warps)"] = gpu_time(lambda: W.rebuild_keys(*rk_args), [()])
+        gs = args[1].shape[1] // D
+        for per_head in ((False, True) if gs > 1 else (False,)):
+            for bs in (32, 64, 128):
+                for nw in (4, 8):
+                    for st in (1, 2, 3):
+                        n_tiles = triton.cdiv(S, bs)
+                        tiles = triton.cdiv(n_tiles, max(1, 4 * 132 // units)) if per_head else 1
+                        g = (triton.cdiv(n_tiles, tiles), units if per_head else units // gs)
+                        c = dict(consts, BLOCK_S=bs, num_warps=nw, num_stages=st, HPP=1 if per_head else gs)
+                        a = args[:-1] + (tiles,)
+                        keys = torch.empty_like(want)
+
+                        def call(g=g, a=a, c=c, keys=keys):
+                            kern[g](*a[:6], keys, *a[7:], **c)
+                            return keys
+                        try:
+                            _same(f"{name} {per_head} {bs} {nw} {st}", call(), want)
+                        except Exception as e:  # out of resources
+                            print(f"  {name} {bs}/{nw}/{st}: {str(e).splitlines()[0][:80]}", flush=True)
+                            continue
+                        out[f"{name}: {'per head' if per_head else 'per group'}, {bs} tok, {nw} w, {st} st"] = \
+                            gpu_time(call, [()])
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ctx", type=int, nargs="+", default=[4096, 16384])
     ap.add_argument("--smoke", action="store_true", help="on the CPU (interpreter), float32")
+    ap.add_argument("--sweep", action="store_true", help="only the rebuild kernel's configurations")
     a = ap.parse_args()
     print(torch.cuda.get_device_name() if DEV == "cuda" else DEV, torch.__version__, triton.__version__, flush=True)
     for S in a.ctx:
-        for part in (copy_candidates, value_candidates, key_candidates, sdpa_layouts):
+        parts = (rebuild_sweep,) if a.sweep else (copy_candidates, value_candidates, key_candidates, sdpa_layouts)
+        for part in parts:
             for name, t in part(S).items():
                 print(f"S={S:>6} {name:<52} {t:.4f} ms", flush=True)
             torch.cuda.empty_cache()

@@ -71,28 +71,18 @@ def copy_candidates(S: int) -> dict:
 
 
 def value_candidates(S: int) -> dict:
-    """gs4 with lv: hv [1, S, 8 x 256] -> values [1, 32, S, 128]."""
+    """gs4 with lv: hv [1, S, 8 x 256] -> values [1, 32, S, 128] by ``rebuild_values`` (cuBLAS
+    into [B, S, H, D] memory). Its first run (session 57, 2026-11-29) also timed the key-rebuild
+    kernel on the values, then their path: 0.047 / 0.161 ms at 4k / 16k, against 0.027 / 0.076."""
     gs = 4
     args = latent_case(H, H, D, gs, 1, S, True, with_lv=True)
-    q, hv, lk, lv = args[0], args[2], args[3], args[14]
+    hv, lk, lv = args[2], args[3], args[14]
     G, rv = lk.shape[0], lk.shape[-1]
-    lv_g = lv.reshape(G, gs * D, rv)
-    pv = W._parts(q, lv_g, None, None, None, None, 0, 1, S, CPU, DT, head_dim=D)
-    want = W.rebuild_keys(hv, lv_g, None, pv["cos"], pv["sin"], None, 1e-6, pv, D, DT, CPU)
-    out = {"values: current kernel": gpu_time(
-        lambda: W.rebuild_keys(hv, lv_g, None, pv["cos"], pv["sin"], None, 1e-6, pv, D, DT, CPU), [()])}
-    dst = torch.empty(1, S, H, D, device=DEV, dtype=DT)
-    a = hv.view(S, G, rv).transpose(0, 1)
-    b = lv_g.transpose(1, 2)
-    c = dst.view(S, G, gs * D).transpose(0, 1)
-
-    def bmm():
-        torch.bmm(a, b, out=c)
-        return dst.transpose(1, 2)
-    _same("values bmm", bmm(), want)
-    out["values: cuBLAS bmm -> BSHD"] = gpu_time(bmm, [()])
-    out["values: bytes at 3.5 TB/s"] = (hv.numel() + dst.numel()) * 2 / 3.5e9
-    return out
+    want = torch.einsum("bsgr,gjdr->bgjsd", hv.view(1, S, G, rv).float(), lv.view(G, gs, D, rv).float())
+    want = want.reshape(1, H, S, D)
+    _same("rebuild_values", P.rebuild_values(hv, lv, G), want)
+    return {"values: rebuild_values (cuBLAS -> BSHD)": gpu_time(lambda: P.rebuild_values(hv, lv, G), [()]),
+            "values: bytes at 3.5 TB/s": (hv.numel() + H * S * D) * 2 / 3.5e9}
 
 
 def key_candidates(S: int) -> dict:
@@ -130,48 +120,35 @@ def sdpa_layouts(S: int) -> dict:
 
 
 def rebuild_sweep(S: int) -> dict:
-    """The rebuild kernel's tile, warps and stages, per (group, tile) and per head over tiles:
-    keys at gs 1/2/4 (RoPE) and gs4 values (``lv``)."""
+    """The key-rebuild kernel's tile, warps and stages at gs 1/2/4 (RoPE). Its first run
+    (session 58, 2026-11-29) also swept a program per head looping over tiles (then the gs4
+    default, 0.059 / 0.236 ms at 4k / 16k) and the values of gs4."""
     out = {}
     tables = rope_tables(S, D)
-    cases = []
     for gs in (1, 2, 4):
-        args = latent_case(H, H, D, gs, 1, S, True, tables, with_lv=True)
+        args = latent_case(H, H, D, gs, 1, S, True, tables)
         q, hk, lk, cos, sin = args[0], args[1], args[3], args[5], args[6]
         p = W._parts(q, lk, None, cos, sin, None, 1, 1, S, CPU, DT)
-        cases.append((f"keys gs{gs}", (hk, lk, None, cos, sin, None, 1e-6, p, D, DT, CPU)))
-        if gs == 4:
-            lv_g = args[14].reshape(lk.shape[0], gs * D, -1)
-            pv = W._parts(q, lv_g, None, None, None, None, 0, 1, S, CPU, DT, head_dim=D)
-            cases.append(("values gs4", (args[2], lv_g, None, pv["cos"], pv["sin"], None, 1e-6, pv, D, DT, CPU)))
-    for name, rk_args in cases:
+        rk_args = (hk, lk, None, cos, sin, None, 1e-6, p, D, DT, CPU)
         want = W.rebuild_keys(*rk_args)
-        kern, grid, args, consts = W.rebuild_keys(*rk_args, probe=True)
-        units = args[1].shape[0] * (args[1].shape[1] // D)  # heads
-        out[f"{name}: default ({'per head' if consts['HPP'] == 1 else 'per group'}, {consts['BLOCK_S']} tokens, "
-            f"{consts['num_warps']} warps)"] = gpu_time(lambda: W.rebuild_keys(*rk_args), [()])
-        gs = args[1].shape[1] // D
-        for per_head in ((False, True) if gs > 1 else (False,)):
-            for bs in (32, 64, 128):
-                for nw in (4, 8):
-                    for st in (1, 2, 3):
-                        n_tiles = triton.cdiv(S, bs)
-                        tiles = triton.cdiv(n_tiles, max(1, 4 * 132 // units)) if per_head else 1
-                        g = (triton.cdiv(n_tiles, tiles), units if per_head else units // gs)
-                        c = dict(consts, BLOCK_S=bs, num_warps=nw, num_stages=st, HPP=1 if per_head else gs)
-                        a = args[:-1] + (tiles,)
-                        keys = torch.empty_like(want)
+        kern, grid, kargs, consts = W.rebuild_keys(*rk_args, probe=True)
+        out[f"keys gs{gs}: default ({consts['BLOCK_S']} tokens, {consts['num_warps']} warps)"] = gpu_time(
+            lambda: W.rebuild_keys(*rk_args), [()])
+        for bs in (32, 64, 128):
+            for nw in (4, 8):
+                for st in (1, 2, 3):
+                    c = dict(consts, BLOCK_S=bs, num_warps=nw, num_stages=st)
+                    keys = torch.empty_like(want)
 
-                        def call(g=g, a=a, c=c, keys=keys):
-                            kern[g](*a[:6], keys, *a[7:], **c)
-                            return keys
-                        try:
-                            _same(f"{name} {per_head} {bs} {nw} {st}", call(), want)
-                        except Exception as e:  # out of resources
-                            print(f"  {name} {bs}/{nw}/{st}: {str(e).splitlines()[0][:80]}", flush=True)
-                            continue
-                        out[f"{name}: {'per head' if per_head else 'per group'}, {bs} tok, {nw} w, {st} st"] = \
-                            gpu_time(call, [()])
+                    def call(g=(triton.cdiv(S, bs), grid[1]), c=c, keys=keys):
+                        kern[g](*kargs[:6], keys, *kargs[7:], **c)
+                        return keys
+                    try:
+                        _same(f"keys gs{gs} {bs} {nw} {st}", call(), want)
+                    except Exception as e:  # out of resources
+                        print(f"  keys gs{gs} {bs}/{nw}/{st}: {str(e).splitlines()[0][:80]}", flush=True)
+                        continue
+                    out[f"keys gs{gs}: {bs} tok, {nw} w, {st} st"] = gpu_time(call, [()])
     return out
 
 

@@ -13,7 +13,8 @@ from palu_fx.kernels.latent_attention.wrapper import latent_attention_triton
 def prefill_table(shapes, S_list, deadline):
     """Causal prefill (B=1): the op as the pass calls it (keys rebuilt, values latent or, where
     the value rank passes the head dim, rebuilt with ``lv``; then SDPA) against SDPA on full
-    keys/values, the faster of its flash and cuDNN backends."""
+    keys/values, the faster of its flash and cuDNN backends. The block columns add the key and
+    value projections from the hidden states: to the latents for ours, to full K/V for SDPA."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from palu_fx.kernels.latent_attention import wrapper as W
@@ -41,6 +42,16 @@ def prefill_table(shapes, S_list, deadline):
             t_full = full_sdpa(q, k, v, Hq != Hkv) if DEV == "cuda" else \
                 gpu_time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=Hq != Hkv), [()])
             del k, v
+            # the block: keys and values projected from the hidden states, then attention (the
+            # full model's RoPE on the keys is left out, in its favour)
+            x = torch.randn(1, S, Hq * D, device=DEV, dtype=DT)
+            wk, wv = (torch.randn(Hkv * D, Hq * D, device=DEV, dtype=DT) / (Hq * D) ** 0.5 for _ in range(2))
+
+            def full_block():
+                kk = F.linear(x, wk).view(1, S, Hkv, D).transpose(1, 2)
+                vv = F.linear(x, wv).view(1, S, Hkv, D).transpose(1, 2)
+                return F.scaled_dot_product_attention(q, kk, vv, is_causal=True, enable_gqa=Hq != Hkv)
+            t_full_block = gpu_time(full_block, [()])
             tables = rope_tables(S, D)
             for gs in (1, 2, 4):
                 args = list(latent_case(Hq, Hkv, D, gs, 1, S, True, tables, with_lv=True))
@@ -55,15 +66,21 @@ def prefill_table(shapes, S_list, deadline):
                                                          DEV == "cpu"), [()])
                 t_vals = float("nan")
                 if lv is not None:
-                    lv_g = lv.reshape(lk.shape[0], -1, rv)
-                    pv = W._parts(q, lv_g, None, None, None, None, 0, 1, S, DEV == "cpu", DT, head_dim=D)
-                    t_vals = gpu_time(lambda: W.rebuild_keys(hv, lv_g, None, pv["cos"], pv["sin"], None, 1e-6, pv, D,
-                                                             DT, DEV == "cpu"), [()])
+                    t_vals = gpu_time(lambda: W.rebuild_values(hv, lv, lk.shape[0]), [()])
+                rk_w, rv_w = (torch.randn(hk.shape[-1], Hq * D, device=DEV, dtype=DT) / (Hq * D) ** 0.5
+                              for _ in range(2))
+
+                def palu_block():
+                    a = list(args)
+                    a[1], a[2] = F.linear(x, rk_w), F.linear(x, rv_w)
+                    return latent_attention_triton(*a)
+                t_block = gpu_time(palu_block, [()])
                 rows.append([sname, f"{S // 1024}k", gs, rv, "rebuilt" if lv is not None else "latent", t_ours,
-                             t_keys, t_vals, t_full, t_ours / t_full - 1])
+                             t_keys, t_vals, t_full, t_ours / t_full - 1, t_block, t_full_block,
+                             t_block / t_full_block - 1])
                 print("  " + " ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in rows[-1]), flush=True)
     return rows
 
 
 PREFILL_HEADS = ["shape", "ctx", "gs", "rank v", "values", "ours ms", "keys ms", "values ms", "SDPA full ms",
-                 "overhead"]
+                 "overhead", "block ours ms", "block full ms", "block overhead"]

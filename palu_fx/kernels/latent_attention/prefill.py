@@ -17,7 +17,8 @@ and v: padded key/query columns add 0 to every score, padded value columns are s
 A value rank above the head dim (rank ratio 0.5 at 4 heads per group: 256 for head dim 128)
 would make ``P @ hv`` wider than the uncompressed model's, and a folded ``o_proj`` as much
 wider: there the pass passes ``L_v`` to the op instead of folding it (``lv``), and this path
-rebuilds the values with the same kernel as the keys, so SDPA runs at the model's head dims.
+rebuilds the values (``rebuild_values``: a batched matmul, as there is no RoPE to fuse), so
+SDPA runs at the model's head dims.
 """
 from __future__ import annotations
 
@@ -36,72 +37,60 @@ def rebuild_keys_kernel(
     shk_b, shk_s, slk_g, slk_r,
     sc_b, sc_s, sc_d, ss_b, ss_s, ss_d,
     sk_b, sk_h, sk_s,
-    G, Skv, RK, eps, tiles,
-    D: tl.constexpr, RK_P: tl.constexpr, GS: tl.constexpr, HPP: tl.constexpr, BLOCK_S: tl.constexpr,
+    G, Skv, RK, eps,
+    D: tl.constexpr, RK_P: tl.constexpr, GS: tl.constexpr, BLOCK_S: tl.constexpr,
     ROPE: tl.constexpr, ROT: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr,
     STEP: tl.constexpr, HI_OFF: tl.constexpr, PASS: tl.constexpr, PASS_P: tl.constexpr,
     HAS_PASS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """Keys [B, Hkv, Skv, >=D] of ``HPP`` heads of one group over ``tiles`` token tiles.
-
-    ``HPP == GS``: the group's heads share each latent tile (one read), their ``L_k`` slices
-    loaded per tile. ``HPP == 1``: one head per program, its slice loaded once for all the
-    tiles (at rank 256 a slice is 64 KB, more than the tile it multiplies).
-    """
-    pid_c = tl.program_id(0)
-    pid_u = tl.program_id(1)
-    units = G * GS // HPP
-    b = (pid_u // units).to(tl.int64)  # batch offsets of long caches pass 2**31 elements
-    h0 = (pid_u % units) * HPP
-    g = h0 // GS
-    if HPP == 1:
-        o_lo, o_hi, o_ps = load_lk_head(lk_ptr, g, h0 % GS, slk_g, slk_r, RK, D, RK_P, ROPE, ROT, HALF, HALF_P,
-                                        STEP, HI_OFF, PASS, PASS_P, HAS_PASS)
+    """Keys [B, Hkv, Skv, >=D] of one group's heads and one token tile: the latent tile is read
+    once for the group's heads, their ``L_k`` slices per tile (from L2: consecutive programs
+    are tiles of one group)."""
+    pid_t = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    b = (pid_bg // G).to(tl.int64)  # batch offsets of long caches pass 2**31 elements
+    g = pid_bg % G
+    kv = pid_t * BLOCK_S + tl.arange(0, BLOCK_S)
+    kv_ok = kv < Skv
     rk = tl.arange(0, RK_P)
     d = tl.arange(0, HALF_P)[None, :]
     e = tl.arange(0, PASS_P)[None, :]
-    for t in range(tiles):
-        kv = (pid_c * tiles + t) * BLOCK_S + tl.arange(0, BLOCK_S)
-        kv_ok = kv < Skv
-        hk_t = tl.load(hk_ptr + b * shk_b + kv[:, None] * shk_s + (g * RK + rk)[None, :],
-                       mask=kv_ok[:, None] & (rk[None, :] < RK), other=0.0)
+    hk_t = tl.load(hk_ptr + b * shk_b + kv[:, None] * shk_s + (g * RK + rk)[None, :],
+                   mask=kv_ok[:, None] & (rk[None, :] < RK), other=0.0)
+    if ROPE:
+        cs, sn = load_rope_pairs(cos_ptr, sin_ptr, b, kv, kv_ok, sc_b, sc_s, sc_d, ss_b, ss_s, ss_d, 0,
+                                 HALF, HALF_P, STEP)
+    else:
+        cs = tl.zeros([BLOCK_S, HALF_P], tl.float32)
+        sn = cs
+    for j in tl.static_range(GS):
+        h = g * GS + j
+        t_lo, t_hi, t_ps = load_lk_head(lk_ptr, g, j, slk_g, slk_r, RK, D, RK_P, ROPE, ROT, HALF, HALF_P, STEP,
+                                        HI_OFF, PASS, PASS_P, HAS_PASS)
+        k_lo, k_hi, k_ps = rebuild_head(hk_t, t_lo, t_hi, t_ps, bias_ptr, w_ptr, h * D, cs, sn, eps, BLOCK_S,
+                                        D, ROPE, ROT, HALF, HALF_P, STEP, HI_OFF, PASS, PASS_P, HAS_PASS,
+                                        HAS_BIAS, HAS_NORM, UPCAST, IEEE)
+        row = k_ptr + b * sk_b + h * sk_h + kv[:, None] * sk_s
         if ROPE:
-            cs, sn = load_rope_pairs(cos_ptr, sin_ptr, b, kv, kv_ok, sc_b, sc_s, sc_d, ss_b, ss_s, ss_d, 0,
-                                     HALF, HALF_P, STEP)
-        else:
-            cs = tl.zeros([BLOCK_S, HALF_P], tl.float32)
-            sn = cs
-        for j in tl.static_range(HPP):
-            h = h0 + j
-            if HPP == 1:
-                t_lo, t_hi, t_ps = o_lo, o_hi, o_ps
-            else:
-                t_lo, t_hi, t_ps = load_lk_head(lk_ptr, g, h % GS, slk_g, slk_r, RK, D, RK_P, ROPE, ROT, HALF,
-                                                HALF_P, STEP, HI_OFF, PASS, PASS_P, HAS_PASS)
-            k_lo, k_hi, k_ps = rebuild_head(hk_t, t_lo, t_hi, t_ps, bias_ptr, w_ptr, h * D, cs, sn, eps, BLOCK_S,
-                                            D, ROPE, ROT, HALF, HALF_P, STEP, HI_OFF, PASS, PASS_P, HAS_PASS,
-                                            HAS_BIAS, HAS_NORM, UPCAST, IEEE)
-            row = k_ptr + b * sk_b + h * sk_h + kv[:, None] * sk_s
-            if ROPE:
-                ok = kv_ok[:, None] & (d < HALF)
-                tl.store(row + d * STEP, k_lo.to(k_ptr.dtype.element_ty), mask=ok)
-                tl.store(row + d * STEP + HI_OFF, k_hi.to(k_ptr.dtype.element_ty), mask=ok)
-            if HAS_PASS:
-                tl.store(row + ROT + e, k_ps.to(k_ptr.dtype.element_ty), mask=kv_ok[:, None] & (e < PASS))
+            ok = kv_ok[:, None] & (d < HALF)
+            tl.store(row + d * STEP, k_lo.to(k_ptr.dtype.element_ty), mask=ok)
+            tl.store(row + d * STEP + HI_OFF, k_hi.to(k_ptr.dtype.element_ty), mask=ok)
+        if HAS_PASS:
+            tl.store(row + ROT + e, k_ps.to(k_ptr.dtype.element_ty), mask=kv_ok[:, None] & (e < PASS))
 
 
 def rebuild_keys(hk, lk, k_bias, cos, sin, k_norm_weight, eps, p, width, dtype, interpret, probe=False):
     """Rebuilt keys [B, Hkv, Skv, width] in ``dtype`` (columns past D are zero).
 
     ``p`` holds the rotary/part constants computed by the wrapper (see ``wrapper._parts``).
-    Without RoPE, bias and norm the same kernel rebuilds values (``hv``, ``L_v``).
     ``probe``: return (kernel, grid, args, constexprs) instead of launching.
 
-    Small groups (rank x heads <= 512) take a program per (group, token tile), large ones a
-    program per head over consecutive tiles. H200, B=1, 32 KV heads, 4k / 16k tokens: the
-    per-head programs took 0.035 / 0.136 ms at gs1 (0.029 / 0.094 per group) and 0.063 /
-    0.249 ms at gs4 (0.068 / 0.302 per group; values 0.049 / 0.176 against 0.076 / 0.287).
+    Tiles of 64 tokens and 4 warps; 128 tokens and 8 warps where a group's products are wide
+    (rank x heads > 512, ranks up to 256), which halves the ``L_k`` reads per key. H200, B=1,
+    32 KV heads, rank ratio 0.5, 4k / 16k tokens (``prefill_parts_probe.py --sweep``): gs1
+    0.026 / 0.082 ms, gs2 0.033 / 0.108; gs4 0.044 / 0.159 (64 tokens: 0.047 / 0.166; a
+    program per head looping over tiles, the previous default: 0.059 / 0.236).
     """
     B, Skv, _ = hk.shape
     G, gsD, RK = lk.shape
@@ -109,28 +98,43 @@ def rebuild_keys(hk, lk, k_bias, cos, sin, k_norm_weight, eps, p, width, dtype, 
     GS = gsD // D
     alloc = torch.zeros if width > D else torch.empty
     keys = alloc(B, G * GS, Skv, width, dtype=dtype, device=hk.device)
-    block_s = 64
-    n_tiles = triton.cdiv(Skv, block_s)
-    per_head = p["RK_P"] * GS > 512
-    hpp, tiles = (1, n_tiles) if per_head else (GS, 1)
-    if per_head:  # about four programs per SM (the interpreter: two chunks, one ending past the sequence)
-        want = 2 * B * G * GS if interpret else 4 * torch.cuda.get_device_properties(hk.device).multi_processor_count
-        tiles = triton.cdiv(n_tiles, min(n_tiles, max(1, triton.cdiv(want, B * G * GS))))
-    grid = (triton.cdiv(n_tiles, tiles), B * G * GS // hpp)
+    wide = p["RK_P"] * GS > 512 and p["RK_P"] <= 256  # larger ranks: two 128-token stages pass shared memory
+    block_s = 128 if wide else 64
+    grid = (triton.cdiv(Skv, block_s), B * G)
     args = (hk, lk, p["bias"], p["cos"], p["sin"], p["w"], keys,
             hk.stride(0), hk.stride(1), lk.stride(0), lk.stride(1),
             *p["cos_strides"], *p["sin_strides"],
             keys.stride(0), keys.stride(1), keys.stride(2),
-            G, Skv, RK, eps, tiles)
-    consts = dict(D=D, RK_P=p["RK_P"], GS=GS, HPP=hpp, BLOCK_S=block_s,
+            G, Skv, RK, eps)
+    consts = dict(D=D, RK_P=p["RK_P"], GS=GS, BLOCK_S=block_s,
                   ROPE=p["ROPE"], ROT=p["ROT"], HALF=p["HALF"], HALF_P=p["HALF_P"], STEP=p["STEP"],
                   HI_OFF=p["HI_OFF"], PASS=p["PASS"], PASS_P=p["PASS_P"], HAS_PASS=p["HAS_PASS"],
                   HAS_BIAS=p["HAS_BIAS"], HAS_NORM=p["HAS_NORM"], UPCAST=p["UPCAST"], IEEE=p["IEEE"],
-                  num_warps=8 if per_head else 4, num_stages=2)
+                  num_warps=8 if wide else 4, num_stages=2)
     if probe:
         return rebuild_keys_kernel, grid, args, consts
     rebuild_keys_kernel[grid](*args, **consts)
     return keys
+
+
+def rebuild_values(hv: torch.Tensor, lv: torch.Tensor, groups: int) -> torch.Tensor:
+    """Values ``[B, Hkv, Skv, Dv]`` from the latents ``hv [B, Skv, groups*rv]`` and each KV head's
+    ``lv [Hkv, Dv, rv]``: one batched product over the groups (cuBLAS on the GPU), written
+    straight into [B, Skv, Hkv, Dv] memory, the layout SDPA gets in the model.
+
+    No RoPE, bias or norm to apply, so no kernel of ours beats the library here: H200, B=1,
+    32 KV heads, gs4, rank 256, 4k / 16k tokens: 0.027 / 0.076 ms, against 0.038 / 0.105
+    for the key-rebuild kernel at its best tile (``prefill_parts_probe.py``).
+    """
+    B, Skv, _ = hv.shape
+    Hkv, Dv, rv = lv.shape
+    gs = Hkv // groups
+    out = torch.empty(B, Skv, Hkv, Dv, dtype=hv.dtype, device=hv.device)
+    lat = hv.reshape(B * Skv, groups, rv).transpose(0, 1)  # [G, B*Skv, rv]
+    wts = lv.to(hv.dtype).reshape(groups, gs * Dv, rv).transpose(1, 2)  # [G, rv, gs*Dv]
+    # out= of [G, B*Skv, gs*Dv] with unit column stride: cuBLAS writes it in place
+    torch.bmm(lat, wts, out=out.view(B * Skv, groups, gs * Dv).transpose(0, 1))
+    return out.transpose(1, 2)
 
 
 @triton.jit
@@ -152,8 +156,9 @@ def replicate_values_kernel(hv_ptr, v_ptr, shv_b, shv_s, sv_b, sv_h, sv_s, G, Sk
 
 def replicate_values(hv: torch.Tensor, groups: int, heads: int) -> torch.Tensor:
     """``hv [B, Skv, groups*rv]`` -> ``[B, heads, Skv, rv]``, each group's latents for each of its
-    ``heads // groups`` KV heads (SDPA reads one value head per key head). A gather copy took
-    0.047 ms for the 48 MB of B=1 x 4k, 32 KV heads, gs2 (H200; 1 TB/s), 14% of the call.
+    ``heads // groups`` KV heads (SDPA reads one value head per key head). H200, B=1 x 4k, 32
+    KV heads, gs2: 0.018 ms for its 48 MiB (2.7 TB/s); tiles of 64-256 tokens or a BSHD output
+    took the same, a broadcast ``copy_`` 0.041 ms (``prefill_parts_probe.py``).
     """
     hv = hv if hv.stride(-1) == 1 else hv.contiguous()
     B, Skv, C = hv.shape

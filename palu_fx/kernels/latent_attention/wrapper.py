@@ -35,7 +35,8 @@ from palu_fx.kernels.latent_attention.decode import rebuild_attention_kernel
 from palu_fx.kernels.latent_attention.naive import (
     ROPE_HALF, ROPE_INTERLEAVED, ROPE_NONE, latent_attention_ref, up_values,
 )
-from palu_fx.kernels.latent_attention.prefill import rebuild_keys, sdpa_latent, sdpa_values, unpadded_values
+from palu_fx.kernels.latent_attention.prefill import (rebuild_keys, rebuild_values, sdpa_latent, sdpa_values,
+                                                      unpadded_values)
 from palu_fx.kernels.latent_attention.per_head import per_head_applies, per_head_launch
 
 __all__ = ["KernelConfig", "Latent", "latent_attention_triton", "fused_attention", "fused_fits", "choose_config"]
@@ -185,11 +186,10 @@ def choose_config(rebuild: bool, gs: int, rk: int, rv: int, head_dim: int, rows:
     return KernelConfig(block_s=128, num_warps=8, num_stages=2, chunk=32, dynamic_heads=True, programs_per_sm=4)
 
 
-def _parts(q, lk, k_bias, cos, sin, k_norm_weight, rope_style, B, Skv, interpret, dtype, head_dim=None):
-    """Constants and prepared tensors of the key pipeline (rebuild mode); ``head_dim``: the
-    rebuilt heads' width when not the query's (values rebuilt by the same kernel)."""
+def _parts(q, lk, k_bias, cos, sin, k_norm_weight, rope_style, B, Skv, interpret, dtype):
+    """Constants and prepared tensors of the key pipeline (rebuild mode)."""
     G, gsD, RK = lk.shape
-    D = head_dim or q.shape[-1]
+    D = q.shape[-1]
     if gsD % D:
         raise ValueError(f"lk rows ({gsD}) are not a multiple of the head dim ({D})")
     if rope_style not in (ROPE_NONE, ROPE_HALF, ROPE_INTERLEAVED):
@@ -409,8 +409,8 @@ def _prefill(q, hk, hv, lk, k_bias, cos, sin, k_norm_weight, attn_mask, scale, s
              k_norm_eps, lv=None):
     """Prefill path: keys rebuilt once (rebuild mode), then SDPA.
 
-    With ``lv`` wider latents than values (``rv > Dv``) the values are rebuilt too, by the
-    same kernel, so SDPA runs at the head dims of the uncompressed model instead of ``P @ hv``
+    With ``lv`` wider latents than values (``rv > Dv``) the values are rebuilt too
+    (``prefill.rebuild_values``), so SDPA runs at the head dims of the uncompressed model instead of ``P @ hv``
     at ``rv``; otherwise attention stays latent and ``lv`` is applied after it.
     """
     if softcap > 0:
@@ -432,9 +432,7 @@ def _prefill(q, hk, hv, lk, k_bias, cos, sin, k_norm_weight, attn_mask, scale, s
         Hkv, Dv, _ = lv.shape
         if Hkv != G * GS:
             raise ValueError(f"lv has {Hkv} KV heads, the keys {G * GS}")
-        lv_g = lv.to(dtype).reshape(G, GS * Dv, RV)
-        pv = _parts(q, lv_g, None, None, None, None, ROPE_NONE, B, Skv, interpret, dtype, head_dim=Dv)
-        vals = rebuild_keys(hv, lv_g, None, pv["cos"], pv["sin"], None, k_norm_eps, pv, Dv, dtype, interpret)
+        vals = rebuild_values(hv, lv, G)
         return sdpa_values(q.to(dtype), keys, vals, attn_mask, scale, is_causal).to(q.dtype).contiguous()
     out = sdpa_latent(q.to(dtype), keys, hv, G, attn_mask, scale, is_causal).to(q.dtype).contiguous()
     return out if lv is None else up_values(out, lv)

@@ -117,17 +117,18 @@ def test_applies_only_where_the_kernel_is_exact():
 
 
 @needs_gluon
-@pytest.mark.parametrize("hpp,block_s", [(4, 32), (2, 64)])
-def test_compiles_for_sm90_without_spills(hpp, block_s):
+@pytest.mark.parametrize("hpp,block_s,G", [(4, 32, 32), (2, 64, 32), (4, 32, 2)])  # G 2: 16 heads per group
+def test_compiles_for_sm90_without_spills(hpp, block_s, G):
     pytest.importorskip("triton.backends.nvidia")
     import sys
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     from kernel_resources import compile_sm90, resources
 
-    args = _quant_case(B=2, Hq=32, S=512, mask="add")  # 32 heads: the specialization of a Llama-2-7B shape
+    args = _quant_case(B=2, Hq=32, S=512, mask="add", G=G)  # 32 heads: the specialization of a Llama-2-7B shape
     q = args[0]
     kl, vl = wrapper.Latent(*args[1:4], 4, 64), wrapper.Latent(*args[4:7], 4, 64)
+    gp = max(1, gluon_q4.program_rows(G, 32 // G, hpp) // (32 // G))  # latent groups per program
     out = torch.empty(2, 32, 1, 64, dtype=torch.float16)
     part = torch.empty(64)
     m = args[12]
@@ -135,7 +136,7 @@ def test_compiles_for_sm90_without_spills(hpp, block_s):
                             probe=True)
     res = resources(compile_sm90(probe[0], probe[2], probe[3]))
     assert res["stack"] == 0 and res["regs"] <= 255, (res["stack"], res["regs"])
-    assert res["shared"] <= 3 * 2 * block_s * hpp * 8 * 4 + hpp * 64 * 8 * 2, res  # the ring and the queries only
+    assert res["shared"] <= 3 * 2 * block_s * gp * 8 * 4 + gp * 64 * 8 * 2, res  # the ring and the queries only
 
 
 # ---------------------------------------------------------------- GPU: against the reference
@@ -159,6 +160,9 @@ CASES = [
     pytest.param(dict(S=1500, Hq=8, G=2, mask="add"), dict(), id="gqa-4-per-group"),
     pytest.param(dict(S=333, Hq=16, G=8, mask="bool"), dict(num_splits=2), id="gqa-2-per-group-8-groups"),
     pytest.param(dict(S=900, Hq=8, G=1), dict(num_splits=1), id="mqa-8-heads"),
+    pytest.param(dict(S=1500, Hq=16, G=1, mask="add"), dict(), id="mqa-16-heads-two-programs"),
+    pytest.param(dict(S=1200, Hq=32, G=2, R=256, mask="bool"), dict(num_splits=3), id="gqa-16-per-group-rank256"),
+    pytest.param(dict(S=500, Hq=32, G=2, R=128, dtype=torch.bfloat16), dict(num_splits=1), id="bf16-16-per-group"),
     pytest.param(dict(S=640, Hq=12, G=4, R=128), dict(), id="gqa-3-per-group-rank128"),
     pytest.param(dict(S=700, Hq=8, G=2, R=256, mask="add"), dict(), id="rank256-4-per-group"),
     pytest.param(dict(S=1000, mask="add", dtype=torch.bfloat16), dict(), id="bf16"),
@@ -196,3 +200,15 @@ def test_fully_masked_sequence_gives_zeros(splits):
 def test_program_groups(groups, qpg, hpp, want):
     gp = gluon_q4.program_groups(groups, qpg, hpp)
     assert gp == want and groups % gp == 0 and gp * qpg <= 8 and gp in (1, 2, 4)
+    assert gluon_q4.program_rows(groups, qpg, hpp) == gp * qpg
+
+
+@pytest.mark.parametrize("qpg", [16, 32])
+def test_large_groups_span_programs_of_eight_heads(qpg):
+    assert gluon_q4.program_rows(2, qpg, 4) == 8
+    args = _quant_case(Hq=qpg, G=1)
+    kl, vl = wrapper.Latent(*args[1:4], 4, 64), wrapper.Latent(*args[4:7], 4, 64)
+    ok = dict(q=args[0], kl=kl, vl=vl, lk=None, softcap=0.0, is_causal=False, mask_kind=4, groups=1, interpret=False)
+    assert gluon_q4.applies(**ok) == (gluon_q4.HAVE_GLUON and kl.words(args[0].dtype, False))
+    q12 = args[0][:, :12]  # 12 heads on one group: neither at most 8 nor a multiple of 8
+    assert not gluon_q4.applies(**{**ok, "q": q12})

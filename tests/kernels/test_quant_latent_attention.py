@@ -210,7 +210,8 @@ def test_scales_loaded_a_tile_ahead(qk, kernel, prefetch, monkeypatch):
     check(qk.quant_latent_attention_triton(*args, config=c), args)
 
 
-@pytest.mark.parametrize("hq,hkv,splits", [(8, 8, 3), (8, 2, 2), (4, 1, 1)], ids=["mha-3", "gqa-2", "mqa-direct"])
+@pytest.mark.parametrize("hq,hkv,splits", [(8, 8, 3), (8, 2, 2), (4, 1, 1), (16, 1, 2)],
+                         ids=["mha-3", "gqa-2", "mqa-direct", "mqa-16-heads-over-two-programs"])
 def test_gluon_host_side_merges_the_kernels_partials(qk, hq, hkv, splits, monkeypatch):
     # The Gluon kernel runs on a GPU only; here a float64 reference stands in for it and writes
     # what the kernel writes (gluon_q4.launch: per split, one row per query head of a program,
@@ -231,7 +232,7 @@ def test_gluon_host_side_merges_the_kernels_partials(qk, hq, hkv, splits, monkey
         B, Hq, _, R = q.shape
         G = kl.channels // R
         qpg = Hq // G
-        rows = gluon_q4.program_groups(G, qpg, heads_per_program) * qpg
+        rows = gluon_q4.program_rows(G, qpg, heads_per_program)
         k = dequantize_packed(kl.data, kl.scale, kl.zero, 4, R, torch.float64).view(B, -1, G, R)
         v = dequantize_packed(vl.data, vl.scale, vl.zero, 4, R, torch.float64).view(B, -1, G, R)
         m = args[12].double().view(B, -1)

@@ -22,7 +22,7 @@ def run_q4(q, kl, vl, mask_kind, mask, mstr, scale, cfg, out):
     B, Hq, _, R = q.shape
     Skv = kl.data.shape[1]
     G = kl.channels // R
-    rows = gluon_q4.program_groups(G, Hq // G, cfg.gluon_heads) * (Hq // G)  # query heads per program
+    rows = gluon_q4.program_rows(G, Hq // G, cfg.gluon_heads)  # query heads per program
     n_base = B * Hq // rows
     knobs = (cfg.gluon_heads, cfg.gluon_block_s, cfg.gluon_stages)
 

@@ -32,7 +32,8 @@ them; this one takes 0.16-0.18 ms there (RESULTS.md, issue 5):
 
 Covers: fp16 and bf16 queries, 4-bit keys and values with one quantization group per Palu
 group's latent (``group_size == rank``), rank 64-256 in steps of 64, up to 8 query heads per
-group (MHA, GQA, MQA), shared decode masks or none, no softcap, one query token. ``applies``
+group or a multiple of 8 (MHA, GQA, MQA; a group's heads then span programs of 8), shared
+decode masks or none, no softcap, one query token. ``applies``
 says whether a call is covered; anything else takes the Triton kernels. Gluon has no CPU
 interpreter: the kernel is tested on the GPU, its PTX sequences on the CPU by an emulator,
 and it is compiled for sm_90 without a GPU (``tests/kernels/test_gluon_q4.py``).
@@ -250,11 +251,12 @@ if HAVE_GLUON:
         sq_b, sq_h, sq_d, sk_b, sk_s, sv_b, sv_s, ss_b, ss_s, sm_b, sm_k, so_b, so_h,
         Hq, Skv, chunk, NSPLIT, scale,
         R: gl.constexpr, GP: gl.constexpr, QPG: gl.constexpr, BLOCK_S: gl.constexpr, STAGES: gl.constexpr,
-        MASK_KIND: gl.constexpr, DIRECT: gl.constexpr, BF16: gl.constexpr = False,
+        MASK_KIND: gl.constexpr, DIRECT: gl.constexpr, BF16: gl.constexpr = False, SPLIT_H: gl.constexpr = 1,
     ):
         # k_ptr / v_ptr: the codes as int32 words; strides in words. ss_*: scales and zeros
         # (key and value scales/zeros share strides, checked by the host)
-        # a program: GP latent groups of one sequence, each read by QPG query heads (its columns)
+        # a program: GP latent groups of one sequence, each read by QPG query heads (its columns);
+        # SPLIT_H > 1 (GP 1): a group's query heads span SPLIT_H programs of QPG heads each
         NCOL: gl.constexpr = GP * QPG
         W: gl.constexpr = R // 8  # code words per token and group
         WROW: gl.constexpr = GP * W  # words of the program's groups per token
@@ -275,7 +277,8 @@ if HAVE_GLUON:
         pid_x = gl.program_id(1)
         nblk = Hq // NCOL
         b = (pid_x // nblk).to(gl.int64)
-        g0 = (pid_x % nblk) * GP  # first group; its first query head is g0 * QPG
+        h0 = (pid_x % nblk) * NCOL  # first query head
+        g0 = (pid_x % nblk) * GP // SPLIT_H  # first group
         lo = pid_s * chunk
         hi = gl.minimum(lo + chunk, Skv)
 
@@ -289,7 +292,7 @@ if HAVE_GLUON:
         s_ = kap // 16
         hi16 = (kap // 8) % 2  # those channels' codes arrive times 16 (``key_channel``)
         ch = 8 * (4 * (s_ // 2) + (kap // 2) % 4) + 2 * (s_ % 2) + hi16 + 4 * (kap % 2)
-        q_base = q_ptr + b * sq_b + g0 * QPG * sq_h
+        q_base = q_ptr + b * sq_b + h0 * sq_h
         for gg in gl.static_range(GP):
             mine = (cq >= gg * QPG) & (cq < gg * QPG + QPG)
             qv = gl.load(q_base + gl.expand_dims(ch * sq_d, 1) + gl.expand_dims(cq * sq_h, 0),
@@ -376,7 +379,7 @@ if HAVE_GLUON:
         cp.wait_group(0)
 
         slot = pid_x * NSPLIT + pid_s
-        out_off = b * so_b + g0 * QPG * so_h
+        out_off = b * so_b + h0 * so_h
         _finish_group(o0, 0, cols, m_i, l_i, z_i, out_ptr, out_off, so_h, part_ptr, lse_ptr, slot, QPG, NCOL, R, DIRECT,
                       MMA, BF16)
         if GP > 1:
@@ -391,7 +394,8 @@ if HAVE_GLUON:
 
 def program_groups(groups: int, q_per_group: int, heads_per_program: int) -> int:
     """Latent groups per program: about ``heads_per_program`` query heads (its columns, at most
-    8, the product's width), at most 4 groups (one accumulator each), dividing ``groups``."""
+    8, the product's width), at most 4 groups (one accumulator each), dividing ``groups``; one
+    where a group has more than 8 query heads (``program_rows``)."""
     gp = max(1, min(4, heads_per_program // q_per_group, 8 // q_per_group))
     gp = 1 << (gp.bit_length() - 1)  # the kernel has 1, 2 or 4 accumulators
     while groups % gp:
@@ -399,11 +403,21 @@ def program_groups(groups: int, q_per_group: int, heads_per_program: int) -> int
     return gp
 
 
+def program_rows(groups: int, q_per_group: int, heads_per_program: int) -> int:
+    """Query heads per program: ``program_groups`` groups' heads; a group of more than 8 query
+    heads (a multiple of 8: GQA with 4 KV heads per latent group, MQA) spans programs of 8 of
+    them, each reading the group's latents (all but the first from L2, as the programs of one
+    group are neighbours in the grid)."""
+    if q_per_group > 8:
+        return 8
+    return program_groups(groups, q_per_group, heads_per_program) * q_per_group
+
+
 def applies(q, kl, vl, lk, softcap, is_causal, mask_kind, groups, interpret) -> bool:
     """Whether ``q4_absorbed_kernel`` serves a fused call (see the module docstring)."""
     _, Hq, Sq, R = q.shape
     return (HAVE_GLUON and not interpret and lk is None and q.dtype in (torch.float16, torch.bfloat16) and Sq == 1
-            and Hq % groups == 0 and Hq // groups <= 8 and softcap == 0 and not is_causal and mask_kind in (0, 3, 4)
+            and Hq % groups == 0 and (Hq // groups <= 8 or Hq // groups % 8 == 0) and softcap == 0 and not is_causal and mask_kind in (0, 3, 4)
             and R % 64 == 0 and R <= 256
             and kl.bits == 4 and vl.bits == 4 and kl.group_size == R and vl.group_size == R
             and kl.channels == groups * R and vl.channels == groups * R
@@ -415,21 +429,22 @@ def applies(q, kl, vl, lk, softcap, is_causal, mask_kind, groups, interpret) -> 
 def launch(q, kl, vl, mask_kind, mask, sm_b, sm_k, scale, out, nsplit, chunk, part, lse, heads_per_program=4,
            block_s=32, stages=2, probe=False):
     """Launch over ``nsplit`` splits of ``chunk`` tokens. ``part``/``lse``: the split partials,
-    one row per query head of a program (``program_groups(...) * Hq // groups`` rows), as
+    one row per query head of a program (``program_rows`` rows), as
     ``common.combine_splits_kernel`` reads them with ``M_BLOCK = HPG =`` that many rows.
     ``probe``: return (kernel, grid, args, constexprs)."""
     B, Hq, _, R = q.shape
     G = kl.channels // R
     qpg = Hq // G
-    gp = program_groups(G, qpg, heads_per_program)
+    rows = program_rows(G, qpg, heads_per_program)
+    gp, cols = max(1, rows // qpg), min(rows, qpg)  # groups per program, query heads of each
     kw, vw = kl.data.view(torch.int32), vl.data.view(torch.int32)
-    grid = (nsplit, B * G // gp)
+    grid = (nsplit, B * Hq // rows)
     args = (q, kw, vw, kl.scale, kl.zero, vl.scale, vl.zero, mask, out, part, lse,
             q.stride(0), q.stride(1), q.stride(3), kw.stride(0), kw.stride(1), vw.stride(0), vw.stride(1),
             kl.scale.stride(0), kl.scale.stride(1), sm_b, sm_k, out.stride(0), out.stride(1),
             Hq, kw.shape[1], chunk, nsplit, float(scale))
-    consts = dict(R=R, GP=gp, QPG=qpg, BLOCK_S=block_s, STAGES=stages, MASK_KIND=mask_kind, DIRECT=nsplit == 1,
-                  BF16=q.dtype == torch.bfloat16, num_warps=1)
+    consts = dict(R=R, GP=gp, QPG=cols, BLOCK_S=block_s, STAGES=stages, MASK_KIND=mask_kind, DIRECT=nsplit == 1,
+                  BF16=q.dtype == torch.bfloat16, SPLIT_H=qpg // cols, num_warps=1)
     if probe:
         return q4_absorbed_kernel, grid, args, consts
     q4_absorbed_kernel[grid](*args, **consts)

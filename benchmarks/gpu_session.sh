@@ -61,6 +61,8 @@
 #   bash benchmarks/gpu_session.sh 58  # the key/value rebuild kernel: tile, warps, stages, per group or per head (4k, 16k)
 #   bash benchmarks/gpu_session.sh 59  # values by cuBLAS, 128-token key tiles; Gluon 4-bit over 16 heads per group:
 #                                      # GPU tests, the prefill table (block columns), the GQA gs4 4-bit rows
+#   bash benchmarks/gpu_session.sh 60  # the value product on a side stream beside the key kernel: tests (graph replay),
+#                                      # its A/B in prefill_parts_probe, the prefill table
 #   bash benchmarks/gpu_session.sh 54  # final: the latent-attention and quantized kernels' GPU tests in full, the MHA smoke
 #   bash benchmarks/gpu_session.sh 55  # where gs2 prefill time goes with 32 KV heads (4k, 16k), flash against cuDNN
 #   bash benchmarks/gpu_session.sh 56  # values replicated per KV head by a Triton kernel: GPU tests, the gs2 breakdown,
@@ -434,6 +436,13 @@ case "${1:-1}" in
         --variant rope:h2=gluon_rope_heads=2 --variant rope4:triton=gluon=false --variant rope4:t0=gluon_rope_tables=0
     step table_gs2 180 python -u benchmarks/attention.py --no-sweep --defaults-only --no-prefill --no-naive \
         --quant-bits 4 --shapes llama2 --batch 1 8 32 --ctx 32k 128k --gs 2 --budget-s 160
+    ;;
+60)
+    step prefill_tests 150 python -m pytest -q tests/kernels/test_latent_attention.py tests/kernels/test_prefill_dispatch.py \
+        -k "prefill or rebuilt or lv or values or replicated"
+    step parts 120 python -u benchmarks/prefill_parts_probe.py --ctx 4096 16384
+    grep -E "values|keys gs4" "$OUT/parts.log"
+    step prefill_table 170 python -u benchmarks/attention.py --prefill-only --budget-s 140
     ;;
 59)
     step gluon_tests 200 python -m pytest -q tests/kernels/test_gluon_q4.py tests/kernels/test_quant_latent_attention.py \

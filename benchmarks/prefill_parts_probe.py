@@ -81,8 +81,20 @@ def value_candidates(S: int) -> dict:
     want = torch.einsum("bsgr,gjdr->bgjsd", hv.view(1, S, G, rv).float(), lv.view(G, gs, D, rv).float())
     want = want.reshape(1, H, S, D)
     _same("rebuild_values", P.rebuild_values(hv, lv, G), want)
-    return {"values: rebuild_values (cuBLAS -> BSHD)": gpu_time(lambda: P.rebuild_values(hv, lv, G), [()]),
-            "values: bytes at 3.5 TB/s": (hv.numel() + H * S * D) * 2 / 3.5e9}
+    out = {"values: rebuild_values (cuBLAS -> BSHD)": gpu_time(lambda: P.rebuild_values(hv, lv, G), [()]),
+           "values: bytes at 3.5 TB/s": (hv.numel() + H * S * D) * 2 / 3.5e9}
+    q, hk, cos, sin = args[0], args[1], args[5], args[6]
+    p = W._parts(q, lk, None, cos, sin, None, 1, 1, S, CPU, DT)
+
+    def keys_fn():
+        return W.rebuild_keys(hk, lk, None, cos, sin, None, 1e-6, p, D, DT, CPU)
+    keys, vals = P.rebuild_keys_and_values(keys_fn, hv, lv, G)
+    _same("values beside the keys", vals, want)
+    _same("keys beside the values", keys, keys_fn())
+    out["keys, then values (one stream)"] = gpu_time(lambda: (keys_fn(), P.rebuild_values(hv, lv, G)), [()])
+    out["keys and values (values on a side stream)"] = gpu_time(
+        lambda: P.rebuild_keys_and_values(keys_fn, hv, lv, G), [()])
+    return out
 
 
 def key_candidates(S: int) -> dict:

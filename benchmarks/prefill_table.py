@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from attention import DEV, DT, gpu_time, latent_case, rope_tables
+from palu_fx.kernels.latent_attention.prefill import rebuild_values
 from palu_fx.kernels.latent_attention.wrapper import latent_attention_triton
 
 
@@ -66,7 +67,7 @@ def prefill_table(shapes, S_list, deadline):
                                                          DEV == "cpu"), [()])
                 t_vals = float("nan")
                 if lv is not None:
-                    t_vals = gpu_time(lambda: W.rebuild_values(hv, lv, lk.shape[0]), [()])
+                    t_vals = gpu_time(lambda: rebuild_values(hv, lv, lk.shape[0]), [()])
                 rk_w, rv_w = (torch.randn(hk.shape[-1], Hq * D, device=DEV, dtype=DT) / (Hq * D) ** 0.5
                               for _ in range(2))
 

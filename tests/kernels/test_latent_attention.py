@@ -386,6 +386,27 @@ def test_values_rebuilt_in_the_op(kern, case, shape):
     check(out, args)
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="a side stream and a CUDA graph")
+def test_values_beside_the_keys_replay_from_a_cuda_graph(kern):
+    # prefill with lv runs the value product on a side stream during the key kernel; a
+    # captured call (the fork and join are events in the graph) replays to the eager result
+    args = make_inputs(values=True, Hq=4, Hkv=4, gs=4, rk=64, rv=64, D=32, Sq=40, Skv=40, causal=True,
+                       dtype=torch.float16)
+    want = kern.latent_attention_triton(*args)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture (compilation, cuBLAS workspaces)
+        kern.latent_attention_triton(*args)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = kern.latent_attention_triton(*args)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    check(out, args)
+
+
 @pytest.mark.parametrize("B,S,G,rep,rv", [(2, 70, 3, 2, 48), (1, 33, 2, 4, 32)])
 def test_values_replicated_per_kv_head(kern, B, S, G, rep, rv):
     from palu_fx.kernels.latent_attention.prefill import replicate_values

@@ -387,9 +387,9 @@ def test_values_rebuilt_in_the_op(kern, case, shape):
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="a side stream and a CUDA graph")
-def test_values_beside_the_keys_replay_from_a_cuda_graph(kern):
-    # prefill with lv runs the value product on a side stream during the key kernel; a
-    # captured call (the fork and join are events in the graph) replays to the eager result
+def test_values_rebuilt_in_prefill_replay_from_a_cuda_graph(kern):
+    # prefill with lv rebuilds the values with a cuBLAS product written into a strided view
+    # (SDPA's [B, S, H, D] memory): a captured call replays to the eager result
     args = make_inputs(values=True, Hq=4, Hkv=4, gs=4, rk=64, rv=64, D=32, Sq=40, Skv=40, causal=True,
                        dtype=torch.float16)
     want = kern.latent_attention_triton(*args)

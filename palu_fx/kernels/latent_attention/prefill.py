@@ -123,48 +123,19 @@ def rebuild_values(hv: torch.Tensor, lv: torch.Tensor, groups: int) -> torch.Ten
     straight into [B, Skv, Hkv, Dv] memory, the layout SDPA gets in the model.
 
     No RoPE, bias or norm to apply, so no kernel of ours beats the library here: H200, B=1,
-    32 KV heads, gs4, rank 256, 4k / 16k tokens: 0.027 / 0.076 ms, against 0.038 / 0.105
-    for the key-rebuild kernel at its best tile (``prefill_parts_probe.py``).
+    32 KV heads, gs4, rank 256, 4k / 16k tokens: 0.026 / 0.076 ms, against 0.038 / 0.105
+    for the key-rebuild kernel at its best tile (``prefill_parts_probe.py``). Run on a side
+    stream beside the key kernel it saved only 0.005 / 0.003 ms, so it runs after it.
     """
-    lat, wts, out, view = _value_operands(hv, lv, groups)
-    torch.bmm(lat, wts, out=view)
-    return out.transpose(1, 2)
-
-
-def _value_operands(hv, lv, groups):
-    """(latents [G, B*Skv, rv], weights [G, rv, gs*Dv], output [B, Skv, Hkv, Dv], the output as the
-    product's [G, B*Skv, gs*Dv] view: unit column stride, so cuBLAS writes it in place)."""
     B, Skv, _ = hv.shape
     Hkv, Dv, rv = lv.shape
     gs = Hkv // groups
     out = torch.empty(B, Skv, Hkv, Dv, dtype=hv.dtype, device=hv.device)
-    lat = hv.reshape(B * Skv, groups, rv).transpose(0, 1)
-    wts = lv.to(hv.dtype).reshape(groups, gs * Dv, rv).transpose(1, 2)
-    return lat, wts, out, out.view(B * Skv, groups, gs * Dv).transpose(0, 1)
-
-
-_SIDE_STREAMS: dict = {}
-
-
-def rebuild_keys_and_values(keys_fn, hv: torch.Tensor, lv: torch.Tensor, groups: int):
-    """``(keys_fn(), rebuild_values(hv, lv, groups))``. On a GPU the values' product runs on a side
-    stream while the key kernel runs: at short contexts that kernel's programs leave SMs idle
-    (gs4, 4k tokens: 256 programs of 8 warps for 132 SMs). Operands and output are allocated
-    on the calling stream before the fork, which joins it before returning, so the caching
-    allocator and CUDA graph capture (the fork and join are events) see one stream's order."""
-    if not hv.is_cuda:
-        return keys_fn(), rebuild_values(hv, lv, groups)
-    main = torch.cuda.current_stream(hv.device)
-    side = _SIDE_STREAMS.get(hv.device)
-    if side is None:
-        side = _SIDE_STREAMS[hv.device] = torch.cuda.Stream(hv.device)
-    lat, wts, out, view = _value_operands(hv, lv, groups)
-    side.wait_stream(main)
-    with torch.cuda.stream(side):
-        torch.bmm(lat, wts, out=view)
-    keys = keys_fn()
-    main.wait_stream(side)
-    return keys, out.transpose(1, 2)
+    lat = hv.reshape(B * Skv, groups, rv).transpose(0, 1)  # [G, B*Skv, rv]
+    wts = lv.to(hv.dtype).reshape(groups, gs * Dv, rv).transpose(1, 2)  # [G, rv, gs*Dv]
+    # out= of [G, B*Skv, gs*Dv] with unit column stride: cuBLAS writes it in place
+    torch.bmm(lat, wts, out=out.view(B * Skv, groups, gs * Dv).transpose(0, 1))
+    return out.transpose(1, 2)
 
 
 @triton.jit

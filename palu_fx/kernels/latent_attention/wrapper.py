@@ -35,8 +35,8 @@ from palu_fx.kernels.latent_attention.decode import rebuild_attention_kernel
 from palu_fx.kernels.latent_attention.naive import (
     ROPE_HALF, ROPE_INTERLEAVED, ROPE_NONE, latent_attention_ref, up_values,
 )
-from palu_fx.kernels.latent_attention.prefill import (rebuild_keys, rebuild_keys_and_values, sdpa_latent,
-                                                      sdpa_values, unpadded_values)
+from palu_fx.kernels.latent_attention.prefill import (rebuild_keys, rebuild_values, sdpa_latent, sdpa_values,
+                                                      unpadded_values)
 from palu_fx.kernels.latent_attention.per_head import per_head_applies, per_head_launch
 
 __all__ = ["KernelConfig", "Latent", "latent_attention_triton", "fused_attention", "fused_fits", "choose_config"]
@@ -425,20 +425,16 @@ def _prefill(q, hk, hv, lk, k_bias, cos, sin, k_norm_weight, attn_mask, scale, s
         lk = lk.to(dtype).contiguous()
         p = _parts(q, lk, k_bias, cos, sin, k_norm_weight, rope_style, B, Skv, interpret, dtype)
         width = prefill_key_width(q, lv.shape[1] if rebuild_v else RV, attn_mask, is_causal, Hq != G * GS, dtype)
-
-        def keys_fn():
-            return rebuild_keys(hk, lk, k_bias, p["cos"], p["sin"], k_norm_weight, k_norm_eps, p, width, dtype,
-                                interpret)
+        keys = rebuild_keys(hk, lk, k_bias, p["cos"], p["sin"], k_norm_weight, k_norm_eps, p, width, dtype, interpret)
     else:
-        def keys_fn():
-            return hk.view(B, Skv, G, RK).transpose(1, 2)
+        keys = hk.view(B, Skv, G, RK).transpose(1, 2)
     if rebuild_v:
         Hkv, Dv, _ = lv.shape
         if Hkv != G * GS:
             raise ValueError(f"lv has {Hkv} KV heads, the keys {G * GS}")
-        keys, vals = rebuild_keys_and_values(keys_fn, hv, lv, G)
+        vals = rebuild_values(hv, lv, G)
         return sdpa_values(q.to(dtype), keys, vals, attn_mask, scale, is_causal).to(q.dtype).contiguous()
-    out = sdpa_latent(q.to(dtype), keys_fn(), hv, G, attn_mask, scale, is_causal).to(q.dtype).contiguous()
+    out = sdpa_latent(q.to(dtype), keys, hv, G, attn_mask, scale, is_causal).to(q.dtype).contiguous()
     return out if lv is None else up_values(out, lv)
 
 

@@ -386,7 +386,7 @@ def test_values_rebuilt_in_the_op(kern, case, shape):
     check(out, args)
 
 
-@pytest.mark.skipif(DEVICE != "cuda", reason="a side stream and a CUDA graph")
+@pytest.mark.skipif(DEVICE != "cuda", reason="a CUDA graph")
 def test_values_rebuilt_in_prefill_replay_from_a_cuda_graph(kern):
     # prefill with lv rebuilds the values with a cuBLAS product written into a strided view
     # (SDPA's [B, S, H, D] memory): a captured call replays to the eager result

@@ -64,6 +64,7 @@
 #   bash benchmarks/gpu_session.sh 60  # the value product on a side stream beside the key kernel: tests (graph replay),
 #                                      # its A/B in prefill_parts_probe, the prefill table
 #   bash benchmarks/gpu_session.sh 61  # 32-layer decode (CUDA graphs) at gs4 (lv), gs4 4-bit, gs1 and Inductor; MHA smoke
+#   bash benchmarks/gpu_session.sh 62  # final: the kernels' GPU tests in full (four files)
 #   bash benchmarks/gpu_session.sh 54  # final: the latent-attention and quantized kernels' GPU tests in full, the MHA smoke
 #   bash benchmarks/gpu_session.sh 55  # where gs2 prefill time goes with 32 KV heads (4k, 16k), flash against cuDNN
 #   bash benchmarks/gpu_session.sh 56  # values replicated per KV head by a Triton kernel: GPU tests, the gs2 breakdown,
@@ -437,6 +438,10 @@ case "${1:-1}" in
         --variant rope:h2=gluon_rope_heads=2 --variant rope4:triton=gluon=false --variant rope4:t0=gluon_rope_tables=0
     step table_gs2 180 python -u benchmarks/attention.py --no-sweep --defaults-only --no-prefill --no-naive \
         --quant-bits 4 --shapes llama2 --batch 1 8 32 --ctx 32k 128k --gs 2 --budget-s 160
+    ;;
+62)
+    step kernel_tests 480 python -m pytest -q -x tests/kernels/test_latent_attention.py \
+        tests/kernels/test_quant_latent_attention.py tests/kernels/test_prefill_dispatch.py tests/kernels/test_gluon_q4.py
     ;;
 61)
     for run in "gs4 palu 4" "gs4_q4 palu 4 --bits 4" "gs1 palu 1" "inductor inductor 1"; do

@@ -35,6 +35,9 @@ class PaluConfig:
             ``g`` is G-LRD (``g`` heads per group; must divide the model's KV heads),
             ``"all"`` is J-LRD (one group per layer). ``None`` (default) picks Palu's G-LRD
             default per layer: the largest divisor of the KV heads that is at most 4.
+            Larger groups are more accurate at a given cache size but, with RoPE, rebuild
+            each cached key from a wider latent: a 7B-shaped model decodes at 0.49x
+            Inductor's speed at group size 4 and 1.46x at group size 1 (H200, README).
         rank_multiple: ranks are rounded to a multiple of this (kernels like 16), never
             above the full rank of a group.
         method: ``"svd"`` (data-free truncated SVD), ``"whitened"`` (truncation-aware SVD

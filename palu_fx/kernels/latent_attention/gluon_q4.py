@@ -33,10 +33,10 @@ them; this one takes 0.16-0.18 ms there (RESULTS.md, issue 5):
 Covers: fp16 and bf16 queries, 4-bit keys and values with one quantization group per Palu
 group's latent (``group_size == rank``), rank 64-256 in steps of 64, up to 8 query heads per
 group or a multiple of 8 (MHA, GQA, MQA; a group's heads then span programs of 8), shared
-decode masks or none, no softcap, one query token. ``applies``
-says whether a call is covered; anything else takes the Triton kernels. Gluon has no CPU
-interpreter: the kernel is tested on the GPU, its PTX sequences on the CPU by an emulator,
-and it is compiled for sm_90 without a GPU (``tests/kernels/test_gluon_q4.py``).
+decode masks or none, no softcap, one query token. ``applies`` says whether a call is
+covered; anything else takes the Triton kernels. Gluon has no CPU interpreter: the kernel is
+tested on the GPU, its PTX sequences on the CPU by an emulator, and it is compiled for sm_90
+without a GPU (``tests/kernels/test_gluon_q4.py``).
 """
 from __future__ import annotations
 
@@ -417,7 +417,8 @@ def applies(q, kl, vl, lk, softcap, is_causal, mask_kind, groups, interpret) -> 
     """Whether ``q4_absorbed_kernel`` serves a fused call (see the module docstring)."""
     _, Hq, Sq, R = q.shape
     return (HAVE_GLUON and not interpret and lk is None and q.dtype in (torch.float16, torch.bfloat16) and Sq == 1
-            and Hq % groups == 0 and (Hq // groups <= 8 or Hq // groups % 8 == 0) and softcap == 0 and not is_causal and mask_kind in (0, 3, 4)
+            and Hq % groups == 0 and (Hq // groups <= 8 or Hq // groups % 8 == 0)
+            and softcap == 0 and not is_causal and mask_kind in (0, 3, 4)
             and R % 64 == 0 and R <= 256
             and kl.bits == 4 and vl.bits == 4 and kl.group_size == R and vl.group_size == R
             and kl.channels == groups * R and vl.channels == groups * R

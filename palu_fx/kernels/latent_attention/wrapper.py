@@ -410,8 +410,9 @@ def _prefill(q, hk, hv, lk, k_bias, cos, sin, k_norm_weight, attn_mask, scale, s
     """Prefill path: keys rebuilt once (rebuild mode), then SDPA.
 
     With ``lv`` wider latents than values (``rv > Dv``) the values are rebuilt too
-    (``prefill.rebuild_values``), so SDPA runs at the head dims of the uncompressed model instead of ``P @ hv``
-    at ``rv``; otherwise attention stays latent and ``lv`` is applied after it.
+    (``prefill.rebuild_values``), so SDPA runs at the head dims of the uncompressed model
+    instead of ``P @ hv`` at ``rv``; otherwise attention stays latent and ``lv`` is applied
+    after it.
     """
     if softcap > 0:
         raise ValueError("the prefill path (SDPA) has no softcap")

@@ -63,6 +63,12 @@ class CompressionReport:
         if any(s.rank_v > s.head_dim and not s.folded for s in self.sites):
             out.append("values rebuilt inside the attention op where rank V exceeds the head dim: folding them "
                        "into o_proj would widen it by rank V / head dim")
+        grouped = [s for s in self.sites if not s.absorbed and s.group_size > 1]
+        if grouped:
+            g = max(grouped, key=lambda s: s.group_size)
+            out.append(f"keys rebuilt per decode step from latents shared by up to {g.group_size} KV heads "
+                       f"(rank K {g.rank_k}): each cached key costs {g.group_size}x the work of group size 1 at "
+                       f"the same rank ratio; group_size=1 decodes fastest")
         if not self.cache_found and self.sites:
             out.append("no KV cache was found: projections are factored, nothing is cached")
         elif self.sites:

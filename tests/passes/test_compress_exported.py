@@ -51,6 +51,16 @@ def test_value_rank_above_head_dim_is_rebuilt_in_the_op(name):
     assert rel_err(run(ep1, ids), run(ep, ids)) < 1e-4
 
 
+@pytest.mark.parametrize("name,group,noted", [("llama", 1, False), ("llama", "all", True), ("gpt2", "all", False)])
+def test_report_says_what_grouped_key_rebuilds_cost(name, group, noted):
+    # with RoPE each decode step rebuilds every cached key from its group's latent, whose rank
+    # grows with the group: the report says so (absorbed keys, gpt2, rebuild nothing)
+    rep = palu_fx.report(compress_exported(exported(name), PaluConfig(rank_ratio=0.5, group_size=group)))
+    assert ("keys rebuilt per decode step" in str(rep)) == noted
+    if noted:
+        assert f"up to {rep.sites[0].group_size} KV heads" in str(rep) and rep.sites[0].group_size > 1
+
+
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("group", [1, "all"])
 def test_half_rank_halves_the_cache(name, group):

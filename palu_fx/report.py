@@ -65,9 +65,9 @@ class CompressionReport:
                        "into o_proj would widen it by rank V / head dim")
         grouped = [s for s in self.sites if not s.absorbed and s.group_size > 1]
         if grouped:
-            g = max(grouped, key=lambda s: s.group_size)
-            out.append(f"keys rebuilt per decode step from latents shared by up to {g.group_size} KV heads "
-                       f"(rank K {g.rank_k}): each cached key costs {g.group_size}x the work of group size 1 at "
+            gs, rk = max(s.group_size for s in grouped), max(s.rank_k for s in grouped)
+            out.append(f"keys rebuilt per decode step from latents shared by up to {gs} KV heads "
+                       f"(rank K up to {rk}): each cached key costs {gs}x the work of group size 1 at "
                        f"the same rank ratio; group_size=1 decodes fastest")
         if not self.cache_found and self.sites:
             out.append("no KV cache was found: projections are factored, nothing is cached")

@@ -41,24 +41,15 @@ def copy_candidates(S: int) -> dict:
     want = P.replicate_values(hv, G, H)
     out = {"copy: current kernel (BHSD, 32 tokens, 4 warps)": gpu_time(lambda: P.replicate_values(hv, G, H), [()])}
     for bs, nw in ((64, 4), (128, 4), (128, 8), (256, 8)):
-        vals = torch.empty(1, H, S, rv, device=DEV, dtype=DT)
-
-        def call(bs=bs, nw=nw, vals=vals):
-            P.replicate_values_kernel[(triton.cdiv(S, bs), G)](
-                hv, vals, hv.stride(0), hv.stride(1), vals.stride(0), vals.stride(1), vals.stride(2), G, S, rv,
-                REP=rep, R_P=rv, BLOCK_S=bs, num_warps=nw)
-            return vals
-        _same(f"copy {bs}/{nw}", call(), want)
-        out[f"copy: kernel BHSD, {bs} tokens, {nw} warps"] = gpu_time(call, [()])
-        bshd = torch.empty(1, S, H, rv, device=DEV, dtype=DT).transpose(1, 2)
-
-        def call_bshd(bs=bs, nw=nw, v=bshd):
-            P.replicate_values_kernel[(triton.cdiv(S, bs), G)](
-                hv, v, hv.stride(0), hv.stride(1), v.stride(0), v.stride(1), v.stride(2), G, S, rv,
-                REP=rep, R_P=rv, BLOCK_S=bs, num_warps=nw)
-            return v
-        _same(f"copy bshd {bs}/{nw}", call_bshd(), want)
-        out[f"copy: kernel BSHD, {bs} tokens, {nw} warps"] = gpu_time(call_bshd, [()])
+        for layout, v in (("BHSD", torch.empty(1, H, S, rv, device=DEV, dtype=DT)),
+                          ("BSHD", torch.empty(1, S, H, rv, device=DEV, dtype=DT).transpose(1, 2))):
+            def call(bs=bs, nw=nw, v=v):
+                P.replicate_values_kernel[(triton.cdiv(S, bs), G)](
+                    hv, v, hv.stride(0), hv.stride(1), v.stride(0), v.stride(1), v.stride(2), G, S, rv,
+                    REP=rep, R_P=rv, BLOCK_S=bs, num_warps=nw)
+                return v
+            _same(f"copy {layout} {bs}/{nw}", call(), want)
+            out[f"copy: kernel {layout}, {bs} tokens, {nw} warps"] = gpu_time(call, [()])
     dst = torch.empty(1, S, G, rep, rv, device=DEV, dtype=DT)
 
     def expand_copy():

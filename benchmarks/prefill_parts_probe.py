@@ -78,7 +78,7 @@ def value_candidates(S: int) -> dict:
     p = W._parts(q, lk, None, cos, sin, None, 1, 1, S, CPU, DT)
 
     def keys_fn():
-        return W.rebuild_keys(hk, lk, None, cos, sin, None, 1e-6, p, D, DT, CPU)
+        return W.rebuild_keys(hk, lk, None, cos, sin, None, 1e-6, p, D, DT)
     keys, vals = beside(keys_fn, hv, lv, G)
     _same("values beside the keys", vals, want)
     _same("keys beside the values", keys, keys_fn())
@@ -122,7 +122,7 @@ def key_candidates(S: int) -> dict:
         G, rk = lk.shape[0], lk.shape[-1]
         p = W._parts(q, lk, None, cos, sin, None, 1, 1, S, CPU, DT)
         out[f"keys gs{gs}: current kernel"] = gpu_time(
-            lambda: W.rebuild_keys(hk, lk, None, cos, sin, None, 1e-6, p, D, DT, CPU), [()])
+            lambda: W.rebuild_keys(hk, lk, None, cos, sin, None, 1e-6, p, D, DT), [()])
         dst = torch.empty(1, S, H, D, device=DEV, dtype=DT)
         a, b, c = hk.view(S, G, rk).transpose(0, 1), lk.transpose(1, 2), dst.view(S, G, gs * D).transpose(0, 1)
         out[f"keys gs{gs}: cuBLAS bmm alone (no RoPE)"] = gpu_time(lambda: torch.bmm(a, b, out=c), [()])
@@ -156,7 +156,7 @@ def rebuild_sweep(S: int) -> dict:
         args = latent_case(H, H, D, gs, 1, S, True, tables)
         q, hk, lk, cos, sin = args[0], args[1], args[3], args[5], args[6]
         p = W._parts(q, lk, None, cos, sin, None, 1, 1, S, CPU, DT)
-        rk_args = (hk, lk, None, cos, sin, None, 1e-6, p, D, DT, CPU)
+        rk_args = (hk, lk, None, cos, sin, None, 1e-6, p, D, DT)
         want = W.rebuild_keys(*rk_args)
         kern, grid, kargs, consts = W.rebuild_keys(*rk_args, probe=True)
         out[f"keys gs{gs}: default ({consts['BLOCK_S']} tokens, {consts['num_warps']} warps)"] = gpu_time(

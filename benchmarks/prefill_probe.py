@@ -34,11 +34,11 @@ def gs2_breakdown(S: int) -> None:
     args[0], args[11] = q, True
     hk, hv, lk, cos, sin = args[1], args[2], args[3], args[5], args[6]
     p = W._parts(q, lk, None, cos, sin, None, 1, 1, S, False, dt)
-    keys = W.rebuild_keys(hk, lk, None, cos, sin, None, 1e-6, p, D, dt, False)
+    keys = W.rebuild_keys(hk, lk, None, cos, sin, None, 1e-6, p, D, dt)
     vals = hv.view(1, S, H // 2, D).transpose(1, 2).repeat_interleave(2, dim=1)
     parts = {
         "ours (op)": gpu_time(lambda: W.latent_attention_triton(*args), [()]),
-        "keys": gpu_time(lambda: W.rebuild_keys(hk, lk, None, cos, sin, None, 1e-6, p, D, dt, False), [()]),
+        "keys": gpu_time(lambda: W.rebuild_keys(hk, lk, None, cos, sin, None, 1e-6, p, D, dt), [()]),
         "values per KV head (repeat_interleave)": gpu_time(
             lambda: hv.view(1, S, H // 2, D).transpose(1, 2).repeat_interleave(2, dim=1), [()]),
     }
@@ -70,8 +70,8 @@ def main() -> None:
         ours = gpu_time(lambda: W.latent_attention_triton(*args), [()])
         hk, hv, lk, cos, sin = args[1], args[2], args[3], args[5], args[6]
         p = W._parts(q, lk, None, cos, sin, None, 1, 1, S, False, dt)
-        keys = W.rebuild_keys(hk, lk, None, cos, sin, None, 1e-6, p, D, dt, False)
-        t_keys = gpu_time(lambda: W.rebuild_keys(hk, lk, None, cos, sin, None, 1e-6, p, D, dt, False), [()])
+        keys = W.rebuild_keys(hk, lk, None, cos, sin, None, 1e-6, p, D, dt)
+        t_keys = gpu_time(lambda: W.rebuild_keys(hk, lk, None, cos, sin, None, 1e-6, p, D, dt), [()])
         t_sdpa_lat = gpu_time(lambda: sdpa_latent(q, keys, hv, H, None, None, True), [()])
         vals64 = hv.view(1, S, H, r).transpose(1, 2)
         t_pad = gpu_time(lambda: F.pad(vals64, (0, D - r)), [()])

@@ -63,8 +63,7 @@ def prefill_table(shapes, S_list, deadline):
                 p = W._parts(q, lk, None, cos, sin, None, 1, 1, S, DEV == "cpu", DT)
                 rv = hk.shape[-1] // lk.shape[0]
                 width = W.prefill_key_width(q, D if lv is not None else rv, None, True, Hq != Hkv, DT)
-                t_keys = gpu_time(lambda: W.rebuild_keys(hk, lk, None, cos, sin, None, 1e-6, p, width, DT,
-                                                         DEV == "cpu"), [()])
+                t_keys = gpu_time(lambda: W.rebuild_keys(hk, lk, None, cos, sin, None, 1e-6, p, width, DT), [()])
                 t_vals = float("nan")
                 if lv is not None:
                     t_vals = gpu_time(lambda: rebuild_values(hv, lv, lk.shape[0]), [()])

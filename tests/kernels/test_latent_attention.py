@@ -336,7 +336,7 @@ def test_prefill_rebuilt_keys_match_reference(kern, skv, gs, rk):
     q, hk, hv, lk, kb, cos, sin, w, *_ = make_inputs(Skv=skv, bias=True, norm=True, rot=16, rope=2, Hq=4, Hkv=4,
                                                      gs=gs, rk=rk)
     p = kern._parts(q, lk, kb, cos, sin, w, 2, 2, skv, DEVICE == "cpu", q.dtype)
-    keys = kern.rebuild_keys(hk, lk, kb, p["cos"], p["sin"], w, 1e-6, p, 40, q.dtype, DEVICE == "cpu")
+    keys = kern.rebuild_keys(hk, lk, kb, p["cos"], p["sin"], w, 1e-6, p, 40, q.dtype)
     ref = reconstruct_keys(hk.double(), lk.double(), kb.double(), cos.double(), sin.double(), w.double(), 32, 2, dtype=torch.float64)
     assert (keys[..., 32:] == 0).all()
     torch.testing.assert_close(keys[..., :32].double(), ref, rtol=1e-5, atol=1e-5)

@@ -80,7 +80,7 @@ def rebuild_keys_kernel(
             tl.store(row + ROT + e, k_ps.to(k_ptr.dtype.element_ty), mask=kv_ok[:, None] & (e < PASS))
 
 
-def rebuild_keys(hk, lk, k_bias, cos, sin, k_norm_weight, eps, p, width, dtype, interpret, probe=False):
+def rebuild_keys(hk, lk, k_bias, cos, sin, k_norm_weight, eps, p, width, dtype, probe=False):
     """Rebuilt keys [B, Hkv, Skv, width] in ``dtype`` (columns past D are zero).
 
     ``p`` holds the rotary/part constants computed by the wrapper (see ``wrapper._parts``).

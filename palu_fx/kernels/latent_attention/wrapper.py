@@ -426,7 +426,7 @@ def _prefill(q, hk, hv, lk, k_bias, cos, sin, k_norm_weight, attn_mask, scale, s
         lk = lk.to(dtype).contiguous()
         p = _parts(q, lk, k_bias, cos, sin, k_norm_weight, rope_style, B, Skv, interpret, dtype)
         width = prefill_key_width(q, lv.shape[1] if rebuild_v else RV, attn_mask, is_causal, Hq != G * GS, dtype)
-        keys = rebuild_keys(hk, lk, k_bias, p["cos"], p["sin"], k_norm_weight, k_norm_eps, p, width, dtype, interpret)
+        keys = rebuild_keys(hk, lk, k_bias, p["cos"], p["sin"], k_norm_weight, k_norm_eps, p, width, dtype)
     else:
         keys = hk.view(B, Skv, G, RK).transpose(1, 2)
     if rebuild_v:

@@ -103,6 +103,29 @@ def run(model, cache, batch: int, steps: int, prompt: int = 1, profile: bool = F
     return ms, peak, cache_bytes(cache), torch.cat(tokens, 1)
 
 
+def time_prefill(model, cache, batch: int, n: int, reps: int = 5) -> float:
+    """Median ms of a compiled prefill of ``n`` tokens from position 0 (after two warm-up calls,
+    the first compiling). The cache is emptied before each call (untimed): a second prefill over
+    written slots went out of bounds in an index of the compiled graph (CPU, transformers 5.24),
+    and from empty every call does the same work."""
+    dev = model.device
+    ids = torch.randint(3, model.config.vocab_size, (batch, n), generator=torch.Generator().manual_seed(2)).to(dev)
+    pos = torch.arange(n, device=dev)
+    times = []
+    with torch.no_grad():
+        for i in range(reps + 2):
+            cache.reset()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            model(input_ids=ids, past_key_values=cache, cache_position=pos)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            times.append((time.perf_counter() - t0) * 1000)
+    log(f"prefill of {n} tokens: {', '.join(f'{t:.2f}' for t in times)} ms")
+    return sorted(times[2:])[reps // 2]
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--layers", type=int, default=32)
@@ -120,6 +143,8 @@ def main() -> None:
                    help="torch.compile modes, each run for every path (reduce-overhead: CUDA graphs)")
     p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one step per path")
     p.add_argument("--tiny", action="store_true", help="a small model, to check the script on the CPU")
+    p.add_argument("--prefill", type=int, default=0,
+                   help="time a compiled prefill of this many tokens per path instead of decode steps")
     p.add_argument("--full-rank-check", action="store_true",
                    help="also run palu at rank ratio 1.0 and compare its greedy tokens with inductor's")
     p.add_argument("--gs1-kernel", choices=["default", "group", "per-head"], default="default",
@@ -169,6 +194,10 @@ def main() -> None:
         cfg_m = model.config
         cache.early_initialization(args.batch, cfg_m.num_key_value_heads, cfg_m.hidden_size // cfg_m.num_attention_heads,
                                    model.dtype, model.device)
+        if args.prefill:
+            rows.append([name, f"{time_prefill(model, cache, args.batch, args.prefill):.2f}"])
+            del model, cache
+            continue
         try:
             ms, peak, cbytes, tokens[name] = run(model, cache, args.batch, args.steps, profile=args.profile)
         except Exception as e:  # report and go on: the other rows still mean something
@@ -185,6 +214,11 @@ def main() -> None:
                      max_batch, f"{time.time() - t0:.0f}"])
         del model, cache
     shape = "tiny Llama (hidden 256, 4 heads)" if args.tiny else "Llama-2-7B shape (32 heads, head dim 128)"
+    if args.prefill:
+        print(f"{shape}, {args.layers} layers, batch {args.batch}, prefill of {args.prefill} tokens, rank ratio "
+              f"{args.ratio}, group {args.group_size}, bits {args.bits or 16}")
+        print(tabulate(rows, headers=["path", "prefill ms"]))
+        return
     print(f"{shape}, {args.layers} layers, batch {args.batch}, context {args.context}, fp16, "
           f"rank ratio {args.ratio}, group {args.group_size}, bits {args.bits or 16}; weights {weights / 2**30:.1f} GiB")
     print(tabulate(rows, headers=["path", "ms/step", "tokens/s", "peak GiB", "cache GiB",

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from palu_fx.kernels.latent_attention.naive import latent_attention_ref
+from palu_fx.kernels.latent_attention.naive import in_op_layout, latent_attention_ref, op_strides
 
 __all__ = ["latent_attention", "kernel_choice"]
 
@@ -47,7 +47,9 @@ def latent_attention(
     lv: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Attention over a latent KV cache; returns ``[B, Hq, Sq, rv]`` (value-latent space), or
-    ``[B, Hq, Sq, Dv]`` with the values' reconstruction ``lv [Hkv, Dv, rv]``.
+    ``[B, Hq, Sq, Dv]`` with the values' reconstruction ``lv [Hkv, Dv, rv]``, its heads in
+    ``[B, Sq, Hq, *]`` memory as SDPA's (``naive.op_strides``: the model's flattening of the
+    heads for its output projection stays a view).
 
     Shapes and semantics: ``palu_fx.kernels.latent_attention.naive``.
     """
@@ -56,7 +58,7 @@ def latent_attention(
     if kernel_choice(q.device) == "triton":
         from palu_fx.kernels.latent_attention import triton_latent_attention
 
-        return triton_latent_attention(*args)
+        return in_op_layout(triton_latent_attention(*args))
     return latent_attention_ref(*args)
 
 
@@ -67,7 +69,12 @@ def _latent_attention_fake(q, hk, hv, lk, k_bias, cos, sin, k_norm_weight, attn_
     groups = lk.shape[0] if lk is not None else hk.shape[-1] // Dq
     torch._check(hv.shape[-1] % groups == 0, lambda: "hv's last dim must be groups * rank_v")
     _check_lv(lv, Hq, hv.shape[-1] // groups)
-    return q.new_empty(B, Hq, Sq, hv.shape[-1] // groups if lv is None else lv.shape[1])
+    return _output(q, Hq, Sq, hv.shape[-1] // groups if lv is None else lv.shape[1])
+
+
+def _output(q, H, S, D):
+    B = q.shape[0]
+    return q.new_empty_strided((B, H, S, D), op_strides(B, H, S, D))
 
 
 def _check_lv(lv, q_heads, rank_v):
@@ -143,7 +150,7 @@ def quant_latent_attention(
     lv: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``palu::latent_attention`` over a quantized latent cache; returns ``[B, Hq, Sq, rv]``
-    (``[B, Hq, Sq, Dv]`` with ``lv``).
+    (``[B, Hq, Sq, Dv]`` with ``lv``), laid out as ``palu::latent_attention``'s.
 
     ``hk_codes`` uint8 ``[B, Skv, code_bytes]`` with fp16 ``hk_scale``/``hk_zero``
     ``[B, Skv, G*rk // k_group_size]`` (the same for the values); shapes and semantics:
@@ -159,7 +166,7 @@ def quant_latent_attention(
     if kernel_choice(q.device) == "triton":
         from palu_fx.kernels.latent_attention import triton_quant_latent_attention
 
-        return triton_quant_latent_attention(*args)
+        return in_op_layout(triton_quant_latent_attention(*args))
     from palu_fx.kernels.latent_attention.quant_naive import quant_latent_attention_ref
 
     return quant_latent_attention_ref(*args)
@@ -173,4 +180,4 @@ def _quant_latent_attention_fake(q, hk_codes, hk_scale, hk_zero, hv_codes, hv_sc
     ck, cv = hk_scale.shape[-1] * k_group_size, hv_scale.shape[-1] * v_group_size
     groups = lk.shape[0] if lk is not None else ck // Dq
     _check_lv(lv, Hq, cv // groups)
-    return q.new_empty(B, Hq, Sq, cv // groups if lv is None else lv.shape[1])
+    return _output(q, Hq, Sq, cv // groups if lv is None else lv.shape[1])

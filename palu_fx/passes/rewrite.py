@@ -198,7 +198,7 @@ def rewrite_site(graph: fx.Graph, site: AttentionSite, sp: SitePlan, editor: Sta
             if vf.bias is not None:
                 bq = vf.bias.view(Hkv, 1, Dv).repeat_interleave(Hq // Hkv, 0)
                 out = b.call(aten.add.Tensor, out, editor.add_param(f"palu_{p}_v_bias", bq.to(dt)))
-            call.output.replace_all_uses_with(_laid_out_as(b, out, val(call.output)))
+            call.output.replace_all_uses_with(_laid_out_as(b, out, val(call.output), list(call.output.users)))
     # fused attention variants return tuples: drop the unread extras (logsumexp...) with it
     for n in call.nodes:
         for u in list(n.users):
@@ -208,21 +208,45 @@ def rewrite_site(graph: fx.Graph, site: AttentionSite, sp: SitePlan, editor: Sta
                       site.key_cache is not None, absorbed, folded, before, after, table_bytes)
 
 
-def _laid_out_as(b: NodeBuilder, node: fx.Node, like) -> fx.Node:
-    """``node`` copied into the memory order of ``like`` where that is a permuted contiguous
-    layout: the graph after attention may ``view`` its output on the strength of its strides
-    (SDPA returns [B, H, S, D] heads in [B, S, H, D] memory), where the op's are contiguous.
+def _laid_out_as(b: NodeBuilder, node: fx.Node, like, users: list) -> fx.Node:
+    """``node`` where the old attention output's users can take it, else copied into the
+    memory order of ``like`` (that output) where that is a permuted dense layout.
 
-    The order is found on the symbolic sizes and strides: reading a symbolic size as an int
+    The op's heads are in [B, S, H, D] memory like SDPA's, and the usual users flatten them for
+    the output projection (``transpose`` + ``reshape``: a view); a ``view`` reads strides, so a
+    graph traced on another layout (eager attention's contiguous matmul under compile) gets the
+    copy. Orders are found on the symbolic sizes and strides: reading a symbolic size as an int
     would add a guard that pins an exported program to its example length.
     """
     order = _dense_order(like)
-    if order is None or list(order) == sorted(order):
-        return node  # not a permuted dense layout, or already the op's (contiguous) one
+    if order is None or order == _dense_order(val(node)) or _takes_any_layout(users):
+        return node
     inverse = [order.index(d) for d in range(len(order))]
     moved = b.call(aten.clone.default, b.call(aten.permute.default, node, list(order)),
                    memory_format=torch.contiguous_format)
     return b.call(aten.permute.default, moved, inverse)
+
+
+# ops whose output's layout follows their input's, and ops that take any layout and return their own
+_VIEWS = {aten.permute.default, aten.transpose.int, aten.t.default, aten.unsqueeze.default, aten.squeeze.dim,
+          aten.slice.Tensor, aten.select.int, aten.alias.default, aten.detach.default}
+_ANY_LAYOUT = {aten.reshape.default, aten.contiguous.default, aten.linear.default, aten.matmul.default,
+               aten.mm.default, aten.bmm.default}
+
+
+def _takes_any_layout(users) -> bool:
+    """Whether every use of a tensor, through view ops, reaches an op that takes any strides
+    (a reshape, a product, a copy into contiguous memory) before one that reads them."""
+    for u in users:
+        if u.op != "call_function":
+            return False
+        if u.target in _VIEWS:
+            if not _takes_any_layout(u.users):
+                return False
+        elif not (u.target in _ANY_LAYOUT or (u.target is aten.clone.default
+                                               and u.kwargs.get("memory_format") == torch.contiguous_format)):
+            return False
+    return True
 
 
 def _dense_order(t) -> Optional[tuple]:

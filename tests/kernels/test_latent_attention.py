@@ -32,7 +32,7 @@ def _interpreter_ready() -> bool:
 
 IN_PROCESS = _interpreter_ready()
 
-from palu_fx.kernels.latent_attention.naive import latent_attention_ref  # noqa: E402
+from palu_fx.kernels.latent_attention.naive import latent_attention_ref, op_strides  # noqa: E402
 
 TOL = {torch.float32: 2e-5 if DEVICE == "cpu" else 1e-4, torch.float16: 4e-3, torch.bfloat16: 2.5e-2}
 _MODULES = ["common", "decode", "absorbed", "prefill", "per_head", "wrapper", "quant"]
@@ -120,6 +120,7 @@ def reference(args):
 def check(out, args):
     ref = reference(args)
     assert out.shape == ref.shape and out.dtype == args[0].dtype
+    assert out.stride() == op_strides(*out.shape), f"strides {out.stride()}: not the op's declared layout"
     assert torch.isfinite(out).all()
     err = ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
     assert err < TOL[args[0].dtype], f"relative RMS error {err:.2e}"
@@ -351,7 +352,7 @@ def test_lv_is_the_unfolded_value_projection():
     want = torch.einsum("bhsr,hdr->bhsd", z, lv.repeat_interleave(2, dim=0))
     out = latent_attention_ref(*args)
     torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
-    assert out.is_contiguous()  # the op's declared layout (Inductor trusts the fake's strides)
+    assert out.stride() == op_strides(*out.shape)  # the op's declared layout (Inductor trusts the fake's strides)
 
 
 def test_mismatched_lv_is_refused():
@@ -382,7 +383,7 @@ def test_values_rebuilt_in_the_op(kern, case, shape):
     kw = dict(Sq=1, Skv=70, mask="bool") if shape == "decode" else dict(Sq=40, Skv=40, causal=True)
     args = make_inputs(values=True, **case, **kw)
     out = kern.latent_attention_triton(*args, config=cfg(kern, 2) if shape == "decode" else None)
-    assert out.shape[-1] == args[14].shape[1] and out.is_contiguous()
+    assert out.shape[-1] == args[14].shape[1] and out.stride() == op_strides(*out.shape)
     check(out, args)
 
 

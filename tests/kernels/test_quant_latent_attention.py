@@ -11,6 +11,7 @@ import pytest
 import torch
 from test_latent_attention import DEVICE, IN_PROCESS, TOL, kernel_modules, make_inputs, run_in_fresh_process
 
+from palu_fx.kernels.latent_attention.naive import op_strides
 from palu_fx.kernels.latent_attention.quant_naive import quant_latent_attention_ref
 from palu_fx.quant import quantize_packed
 
@@ -46,6 +47,7 @@ def check(out, args):
           for i, a in enumerate(args)]
     ref = quant_latent_attention_ref(*up)
     assert out.shape == ref.shape and out.dtype == args[0].dtype
+    assert out.stride() == op_strides(*out.shape), f"strides {out.stride()}: not the op's declared layout"
     assert torch.isfinite(out).all()
     err = ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
     assert err < TOL[args[0].dtype], f"relative RMS error {err:.2e}"
@@ -149,7 +151,7 @@ def test_values_rebuilt_in_the_op(qk, shape, monkeypatch):
     if shape == "decode":
         no_dequantize(qk, monkeypatch)
     out = qk.quant_latent_attention_triton(*args, config=cfg(qk, 2) if shape == "decode" else None)
-    assert out.shape[-1] == 32 and out.is_contiguous()
+    assert out.shape[-1] == 32 and out.stride() == op_strides(*out.shape)
     check(out, args)
 
 

@@ -66,3 +66,37 @@ def cache_buffers(ep: torch.export.ExportedProgram) -> dict[str, torch.Tensor]:
 
 def cache_bytes(ep: torch.export.ExportedProgram) -> int:
     return sum(t.numel() * t.element_size() for t in cache_buffers(ep).values())
+
+
+def attention_output_copies(ep: torch.export.ExportedProgram, ids: torch.Tensor) -> tuple[int, int]:
+    """(latent-attention calls, bytes the program copies out of their outputs) over a prefill
+    of ``ids``: a clone, ``copy_`` or same-dtype ``_to_copy`` whose source is an op output, a
+    view of one or one plus a bias (reshape's copy is a clone at this level)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    aten = torch.ops.aten
+    ops = {torch.ops.palu.latent_attention.default, torch.ops.palu.quant_latent_attention.default}
+
+    class Copies(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.outputs, self.calls, self.copied = [], 0, 0  # outputs kept alive: no storage is reused
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            ptrs = {o.untyped_storage().data_ptr() for o in self.outputs}
+            self.calls += func in ops
+            if func in ops or (func is aten.add.Tensor and args[0].untyped_storage().data_ptr() in ptrs):
+                self.outputs.append(out)
+            elif func in (aten.clone.default, aten.copy_.default, aten._to_copy.default):
+                src = args[1] if func is aten.copy_.default else args[0]
+                same_dtype = func is not aten._to_copy.default or kwargs.get("dtype", src.dtype) == src.dtype
+                if same_dtype and src.untyped_storage().data_ptr() in ptrs:
+                    self.copied += src.numel() * src.element_size()
+            return out
+
+    mode = Copies()
+    with torch.no_grad(), mode:
+        ep.module()(input_ids=ids, cache_position=torch.arange(ids.shape[1]))
+    return mode.calls, mode.copied

@@ -10,7 +10,8 @@ import torch
 
 import palu_fx
 from palu_fx import PaluConfig, compress_exported
-from tests.passes.helpers import cache_buffers, cache_bytes, exported, rel_err, run, tokens
+from tests.passes.helpers import (PREFILL, attention_output_copies, cache_buffers, cache_bytes, exported, rel_err, run,
+                                  tokens)
 
 MODELS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3", "phi3", "gpt_neox", "gpt2",
           "handwritten", "handwritten:rope=half:qkv_bias=True", "handwritten:mask=masked_fill:cache_write=index_put"]
@@ -151,6 +152,18 @@ def test_layers_share_one_expansion_check_and_vectorized_rotary_probes(monkeypat
     fn = lambda p: torch.stack([p.float().sin(), (p * 3).float().cos()], -1)  # noqa: E731
     probes = torch.arange(40).view(10, 1, 4)
     assert torch.equal(rotary._map_probes(fn, probes, 4), torch.stack([fn(p) for p in probes]))
+
+
+@pytest.mark.parametrize("name,group,bits", [("llama", 1, None), ("llama", "all", None), ("llama", 1, 4),
+                                             ("gpt2", "all", None), ("handwritten", 1, None)])
+def test_attention_output_reaches_the_output_projection_uncopied(name, group, bits):
+    # the graph flattens the attention heads for o_proj ([B, H, S, D] -> [B, S, H*D]): a view of
+    # SDPA's output, whose memory is [B, S, H, D]. The op returns that layout too, so prefill
+    # copies none of its output (gpt2 "all" adds a value bias first; handwritten attends eagerly,
+    # its matmul output contiguous: the flattening reshape after the op is a view all the same)
+    ep = compress_exported(exported(name), PaluConfig(rank_ratio=0.5, group_size=group, bits=bits))
+    calls, copied = attention_output_copies(ep, tokens()[:, :PREFILL])
+    assert calls == 2 and copied == 0
 
 
 def test_dense_order_reads_layouts_without_guards():

@@ -33,7 +33,7 @@ from palu_fx.kernels.latent_attention.common import (
 )
 from palu_fx.kernels.latent_attention.decode import rebuild_attention_kernel
 from palu_fx.kernels.latent_attention.naive import (
-    ROPE_HALF, ROPE_INTERLEAVED, ROPE_NONE, latent_attention_ref, up_values,
+    ROPE_HALF, ROPE_INTERLEAVED, ROPE_NONE, in_op_layout, latent_attention_ref, new_output, up_values,
 )
 from palu_fx.kernels.latent_attention.prefill import (rebuild_keys, rebuild_values, sdpa_latent, sdpa_values,
                                                       unpadded_values)
@@ -434,9 +434,10 @@ def _prefill(q, hk, hv, lk, k_bias, cos, sin, k_norm_weight, attn_mask, scale, s
         if Hkv != G * GS:
             raise ValueError(f"lv has {Hkv} KV heads, the keys {G * GS}")
         vals = rebuild_values(hv, lv, G)
-        return sdpa_values(q.to(dtype), keys, vals, attn_mask, scale, is_causal).to(q.dtype).contiguous()
-    out = sdpa_latent(q.to(dtype), keys, hv, G, attn_mask, scale, is_causal).to(q.dtype).contiguous()
-    return out if lv is None else up_values(out, lv)
+        return in_op_layout(sdpa_values(q.to(dtype), keys, vals, attn_mask, scale, is_causal).to(q.dtype))
+    # SDPA answers a query of [B, S, H, D] memory (as models pass it) in that layout: no copy
+    out = sdpa_latent(q.to(dtype), keys, hv, G, attn_mask, scale, is_causal).to(q.dtype)
+    return in_op_layout(out) if lv is None else up_values(out, lv)
 
 
 def prefill_key_width(q, rv, attn_mask, is_causal, gqa, dtype) -> int:
@@ -497,7 +498,7 @@ def fused_attention(q, kl: Latent, vl: Latent, lk, k_bias, cos, sin, k_norm_weig
     fused_rows = HPG_P * _p2(Sq)
     M_BLOCK = max(16, min(fused_rows, max(MAX_FUSED_ROWS, HPG_P)))
     NQB = _cdiv(Sq, M_BLOCK // HPG_P)
-    out = torch.empty(B, Hq, Sq, RV, dtype=q.dtype, device=q.device)
+    out = new_output(B, Hq, Sq, RV, like=q)  # (kernels take its strides; Gluon's decode rows are the same memory)
     RK_P, RV_P = max(16, _p2(RK)), max(16, _p2(RV))
     mask_kind, mask, mstr = _mask_args(attn_mask, B, Hq, Sq, Skv, q)
     if cfg.gluon and gluon_q4.applies(qc, kl, vl, lk, softcap, is_causal, mask_kind, G, interpret):

@@ -69,6 +69,9 @@
 #   bash benchmarks/gpu_session.sh 55  # where gs2 prefill time goes with 32 KV heads (4k, 16k), flash against cuDNN
 #   bash benchmarks/gpu_session.sh 56  # values replicated per KV head by a Triton kernel: GPU tests, the gs2 breakdown,
 #                                      # the prefill table
+#   bash benchmarks/gpu_session.sh 63  # the op's output in [B, S, H, D] memory: prefill GPU tests, the smoke, the prefill
+#                                      # table (with "before"), compiled 8-layer prefill of 4k (Inductor, gs1, gs4)
+#   bash benchmarks/gpu_session.sh 64  # kernel GPU tests, the Gluon ones included
 set -u
 export PYTHONPATH=.
 OUT=${OUT:-/tmp/palu_gpu}
@@ -81,6 +84,22 @@ step() {  # name, time limit (s), command...
     grep -v -i warn "$OUT/$name.log" | grep -E "^\[|^\||rel err|smoke|speedup|ms/step|identical|diag|FAIL|Error|^rc|---|path|shape" | tail -40
 }
 case "${1:-1}" in
+63)
+    step prefill_tests 150 python -m pytest -q tests/kernels/test_latent_attention.py tests/kernels/test_prefill_dispatch.py \
+        tests/kernels/test_quant_latent_attention.py -k "prefill or rebuilt or lv or values or replicated"
+    step smoke_mha 90 python -u benchmarks/gpu_smoke.py --mha
+    step prefill_table 150 python -u benchmarks/attention.py --prefill-only --budget-s 120
+    for run in "inductor inductor 1" "gs1 palu 1" "gs4 palu 4"; do
+        set -- $run
+        step prefill8_$1 60 python -u benchmarks/decode.py --layers 8 --batch 1 --context 4096 --prefill 4096 \
+            --paths $2 --group-size $3
+        grep -E "prefill|^inductor|^palu" "$OUT/prefill8_$1.log" | tail -3
+    done
+    ;;
+64)
+    step kernel_tests 480 python -m pytest -q -x tests/kernels/test_latent_attention.py \
+        tests/kernels/test_quant_latent_attention.py tests/kernels/test_gluon_rope.py tests/kernels/test_gluon_q4.py
+    ;;
 56)
     step prefill_tests 120 python -m pytest -q tests/kernels/test_latent_attention.py \
         -k "replicated or prefill or values_rebuilt"

@@ -70,7 +70,7 @@
 #   bash benchmarks/gpu_session.sh 56  # values replicated per KV head by a Triton kernel: GPU tests, the gs2 breakdown,
 #                                      # the prefill table
 #   bash benchmarks/gpu_session.sh 63  # the op's output in [B, S, H, D] memory: prefill GPU tests, the smoke, the prefill
-#                                      # table (with "before"), compiled 8-layer prefill of 4k (Inductor, gs1, gs4)
+#                                      # table (with "before"), compiled 4-layer prefill of 4k (Inductor, gs1, gs4)
 #   bash benchmarks/gpu_session.sh 64  # kernel GPU tests, the Gluon ones included
 set -u
 export PYTHONPATH=.
@@ -88,13 +88,12 @@ case "${1:-1}" in
     step prefill_tests 150 python -m pytest -q tests/kernels/test_latent_attention.py tests/kernels/test_prefill_dispatch.py \
         tests/kernels/test_quant_latent_attention.py -k "prefill or rebuilt or lv or values or replicated"
     step smoke_mha 90 python -u benchmarks/gpu_smoke.py --mha
-    step prefill_table 150 python -u benchmarks/attention.py --prefill-only --budget-s 120
-    for run in "inductor inductor 1" "gs1 palu 1" "gs4 palu 4"; do
-        set -- $run
-        step prefill8_$1 60 python -u benchmarks/decode.py --layers 8 --batch 1 --context 4096 --prefill 4096 \
-            --paths $2 --group-size $3
-        grep -E "prefill|^inductor|^palu" "$OUT/prefill8_$1.log" | tail -3
-    done
+    step prefill_table 130 python -u benchmarks/attention.py --prefill-only --budget-s 100
+    step prefill4_gs1 120 python -u benchmarks/decode.py --layers 4 --batch 1 --context 4096 --prefill 4096
+    grep -E "^inductor|^palu" "$OUT/prefill4_gs1.log"
+    step prefill4_gs4 70 python -u benchmarks/decode.py --layers 4 --batch 1 --context 4096 --prefill 4096 \
+        --paths palu --group-size 4
+    grep -E "^palu" "$OUT/prefill4_gs4.log"
     ;;
 64)
     step kernel_tests 480 python -m pytest -q -x tests/kernels/test_latent_attention.py \

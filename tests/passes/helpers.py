@@ -4,7 +4,9 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
+import palu_fx.ops  # noqa: F401  (torch.ops.palu)
 from palu_fx.export import export_decoder
 from tests.handwritten import HandwrittenDecoder
 from tests.zoo import build
@@ -69,34 +71,36 @@ def cache_bytes(ep: torch.export.ExportedProgram) -> int:
 
 
 def attention_output_copies(ep: torch.export.ExportedProgram, ids: torch.Tensor) -> tuple[int, int]:
-    """(latent-attention calls, bytes the program copies out of their outputs) over a prefill
-    of ``ids``: a clone, ``copy_`` or same-dtype ``_to_copy`` whose source is an op output, a
-    view of one or one plus a bias (reshape's copy is a clone at this level)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    aten = torch.ops.aten
-    ops = {torch.ops.palu.latent_attention.default, torch.ops.palu.quant_latent_attention.default}
-
-    class Copies(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.outputs, self.calls, self.copied = [], 0, 0  # outputs kept alive: no storage is reused
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            out = func(*args, **kwargs)
-            ptrs = {o.untyped_storage().data_ptr() for o in self.outputs}
-            self.calls += func in ops
-            if func in ops or (func is aten.add.Tensor and args[0].untyped_storage().data_ptr() in ptrs):
-                self.outputs.append(out)
-            elif func in (aten.clone.default, aten.copy_.default, aten._to_copy.default):
-                src = args[1] if func is aten.copy_.default else args[0]
-                same_dtype = func is not aten._to_copy.default or kwargs.get("dtype", src.dtype) == src.dtype
-                if same_dtype and src.untyped_storage().data_ptr() in ptrs:
-                    self.copied += src.numel() * src.element_size()
-            return out
-
-    mode = Copies()
-    with torch.no_grad(), mode:
+    """(latent-attention calls, bytes copied out of their outputs) over a prefill of ``ids``
+    (``OutputCopies``)."""
+    with torch.no_grad(), OutputCopies() as seen:
         ep.module()(input_ids=ids, cache_position=torch.arange(ids.shape[1]))
-    return mode.calls, mode.copied
+    return seen.calls, seen.copied
+
+
+class OutputCopies(TorchDispatchMode):
+    """Counts the latent-attention calls it sees, and the bytes copied out of their outputs: a
+    clone, ``copy_`` or same-dtype ``_to_copy`` whose source is an op output, a view of one or
+    one plus a bias (reshape's copy is a clone at this level). Outputs are kept alive, so no
+    later tensor reuses their storage."""
+
+    OPS = {torch.ops.palu.latent_attention.default, torch.ops.palu.quant_latent_attention.default}
+
+    def __init__(self):
+        super().__init__()
+        self.outputs, self.calls, self.copied = [], 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        aten = torch.ops.aten
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        ptrs = {o.untyped_storage().data_ptr() for o in self.outputs}
+        self.calls += func in self.OPS
+        if func in self.OPS or (func is aten.add.Tensor and args[0].untyped_storage().data_ptr() in ptrs):
+            self.outputs.append(out)
+        elif func in (aten.clone.default, aten.copy_.default, aten._to_copy.default):
+            src = args[1] if func is aten.copy_.default else args[0]
+            same_dtype = func is not aten._to_copy.default or kwargs.get("dtype", src.dtype) == src.dtype
+            if same_dtype and src.untyped_storage().data_ptr() in ptrs:
+                self.copied += src.numel() * src.element_size()
+        return out

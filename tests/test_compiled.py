@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import palu_fx  # noqa: E402
 from palu_fx import LatentCache, PaluConfig  # noqa: E402
 from tests.handwritten import MLPOnly  # noqa: E402
-from tests.passes.helpers import perturbed  # noqa: E402
+from tests.passes.helpers import OutputCopies, perturbed  # noqa: E402
 from tests.zoo import build  # noqa: E402
 
 NEW, MAX_CACHE = 32, 48
@@ -80,6 +80,30 @@ def test_inductor_half_rank_allocates_latents_only():
     # what was allocated is the latents (and slot positions), nothing full-size
     for layer in cache.layers:
         assert layer.keys.shape == (2, MAX_CACHE, 32) and layer.values.shape == (2, MAX_CACHE, 32)
+
+
+@pytest.mark.parametrize("group", [1, "all"])
+def test_compiled_prefill_copies_no_attention_output(group, monkeypatch):
+    # the graph Dynamo traces views SDPA's output ([B, S, H, D] memory) to flatten the heads for
+    # o_proj; the op returns that layout, so the rewrite adds no copy before the view (a
+    # contiguous result took one here, plus one inside the op). Run on the rewritten aten graph.
+    seen, inner = OutputCopies(), palu_fx.compiled._inner
+
+    def watched(*a, **k):
+        fn = inner(*a, **k)
+
+        def run(*args):
+            with seen:
+                return fn(*args)
+        return run
+
+    monkeypatch.setattr(palu_fx.compiled, "_inner", watched)
+    m = _model("llama")
+    cfg = PaluConfig(rank_ratio=0.5, group_size=group)
+    m.forward = torch.compile(m.forward, backend=palu_fx.backend(cfg, eager=True))
+    cache = LatentCache(m.config, max_cache_len=MAX_CACHE, compression=cfg)
+    m(input_ids=_prompts()[0], past_key_values=cache, cache_position=torch.arange(9))
+    assert seen.calls == m.config.num_hidden_layers and seen.copied == 0
 
 
 def test_full_rank_inductor_matches():

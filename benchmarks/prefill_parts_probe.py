@@ -126,6 +126,12 @@ def key_candidates(S: int) -> dict:
         dst = torch.empty(1, S, H, D, device=DEV, dtype=DT)
         a, b, c = hk.view(S, G, rk).transpose(0, 1), lk.transpose(1, 2), dst.view(S, G, gs * D).transpose(0, 1)
         out[f"keys gs{gs}: cuBLAS bmm alone (no RoPE)"] = gpu_time(lambda: torch.bmm(a, b, out=c), [()])
+        if gs == 2:  # the latent values copied per KV head: in the key kernel's launch, or after it
+            hv, rk_args = args[2], (hk, lk, None, cos, sin, None, 1e-6, p, D, DT)
+            _same("keys+values", W.rebuild_keys(*rk_args, values=hv)[1], P.replicate_values(hv, G, H))
+            out["keys+values gs2: one launch"] = gpu_time(lambda: W.rebuild_keys(*rk_args, values=hv), [()])
+            out["keys+values gs2: keys, then replicate_values"] = gpu_time(
+                lambda: (W.rebuild_keys(*rk_args), P.replicate_values(hv, G, H)), [()])
     return out
 
 

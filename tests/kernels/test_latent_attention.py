@@ -329,18 +329,25 @@ def test_prefill_half_precision(kern, case, mask):
         assert any(_UNPADDED.values()), _UNPADDED  # cuDNN took at least one kind unpadded
 
 
-@pytest.mark.parametrize("skv,gs,rk", [(70, 2, 32), (150, 4, 160)])  # per group; per head (rank x heads > 512)
+@pytest.mark.parametrize("skv,gs,rk", [(70, 2, 32), (150, 4, 160)])  # 64-token tiles; 128 (rank x heads > 512)
 def test_prefill_rebuilt_keys_match_reference(kern, skv, gs, rk):
-    # per head, the interpreter runs two chunks of two tiles: the last ends past the sequence
+    # the last tile ends past the sequence; with the latent values, the same launch copies them
+    # once per KV head of their group and the keys stay the same
     from palu_fx.kernels.latent_attention.naive import reconstruct_keys
 
     q, hk, hv, lk, kb, cos, sin, w, *_ = make_inputs(Skv=skv, bias=True, norm=True, rot=16, rope=2, Hq=4, Hkv=4,
-                                                     gs=gs, rk=rk)
+                                                     gs=gs, rk=rk, rv=24)
     p = kern._parts(q, lk, kb, cos, sin, w, 2, 2, skv, DEVICE == "cpu", q.dtype)
-    keys = kern.rebuild_keys(hk, lk, kb, p["cos"], p["sin"], w, 1e-6, p, 40, q.dtype)
-    ref = reconstruct_keys(hk.double(), lk.double(), kb.double(), cos.double(), sin.double(), w.double(), 32, 2, dtype=torch.float64)
+    rk_args = (hk, lk, kb, p["cos"], p["sin"], w, 1e-6, p, 40, q.dtype)
+    keys = kern.rebuild_keys(*rk_args)
+    ref = reconstruct_keys(hk.double(), lk.double(), kb.double(), cos.double(), sin.double(), w.double(), 32, 2,
+                           dtype=torch.float64)
     assert (keys[..., 32:] == 0).all()
     torch.testing.assert_close(keys[..., :32].double(), ref, rtol=1e-5, atol=1e-5)
+    keys_too, vals = kern.rebuild_keys(*rk_args, values=hv)
+    B, G = hv.shape[0], lk.shape[0]
+    assert torch.equal(keys_too, keys)
+    assert torch.equal(vals, hv.view(B, skv, G, 24).transpose(1, 2).repeat_interleave(gs, dim=1))
 
 
 # ------------------------------------------------------------------ values rebuilt by the op (lv)

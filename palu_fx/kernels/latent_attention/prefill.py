@@ -33,20 +33,22 @@ from palu_fx.kernels.latent_attention.common import load_lk_head, load_rope_pair
 
 @triton.jit
 def rebuild_keys_kernel(
-    hk_ptr, lk_ptr, bias_ptr, cos_ptr, sin_ptr, w_ptr, k_ptr,
+    hk_ptr, lk_ptr, bias_ptr, cos_ptr, sin_ptr, w_ptr, k_ptr, hv_ptr, v_ptr,
     shk_b, shk_s, slk_g, slk_r,
     sc_b, sc_s, sc_d, ss_b, ss_s, ss_d,
-    sk_b, sk_h, sk_s,
-    G, Skv, RK, eps,
+    sk_b, sk_h, sk_s, shv_b, shv_s, sv_b, sv_h, sv_s,
+    G, Skv, RK, RV, eps,
     D: tl.constexpr, RK_P: tl.constexpr, GS: tl.constexpr, BLOCK_S: tl.constexpr,
     ROPE: tl.constexpr, ROT: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr,
     STEP: tl.constexpr, HI_OFF: tl.constexpr, PASS: tl.constexpr, PASS_P: tl.constexpr,
     HAS_PASS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, COPY_V: tl.constexpr, RV_P: tl.constexpr,
 ):
     """Keys [B, Hkv, Skv, >=D] of one group's heads and one token tile: the latent tile is read
     once for the group's heads, their ``L_k`` slices per tile (from L2: consecutive programs
-    are tiles of one group)."""
+    are tiles of one group). ``COPY_V``: also the group's latent values, written once per KV
+    head of the group [B, Hkv, Skv, RV]; loaded first, stored last, so their traffic overlaps
+    the key products (the kernel is latency bound, not bandwidth bound)."""
     pid_t = tl.program_id(0)
     pid_bg = tl.program_id(1)
     b = (pid_bg // G).to(tl.int64)  # batch offsets of long caches pass 2**31 elements
@@ -58,6 +60,10 @@ def rebuild_keys_kernel(
     e = tl.arange(0, PASS_P)[None, :]
     hk_t = tl.load(hk_ptr + b * shk_b + kv[:, None] * shk_s + (g * RK + rk)[None, :],
                    mask=kv_ok[:, None] & (rk[None, :] < RK), other=0.0)
+    if COPY_V:
+        rv = tl.arange(0, RV_P)[None, :]
+        v_ok = kv_ok[:, None] & (rv < RV)
+        hv_t = tl.load(hv_ptr + b * shv_b + kv[:, None] * shv_s + g * RV + rv, mask=v_ok)
     if ROPE:
         cs, sn = load_rope_pairs(cos_ptr, sin_ptr, b, kv, kv_ok, sc_b, sc_s, sc_d, ss_b, ss_s, ss_d, 0,
                                  HALF, HALF_P, STEP)
@@ -78,13 +84,21 @@ def rebuild_keys_kernel(
             tl.store(row + d * STEP + HI_OFF, k_hi.to(k_ptr.dtype.element_ty), mask=ok)
         if HAS_PASS:
             tl.store(row + ROT + e, k_ps.to(k_ptr.dtype.element_ty), mask=kv_ok[:, None] & (e < PASS))
+    if COPY_V:
+        for j in tl.static_range(GS):
+            tl.store(v_ptr + b * sv_b + (g * GS + j) * sv_h + kv[:, None] * sv_s + rv, hv_t, mask=v_ok)
 
 
-def rebuild_keys(hk, lk, k_bias, cos, sin, k_norm_weight, eps, p, width, dtype, probe=False):
+def rebuild_keys(hk, lk, k_bias, cos, sin, k_norm_weight, eps, p, width, dtype, probe=False, values=None):
     """Rebuilt keys [B, Hkv, Skv, width] in ``dtype`` (columns past D are zero).
 
     ``p`` holds the rotary/part constants computed by the wrapper (see ``wrapper._parts``).
-    ``probe``: return (kernel, grid, args, constexprs) instead of launching.
+    ``probe``: return (kernel, grid, args, constexprs) instead of launching. ``values``: the
+    latent values ``hv [B, Skv, G*rv]``; then returns (keys, values ``[B, Hkv, Skv, rv]``,
+    each group's latents for each of its KV heads, as ``replicate_values``), from one launch
+    except with 128-token tiles (the value tile would spill: gs4 at rank 256 compiles to 255
+    registers and 216 bytes of stack, against 242 and none; gs2 at rank 128 to 231 against 182,
+    still two programs per SM; sm_90, Triton 3.6).
 
     Tiles of 64 tokens and 4 warps; 128 tokens and 8 warps where a group's products are wide
     (rank x heads > 512, ranks up to 256), which halves the ``L_k`` reads per key. H200, B=1,
@@ -101,20 +115,30 @@ def rebuild_keys(hk, lk, k_bias, cos, sin, k_norm_weight, eps, p, width, dtype, 
     wide = p["RK_P"] * GS > 512 and p["RK_P"] <= 256  # larger ranks: two 128-token stages pass shared memory
     block_s = 128 if wide else 64
     grid = (triton.cdiv(Skv, block_s), B * G)
-    args = (hk, lk, p["bias"], p["cos"], p["sin"], p["w"], keys,
+    hv, vals, RV = keys, keys, 0
+    if values is not None and wide and not probe:  # a value tile held over the wide products spills
+        return rebuild_keys(hk, lk, k_bias, cos, sin, k_norm_weight, eps, p, width, dtype), \
+            replicate_values(values, G, G * GS)
+    if values is not None:
+        hv = values if values.stride(-1) == 1 else values.contiguous()
+        RV = hv.shape[-1] // G
+        vals = torch.empty(B, G * GS, Skv, RV, dtype=hv.dtype, device=hv.device)
+    args = (hk, lk, p["bias"], p["cos"], p["sin"], p["w"], keys, hv, vals,
             hk.stride(0), hk.stride(1), lk.stride(0), lk.stride(1),
             *p["cos_strides"], *p["sin_strides"],
             keys.stride(0), keys.stride(1), keys.stride(2),
-            G, Skv, RK, eps)
+            hv.stride(0), hv.stride(1), vals.stride(0), vals.stride(1), vals.stride(2),
+            G, Skv, RK, RV, eps)
     consts = dict(D=D, RK_P=p["RK_P"], GS=GS, BLOCK_S=block_s,
                   ROPE=p["ROPE"], ROT=p["ROT"], HALF=p["HALF"], HALF_P=p["HALF_P"], STEP=p["STEP"],
                   HI_OFF=p["HI_OFF"], PASS=p["PASS"], PASS_P=p["PASS_P"], HAS_PASS=p["HAS_PASS"],
                   HAS_BIAS=p["HAS_BIAS"], HAS_NORM=p["HAS_NORM"], UPCAST=p["UPCAST"], IEEE=p["IEEE"],
+                  COPY_V=values is not None, RV_P=triton.next_power_of_2(max(RV, 1)),
                   num_warps=8 if wide else 4, num_stages=2)
     if probe:
         return rebuild_keys_kernel, grid, args, consts
     rebuild_keys_kernel[grid](*args, **consts)
-    return keys
+    return keys if values is None else (keys, vals)
 
 
 def rebuild_values(hv: torch.Tensor, lv: torch.Tensor, groups: int) -> torch.Tensor:

@@ -422,11 +422,16 @@ def _prefill(q, hk, hv, lk, k_bias, cos, sin, k_norm_weight, attn_mask, scale, s
     interpret = _interpreting(q)
     G, RK, RV, GS = _groups(q, hk.shape[-1], hv.shape[-1], lk)
     rebuild_v = lk is not None and lv is not None and RV > lv.shape[1]
+    vals = None
     if lk is not None:
         lk = lk.to(dtype).contiguous()
         p = _parts(q, lk, k_bias, cos, sin, k_norm_weight, rope_style, B, Skv, interpret, dtype)
         width = prefill_key_width(q, lv.shape[1] if rebuild_v else RV, attn_mask, is_causal, Hq != G * GS, dtype)
-        keys = rebuild_keys(hk, lk, k_bias, p["cos"], p["sin"], k_norm_weight, k_norm_eps, p, width, dtype)
+        rk = (hk, lk, k_bias, p["cos"], p["sin"], k_norm_weight, k_norm_eps, p, width, dtype)
+        if GS > 1 and not rebuild_v:  # each KV head reads its group's latent values: copied in the same launch
+            keys, vals = rebuild_keys(*rk, values=hv.to(dtype))
+        else:
+            keys = rebuild_keys(*rk)
     else:
         keys = hk.view(B, Skv, G, RK).transpose(1, 2)
     if rebuild_v:
@@ -436,7 +441,10 @@ def _prefill(q, hk, hv, lk, k_bias, cos, sin, k_norm_weight, attn_mask, scale, s
         vals = rebuild_values(hv, lv, G)
         return in_op_layout(sdpa_values(q.to(dtype), keys, vals, attn_mask, scale, is_causal).to(q.dtype))
     # SDPA answers a query of [B, S, H, D] memory (as models pass it) in that layout: no copy
-    out = sdpa_latent(q.to(dtype), keys, hv, G, attn_mask, scale, is_causal).to(q.dtype)
+    if vals is not None:
+        out = sdpa_values(q.to(dtype), keys, vals, attn_mask, scale, is_causal).to(q.dtype)
+    else:
+        out = sdpa_latent(q.to(dtype), keys, hv, G, attn_mask, scale, is_causal).to(q.dtype)
     return in_op_layout(out) if lv is None else up_values(out, lv)
 
 

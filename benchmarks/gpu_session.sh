@@ -72,6 +72,8 @@
 #   bash benchmarks/gpu_session.sh 63  # the op's output in [B, S, H, D] memory: prefill GPU tests, the smoke, the prefill
 #                                      # table (with "before"), compiled 4-layer prefill of 4k (Inductor, gs1, gs4)
 #   bash benchmarks/gpu_session.sh 64  # kernel GPU tests, the Gluon ones included
+#   bash benchmarks/gpu_session.sh 65  # gs2 prefill: latent values copied in the key kernel's launch (tests, probe A/B,
+#                                      # the prefill table, the smoke)
 set -u
 export PYTHONPATH=.
 OUT=${OUT:-/tmp/palu_gpu}
@@ -84,6 +86,14 @@ step() {  # name, time limit (s), command...
     grep -v -i warn "$OUT/$name.log" | grep -E "^\[|^\||rel err|smoke|speedup|ms/step|identical|diag|FAIL|Error|^rc|---|path|shape" | tail -40
 }
 case "${1:-1}" in
+65)
+    step prefill_tests 150 python -m pytest -q tests/kernels/test_latent_attention.py tests/kernels/test_prefill_dispatch.py \
+        tests/kernels/test_quant_latent_attention.py -k "prefill or rebuilt or lv or values or replicated"
+    step parts 150 python -u benchmarks/prefill_parts_probe.py --ctx 4096 16384
+    grep -E "keys gs2|keys\+values" "$OUT/parts.log"
+    step prefill_table 130 python -u benchmarks/attention.py --prefill-only --budget-s 100
+    step smoke_mha 90 python -u benchmarks/gpu_smoke.py --mha
+    ;;
 63)
     step prefill_tests 150 python -m pytest -q tests/kernels/test_latent_attention.py tests/kernels/test_prefill_dispatch.py \
         tests/kernels/test_quant_latent_attention.py -k "prefill or rebuilt or lv or values or replicated"

@@ -68,3 +68,30 @@ def test_values_as_wide_as_the_head_dim_never_try(sdpa_log):
     q, keys, hv, ref = _case(rv=32)
     torch.testing.assert_close(pf.sdpa_latent(q, keys, hv, 4, None, None, True), ref)
     assert sdpa_log["widths"] == [32] and not pf._UNPADDED
+
+
+@pytest.mark.parametrize("gs,rank", [(2, 128), (4, 128)])
+def test_key_kernel_copying_values_compiles_for_sm90_without_spills(gs, rank):
+    # the value tile is held over the key products: at 64-token tiles it fits the registers
+    # (128-token tiles copy in a second launch: gs4 at rank 256 spilled 216 bytes)
+    pytest.importorskip("triton.backends.nvidia")
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from kernel_resources import compile_sm90, resources
+
+    from palu_fx.kernels.latent_attention import wrapper as W
+
+    H, D, S = 32, 128, 256  # the Llama-2-7B shape's specialization
+    G = H // gs
+    hk, hv = (torch.randn(1, S, G * rank, dtype=torch.float16) for _ in range(2))
+    lk = torch.randn(G, gs * D, rank, dtype=torch.float16)
+    ang = torch.arange(S)[:, None] * 0.01 * torch.arange(D // 2)[None]
+    cos, sin = (torch.cat([f(ang), f(ang)], -1)[None].half() for f in (torch.cos, torch.sin))
+    q = torch.randn(1, H, S, D, dtype=torch.float16)
+    p = W._parts(q, lk, None, cos, sin, None, 1, 1, S, False, torch.float16)
+    kern, _, args, consts = pf.rebuild_keys(hk, lk, None, p["cos"], p["sin"], None, 1e-6, p, D, torch.float16,
+                                            probe=True, values=hv)
+    assert consts["COPY_V"] and consts["BLOCK_S"] == 64
+    res = resources(compile_sm90(kern, args, consts))
+    assert res["stack"] == 0 and res["regs"] <= 255, res

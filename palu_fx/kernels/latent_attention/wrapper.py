@@ -370,7 +370,8 @@ def fused_fits(q: torch.Tensor, lk: Optional[torch.Tensor], k_channels: int, sof
 
 def _prefill(q, hk, hv, lk, k_bias, cos, sin, k_norm_weight, attn_mask, scale, softcap, is_causal, rope_style,
              k_norm_eps, lv=None):
-    """Prefill path: keys rebuilt once (rebuild mode), then SDPA.
+    """Prefill path: keys rebuilt once (rebuild mode), then SDPA. At group size > 1 every KV
+    head reads its group's latent values, which the key launch copies per KV head.
 
     With ``lv`` wider latents than values (``rv > Dv``) the values are rebuilt too
     (``prefill.rebuild_values``), so SDPA runs at the head dims of the uncompressed model

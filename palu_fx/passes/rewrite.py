@@ -227,16 +227,16 @@ def _laid_out_as(b: NodeBuilder, node: fx.Node, like, users: list) -> fx.Node:
     return b.call(aten.permute.default, moved, inverse)
 
 
-# ops whose output's layout follows their input's, and ops that take any layout and return their own
+# ops whose output's layout follows their input's (a reshape may return a view), and ops that
+# take any layout and return a fresh contiguous tensor
 _VIEWS = {aten.permute.default, aten.transpose.int, aten.t.default, aten.unsqueeze.default, aten.squeeze.dim,
-          aten.slice.Tensor, aten.select.int, aten.alias.default, aten.detach.default}
-_ANY_LAYOUT = {aten.reshape.default, aten.contiguous.default, aten.linear.default, aten.matmul.default,
-               aten.mm.default, aten.bmm.default}
+          aten.slice.Tensor, aten.select.int, aten.alias.default, aten.detach.default, aten.reshape.default}
+_ANY_LAYOUT = {aten.contiguous.default, aten.linear.default, aten.matmul.default, aten.mm.default, aten.bmm.default}
 
 
 def _takes_any_layout(users) -> bool:
     """Whether every use of a tensor, through view ops, reaches an op that takes any strides
-    (a reshape, a product, a copy into contiguous memory) before one that reads them."""
+    (a product, a copy into contiguous memory) before one that reads them (``view``)."""
     for u in users:
         if u.op != "call_function":
             return False

@@ -184,3 +184,28 @@ def test_dense_order_reads_layouts_without_guards():
         x = torch.empty(2, seq, 3, 4).transpose(1, 2)  # strides (12*seq, 4, 12, 1)
     assert _dense_order(x) == (0, 2, 1, 3)
     assert not env.guards  # no size was read as an int (int() here adds one)
+
+
+def test_only_users_that_read_strides_get_the_old_layout():
+    # the rewrite copies the op's output into the replaced output's layout only for users that
+    # would read its strides (a view), through view-like ops; a reshape may itself be a view
+    import torch.fx as fx
+
+    from palu_fx.passes.rewrite import _takes_any_layout
+
+    aten = torch.ops.aten
+
+    def users(*chain):
+        g = fx.Graph()
+        x = node = g.placeholder("x")
+        for target, *args in chain:
+            node = g.call_function(target, (node, *args))
+        g.output(node)
+        return list(x.users)
+
+    flat = (aten.permute.default, [0, 2, 1, 3]), (aten.reshape.default, [2, 5, 12])
+    assert _takes_any_layout(users(*flat, (aten.linear.default, None)))
+    assert _takes_any_layout(users((aten.permute.default, [0, 2, 1, 3]), (aten.contiguous.default,)))
+    assert not _takes_any_layout(users((aten.permute.default, [0, 2, 1, 3]), (aten.view.default, [2, 5, 12])))
+    assert not _takes_any_layout(users(*flat, (aten.view.default, [10, 12])))
+    assert not _takes_any_layout(users((aten.clone.default,), (aten.view.default, [120])))  # clone keeps strides

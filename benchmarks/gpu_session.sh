@@ -74,6 +74,7 @@
 #   bash benchmarks/gpu_session.sh 64  # kernel GPU tests, the Gluon ones included
 #   bash benchmarks/gpu_session.sh 65  # gs2 prefill: latent values copied in the key kernel's launch (tests, probe A/B,
 #                                      # the prefill table, the smoke)
+#   bash benchmarks/gpu_session.sh 66  # the final code: kernel GPU tests (Gluon included), the smoke
 set -u
 export PYTHONPATH=.
 OUT=${OUT:-/tmp/palu_gpu}
@@ -86,6 +87,11 @@ step() {  # name, time limit (s), command...
     grep -v -i warn "$OUT/$name.log" | grep -E "^\[|^\||rel err|smoke|speedup|ms/step|identical|diag|FAIL|Error|^rc|---|path|shape" | tail -40
 }
 case "${1:-1}" in
+66)
+    step kernel_tests 470 python -m pytest -q -x tests/kernels/test_latent_attention.py tests/kernels/test_prefill_dispatch.py \
+        tests/kernels/test_quant_latent_attention.py tests/kernels/test_gluon_rope.py tests/kernels/test_gluon_q4.py
+    step smoke_mha 80 python -u benchmarks/gpu_smoke.py --mha
+    ;;
 65)
     step prefill_tests 150 python -m pytest -q tests/kernels/test_latent_attention.py tests/kernels/test_prefill_dispatch.py \
         tests/kernels/test_quant_latent_attention.py -k "prefill or rebuilt or lv or values or replicated"

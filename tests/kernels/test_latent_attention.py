@@ -362,6 +362,17 @@ def test_lv_is_the_unfolded_value_projection():
     assert out.stride() == op_strides(*out.shape)  # the op's declared layout (Inductor trusts the fake's strides)
 
 
+@pytest.mark.parametrize("case", [dict(Sq=1, Skv=20, mask="bool"), dict(Sq=7, Skv=7, causal=True, rope=2),
+                                  dict(Hq=4, Hkv=4, gs=4, rk=64, rv=64, values=True), dict(absorbed=True, Sq=3, Skv=9)])
+def test_op_passes_opcheck(case):
+    # torch.library's checks of a custom op: schema, registrations, and the fake against the
+    # real implementation (shapes, dtypes, strides: Inductor trusts the fake's) under export's
+    # and compile's dispatch; on the CPU, so the reference answers
+    import palu_fx.ops  # noqa: F401  (registers torch.ops.palu)
+
+    torch.library.opcheck(torch.ops.palu.latent_attention.default, make_inputs(**case))
+
+
 def test_mismatched_lv_is_refused():
     import palu_fx.ops  # noqa: F401  (registers torch.ops.palu)
     from torch._subclasses.fake_tensor import FakeTensorMode

@@ -155,6 +155,17 @@ def test_values_rebuilt_in_the_op(qk, shape, monkeypatch):
     check(out, args)
 
 
+@pytest.mark.parametrize("case", [dict(Sq=1, Skv=20), dict(Sq=7, Skv=7, causal=True, k_bits=3, v_bits=2)])
+def test_ops_pass_opcheck(case):
+    # torch.library's checks (schema, fake against real: shapes, dtypes, strides) of the
+    # quantized attention and of the cache write's quantizer, on the CPU
+    import palu_fx.ops  # noqa: F401  (registers torch.ops.palu)
+
+    torch.library.opcheck(torch.ops.palu.quant_latent_attention.default, quant_inputs(**case))
+    h = torch.randn(2, 5, 64)
+    torch.library.opcheck(torch.ops.palu.quantize_latent.default, (h, case.get("k_bits", 4), 32))
+
+
 def test_op_runs_triton_when_forced(qk, monkeypatch):
     import palu_fx.ops  # noqa: F401  (registers torch.ops.palu)
 

@@ -154,13 +154,13 @@ def test_layers_share_one_expansion_check_and_vectorized_rotary_probes(monkeypat
     assert torch.equal(rotary._map_probes(fn, probes, 4), torch.stack([fn(p) for p in probes]))
 
 
-@pytest.mark.parametrize("name,group,bits", [("llama", 1, None), ("llama", "all", None), ("llama", 1, 4),
-                                             ("gpt2", "all", None), ("handwritten", 1, None)])
+@pytest.mark.parametrize("name,group,bits", [(m, g, None) for m in MODELS for g in (1, "all")] + [("llama", 1, 4)])
 def test_attention_output_reaches_the_output_projection_uncopied(name, group, bits):
     # the graph flattens the attention heads for o_proj ([B, H, S, D] -> [B, S, H*D]): a view of
     # SDPA's output, whose memory is [B, S, H, D]. The op returns that layout too, so prefill
-    # copies none of its output (gpt2 "all" adds a value bias first; handwritten attends eagerly,
-    # its matmul output contiguous: the flattening reshape after the op is a view all the same)
+    # copies none of its output (gpt2 "all" adds a value bias first; the hand-written models
+    # attend eagerly, their matmul output contiguous: the flattening reshape after the op is a
+    # view all the same)
     ep = compress_exported(exported(name), PaluConfig(rank_ratio=0.5, group_size=group, bits=bits))
     calls, copied = attention_output_copies(ep, tokens()[:, :PREFILL])
     assert calls == 2 and copied == 0

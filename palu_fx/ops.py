@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from palu_fx.kernels.latent_attention.naive import in_op_layout, latent_attention_ref, op_strides
+from palu_fx.kernels.latent_attention.naive import latent_attention_ref, op_strides
 
 __all__ = ["latent_attention", "kernel_choice"]
 
@@ -58,7 +58,7 @@ def latent_attention(
     if kernel_choice(q.device) == "triton":
         from palu_fx.kernels.latent_attention import triton_latent_attention
 
-        return in_op_layout(triton_latent_attention(*args))
+        return triton_latent_attention(*args)
     return latent_attention_ref(*args)
 
 
@@ -166,7 +166,7 @@ def quant_latent_attention(
     if kernel_choice(q.device) == "triton":
         from palu_fx.kernels.latent_attention import triton_quant_latent_attention
 
-        return in_op_layout(triton_quant_latent_attention(*args))
+        return triton_quant_latent_attention(*args)
     from palu_fx.kernels.latent_attention.quant_naive import quant_latent_attention_ref
 
     return quant_latent_attention_ref(*args)

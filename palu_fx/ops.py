@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from palu_fx.kernels.latent_attention.naive import latent_attention_ref, op_strides
+from palu_fx.kernels.latent_attention.naive import latent_attention_ref, new_output
 
 __all__ = ["latent_attention", "kernel_choice"]
 
@@ -69,12 +69,7 @@ def _latent_attention_fake(q, hk, hv, lk, k_bias, cos, sin, k_norm_weight, attn_
     groups = lk.shape[0] if lk is not None else hk.shape[-1] // Dq
     torch._check(hv.shape[-1] % groups == 0, lambda: "hv's last dim must be groups * rank_v")
     _check_lv(lv, Hq, hv.shape[-1] // groups)
-    return _output(q, Hq, Sq, hv.shape[-1] // groups if lv is None else lv.shape[1])
-
-
-def _output(q, H, S, D):
-    B = q.shape[0]
-    return q.new_empty_strided((B, H, S, D), op_strides(B, H, S, D))
+    return new_output(B, Hq, Sq, hv.shape[-1] // groups if lv is None else lv.shape[1], like=q)
 
 
 def _check_lv(lv, q_heads, rank_v):
@@ -180,4 +175,4 @@ def _quant_latent_attention_fake(q, hk_codes, hk_scale, hk_zero, hv_codes, hv_sc
     ck, cv = hk_scale.shape[-1] * k_group_size, hv_scale.shape[-1] * v_group_size
     groups = lk.shape[0] if lk is not None else ck // Dq
     _check_lv(lv, Hq, cv // groups)
-    return _output(q, Hq, Sq, cv // groups if lv is None else lv.shape[1])
+    return new_output(B, Hq, Sq, cv // groups if lv is None else lv.shape[1], like=q)

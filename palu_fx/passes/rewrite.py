@@ -198,7 +198,7 @@ def rewrite_site(graph: fx.Graph, site: AttentionSite, sp: SitePlan, editor: Sta
             if vf.bias is not None:
                 bq = vf.bias.view(Hkv, 1, Dv).repeat_interleave(Hq // Hkv, 0)
                 out = b.call(aten.add.Tensor, out, editor.add_param(f"palu_{p}_v_bias", bq.to(dt)))
-            call.output.replace_all_uses_with(_laid_out_as(b, out, val(call.output), list(call.output.users)))
+            call.output.replace_all_uses_with(_laid_out_as(b, out, call.output))
     # fused attention variants return tuples: drop the unread extras (logsumexp...) with it
     for n in call.nodes:
         for u in list(n.users):
@@ -208,9 +208,9 @@ def rewrite_site(graph: fx.Graph, site: AttentionSite, sp: SitePlan, editor: Sta
                       site.key_cache is not None, absorbed, folded, before, after, table_bytes)
 
 
-def _laid_out_as(b: NodeBuilder, node: fx.Node, like, users: list) -> fx.Node:
-    """``node`` where the old attention output's users can take it, else copied into the
-    memory order of ``like`` (that output) where that is a permuted dense layout.
+def _laid_out_as(b: NodeBuilder, node: fx.Node, old: fx.Node) -> fx.Node:
+    """``node`` where the users of ``old`` (the attention output it replaces) can take it, else
+    copied into the memory order of ``old`` where that is a permuted dense layout.
 
     The op's heads are in [B, S, H, D] memory like SDPA's, and the usual users flatten them for
     the output projection (``transpose`` + ``reshape``: a view); a ``view`` reads strides, so a
@@ -218,8 +218,8 @@ def _laid_out_as(b: NodeBuilder, node: fx.Node, like, users: list) -> fx.Node:
     copy. Orders are found on the symbolic sizes and strides: reading a symbolic size as an int
     would add a guard that pins an exported program to its example length.
     """
-    order = _dense_order(like)
-    if order is None or order == _dense_order(val(node)) or _takes_any_layout(users):
+    order = _dense_order(val(old))
+    if order is None or order == _dense_order(val(node)) or _takes_any_layout(old.users):
         return node
     inverse = [order.index(d) for d in range(len(order))]
     moved = b.call(aten.clone.default, b.call(aten.permute.default, node, list(order)),

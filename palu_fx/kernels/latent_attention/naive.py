@@ -48,9 +48,10 @@ def op_strides(B: int, H: int, S: int, D: int) -> tuple:
     return (S * H * D, D, H * D, 1)
 
 
-def new_output(B: int, H: int, S: int, D: int, like: torch.Tensor, dtype=None) -> torch.Tensor:
-    """An empty result in the declared layout (``op_strides``)."""
-    return torch.empty_strided((B, H, S, D), op_strides(B, H, S, D), dtype=dtype or like.dtype, device=like.device)
+def new_output(B: int, H: int, S: int, D: int, like: torch.Tensor) -> torch.Tensor:
+    """An empty result in the declared layout (``op_strides``), on ``like``'s device and dtype
+    (the fake implementations' too: ``like`` is then a fake tensor)."""
+    return like.new_empty_strided((B, H, S, D), op_strides(B, H, S, D))
 
 
 def in_op_layout(t: torch.Tensor) -> torch.Tensor:

@@ -75,6 +75,8 @@
 #   bash benchmarks/gpu_session.sh 65  # gs2 prefill: latent values copied in the key kernel's launch (tests, probe A/B,
 #                                      # the prefill table, the smoke)
 #   bash benchmarks/gpu_session.sh 66  # the final code: kernel GPU tests (Gluon included), the smoke
+#   bash benchmarks/gpu_session.sh 67  # the Gluon GQA RoPE kernel: its GPU tests, the GQA smoke, A/B against the Triton
+#                                      # kernels (Llama-3-8B shape), the GQA gs1 rows of the issue table
 set -u
 export PYTHONPATH=.
 OUT=${OUT:-/tmp/palu_gpu}
@@ -87,6 +89,14 @@ step() {  # name, time limit (s), command...
     grep -v -i warn "$OUT/$name.log" | grep -E "^\[|^\||rel err|smoke|speedup|ms/step|identical|diag|FAIL|Error|^rc|---|path|shape" | tail -40
 }
 case "${1:-1}" in
+67)
+    step gqa_tests 200 python -m pytest -q tests/kernels/test_gluon_gqa.py
+    step smoke_gqa 80 python -u benchmarks/gpu_smoke.py
+    step ab_gqa 120 python -u benchmarks/kernel_ab.py --kv-heads 8 --cases rope --rounds 5 \
+        --variant rope:triton=gluon=false --variant rope:3stages=gluon_rope_stages=3
+    step table_gqa 150 python -u benchmarks/attention.py --no-sweep --defaults-only --no-prefill --no-naive \
+        --shapes gqa --gs 1 --budget-s 120
+    ;;
 66)
     step kernel_tests 470 python -m pytest -q -x tests/kernels/test_latent_attention.py tests/kernels/test_prefill_dispatch.py \
         tests/kernels/test_quant_latent_attention.py tests/kernels/test_gluon_rope.py tests/kernels/test_gluon_q4.py

@@ -1,7 +1,7 @@
 """A/B timing of decode-kernel configs at the issue targets' point, interleaved over rounds.
 
-Llama-2-7B shape (32 heads, head dim 128), rank ratio 0.5, gs1 (``--gs``), B=8, 32k, with the additive
-decode mask a compiled model passes. For each case (RoPE / absorbed x fp16 / 4-bit latents)
+Llama-2-7B shape (32 heads, head dim 128; ``--kv-heads 8``: Llama-3-8B's), rank ratio 0.5, gs1
+(``--gs``), B=8, 32k, with the additive decode mask a compiled model passes. For each case (RoPE / absorbed x fp16 / 4-bit latents)
 the default config and any ``--variant`` are timed in turn, round after round (identical
 configs timed in one block differed by up to 6-12% on the H200), and the median is printed:
 
@@ -61,6 +61,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--ctx", type=int, default=32768)
     ap.add_argument("--gs", type=int, default=1, help="KV heads per latent group")
+    ap.add_argument("--kv-heads", type=int, default=32, help="KV heads (32 query heads; 8: the Llama-3-8B shape)")
     ap.add_argument("--rank-ratio", type=float, default=0.5, help="rank = ratio x gs x 128")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tag", default="")
@@ -70,7 +71,7 @@ def main() -> None:
     B, S = args.batch, args.ctx
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (interpreter)"
     print(f"{device}, torch {torch.__version__}, palu_fx at {os.path.dirname(palu_fx.__file__)}; "
-          f"B={B}, {S} tokens, 32 heads, d128, rank ratio {args.rank_ratio}, gs{args.gs}, "
+          f"B={B}, {S} tokens, 32 query / {args.kv_heads} KV heads, d128, rank ratio {args.rank_ratio}, gs{args.gs}, "
           f"{'no mask' if args.no_mask else 'additive mask'}; "
           f"median ms of {args.rounds} interleaved rounds", flush=True)
     rows = []
@@ -78,12 +79,12 @@ def main() -> None:
         rope, bits = CASES[case]
         attention.RANK_RATIO = args.rank_ratio  # (latent_case reads it)
         r = int(args.rank_ratio * args.gs * 128)
-        base = choose_config(rope, args.gs, r, r, 128, args.gs, False, quantized=bits > 0)
+        base = choose_config(rope, args.gs, r, r, 128, args.gs * 32 // args.kv_heads, False, quantized=bits > 0)
         cfgs = {"default": base}
         for vcase, name, kw in args.variant:
             if vcase == case:
                 cfgs[name] = dataclasses.replace(base, **kw)
-        op = list(latent_case(32, 32, 128, args.gs, B, S, rope))
+        op = list(latent_case(32, args.kv_heads, 128, args.gs, B, S, rope))
         if not args.no_mask:
             op[8] = torch.zeros(B, 1, 1, S, device=op[0].device, dtype=op[0].dtype)
         if bits:

@@ -29,6 +29,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+import palu_fx.kernels.latent_attention.gluon_gqa as gluon_gqa
 import palu_fx.kernels.latent_attention.gluon_q4 as gluon_q4
 import palu_fx.kernels.latent_attention.gluon_rope as gluon_rope
 import palu_fx.kernels.latent_attention.per_head as per_head
@@ -66,8 +67,9 @@ def record(call) -> list:
     # (module, name) of every kernel a call may launch, and the host hooks that pick GPU configs
     kernels = [(wrapper, "rebuild_attention_kernel"), (wrapper, "absorbed_attention_kernel"),
                (wrapper, "combine_splits_kernel"), (per_head, "per_head_attention_kernel")]
-    kernels += [(m, n) for m, n in ((gluon_q4, "q4_absorbed_kernel"), (gluon_rope, "rope_decode_kernel"))
-                if hasattr(m, n)]  # Gluon kernels exist where Triton has Gluon
+    gluon_kernels = ((gluon_q4, "q4_absorbed_kernel"), (gluon_rope, "rope_decode_kernel"),
+                     (gluon_gqa, "gqa_rope_decode_kernel"))
+    kernels += [(m, n) for m, n in gluon_kernels if hasattr(m, n)]  # Gluon kernels exist where Triton has Gluon
     saved = [getattr(m, n) for m, n in kernels] + [wrapper._interpreting, wrapper._num_sms]
     try:
         for (m, n), fn in zip(kernels, saved):

@@ -26,7 +26,7 @@ import torch
 import triton
 from triton.runtime.errors import OutOfResources
 
-from palu_fx.kernels.latent_attention import gluon_host, gluon_q4, gluon_rope
+from palu_fx.kernels.latent_attention import gluon_gqa, gluon_host, gluon_q4, gluon_rope
 from palu_fx.kernels.latent_attention.absorbed import absorbed_attention_kernel
 from palu_fx.kernels.latent_attention.common import (
     MASK_ADD, MASK_ADD_SHARED, MASK_BOOL, MASK_BOOL_SHARED, MASK_NONE, combine_splits_kernel,
@@ -84,7 +84,9 @@ class KernelConfig:
     program (1 or 2; 0: ``gluon_rope.default_knobs``), gluon_rope_stages copy stages,
     gluon_rope_tables for where its cos/sin rows go (-1: the default; 0: registers, loaded a
     tile ahead; 1: copied with each stage; 2: one copy buffer) and gluon_rope_regs as ptxas's
-    register cap (0: none).
+    register cap (0: none); and calls ``gluon_gqa.applies`` to (RoPE decode where 2-16 query heads
+    share each KV head, group size 1, plain latents) run the Gluon GQA kernel, which rebuilds a
+    KV head's keys once for all its query heads, with gluon_rope_stages copy stages.
     """
 
     block_s: int = 64
@@ -478,6 +480,9 @@ def fused_attention(q, kl: Latent, vl: Latent, lk, k_bias, cos, sin, k_norm_weig
     if cfg.gluon and rebuild and gluon_rope.applies(qc, kl, vl, lk, k_bias, k_norm_weight, p["cos"], p["sin"],
                                                     rope_style, softcap, is_causal, mask_kind, G, interpret):
         return gluon_host.run_rope(qc, lk, kl, vl, p["cos"], p["sin"], mask_kind, mask, mstr, scale, cfg, out)
+    if cfg.gluon and rebuild and gluon_gqa.applies(qc, kl, vl, lk, k_bias, k_norm_weight, p["cos"], p["sin"],
+                                                   rope_style, softcap, is_causal, mask_kind, G, interpret):
+        return gluon_host.run_gqa(qc, lk, kl, vl, p["cos"], p["sin"], mask_kind, mask, mstr, scale, cfg, out)
     (hk, hks, hkz), k_strides, k_q = kl.kernel_args(RK, RK_P)
     (hv, hvs, hvz), v_strides, v_q = vl.kernel_args(RV, RV_P)
     latent_strides = (*k_strides[:2], *v_strides[:2], *k_strides[2:4], *v_strides[2:4], k_strides[4], v_strides[4])

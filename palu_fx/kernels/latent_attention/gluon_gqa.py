@@ -1,0 +1,272 @@
+"""Gluon decode kernel: RoPE attention where several query heads share a KV head (GQA, MQA), keys
+rebuilt once per KV head from its latents, on Hopper's warpgroup MMA and ``mma.sync``.
+
+Why: ``gluon_rope.py`` scores a head without rotated keys (one ``[Wa | Wb]`` product per
+*query* head), which at 4 query heads per KV head is 4x the key products the cache needs. The
+Triton kernels served these calls at 0.25 ms for B=8 x 32k (32 query / 8 KV heads of 128,
+rank ratio 0.5): no faster than SDPA on the full cache, where the latent bytes need 0.13 ms
+(RESULTS.md). Here each token tile's keys are rebuilt once and serve all of the KV head's
+query heads:
+
+* **Keys by ``wgmma``, RoPE in registers.** A tile's keys ``[64, D] = H L^T`` come from one
+  warpgroup product with the latents as the register operand (as ``gluon_rope.py`` builds it,
+  4-bit codes dequantized into it). ``L^T``'s columns are permuted (``pair_of_column``) so that
+  a thread holds both partners of its rotary pairs, and its pairs are one contiguous run of the
+  cos/sin tables: RoPE is four FMAs per pair, in place.
+* **Scores and values per warp by ``mma.sync``, the query heads as rows.** A warp holds its 16
+  tokens of the key tile in the accumulator; that register layout *is* the B operand of
+  ``S = Q K'^T`` (query heads padded to 16 rows, the head dim as the inner index), so the keys
+  go to the next product without moving. ``S``'s accumulator is in turn ``P``'s operand layout
+  for ``O = P H_v``, with the values read from the shared-memory stage. Each warp keeps its own
+  softmax lanes over its tokens; the four are merged once, at the program's end.
+* **Copies streamed with ``cp.async``** into a ring of shared-memory stages (a tile's key and
+  value latents and its cos/sin rows).
+
+Covers: fp16 and bf16, rotate-half RoPE over the whole head (head dim 64 or 128, the tables'
+last dim contiguous), one KV head per latent group (group size 1) with 2-16 query heads each,
+key and value ranks 32/64/128, plain latents, shared decode masks or none, no softcap, no key
+bias or norm, one query token. ``applies`` says whether a call is covered; everything else
+takes the other kernels. Gluon has no CPU interpreter: the kernel is tested on the GPU and
+compiled for sm_90 without one (``tests/kernels/test_gluon_gqa.py``).
+"""
+from __future__ import annotations
+
+import torch
+
+try:  # Gluon ships with Triton >= 3.5; without it the Triton kernels serve every call
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
+    HAVE_GLUON = True
+except ImportError:  # pragma: no cover (older Triton)
+    HAVE_GLUON = False
+
+from palu_fx.kernels.latent_attention.gluon_rope_layouts import (copy_layout, swizzled_layout, thread_run_layout)
+
+if HAVE_GLUON:
+    from palu_fx.kernels.latent_attention.gluon_rope import _copy_rows, _latent_rows
+    from palu_fx.kernels.latent_attention.gluon_rope_layouts import _key_channel, _pair_tables
+
+__all__ = ["HAVE_GLUON", "MAX_HEADS", "applies", "launch"]
+
+MAX_HEADS = 16  # query heads per KV head: the 16 rows of one ``mma.sync``
+
+if HAVE_GLUON:
+    _barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+
+    @gluon.jit
+    def _copy_stage(kbuf, vbuf, cbuf, sbuf, k_ptr, v_ptr, cos_ptr, sin_ptr, k_off, v_off, c_off, s_off,
+                    sk_s, sv_s, sc_s, ss_s, start, hi, RK: gl.constexpr, RV: gl.constexpr, HALF: gl.constexpr,
+                    LCK: gl.constexpr, LCV: gl.constexpr, LCC: gl.constexpr):
+        """Start the copies of a tile's key and value latents and its cos/sin rows into one stage."""
+        _copy_rows(kbuf, k_ptr, k_off, sk_s, start, hi, RK, LCK)
+        _copy_rows(vbuf, v_ptr, v_off, sv_s, start, hi, RV, LCV)
+        _copy_rows(cbuf, cos_ptr, c_off, sc_s, start, hi, HALF, LCC)
+        _copy_rows(sbuf, sin_ptr, s_off, ss_s, start, hi, HALF, LCC)
+
+    @gluon.jit
+    def _rotated_keys(acc, csn, HALF: gl.constexpr):
+        """RoPE on a tile's rebuilt keys [64, 2 HALF] (columns in ``pair_of_column``'s order: part 0
+        the first partner of each pair, part 1 the second; ``csn`` the tile's cos (part 0) and sin
+        (part 1) in the same order): ``(lo cos - hi sin, hi cos + lo sin)``, in place."""
+        lo, hi = gl.split(gl.permute(gl.reshape(acc, [64, 2, HALF]), [0, 2, 1]))
+        c, s = gl.split(gl.permute(gl.reshape(csn.to(gl.float32), [64, 2, HALF]), [0, 2, 1]))
+        k = gl.join(lo * c - hi * s, hi * c + lo * s)
+        return gl.reshape(gl.permute(k, [0, 2, 1]), [64, 2 * HALF])
+
+    @gluon.jit
+    def _mask_rows(mask_ptr, m_off, sm_k, tok, hi, MASK_KIND: gl.constexpr):
+        """(keep, additive base-2 term) of tokens ``tok`` (any layout), fp32."""
+        keep = tok < hi
+        madd = tok.to(gl.float32) * 0.0
+        if MASK_KIND == 3:  # keep flags
+            keep = keep & (gl.load(mask_ptr + m_off + tok * sm_k, mask=keep, other=0) != 0)
+        elif MASK_KIND == 4:  # additive
+            madd = gl.load(mask_ptr + m_off + tok * sm_k, mask=keep, other=0.0).to(gl.float32) * 1.4426950408889634
+        return keep, madd
+
+    @gluon.jit
+    def gqa_rope_decode_kernel(
+        q_ptr, lk_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, mask_ptr, out_ptr, part_ptr, lse_ptr,
+        sq_b, sq_h, sq_d, slk_g, slk_d, slk_r, sk_b, sk_s, sv_b, sv_s,
+        sc_b, sc_s, ssn_b, ssn_s, sm_b, sm_k, so_b, so_h,
+        Hkv, Skv, chunk, NSPLIT, scale,
+        RK: gl.constexpr, RV: gl.constexpr, HALF: gl.constexpr, QPG: gl.constexpr, STAGES: gl.constexpr,
+        MASK_KIND: gl.constexpr, DIRECT: gl.constexpr, BF16: gl.constexpr,
+        RUN_K: gl.constexpr, CS_L: gl.constexpr, LCK: gl.constexpr, LCV: gl.constexpr, LCC: gl.constexpr,
+        SWK: gl.constexpr, SWV: gl.constexpr, SWC: gl.constexpr,
+    ):
+        # one program: sequence b, KV head g (its QPG query heads), tokens [lo, hi) of split pid_s
+        D: gl.constexpr = 2 * HALF
+        MH: gl.constexpr = 16  # query heads as the rows of the per-warp products (padded)
+        DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
+        ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
+        A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ACC, k_width=2)
+        # per-warp products: dim 0 is the warp (its 16 token rows of the key tile)
+        MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[4, 1, 1], instr_shape=[1, 16, 8])
+        OP_A: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+        OP_B: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
+        TOK: gl.constexpr = gl.SliceLayout(1, MMA)  # [4, 16]: (warp, token of the warp)
+        HEAD: gl.constexpr = gl.SliceLayout(2, MMA)  # [4, MH]: (warp, query head)
+        LW: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [4, 1], [1, 0])
+        LQ: gl.constexpr = gl.BlockedLayout([1, 1, 4], [1, 4, 8], [4, 1, 1], [2, 1, 0])
+
+        pid_s = gl.program_id(0)
+        pid_x = gl.program_id(1)
+        b = (pid_x // Hkv).to(gl.int64)
+        g = pid_x % Hkv
+        lo = pid_s * chunk
+        hi = gl.minimum(lo + chunk, Skv)
+
+        # L^T of the KV head, once: rows in the key operand's inner order (_key_channel), columns
+        # in pair_of_column's (a thread's accumulator holds both partners of its pairs)
+        WL: gl.constexpr = gl.NVMMASharedLayout.get_default_for([RK, D], DT)
+        mch = _key_channel(gl.arange(0, RK, layout=gl.SliceLayout(1, LW)), RK, 16)
+        n = gl.arange(0, D, layout=gl.SliceLayout(0, LW))
+        nn = n % HALF
+        dim = (n // HALF) * HALF + (HALF // 4) * ((nn // 2) % 4) + 2 * (nn // 8) + nn % 2
+        lt = gl.load(lk_ptr + g * slk_g + gl.expand_dims(mch * slk_r, 1) + gl.expand_dims(dim * slk_d, 0))
+        lt_s = gl.allocate_shared_memory(DT, [RK, D], WL, lt)
+        # the query heads as rows (zero past QPG), the head dim in the same column order, every warp a copy
+        hq = gl.arange(0, MH, layout=gl.SliceLayout(1, gl.SliceLayout(0, LQ)))
+        nq = gl.arange(0, D, layout=gl.SliceLayout(0, gl.SliceLayout(0, LQ)))
+        nnq = nq % HALF
+        dq = (nq // HALF) * HALF + (HALF // 4) * ((nnq // 2) % 4) + 2 * (nnq // 8) + nnq % 2
+        q2 = gl.load(q_ptr + b * sq_b + gl.expand_dims((g * QPG + hq) * sq_h, 1) + gl.expand_dims(dq * sq_d, 0),
+                     mask=gl.expand_dims(hq < QPG, 1), other=0.0)
+        q3 = gl.expand_dims(q2, 0) + gl.zeros([4, MH, D], DT, LQ)
+        qa = gl.convert_layout(q3, OP_A)
+        fence_async_shared()
+        _barrier()
+
+        kbuf = gl.allocate_shared_memory(DT, [STAGES, 64, RK], SWK)
+        vbuf = gl.allocate_shared_memory(DT, [STAGES, 64, RV], SWV)
+        cbuf = gl.allocate_shared_memory(cos_ptr.dtype.element_ty, [STAGES, 64, HALF], SWC)
+        sbuf = gl.allocate_shared_memory(cos_ptr.dtype.element_ty, [STAGES, 64, HALF], SWC)
+        k_off = b * sk_b + g * RK
+        v_off = b * sv_b + g * RV
+        c_off = b * sc_b
+        s_off = b * ssn_b
+        m_off = b * sm_b
+        n_tiles = gl.cdiv(hi - lo, 64)
+        for i in gl.static_range(STAGES - 1):
+            _copy_stage(kbuf.index(i), vbuf.index(i), cbuf.index(i), sbuf.index(i), k_ptr, v_ptr, cos_ptr, sin_ptr,
+                        k_off, v_off, c_off, s_off, sk_s, sv_s, sc_s, ssn_s, lo + i * 64, hi, RK, RV, HALF,
+                        LCK, LCV, LCC)
+            cp.commit_group()
+
+        wv = gl.arange(0, 4, layout=gl.SliceLayout(1, TOK))
+        tv = gl.arange(0, 16, layout=gl.SliceLayout(0, TOK))
+        tok0 = lo + gl.expand_dims(wv * 16, 1) + gl.expand_dims(tv, 0)  # [4, 16]: row 16 w + t of a tile
+        m_i = gl.full([4, MH], float("-inf"), gl.float32, HEAD)
+        l_i = gl.zeros([4, MH], gl.float32, HEAD)
+        o_i = gl.zeros([4, MH, RV], gl.float32, MMA)
+        qscale = scale * 1.4426950408889634
+        for it in range(n_tiles):
+            stage = it % STAGES
+            nxt = (it + STAGES - 1) % STAGES
+            _barrier()  # every thread is done with the stage the next copy overwrites
+            _copy_stage(kbuf.index(nxt), vbuf.index(nxt), cbuf.index(nxt), sbuf.index(nxt), k_ptr, v_ptr, cos_ptr,
+                        sin_ptr, k_off, v_off, c_off, s_off, sk_s, sv_s, sc_s, ssn_s, lo + (it + STAGES - 1) * 64,
+                        hi, RK, RV, HALF, LCK, LCV, LCC)
+            cp.commit_group()
+            cp.wait_group(STAGES - 1)
+            _barrier()  # every thread's copies of this tile are visible
+            tok = tok0 + it * 64
+            keep, madd = _mask_rows(mask_ptr, m_off, sm_k, tok, hi, MASK_KIND)
+
+            a = gl.convert_layout(_latent_rows(kbuf.index(stage), 0.0, 0.0, RK, 16, RUN_K, BF16, DT), A_OP)
+            acc = warpgroup_mma(a, lt_s, gl.zeros([64, D], gl.float32, ACC), use_acc=False)
+            csn = _pair_tables(cbuf.index(stage).load(CS_L), sbuf.index(stage).load(CS_L), HALF, ACC)
+            k = _rotated_keys(acc, csn, HALF).to(DT)
+            kb = gl.convert_layout(gl.permute(gl.reshape(k, [4, 16, D]), [0, 2, 1]), OP_B)  # [warp, D, token]
+            s = mma_v2(qa, kb, gl.zeros([4, MH, 16], gl.float32, MMA))
+
+            t = gl.where(gl.expand_dims(keep, 1), s * qscale + gl.expand_dims(madd, 1), float("-inf"))
+            m_new = gl.maximum(m_i, gl.max(t, axis=2))
+            m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+            p = gl.exp2(t - gl.expand_dims(m_use, 2))
+            alpha = gl.exp2(m_i - m_use)
+            l_i = l_i * alpha + gl.sum(p, axis=2)
+            m_i = m_new
+            v = vbuf.index(stage).reshape([4, 16, RV]).load(OP_B)
+            o_i = mma_v2(gl.convert_layout(p.to(DT), OP_A), v, o_i * gl.expand_dims(alpha, 2))
+        cp.wait_group(0)
+
+        # merge the four warps' softmax lanes
+        mx = gl.max(m_i, axis=0)
+        m_fin = gl.where(mx == float("-inf"), 0.0, mx)
+        w = gl.exp2(m_i - gl.expand_dims(m_fin, 0))
+        l = gl.sum(l_i * w, axis=0)
+        o = gl.sum(o_i * gl.expand_dims(w, 2), axis=0)  # [MH, RV]
+        LO: gl.constexpr = o.type.layout
+        h = gl.arange(0, MH, layout=gl.SliceLayout(1, LO))
+        ch = gl.arange(0, RV, layout=gl.SliceLayout(0, LO))
+        lh = gl.convert_layout(l, gl.SliceLayout(1, LO))
+        mh = gl.convert_layout(mx, gl.SliceLayout(1, LO))
+        empty = lh == 0.0
+        val = o / gl.expand_dims(gl.where(empty, 1.0, lh), 1)
+        ok = gl.expand_dims(h < QPG, 1) & gl.expand_dims(ch < RV, 0)
+        if DIRECT:
+            off = b * so_b + gl.expand_dims((g * QPG + h) * so_h, 1) + gl.expand_dims(ch, 0)
+            gl.store(out_ptr + off, val.to(out_ptr.dtype.element_ty), mask=ok)
+        else:  # row slot QPG + h of the splits' partials, with its base-2 LSE
+            row = (pid_x * NSPLIT + pid_s) * QPG + h
+            gl.store(part_ptr + gl.expand_dims(row * RV, 1) + gl.expand_dims(ch, 0), val, mask=ok)
+            lse = gl.where(empty, float("-inf"), mh + gl.log2(gl.where(empty, 1.0, lh)))
+            gl.store(lse_ptr + row, lse, mask=h < QPG)
+
+
+def applies(q, kl, vl, lk, k_bias, k_norm_weight, cos, sin, rope_style, softcap, is_causal, mask_kind, groups,
+            interpret) -> bool:
+    """Whether ``gqa_rope_decode_kernel`` serves a fused call (see the module docstring)."""
+    B, Hq, Sq, D = q.shape
+    if not (HAVE_GLUON and not interpret and lk is not None and rope_style == 1 and k_bias is None
+            and k_norm_weight is None and softcap == 0 and not is_causal and mask_kind in (0, 3, 4)
+            and Sq == 1 and Hq % groups == 0 and 2 <= Hq // groups <= MAX_HEADS
+            and q.dtype in (torch.float16, torch.bfloat16)
+            and D in (64, 128) and cos.shape[-1] == D and sin.shape[-1] == D):
+        return False
+    if tuple(lk.shape[:2]) != (groups, D):  # one KV head per latent group
+        return False
+    rk, rv = lk.shape[-1], vl.channels // groups
+    if rk not in (32, 64, 128) or rv not in (32, 64, 128) or kl.channels != groups * rk:
+        return False
+    if cos.dtype != sin.dtype or cos.stride(-1) != 1 or sin.stride(-1) != 1:
+        return False
+    for t in (cos, sin):
+        e = t.element_size()
+        if t.data_ptr() % 16 or any(s * e % 16 for s in t.stride()[:-1] if s):
+            return False
+    return kl.bits == 0 and vl.bits == 0 and all(
+        x.data.dtype == q.dtype and x.data.stride(-1) == 1 and x.data.data_ptr() % 16 == 0
+        and all(s * 2 % 16 == 0 for s in x.data.stride()[:-1]) for x in (kl, vl))
+
+
+def launch(q, lk, kl, vl, cos, sin, mask_kind, mask, sm_b, sm_k, scale, out, nsplit, chunk, part, lse, stages=2,
+           probe=False):
+    """Launch over ``nsplit`` splits of ``chunk`` tokens; ``part``/``lse``: the split partials, one
+    row per query head of a program (its KV head's), as ``common.combine_splits_kernel`` reads
+    them. ``cos``/``sin``: [B, S, D] (broadcast strides allowed). ``probe``: return (kernel, grid,
+    args, constexprs)."""
+    B, Hq, _, D = q.shape
+    half = D // 2
+    hkv, _, rk = lk.shape
+    rv = vl.channels // hkv
+    kd, vd = kl.data, vl.data
+    tb = cos.element_size()
+    grid = (nsplit, B * hkv)
+    args = (q, lk, kd, vd, cos, sin, mask, out, part, lse,
+            q.stride(0), q.stride(1), q.stride(3), lk.stride(0), lk.stride(1), lk.stride(2),
+            kd.stride(0), kd.stride(1), vd.stride(0), vd.stride(1),
+            cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1), sm_b, sm_k, out.stride(0), out.stride(1),
+            hkv, kd.shape[1], chunk, nsplit, float(scale))
+    consts = dict(RK=rk, RV=rv, HALF=half, QPG=Hq // hkv, STAGES=stages, MASK_KIND=mask_kind, DIRECT=nsplit == 1,
+                  BF16=q.dtype == torch.bfloat16, RUN_K=thread_run_layout(rk), CS_L=thread_run_layout(half),
+                  LCK=copy_layout(rk, 2), LCV=copy_layout(rv, 2), LCC=copy_layout(half, tb),
+                  SWK=swizzled_layout(rk, 2), SWV=swizzled_layout(rv, 2), SWC=swizzled_layout(half, tb), num_warps=4)
+    if probe:
+        return gqa_rope_decode_kernel, grid, args, consts
+    gqa_rope_decode_kernel[grid](*args, **consts)

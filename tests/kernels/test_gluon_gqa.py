@@ -1,0 +1,189 @@
+"""The Gluon GQA RoPE decode kernel (``gluon_gqa.py``): a KV head's keys rebuilt once for all of
+its query heads.
+
+Gluon has no CPU interpreter. On the CPU: the dispatch conditions (disjoint from
+``gluon_rope.py``'s), the in-register RoPE's reshapes (emulated in torch) pairing each rotary
+partner with its own and its table's values, the wrapper's launch, and an sm_90 compile without
+spills where two programs fit an SM. On a GPU: the kernel, through the public entry point,
+against the float64 reference.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_gluon_q4 import decode_mask
+
+from palu_fx.kernels.latent_attention import gluon_gqa, gluon_rope, wrapper
+from palu_fx.kernels.latent_attention.naive import latent_attention_ref
+
+CUDA = torch.cuda.is_available()
+needs_gluon = pytest.mark.skipif(not gluon_gqa.HAVE_GLUON, reason="this Triton has no Gluon")
+on_gpu = pytest.mark.skipif(not CUDA or not gluon_gqa.HAVE_GLUON, reason="Gluon kernels run on a GPU only")
+
+
+def _case(B=2, Hq=8, Hkv=2, D=128, rk=64, rv=64, S=300, mask=None, dtype=torch.float16, device="cpu", seed=0,
+          table_dtype=None, per_batch=False):
+    """Args of ``latent_attention_triton``: ``Hq // Hkv`` query heads per KV head, one KV head per
+    latent group."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, s=1.0):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * s).to(dtype).to(device)
+
+    q, hk, hv = rnd(B, Hq, 1, D), rnd(B, S, Hkv * rk), rnd(B, S, Hkv * rv)
+    lk = rnd(Hkv, D, rk, s=rk ** -0.5)
+    ang = torch.rand(B if per_batch else 1, S, D // 2, generator=gen, dtype=torch.float64) * 6.3
+    ang = torch.cat([ang, ang], -1) * torch.linspace(1, 40, D // 2, dtype=torch.float64).repeat(2)
+    cos, sin = (t.to(table_dtype or dtype).to(device) for t in (ang.cos(), ang.sin()))
+    m = decode_mask(mask, B, S, gen, rnd, device)
+    return (q, hk, hv, lk, None, cos, sin, None, m, D ** -0.5, 0.0, False, 1)
+
+
+def _applies(args, **over):
+    q, hk, hv, lk, _, cos, sin = args[:7]
+    B, S = hk.shape[:2]
+    kw = dict(q=q, kl=wrapper.Latent(hk), vl=wrapper.Latent(hv), lk=lk, k_bias=None, k_norm_weight=None,
+              cos=cos.expand(B, S, -1), sin=sin.expand(B, S, -1), rope_style=1, softcap=0.0, is_causal=False,
+              mask_kind=4, groups=lk.shape[0], interpret=False)
+    kw.update(over)
+    return gluon_gqa.applies(**kw), gluon_rope.applies(**kw)
+
+
+def test_applies_only_where_the_kernel_serves():
+    args = _case(S=128)
+    assert _applies(args) == (gluon_gqa.HAVE_GLUON, False)  # GQA: this kernel, not gluon_rope's
+    for bad in (dict(interpret=True), dict(softcap=30.0), dict(is_causal=True), dict(mask_kind=2),
+                dict(rope_style=2), dict(q=args[0].float()), dict(k_bias=torch.zeros(1)),
+                dict(k_norm_weight=torch.zeros(1)), dict(lk=args[3][..., :48]),
+                dict(kl=wrapper.Latent(args[1].float())), dict(cos=args[5][..., :64], sin=args[6][..., :64])):
+        assert _applies(args, **bad)[0] is False, bad
+    # multi-head attention: gluon_rope's; more query heads per KV head than one product's rows: neither
+    assert _applies(_case(Hq=2, Hkv=2, S=128)) == (False, gluon_rope.HAVE_GLUON)
+    assert _applies(_case(Hq=34, Hkv=2, S=128)) == (False, False)
+    # two KV heads per latent group (lk [G, 2 D, rk]): not served
+    gs2 = _case(Hq=8, Hkv=1, S=128, rk=128, rv=128)
+    assert _applies(gs2, lk=gs2[3].repeat(1, 2, 1)[:1], groups=1) == (False, False)
+
+
+def test_rotated_keys_pair_each_partner_with_its_own_and_its_tables():
+    """``_rotated_keys``' reshapes (as torch ops): for accumulator columns in ``pair_of_column``'s
+    order, the split gives both partners of one pair side by side, with that pair's cos and sin
+    out of ``_pair_tables``' columns, and the join puts each result back in its own column."""
+    for half in (32, 64):
+        n = torch.arange(2 * half)
+        part, pair = gluon_rope.pair_of_column(n, half)
+        acc = (pair + 1000 * part).float()[None]  # column label: pair, +1000 for the second partner
+        lo, hi = acc.reshape(1, 2, half).permute(0, 2, 1).unbind(-1)
+        assert torch.equal(hi - lo, torch.full_like(lo, 1000.0))
+        table = torch.arange(half).float()[None]  # the table row holds pair numbers; sin marked +5000
+        x = torch.stack([table, table + 5000], -1).reshape(1, 4, half // 8, 2, 2).permute(0, 4, 2, 1, 3)
+        c, s = x.reshape(1, 2 * half).reshape(1, 2, half).permute(0, 2, 1).unbind(-1)
+        assert torch.equal(c, lo) and torch.equal(s, lo + 5000)
+        back = torch.stack([lo, hi], -1).permute(0, 2, 1).reshape(1, 2 * half)
+        assert torch.equal(back, acc)
+
+
+def test_rotated_keys_formula_is_rope_rotate_half():
+    """The two products per partner (``lo cos - hi sin``, ``hi cos + lo sin``) are rotate-half RoPE."""
+    from palu_fx.kernels.latent_attention.naive import ROPE_HALF, apply_rope
+    k = torch.randn(1, 1, 5, 8, dtype=torch.float64)
+    ang = torch.rand(1, 5, 4, dtype=torch.float64)
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    lo, hi = k[..., :4], k[..., 4:]
+    c, s = cos[:, None, :, :4], sin[:, None, :, :4]
+    got = torch.cat([lo * c - hi * s, hi * c + lo * s], -1)
+    assert torch.allclose(got, apply_rope(k, cos, sin, ROPE_HALF))
+
+
+def test_wrapper_launches_it_for_gqa_rope_decode():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from kernel_resources import record
+
+    args = _case(S=256, mask="add")
+    names = [fn.__name__ for fn, _, _ in record(lambda: wrapper.latent_attention_triton(*args))]
+    assert ("gqa_rope_decode_kernel" in names) == gluon_gqa.HAVE_GLUON, names
+    cfg = wrapper.KernelConfig(gluon=False)
+    names = [fn.__name__ for fn, _, _ in record(lambda: wrapper.latent_attention_triton(*args, config=cfg))]
+    assert "gqa_rope_decode_kernel" not in names, names
+
+
+@needs_gluon
+@pytest.mark.parametrize("qpg,D,rank", [(4, 128, 64), (8, 128, 64), (4, 128, 128), (4, 64, 32), (16, 128, 64)])
+def test_compiles_for_sm90_without_spills(qpg, D, rank):
+    """The Llama-3-8B specialization (4 query heads per KV head, rank ratio 0.5: rank 64) and
+    neighbours: no spills, and up to rank 64 two programs fit an SM (registers and shared memory,
+    as ``wrapper._resident_programs`` counts)."""
+    pytest.importorskip("triton.backends.nvidia")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from kernel_resources import compile_sm90, resources
+
+    args = _case(B=2, Hq=2 * qpg, Hkv=2, D=D, rk=rank, rv=rank, S=512, mask="add")
+    q, hk, hv, lk, _, cos, sin = args[:7]
+    m = args[8]
+    out = torch.empty(2, 2 * qpg, 1, rank, dtype=torch.float16)
+    part = torch.empty(64)
+    probe = gluon_gqa.launch(q, lk, wrapper.Latent(hk), wrapper.Latent(hv), cos.expand(2, 512, D),
+                             sin.expand(2, 512, D), 4, m, m.stride(0), m.stride(3), 0.125, out, 2, 256, part, part,
+                             probe=True)
+    res = resources(compile_sm90(probe[0], probe[2], probe[3]))
+    assert res["stack"] == 0 and res["regs"] <= 255, res
+    if rank <= 64:  # (rank 128, the lossless anchor at head dim 128: 128 KB of stages, one program)
+        assert wrapper.programs_by_registers(res["regs"], 4) >= 2 and 2 * (res["shared"] + 1024) <= 233472, res
+
+
+# ---------------------------------------------------------------- GPU: against the reference
+def _run(args, knobs, monkeypatch):
+    launched = []
+    real = gluon_gqa.launch
+    monkeypatch.setattr(gluon_gqa, "launch", lambda *a, **k: launched.append(1) or real(*a, **k))
+    cfg = dataclasses.replace(wrapper.KernelConfig(), gluon=True, **knobs)
+    out = wrapper.latent_attention_triton(*args, config=cfg)
+    assert launched, "the Gluon GQA kernel did not run"
+    return out
+
+
+def _check(out, args):
+    ref = latent_attention_ref(*[a.double() if torch.is_tensor(a) and a.is_floating_point() else a for a in args])
+    assert out.shape == ref.shape and out.dtype == args[0].dtype and torch.isfinite(out).all()
+    assert out.stride() == wrapper.new_output(*out.shape, like=out).stride()
+    err = ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    assert err < (4e-3 if out.dtype == torch.float16 else 1.5e-2), f"relative RMS error {err:.2e}"
+
+
+CASES = [
+    pytest.param(dict(), dict(), id="4-per-kv"),
+    pytest.param(dict(S=1000, mask="add"), dict(num_splits=3), id="S1000-add-3splits"),
+    pytest.param(dict(S=777, mask="bool"), dict(num_splits=1), id="S777-bool-direct"),
+    pytest.param(dict(Hq=4, Hkv=2, S=70), dict(), id="2-per-kv-S70"),
+    pytest.param(dict(Hq=16, Hkv=2, S=500, mask="add"), dict(), id="8-per-kv"),
+    pytest.param(dict(Hq=16, Hkv=1, S=333), dict(num_splits=2), id="mqa-16-heads"),
+    pytest.param(dict(Hq=6, Hkv=2, S=400), dict(), id="3-per-kv"),
+    pytest.param(dict(D=64, rk=32, rv=128, S=300), dict(), id="d64-rk32-rv128"),
+    pytest.param(dict(rk=128, rv=32, S=4100, mask="add"), dict(gluon_rope_stages=3), id="rk128-rv32-S4100-3stages"),
+    pytest.param(dict(B=3, Hq=32, Hkv=8, S=2049), dict(), id="llama3-shape-B3-auto-splits"),
+    pytest.param(dict(dtype=torch.bfloat16, S=1000, mask="add"), dict(), id="bf16"),
+    pytest.param(dict(S=700, table_dtype=torch.float32, per_batch=True, mask="add"), dict(),
+                 id="fp32-tables-per-batch"),
+]
+
+
+@on_gpu
+@pytest.mark.parametrize("case,knobs", CASES)
+def test_matches_reference(case, knobs, monkeypatch):
+    torch.manual_seed(0)
+    args = _case(device="cuda", **case)
+    _check(_run(args, knobs, monkeypatch), args)
+
+
+@on_gpu
+@pytest.mark.parametrize("splits", [1, 2])
+def test_fully_masked_sequence_gives_zeros(splits, monkeypatch):
+    args = _case(device="cuda", mask="dead", S=500)
+    out = _run(args, dict(num_splits=splits), monkeypatch)
+    assert torch.isfinite(out).all() and out[1].abs().max() == 0
+    _check(out[:1], tuple(a[:1] if torch.is_tensor(a) and a.dim() and a.shape[0] == 2 and i != 3 else a
+                          for i, a in enumerate(args)))

@@ -77,6 +77,9 @@
 #   bash benchmarks/gpu_session.sh 66  # the final code: kernel GPU tests (Gluon included), the smoke
 #   bash benchmarks/gpu_session.sh 67  # the Gluon GQA RoPE kernel: its GPU tests, the GQA smoke, A/B against the Triton
 #                                      # kernels (Llama-3-8B shape), the GQA gs1 rows of the issue table
+#   bash benchmarks/gpu_session.sh 68  # the same after RoPE in fp16 pairs and 32-bit copy offsets (560 -> 376 SASS
+#                                      # instructions per tile); the previous commit's kernel from .ab/old (carried)
+#   bash benchmarks/gpu_session.sh 69  # the same with the mask row loaded a tile ahead, with and without the mask
 set -u
 export PYTHONPATH=.
 OUT=${OUT:-/tmp/palu_gpu}
@@ -89,6 +92,26 @@ step() {  # name, time limit (s), command...
     grep -v -i warn "$OUT/$name.log" | grep -E "^\[|^\||rel err|smoke|speedup|ms/step|identical|diag|FAIL|Error|^rc|---|path|shape" | tail -40
 }
 case "${1:-1}" in
+69)
+    step gqa_tests 200 python -m pytest -q tests/kernels/test_gluon_gqa.py
+    for m in "" --no-mask; do
+        step ab_gqa_new$m 60 python -u benchmarks/kernel_ab.py --kv-heads 8 --cases rope --rounds 5 --tag new $m \
+            --variant rope:triton=gluon=false --variant rope:3stages=gluon_rope_stages=3
+        step ab_gqa_old$m 60 env PYTHONPATH=.ab/old python -u benchmarks/kernel_ab.py --kv-heads 8 --cases rope \
+            --rounds 5 --tag old $m
+    done
+    ;;
+68)
+    step gqa_tests 200 python -m pytest -q tests/kernels/test_gluon_gqa.py
+    for r in 1 2; do
+        step ab_gqa_new$r 60 python -u benchmarks/kernel_ab.py --kv-heads 8 --cases rope --rounds 5 --tag new \
+            --variant rope:triton=gluon=false
+        step ab_gqa_old$r 60 env PYTHONPATH=.ab/old python -u benchmarks/kernel_ab.py --kv-heads 8 --cases rope \
+            --rounds 5 --tag old
+    done
+    step table_gqa 150 python -u benchmarks/attention.py --no-sweep --defaults-only --no-prefill --no-naive \
+        --shapes gqa --gs 1 --budget-s 120
+    ;;
 67)
     step gqa_tests 200 python -m pytest -q tests/kernels/test_gluon_gqa.py
     step smoke_gqa 80 python -u benchmarks/gpu_smoke.py

@@ -46,35 +46,74 @@ except ImportError:  # pragma: no cover (older Triton)
 from palu_fx.kernels.latent_attention.gluon_rope_layouts import (copy_layout, swizzled_layout, thread_run_layout)
 
 if HAVE_GLUON:
-    from palu_fx.kernels.latent_attention.gluon_rope import _copy_rows, _latent_rows
+    from palu_fx.kernels.latent_attention.gluon_rope import _latent_rows
     from palu_fx.kernels.latent_attention.gluon_rope_layouts import _key_channel, _pair_tables
 
 __all__ = ["HAVE_GLUON", "MAX_HEADS", "applies", "launch"]
 
 MAX_HEADS = 16  # query heads per KV head: the 16 rows of one ``mma.sync``
 
+
+
+def _rot_asm(bf16: bool, minus: bool) -> str:
+    """``$1 $2 + $3 $4`` (``minus``: ``- $3 $4``) on pairs of 16-bit values (a multiply, then an FMA;
+    the negation folds into the FMA's operand): one RoPE output per channel pair, in the operand
+    dtype as the model computes RoPE."""
+    t = "bf16x2" if bf16 else "f16x2"
+    neg = [".reg .b32 n;", f"neg.{t} n, $3;"] if minus else []
+    return "\n".join(["{", ".reg .b32 t;", *neg, f"mul.rn.{t} t, $1, $2;",
+                      f"fma.rn.{t} $0, {'n' if minus else '$3'}, $4, t;", "}"])
+
+
 if HAVE_GLUON:
     _barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+    _async_load = getattr(cp, "async_load", None) or cp.async_copy_global_to_shared
+    _ROT_PLUS = gl.constexpr(_rot_asm(False, False))
+    _ROT_MINUS = gl.constexpr(_rot_asm(False, True))
+    _ROT_PLUS_BF16 = gl.constexpr(_rot_asm(True, False))
+    _ROT_MINUS_BF16 = gl.constexpr(_rot_asm(True, True))
 
     @gluon.jit
-    def _copy_stage(kbuf, vbuf, cbuf, sbuf, k_ptr, v_ptr, cos_ptr, sin_ptr, k_off, v_off, c_off, s_off,
-                    sk_s, sv_s, sc_s, ss_s, start, hi, RK: gl.constexpr, RV: gl.constexpr, HALF: gl.constexpr,
-                    LCK: gl.constexpr, LCV: gl.constexpr, LCC: gl.constexpr):
+    def _copy_rows(buf, base, stride, start, hi, W: gl.constexpr, LC: gl.constexpr):
+        """Start the copy of a tile's rows (``W`` elements each, row ``t`` at ``base + t stride``) into
+        ``buf``; rows past ``hi`` are clamped to the last token (real memory, masked out of the
+        scores). 32-bit offsets from a 64-bit base (``applies`` checks they fit): one multiply-add
+        per address fewer than ``gluon_rope``'s."""
+        t = gl.minimum(start + gl.arange(0, 64, layout=gl.SliceLayout(1, LC)), hi - 1)
+        c = gl.expand_dims(gl.arange(0, W, layout=gl.SliceLayout(0, LC)), 0)
+        _async_load(buf, base + (gl.expand_dims(t * stride, 1) + c))
+
+    @gluon.jit
+    def _copy_stage(kbuf, vbuf, cbuf, sbuf, k_base, v_base, c_base, s_base, sk_s, sv_s, sc_s, ss_s, start, hi,
+                    RK: gl.constexpr, RV: gl.constexpr, HALF: gl.constexpr, LCK: gl.constexpr, LCV: gl.constexpr,
+                    LCC: gl.constexpr):
         """Start the copies of a tile's key and value latents and its cos/sin rows into one stage."""
-        _copy_rows(kbuf, k_ptr, k_off, sk_s, start, hi, RK, LCK)
-        _copy_rows(vbuf, v_ptr, v_off, sv_s, start, hi, RV, LCV)
-        _copy_rows(cbuf, cos_ptr, c_off, sc_s, start, hi, HALF, LCC)
-        _copy_rows(sbuf, sin_ptr, s_off, ss_s, start, hi, HALF, LCC)
+        _copy_rows(kbuf, k_base, sk_s, start, hi, RK, LCK)
+        _copy_rows(vbuf, v_base, sv_s, start, hi, RV, LCV)
+        _copy_rows(cbuf, c_base, sc_s, start, hi, HALF, LCC)
+        _copy_rows(sbuf, s_base, ss_s, start, hi, HALF, LCC)
 
     @gluon.jit
-    def _rotated_keys(acc, csn, HALF: gl.constexpr):
+    def _rotated_keys(acc, csn, HALF: gl.constexpr, BF16: gl.constexpr):
         """RoPE on a tile's rebuilt keys [64, 2 HALF] (columns in ``pair_of_column``'s order: part 0
         the first partner of each pair, part 1 the second; ``csn`` the tile's cos (part 0) and sin
-        (part 1) in the same order): ``(lo cos - hi sin, hi cos + lo sin)``, in place."""
-        lo, hi = gl.split(gl.permute(gl.reshape(acc, [64, 2, HALF]), [0, 2, 1]))
-        c, s = gl.split(gl.permute(gl.reshape(csn.to(gl.float32), [64, 2, HALF]), [0, 2, 1]))
-        k = gl.join(lo * c - hi * s, hi * c + lo * s)
-        return gl.reshape(gl.permute(k, [0, 2, 1]), [64, 2 * HALF])
+        (part 1) in the same order): ``(lo cos - hi sin, hi cos + lo sin)``, in place, in the
+        operand dtype, two channels per instruction (``_rot_asm``)."""
+        if BF16:
+            lo, hi = gl.split(gl.permute(gl.reshape(acc.to(gl.bfloat16), [64, 2, HALF]), [0, 2, 1]))
+            c, s = gl.split(gl.permute(gl.reshape(csn.to(gl.bfloat16), [64, 2, HALF]), [0, 2, 1]))
+            k_lo = gl.inline_asm_elementwise(_ROT_MINUS_BF16, "=r,r,r,r,r", [lo, c, hi, s], dtype=gl.bfloat16,
+                                             is_pure=True, pack=2)
+            k_hi = gl.inline_asm_elementwise(_ROT_PLUS_BF16, "=r,r,r,r,r", [hi, c, lo, s], dtype=gl.bfloat16,
+                                             is_pure=True, pack=2)
+        else:
+            lo, hi = gl.split(gl.permute(gl.reshape(acc.to(gl.float16), [64, 2, HALF]), [0, 2, 1]))
+            c, s = gl.split(gl.permute(gl.reshape(csn.to(gl.float16), [64, 2, HALF]), [0, 2, 1]))
+            k_lo = gl.inline_asm_elementwise(_ROT_MINUS, "=r,r,r,r,r", [lo, c, hi, s], dtype=gl.float16,
+                                             is_pure=True, pack=2)
+            k_hi = gl.inline_asm_elementwise(_ROT_PLUS, "=r,r,r,r,r", [hi, c, lo, s], dtype=gl.float16,
+                                             is_pure=True, pack=2)
+        return gl.reshape(gl.permute(gl.join(k_lo, k_hi), [0, 2, 1]), [64, 2 * HALF])
 
     @gluon.jit
     def _mask_rows(mask_ptr, m_off, sm_k, tok, hi, MASK_KIND: gl.constexpr):
@@ -145,21 +184,21 @@ if HAVE_GLUON:
         vbuf = gl.allocate_shared_memory(DT, [STAGES, 64, RV], SWV)
         cbuf = gl.allocate_shared_memory(cos_ptr.dtype.element_ty, [STAGES, 64, HALF], SWC)
         sbuf = gl.allocate_shared_memory(cos_ptr.dtype.element_ty, [STAGES, 64, HALF], SWC)
-        k_off = b * sk_b + g * RK
-        v_off = b * sv_b + g * RV
-        c_off = b * sc_b
-        s_off = b * ssn_b
+        k_base = k_ptr + (b * sk_b + g * RK)
+        v_base = v_ptr + (b * sv_b + g * RV)
+        c_base = cos_ptr + b * sc_b
+        s_base = sin_ptr + b * ssn_b
         m_off = b * sm_b
         n_tiles = gl.cdiv(hi - lo, 64)
         for i in gl.static_range(STAGES - 1):
-            _copy_stage(kbuf.index(i), vbuf.index(i), cbuf.index(i), sbuf.index(i), k_ptr, v_ptr, cos_ptr, sin_ptr,
-                        k_off, v_off, c_off, s_off, sk_s, sv_s, sc_s, ssn_s, lo + i * 64, hi, RK, RV, HALF,
-                        LCK, LCV, LCC)
+            _copy_stage(kbuf.index(i), vbuf.index(i), cbuf.index(i), sbuf.index(i), k_base, v_base, c_base, s_base,
+                        sk_s, sv_s, sc_s, ssn_s, lo + i * 64, hi, RK, RV, HALF, LCK, LCV, LCC)
             cp.commit_group()
 
         wv = gl.arange(0, 4, layout=gl.SliceLayout(1, TOK))
         tv = gl.arange(0, 16, layout=gl.SliceLayout(0, TOK))
-        tok0 = lo + gl.expand_dims(wv * 16, 1) + gl.expand_dims(tv, 0)  # [4, 16]: row 16 w + t of a tile
+        tok_n = lo + gl.expand_dims(wv * 16, 1) + gl.expand_dims(tv, 0)  # [4, 16]: row 16 w + t of a tile
+        keep_n, madd_n = _mask_rows(mask_ptr, m_off, sm_k, tok_n, hi, MASK_KIND)
         m_i = gl.full([4, MH], float("-inf"), gl.float32, HEAD)
         l_i = gl.zeros([4, MH], gl.float32, HEAD)
         o_i = gl.zeros([4, MH, RV], gl.float32, MMA)
@@ -168,19 +207,19 @@ if HAVE_GLUON:
             stage = it % STAGES
             nxt = (it + STAGES - 1) % STAGES
             _barrier()  # every thread is done with the stage the next copy overwrites
-            _copy_stage(kbuf.index(nxt), vbuf.index(nxt), cbuf.index(nxt), sbuf.index(nxt), k_ptr, v_ptr, cos_ptr,
-                        sin_ptr, k_off, v_off, c_off, s_off, sk_s, sv_s, sc_s, ssn_s, lo + (it + STAGES - 1) * 64,
-                        hi, RK, RV, HALF, LCK, LCV, LCC)
+            _copy_stage(kbuf.index(nxt), vbuf.index(nxt), cbuf.index(nxt), sbuf.index(nxt), k_base, v_base, c_base,
+                        s_base, sk_s, sv_s, sc_s, ssn_s, lo + (it + STAGES - 1) * 64, hi, RK, RV, HALF, LCK, LCV, LCC)
             cp.commit_group()
             cp.wait_group(STAGES - 1)
             _barrier()  # every thread's copies of this tile are visible
-            tok = tok0 + it * 64
-            keep, madd = _mask_rows(mask_ptr, m_off, sm_k, tok, hi, MASK_KIND)
+            keep, madd = keep_n, madd_n  # this tile's mask, loaded a tile ahead (its latency hidden)
+            tok_n = tok_n + 64
+            keep_n, madd_n = _mask_rows(mask_ptr, m_off, sm_k, tok_n, hi, MASK_KIND)
 
             a = gl.convert_layout(_latent_rows(kbuf.index(stage), 0.0, 0.0, RK, 16, RUN_K, BF16, DT), A_OP)
             acc = warpgroup_mma(a, lt_s, gl.zeros([64, D], gl.float32, ACC), use_acc=False)
             csn = _pair_tables(cbuf.index(stage).load(CS_L), sbuf.index(stage).load(CS_L), HALF, ACC)
-            k = _rotated_keys(acc, csn, HALF).to(DT)
+            k = _rotated_keys(acc, csn, HALF, BF16)
             kb = gl.convert_layout(gl.permute(gl.reshape(k, [4, 16, D]), [0, 2, 1]), OP_B)  # [warp, D, token]
             s = mma_v2(qa, kb, gl.zeros([4, MH, 16], gl.float32, MMA))
 
@@ -236,6 +275,8 @@ def applies(q, kl, vl, lk, k_bias, k_norm_weight, cos, sin, rope_style, softcap,
         return False
     if cos.dtype != sin.dtype or cos.stride(-1) != 1 or sin.stride(-1) != 1:
         return False
+    if any(t.shape[1] * t.stride(1) >= 2 ** 31 for t in (kl.data, vl.data, cos, sin)):
+        return False  # (a sequence's row offsets are 32-bit)
     for t in (cos, sin):
         e = t.element_size()
         if t.data_ptr() % 16 or any(s * e % 16 for s in t.stride()[:-1] if s):

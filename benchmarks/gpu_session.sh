@@ -80,6 +80,8 @@
 #   bash benchmarks/gpu_session.sh 68  # the same after RoPE in fp16 pairs and 32-bit copy offsets (560 -> 376 SASS
 #                                      # instructions per tile); the previous commit's kernel from .ab/old (carried)
 #   bash benchmarks/gpu_session.sh 69  # the same with the mask row loaded a tile ahead, with and without the mask
+#   bash benchmarks/gpu_session.sh 70  # Gluon GQA at gs2 (a program per KV head) and rank 128 (one cos/sin buffer):
+#                                      # tests, the GQA smoke, A/B at gs1 (.ab/old carried) and gs2, the gs1/gs2 rows
 set -u
 export PYTHONPATH=.
 OUT=${OUT:-/tmp/palu_gpu}
@@ -92,6 +94,19 @@ step() {  # name, time limit (s), command...
     grep -v -i warn "$OUT/$name.log" | grep -E "^\[|^\||rel err|smoke|speedup|ms/step|identical|diag|FAIL|Error|^rc|---|path|shape" | tail -40
 }
 case "${1:-1}" in
+70)
+    step gqa_tests 200 python -m pytest -q tests/kernels/test_gluon_gqa.py
+    step smoke_gqa 80 python -u benchmarks/gpu_smoke.py
+    step ab_gqa_gs1 60 python -u benchmarks/kernel_ab.py --kv-heads 8 --cases rope --rounds 5 --tag new
+    step ab_gqa_gs1_old 60 env PYTHONPATH=.ab/old python -u benchmarks/kernel_ab.py --kv-heads 8 --cases rope \
+        --rounds 5 --tag old
+    step ab_gqa_gs2 90 python -u benchmarks/kernel_ab.py --kv-heads 8 --gs 2 --cases rope --rounds 5 \
+        --variant rope:triton=gluon=false
+    step ab_gqa_r128 90 python -u benchmarks/kernel_ab.py --kv-heads 8 --rank-ratio 1.0 --cases rope --rounds 5 \
+        --variant rope:triton=gluon=false
+    step table_gqa 200 python -u benchmarks/attention.py --no-sweep --defaults-only --no-prefill --no-naive \
+        --shapes gqa --gs 1 2 --budget-s 170
+    ;;
 69)
     step gqa_tests 200 python -m pytest -q tests/kernels/test_gluon_gqa.py
     for m in "" --no-mask; do

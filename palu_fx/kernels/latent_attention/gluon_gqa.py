@@ -23,8 +23,9 @@ query heads:
   value latents and its cos/sin rows).
 
 Covers: fp16 and bf16, rotate-half RoPE over the whole head (head dim 64 or 128, the tables'
-last dim contiguous), one KV head per latent group (group size 1) with 2-16 query heads each,
-key and value ranks 32/64/128, plain latents, shared decode masks or none, no softcap, no key
+last dim contiguous), 2-16 query heads per KV head, any number of KV heads per latent group (a
+program per KV head: the group's latent tiles are read by each of its KV heads' programs, from
+L2 after the first), key and value ranks 32/64/128 per group, plain latents, shared decode masks or none, no softcap, no key
 bias or norm, one query token. ``applies`` says whether a call is covered; everything else
 takes the other kernels. Gluon has no CPU interpreter: the kernel is tested on the GPU and
 compiled for sm_90 without one (``tests/kernels/test_gluon_gqa.py``).
@@ -132,12 +133,16 @@ if HAVE_GLUON:
         sq_b, sq_h, sq_d, slk_g, slk_d, slk_r, sk_b, sk_s, sv_b, sv_s,
         sc_b, sc_s, ssn_b, ssn_s, sm_b, sm_k, so_b, so_h,
         Hkv, Skv, chunk, NSPLIT, scale,
-        RK: gl.constexpr, RV: gl.constexpr, HALF: gl.constexpr, QPG: gl.constexpr, STAGES: gl.constexpr,
+        RK: gl.constexpr, RV: gl.constexpr, HALF: gl.constexpr, QPG: gl.constexpr, GS: gl.constexpr,
+        STAGES: gl.constexpr, ONE_TABLE: gl.constexpr,
         MASK_KIND: gl.constexpr, DIRECT: gl.constexpr, BF16: gl.constexpr,
         RUN_K: gl.constexpr, CS_L: gl.constexpr, LCK: gl.constexpr, LCV: gl.constexpr, LCC: gl.constexpr,
         SWK: gl.constexpr, SWV: gl.constexpr, SWC: gl.constexpr,
     ):
-        # one program: sequence b, KV head g (its QPG query heads), tokens [lo, hi) of split pid_s
+        # one program: sequence b, KV head kvh (its QPG query heads; head j of latent group grp, whose
+        # latents its GS KV heads each read), tokens [lo, hi) of split pid_s. ONE_TABLE: the cos/sin
+        # rows copied into one buffer, read before the next tile's copy starts (STAGES 2; ranks over 64:
+        # 112 KB instead of 128, two programs per SM)
         D: gl.constexpr = 2 * HALF
         MH: gl.constexpr = 16  # query heads as the rows of the per-warp products (padded)
         DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
@@ -155,7 +160,8 @@ if HAVE_GLUON:
         pid_s = gl.program_id(0)
         pid_x = gl.program_id(1)
         b = (pid_x // Hkv).to(gl.int64)
-        g = pid_x % Hkv
+        kvh = pid_x % Hkv
+        grp = kvh // GS
         lo = pid_s * chunk
         hi = gl.minimum(lo + chunk, Skv)
 
@@ -166,14 +172,15 @@ if HAVE_GLUON:
         n = gl.arange(0, D, layout=gl.SliceLayout(0, LW))
         nn = n % HALF
         dim = (n // HALF) * HALF + (HALF // 4) * ((nn // 2) % 4) + 2 * (nn // 8) + nn % 2
-        lt = gl.load(lk_ptr + g * slk_g + gl.expand_dims(mch * slk_r, 1) + gl.expand_dims(dim * slk_d, 0))
+        dim = dim + (kvh % GS) * D  # the KV head's rows of its group's L_k
+        lt = gl.load(lk_ptr + grp * slk_g + gl.expand_dims(mch * slk_r, 1) + gl.expand_dims(dim * slk_d, 0))
         lt_s = gl.allocate_shared_memory(DT, [RK, D], WL, lt)
         # the query heads as rows (zero past QPG), the head dim in the same column order, every warp a copy
         hq = gl.arange(0, MH, layout=gl.SliceLayout(1, gl.SliceLayout(0, LQ)))
         nq = gl.arange(0, D, layout=gl.SliceLayout(0, gl.SliceLayout(0, LQ)))
         nnq = nq % HALF
         dq = (nq // HALF) * HALF + (HALF // 4) * ((nnq // 2) % 4) + 2 * (nnq // 8) + nnq % 2
-        q2 = gl.load(q_ptr + b * sq_b + gl.expand_dims((g * QPG + hq) * sq_h, 1) + gl.expand_dims(dq * sq_d, 0),
+        q2 = gl.load(q_ptr + b * sq_b + gl.expand_dims((kvh * QPG + hq) * sq_h, 1) + gl.expand_dims(dq * sq_d, 0),
                      mask=gl.expand_dims(hq < QPG, 1), other=0.0)
         q3 = gl.expand_dims(q2, 0) + gl.zeros([4, MH, D], DT, LQ)
         qa = gl.convert_layout(q3, OP_A)
@@ -182,10 +189,11 @@ if HAVE_GLUON:
 
         kbuf = gl.allocate_shared_memory(DT, [STAGES, 64, RK], SWK)
         vbuf = gl.allocate_shared_memory(DT, [STAGES, 64, RV], SWV)
-        cbuf = gl.allocate_shared_memory(cos_ptr.dtype.element_ty, [STAGES, 64, HALF], SWC)
-        sbuf = gl.allocate_shared_memory(cos_ptr.dtype.element_ty, [STAGES, 64, HALF], SWC)
-        k_base = k_ptr + (b * sk_b + g * RK)
-        v_base = v_ptr + (b * sv_b + g * RV)
+        TS: gl.constexpr = 1 if ONE_TABLE else STAGES
+        cbuf = gl.allocate_shared_memory(cos_ptr.dtype.element_ty, [TS, 64, HALF], SWC)
+        sbuf = gl.allocate_shared_memory(cos_ptr.dtype.element_ty, [TS, 64, HALF], SWC)
+        k_base = k_ptr + (b * sk_b + grp * RK)
+        v_base = v_ptr + (b * sv_b + grp * RV)
         c_base = cos_ptr + b * sc_b
         s_base = sin_ptr + b * ssn_b
         m_off = b * sm_b
@@ -206,19 +214,30 @@ if HAVE_GLUON:
         for it in range(n_tiles):
             stage = it % STAGES
             nxt = (it + STAGES - 1) % STAGES
-            _barrier()  # every thread is done with the stage the next copy overwrites
-            _copy_stage(kbuf.index(nxt), vbuf.index(nxt), cbuf.index(nxt), sbuf.index(nxt), k_base, v_base, c_base,
-                        s_base, sk_s, sv_s, sc_s, ssn_s, lo + (it + STAGES - 1) * 64, hi, RK, RV, HALF, LCK, LCV, LCC)
-            cp.commit_group()
-            cp.wait_group(STAGES - 1)
-            _barrier()  # every thread's copies of this tile are visible
+            if ONE_TABLE:
+                cp.wait_group(0)
+                _barrier()  # this tile's copies are visible; every thread is done with the last one's stage
+                csn = _pair_tables(cbuf.index(0).load(CS_L), sbuf.index(0).load(CS_L), HALF, ACC)
+                _barrier()  # the tables are read: the next copy may overwrite them
+                _copy_stage(kbuf.index(nxt), vbuf.index(nxt), cbuf.index(0), sbuf.index(0), k_base, v_base, c_base,
+                            s_base, sk_s, sv_s, sc_s, ssn_s, lo + (it + 1) * 64, hi, RK, RV, HALF, LCK, LCV, LCC)
+                cp.commit_group()
+            else:
+                _barrier()  # every thread is done with the stage the next copy overwrites
+                _copy_stage(kbuf.index(nxt), vbuf.index(nxt), cbuf.index(nxt), sbuf.index(nxt), k_base, v_base,
+                            c_base, s_base, sk_s, sv_s, sc_s, ssn_s, lo + (it + STAGES - 1) * 64, hi, RK, RV, HALF,
+                            LCK, LCV, LCC)
+                cp.commit_group()
+                cp.wait_group(STAGES - 1)
+                _barrier()  # every thread's copies of this tile are visible
             keep, madd = keep_n, madd_n  # this tile's mask, loaded a tile ahead (its latency hidden)
             tok_n = tok_n + 64
             keep_n, madd_n = _mask_rows(mask_ptr, m_off, sm_k, tok_n, hi, MASK_KIND)
 
             a = gl.convert_layout(_latent_rows(kbuf.index(stage), 0.0, 0.0, RK, 16, RUN_K, BF16, DT), A_OP)
             acc = warpgroup_mma(a, lt_s, gl.zeros([64, D], gl.float32, ACC), use_acc=False)
-            csn = _pair_tables(cbuf.index(stage).load(CS_L), sbuf.index(stage).load(CS_L), HALF, ACC)
+            if not ONE_TABLE:
+                csn = _pair_tables(cbuf.index(stage).load(CS_L), sbuf.index(stage).load(CS_L), HALF, ACC)
             k = _rotated_keys(acc, csn, HALF, BF16)
             kb = gl.convert_layout(gl.permute(gl.reshape(k, [4, 16, D]), [0, 2, 1]), OP_B)  # [warp, D, token]
             s = mma_v2(qa, kb, gl.zeros([4, MH, 16], gl.float32, MMA))
@@ -249,7 +268,7 @@ if HAVE_GLUON:
         val = o / gl.expand_dims(gl.where(empty, 1.0, lh), 1)
         ok = gl.expand_dims(h < QPG, 1) & gl.expand_dims(ch < RV, 0)
         if DIRECT:
-            off = b * so_b + gl.expand_dims((g * QPG + h) * so_h, 1) + gl.expand_dims(ch, 0)
+            off = b * so_b + gl.expand_dims((kvh * QPG + h) * so_h, 1) + gl.expand_dims(ch, 0)
             gl.store(out_ptr + off, val.to(out_ptr.dtype.element_ty), mask=ok)
         else:  # row slot QPG + h of the splits' partials, with its base-2 LSE
             row = (pid_x * NSPLIT + pid_s) * QPG + h
@@ -264,12 +283,12 @@ def applies(q, kl, vl, lk, k_bias, k_norm_weight, cos, sin, rope_style, softcap,
     B, Hq, Sq, D = q.shape
     if not (HAVE_GLUON and not interpret and lk is not None and rope_style == 1 and k_bias is None
             and k_norm_weight is None and softcap == 0 and not is_causal and mask_kind in (0, 3, 4)
-            and Sq == 1 and Hq % groups == 0 and 2 <= Hq // groups <= MAX_HEADS
-            and q.dtype in (torch.float16, torch.bfloat16)
+            and Sq == 1 and q.dtype in (torch.float16, torch.bfloat16)
             and D in (64, 128) and cos.shape[-1] == D and sin.shape[-1] == D):
         return False
-    if tuple(lk.shape[:2]) != (groups, D):  # one KV head per latent group
-        return False
+    hkv = lk.shape[1] // D * groups
+    if lk.shape[0] != groups or lk.shape[1] % D or Hq % hkv or not 2 <= Hq // hkv <= MAX_HEADS:
+        return False  # (one query head per KV head, multi-head attention: ``gluon_rope.py``)
     rk, rv = lk.shape[-1], vl.channels // groups
     if rk not in (32, 64, 128) or rv not in (32, 64, 128) or kl.channels != groups * rk:
         return False
@@ -294,8 +313,11 @@ def launch(q, lk, kl, vl, cos, sin, mask_kind, mask, sm_b, sm_k, scale, out, nsp
     args, constexprs)."""
     B, Hq, _, D = q.shape
     half = D // 2
-    hkv, _, rk = lk.shape
-    rv = vl.channels // hkv
+    groups, gsd, rk = lk.shape
+    gs = gsd // D  # KV heads per latent group
+    hkv = groups * gs
+    rv = vl.channels // groups
+    one_table = max(rk, rv) > 64
     kd, vd = kl.data, vl.data
     tb = cos.element_size()
     grid = (nsplit, B * hkv)
@@ -304,7 +326,8 @@ def launch(q, lk, kl, vl, cos, sin, mask_kind, mask, sm_b, sm_k, scale, out, nsp
             kd.stride(0), kd.stride(1), vd.stride(0), vd.stride(1),
             cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1), sm_b, sm_k, out.stride(0), out.stride(1),
             hkv, kd.shape[1], chunk, nsplit, float(scale))
-    consts = dict(RK=rk, RV=rv, HALF=half, QPG=Hq // hkv, STAGES=stages, MASK_KIND=mask_kind, DIRECT=nsplit == 1,
+    consts = dict(RK=rk, RV=rv, HALF=half, QPG=Hq // hkv, GS=gs, STAGES=2 if one_table else stages,
+                  ONE_TABLE=one_table, MASK_KIND=mask_kind, DIRECT=nsplit == 1,
                   BF16=q.dtype == torch.bfloat16, RUN_K=thread_run_layout(rk), CS_L=thread_run_layout(half),
                   LCK=copy_layout(rk, 2), LCV=copy_layout(rv, 2), LCC=copy_layout(half, tb),
                   SWK=swizzled_layout(rk, 2), SWV=swizzled_layout(rv, 2), SWC=swizzled_layout(half, tb), num_warps=4)

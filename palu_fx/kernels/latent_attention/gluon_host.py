@@ -55,8 +55,8 @@ def run_rope(q, lk, kl, vl, cos, sin, mask_kind, mask, mstr, scale, cfg, out):
 def run_gqa(q, lk, kl, vl, cos, sin, mask_kind, mask, mstr, scale, cfg, out):
     """``gluon_gqa.gqa_rope_decode_kernel`` (a program per sequence and KV head, all of its query
     heads) over the splits that fill whole waves of what an SM holds, then ``combine_splits_kernel``."""
-    B, Hq, _, _ = q.shape
-    hkv, RV = lk.shape[0], out.shape[-1]
+    B, Hq, _, D = q.shape
+    hkv, RV = lk.shape[0] * lk.shape[1] // D, out.shape[-1]  # KV heads: groups x heads per group
 
     def launch(nsplit, chunk, part, lse, probe=False):
         return gluon_gqa.launch(q, lk, kl, vl, cos, sin, mask_kind, mask, mstr[0], mstr[3], scale, out, nsplit,

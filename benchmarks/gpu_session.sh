@@ -82,6 +82,8 @@
 #   bash benchmarks/gpu_session.sh 69  # the same with the mask row loaded a tile ahead, with and without the mask
 #   bash benchmarks/gpu_session.sh 70  # Gluon GQA at gs2 (a program per KV head) and rank 128 (one cos/sin buffer):
 #                                      # tests, the GQA smoke, A/B at gs1 (.ab/old carried) and gs2, the gs1/gs2 rows
+#   bash benchmarks/gpu_session.sh 71  # Gluon GQA with 4-bit latents: tests, the GQA smoke, A/B against the Triton
+#                                      # kernels (gs1, gs2), the 4-bit GQA rows at gs1/gs2
 set -u
 export PYTHONPATH=.
 OUT=${OUT:-/tmp/palu_gpu}
@@ -94,6 +96,16 @@ step() {  # name, time limit (s), command...
     grep -v -i warn "$OUT/$name.log" | grep -E "^\[|^\||rel err|smoke|speedup|ms/step|identical|diag|FAIL|Error|^rc|---|path|shape" | tail -40
 }
 case "${1:-1}" in
+71)
+    step gqa_tests 200 python -m pytest -q tests/kernels/test_gluon_gqa.py
+    step smoke_gqa 80 python -u benchmarks/gpu_smoke.py
+    step ab_gqa_q4 60 python -u benchmarks/kernel_ab.py --kv-heads 8 --cases rope4 --rounds 5 \
+        --variant rope4:triton=gluon=false
+    step ab_gqa_q4_gs2 60 python -u benchmarks/kernel_ab.py --kv-heads 8 --gs 2 --cases rope4 --rounds 5 \
+        --variant rope4:triton=gluon=false
+    step table_gqa_q4 200 python -u benchmarks/attention.py --no-sweep --defaults-only --no-prefill --no-naive \
+        --shapes gqa --gs 1 2 --quant-bits 4 --quant-only --budget-s 170
+    ;;
 70)
     step gqa_tests 200 python -m pytest -q tests/kernels/test_gluon_gqa.py
     step smoke_gqa 80 python -u benchmarks/gpu_smoke.py

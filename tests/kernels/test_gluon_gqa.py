@@ -17,8 +17,10 @@ import pytest
 import torch
 from test_gluon_q4 import decode_mask
 
-from palu_fx.kernels.latent_attention import gluon_gqa, gluon_rope, wrapper
+from palu_fx.kernels.latent_attention import gluon_gqa, gluon_rope, quant, wrapper
 from palu_fx.kernels.latent_attention.naive import latent_attention_ref
+from palu_fx.kernels.latent_attention.quant_naive import quant_latent_attention_ref
+from palu_fx.quant import quantize_packed
 
 CUDA = torch.cuda.is_available()
 needs_gluon = pytest.mark.skipif(not gluon_gqa.HAVE_GLUON, reason="this Triton has no Gluon")
@@ -26,9 +28,9 @@ on_gpu = pytest.mark.skipif(not CUDA or not gluon_gqa.HAVE_GLUON, reason="Gluon 
 
 
 def _case(B=2, Hq=8, Hkv=2, D=128, rk=64, rv=64, S=300, mask=None, dtype=torch.float16, device="cpu", seed=0,
-          table_dtype=None, per_batch=False, gs=1):
-    """Args of ``latent_attention_triton``: ``Hq // Hkv`` query heads per KV head, ``gs`` KV heads
-    per latent group (of ranks ``rk``, ``rv``)."""
+          table_dtype=None, per_batch=False, gs=1, bits=0):
+    """Args of ``latent_attention_triton`` (``bits`` 4: of ``quant_latent_attention_triton``):
+    ``Hq // Hkv`` query heads per KV head, ``gs`` KV heads per latent group (of ranks ``rk``, ``rv``)."""
     gen = torch.Generator().manual_seed(seed)
 
     def rnd(*shape, s=1.0):
@@ -41,13 +43,25 @@ def _case(B=2, Hq=8, Hkv=2, D=128, rk=64, rv=64, S=300, mask=None, dtype=torch.f
     ang = torch.cat([ang, ang], -1) * torch.linspace(1, 40, D // 2, dtype=torch.float64).repeat(2)
     cos, sin = (t.to(table_dtype or dtype).to(device) for t in (ang.cos(), ang.sin()))
     m = decode_mask(mask, B, S, gen, rnd, device)
+    if bits:
+        return (q, *quantize_packed(hk, bits, rk), *quantize_packed(hv, bits, rv), lk, None, cos, sin, None, m,
+                D ** -0.5, bits, rk, bits, rv, 0.0, False, 1)
     return (q, hk, hv, lk, None, cos, sin, None, m, D ** -0.5, 0.0, False, 1)
 
 
+def _parts(args):
+    """(q, key Latent, value Latent, lk, cos, sin, mask) of a plain or 4-bit case."""
+    if len(args) > 13:  # quantized entry point
+        q, lk, cos, sin, m = args[0], args[7], args[9], args[10], args[12]
+        rk, rv = args[15], args[17]
+        return (q, wrapper.Latent(*args[1:4], 4, rk), wrapper.Latent(*args[4:7], 4, rv), lk, cos, sin, m)
+    return (args[0], wrapper.Latent(args[1]), wrapper.Latent(args[2]), args[3], args[5], args[6], args[8])
+
+
 def _applies(args, **over):
-    q, hk, hv, lk, _, cos, sin = args[:7]
-    B, S = hk.shape[:2]
-    kw = dict(q=q, kl=wrapper.Latent(hk), vl=wrapper.Latent(hv), lk=lk, k_bias=None, k_norm_weight=None,
+    q, kl, vl, lk, cos, sin, _ = _parts(args)
+    B, S = kl.data.shape[:2]
+    kw = dict(q=q, kl=kl, vl=vl, lk=lk, k_bias=None, k_norm_weight=None,
               cos=cos.expand(B, S, -1), sin=sin.expand(B, S, -1), rope_style=1, softcap=0.0, is_causal=False,
               mask_kind=4, groups=lk.shape[0], interpret=False)
     kw.update(over)
@@ -68,6 +82,12 @@ def test_applies_only_where_the_kernel_serves():
     # two KV heads per latent group (lk [G, 2 D, rk]): served, a program per KV head
     assert _applies(_case(Hq=16, Hkv=4, gs=2, S=128, rk=128, rv=128)) == (gluon_gqa.HAVE_GLUON, False)
     assert _applies(_case(Hq=16, Hkv=4, gs=4, S=128, rk=256, rv=256)) == (False, False)  # (rank 256)
+    # 4-bit latents, one quantization group per latent group: value ranks 64 and 128
+    assert _applies(_case(bits=4, S=128)) == (gluon_gqa.HAVE_GLUON, False)
+    assert _applies(_case(bits=4, S=128, rk=32, rv=128)) == (gluon_gqa.HAVE_GLUON, False)
+    assert _applies(_case(bits=4, S=128, rv=32)) == (False, False)
+    bad_group = _case(bits=4, S=128, rk=64, rv=64)
+    assert _applies(bad_group, kl=wrapper.Latent(*bad_group[1:4], 4, 32))[0] is False
 
 
 def test_rotated_keys_pair_each_partner_with_its_own_and_its_tables():
@@ -113,9 +133,10 @@ def test_wrapper_launches_it_for_gqa_rope_decode():
 
 
 @needs_gluon
-@pytest.mark.parametrize("qpg,D,rank,gs", [(4, 128, 64, 1), (8, 128, 64, 1), (4, 128, 128, 1), (4, 64, 32, 1),
-                                            (16, 128, 64, 1), (4, 128, 128, 2), (4, 64, 128, 2)])
-def test_compiles_for_sm90_without_spills(qpg, D, rank, gs):
+@pytest.mark.parametrize("qpg,D,rank,gs,bits", [(4, 128, 64, 1, 0), (8, 128, 64, 1, 0), (4, 128, 128, 1, 0),
+                                                 (4, 64, 32, 1, 0), (16, 128, 64, 1, 0), (4, 128, 128, 2, 0),
+                                                 (4, 64, 128, 2, 0), (4, 128, 64, 1, 4), (4, 128, 128, 2, 4)])
+def test_compiles_for_sm90_without_spills(qpg, D, rank, gs, bits):
     """The Llama-3-8B specializations (4 query heads per KV head; rank ratio 0.5 at gs1 and gs2,
     1.0 at gs1) and neighbours: no spills, and two programs fit an SM (registers and shared memory,
     as ``wrapper._resident_programs`` counts; ranks over 64 take one cos/sin buffer for that)."""
@@ -123,14 +144,12 @@ def test_compiles_for_sm90_without_spills(qpg, D, rank, gs):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     from kernel_resources import compile_sm90, resources
 
-    args = _case(B=2, Hq=2 * qpg, Hkv=2, D=D, rk=rank, rv=rank, S=512, mask="add", gs=gs)
-    q, hk, hv, lk, _, cos, sin = args[:7]
-    m = args[8]
+    args = _case(B=2, Hq=2 * qpg, Hkv=2, D=D, rk=rank, rv=rank, S=512, mask="add", gs=gs, bits=bits)
+    q, kl, vl, lk, cos, sin, m = _parts(args)
     out = torch.empty(2, 2 * qpg, 1, rank, dtype=torch.float16)
     part = torch.empty(64)
-    probe = gluon_gqa.launch(q, lk, wrapper.Latent(hk), wrapper.Latent(hv), cos.expand(2, 512, D),
-                             sin.expand(2, 512, D), 4, m, m.stride(0), m.stride(3), 0.125, out, 2, 256, part, part,
-                             probe=True)
+    probe = gluon_gqa.launch(q, lk, kl, vl, cos.expand(2, 512, D), sin.expand(2, 512, D), 4, m, m.stride(0),
+                             m.stride(3), 0.125, out, 2, 256, part, part, probe=True)
     res = resources(compile_sm90(probe[0], probe[2], probe[3]))
     assert res["stack"] == 0 and res["regs"] <= 255, res
     assert wrapper.programs_by_registers(res["regs"], 4) >= 2 and 2 * (res["shared"] + 1024) <= 233472, res
@@ -142,13 +161,22 @@ def _run(args, knobs, monkeypatch):
     real = gluon_gqa.launch
     monkeypatch.setattr(gluon_gqa, "launch", lambda *a, **k: launched.append(1) or real(*a, **k))
     cfg = dataclasses.replace(wrapper.KernelConfig(), gluon=True, **knobs)
-    out = wrapper.latent_attention_triton(*args, config=cfg)
+    if len(args) > 13:
+        monkeypatch.setattr(quant, "dequantize_packed", lambda *a, **k: pytest.fail("dequantized outside the kernel"))
+        out = quant.quant_latent_attention_triton(*args, config=cfg)
+    else:
+        out = wrapper.latent_attention_triton(*args, config=cfg)
     assert launched, "the Gluon GQA kernel did not run"
     return out
 
 
 def _check(out, args):
-    ref = latent_attention_ref(*[a.double() if torch.is_tensor(a) and a.is_floating_point() else a for a in args])
+    if len(args) > 13:  # float64 everywhere but the stored fp16 scales and zeros
+        up = [a.double() if torch.is_tensor(a) and a.is_floating_point() and i not in (2, 3, 5, 6) else a
+              for i, a in enumerate(args)]
+        ref = quant_latent_attention_ref(*up)
+    else:
+        ref = latent_attention_ref(*[a.double() if torch.is_tensor(a) and a.is_floating_point() else a for a in args])
     assert out.shape == ref.shape and out.dtype == args[0].dtype and torch.isfinite(out).all()
     assert out.stride() == wrapper.new_output(*out.shape, like=out).stride()
     err = ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
@@ -175,6 +203,14 @@ CASES = [
     pytest.param(dict(Hq=8, Hkv=2, gs=2, rk=64, rv=32, S=70, dtype=torch.bfloat16), dict(), id="gs2-bf16-S70"),
     pytest.param(dict(B=3, Hq=32, Hkv=8, gs=2, rk=128, rv=128, S=2049, table_dtype=torch.float32), dict(),
                  id="gs2-llama3-shape-fp32-tables"),
+    # 4-bit latents: keys dequantized into the key operand, values as exact codes against p s
+    pytest.param(dict(bits=4), dict(), id="q4"),
+    pytest.param(dict(bits=4, S=1000, mask="add"), dict(num_splits=3), id="q4-S1000-add-3splits"),
+    pytest.param(dict(bits=4, S=777, mask="bool", dtype=torch.bfloat16), dict(num_splits=1), id="q4-bf16-bool-direct"),
+    pytest.param(dict(bits=4, rk=32, rv=128, S=333, D=64, Hq=16, Hkv=2), dict(), id="q4-d64-rk32-rv128-8-per-kv"),
+    pytest.param(dict(bits=4, Hq=16, Hkv=4, gs=2, rk=128, rv=128, S=1000, mask="add"), dict(), id="q4-gs2"),
+    pytest.param(dict(bits=4, B=3, Hq=32, Hkv=8, S=2049, table_dtype=torch.float32), dict(),
+                 id="q4-llama3-shape-fp32-tables"),
 ]
 
 
@@ -187,10 +223,10 @@ def test_matches_reference(case, knobs, monkeypatch):
 
 
 @on_gpu
+@pytest.mark.parametrize("bits", [0, 4])
 @pytest.mark.parametrize("splits", [1, 2])
-def test_fully_masked_sequence_gives_zeros(splits, monkeypatch):
-    args = _case(device="cuda", mask="dead", S=500)
+def test_fully_masked_sequence_gives_zeros(bits, splits, monkeypatch):
+    args = _case(device="cuda", mask="dead", S=500, bits=bits, Hkv=4)  # (lk's first dim is not the batch's)
     out = _run(args, dict(num_splits=splits), monkeypatch)
     assert torch.isfinite(out).all() and out[1].abs().max() == 0
-    _check(out[:1], tuple(a[:1] if torch.is_tensor(a) and a.dim() and a.shape[0] == 2 and i != 3 else a
-                          for i, a in enumerate(args)))
+    _check(out[:1], [a[:1] if torch.is_tensor(a) and a.dim() > 2 and a.shape[0] == 2 else a for a in args])

@@ -47,10 +47,12 @@ except ImportError:  # pragma: no cover (older Triton)
 from palu_fx.kernels.latent_attention.gluon_rope_layouts import (copy_layout, swizzled_layout, thread_run_layout)
 
 if HAVE_GLUON:
+    from palu_fx.kernels.latent_attention.gluon_q4 import (_BF16_UNSCALE, _BF16_UP, _F16_UNSCALE, _V_ASM,
+                                                           _V_ASM_BF16, _decode)
     from palu_fx.kernels.latent_attention.gluon_rope import _latent_rows
     from palu_fx.kernels.latent_attention.gluon_rope_layouts import _key_channel, _pair_tables
 
-__all__ = ["HAVE_GLUON", "MAX_HEADS", "applies", "launch"]
+__all__ = ["HAVE_GLUON", "MAX_HEADS", "applies", "launch", "value_words_layout"]
 
 MAX_HEADS = 16  # query heads per KV head: the 16 rows of one ``mma.sync``
 
@@ -64,6 +66,15 @@ def _rot_asm(bf16: bool, minus: bool) -> str:
     neg = [".reg .b32 n;", f"neg.{t} n, $3;"] if minus else []
     return "\n".join(["{", ".reg .b32 t;", *neg, f"mul.rn.{t} t, $1, $2;",
                       f"fma.rn.{t} $0, {'n' if minus else '$3'}, $4, t;", "}"])
+
+
+def value_words_layout(words: int):
+    """[4, 16, words] (warp, token of the warp, code word) with thread (g, c) of a warp (lane 4 g + c)
+    holding tokens 2c, 2c+1, 2c+8, 2c+9 (the first pair in adjacent registers, as ``_v_asm``
+    decodes them) and words g (+8): the token and channel pairs of the value product's B operand."""
+    regs = [[0, 1, 0], [0, 8, 0]] + ([[0, 0, 8]] if words == 16 else [])
+    return gl.DistributedLinearLayout(regs, [[0, 2, 0], [0, 4, 0], [0, 0, 1], [0, 0, 2], [0, 0, 4]],
+                                      [[1, 0, 0], [2, 0, 0]], [], [4, 16, words])
 
 
 if HAVE_GLUON:
@@ -128,21 +139,49 @@ if HAVE_GLUON:
         return keep, madd
 
     @gluon.jit
+    def _scales(ks_ptr, kz_ptr, vs_ptr, vz_ptr, off, ss_s, tok_k, tok_v, hi, BITS: gl.constexpr):
+        """A tile's per-token key scales and zeros (``tok_k``'s layout: the key operand's rows) and
+        value scales and zeros (``tok_v``'s: the value product's), fp32; zeros for plain latents."""
+        sk = tok_k.to(gl.float32) * 0.0
+        zk, sv, zv = sk, tok_v.to(gl.float32) * 0.0, tok_v.to(gl.float32) * 0.0
+        if BITS == 4:
+            ok = tok_k < hi
+            sk = gl.load(ks_ptr + off + tok_k * ss_s, mask=ok, other=0.0).to(gl.float32)
+            zk = gl.load(kz_ptr + off + tok_k * ss_s, mask=ok, other=0.0).to(gl.float32)
+            ok = tok_v < hi
+            sv = gl.load(vs_ptr + off + tok_v * ss_s, mask=ok, other=0.0).to(gl.float32)
+            zv = gl.load(vz_ptr + off + tok_v * ss_s, mask=ok, other=0.0).to(gl.float32)
+        return sk, zk, sv, zv
+
+    @gluon.jit
+    def _value_codes(w, OP_B: gl.constexpr, BF16: gl.constexpr):
+        """Value code words [4, 16, W] (``value_words_layout``: thread (g, c) of a warp holds its
+        tokens 2c, 2c+1 (+8) and words g (+8)) -> the value product's B operand [4, 16, 8 W] of
+        exact subnormal codes (``gluon_q4._v_asm``: fp16 ``c 2^-24``, odd channels times 16; bf16
+        ``c 2^-133``); column n = 64 m + 8 j + g holds channel j of word g + 8 m (``value_channel``)."""
+        x = _decode(w, _V_ASM_BF16 if BF16 else _V_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", 2, BF16)
+        W: gl.constexpr = w.shape[2]
+        x = gl.reshape(x, [4, 16, W // 8, 8, 2, 2, 2])  # (m, g, e, i, k): channel 4 k + 2 i + e of word g + 8 m
+        x = gl.permute(x, [0, 1, 2, 6, 5, 4, 3])  # (m, k, i, e, g)
+        return gl.convert_layout(gl.reshape(x, [4, 16, 8 * W]), OP_B)
+
+    @gluon.jit
     def gqa_rope_decode_kernel(
-        q_ptr, lk_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, mask_ptr, out_ptr, part_ptr, lse_ptr,
-        sq_b, sq_h, sq_d, slk_g, slk_d, slk_r, sk_b, sk_s, sv_b, sv_s,
+        q_ptr, lk_ptr, k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, cos_ptr, sin_ptr, mask_ptr, out_ptr, part_ptr,
+        lse_ptr, sq_b, sq_h, sq_d, slk_g, slk_d, slk_r, sk_b, sk_s, sv_b, sv_s, ss_b, ss_s,
         sc_b, sc_s, ssn_b, ssn_s, sm_b, sm_k, so_b, so_h,
         Hkv, Skv, chunk, NSPLIT, scale,
         RK: gl.constexpr, RV: gl.constexpr, HALF: gl.constexpr, QPG: gl.constexpr, GS: gl.constexpr,
         STAGES: gl.constexpr, ONE_TABLE: gl.constexpr,
-        MASK_KIND: gl.constexpr, DIRECT: gl.constexpr, BF16: gl.constexpr,
-        RUN_K: gl.constexpr, CS_L: gl.constexpr, LCK: gl.constexpr, LCV: gl.constexpr, LCC: gl.constexpr,
+        MASK_KIND: gl.constexpr, DIRECT: gl.constexpr, BF16: gl.constexpr, BITS: gl.constexpr,
+        RUN_K: gl.constexpr, VW_L: gl.constexpr, CS_L: gl.constexpr, LCK: gl.constexpr, LCV: gl.constexpr, LCC: gl.constexpr,
         SWK: gl.constexpr, SWV: gl.constexpr, SWC: gl.constexpr,
     ):
         # one program: sequence b, KV head kvh (its QPG query heads; head j of latent group grp, whose
         # latents its GS KV heads each read), tokens [lo, hi) of split pid_s. ONE_TABLE: the cos/sin
         # rows copied into one buffer, read before the next tile's copy starts (STAGES 2; ranks over 64:
-        # 112 KB instead of 128, two programs per SM)
+        # 112 KB instead of 128, two programs per SM). BITS 4: k_ptr / v_ptr the codes as int32 words
+        # (word strides), ss_*: scales and zeros [B, S, groups] (shared strides, checked by the host)
         D: gl.constexpr = 2 * HALF
         MH: gl.constexpr = 16  # query heads as the rows of the per-warp products (padded)
         DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
@@ -156,6 +195,9 @@ if HAVE_GLUON:
         HEAD: gl.constexpr = gl.SliceLayout(2, MMA)  # [4, MH]: (warp, query head)
         LW: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [4, 1], [1, 0])
         LQ: gl.constexpr = gl.BlockedLayout([1, 1, 4], [1, 4, 8], [4, 1, 1], [2, 1, 0])
+        KW: gl.constexpr = RK // 8 if BITS == 4 else RK  # copied elements per token
+        VW: gl.constexpr = RV // 8 if BITS == 4 else RV
+        KT: gl.constexpr = gl.int32 if BITS == 4 else DT
 
         pid_s = gl.program_id(0)
         pid_x = gl.program_id(1)
@@ -168,7 +210,7 @@ if HAVE_GLUON:
         # L^T of the KV head, once: rows in the key operand's inner order (_key_channel), columns
         # in pair_of_column's (a thread's accumulator holds both partners of its pairs)
         WL: gl.constexpr = gl.NVMMASharedLayout.get_default_for([RK, D], DT)
-        mch = _key_channel(gl.arange(0, RK, layout=gl.SliceLayout(1, LW)), RK, 16)
+        mch = _key_channel(gl.arange(0, RK, layout=gl.SliceLayout(1, LW)), RK, BITS)
         n = gl.arange(0, D, layout=gl.SliceLayout(0, LW))
         nn = n % HALF
         dim = (n // HALF) * HALF + (HALF // 4) * ((nn // 2) % 4) + 2 * (nn // 8) + nn % 2
@@ -187,28 +229,32 @@ if HAVE_GLUON:
         fence_async_shared()
         _barrier()
 
-        kbuf = gl.allocate_shared_memory(DT, [STAGES, 64, RK], SWK)
-        vbuf = gl.allocate_shared_memory(DT, [STAGES, 64, RV], SWV)
+        kbuf = gl.allocate_shared_memory(KT, [STAGES, 64, KW], SWK)
+        vbuf = gl.allocate_shared_memory(KT, [STAGES, 64, VW], SWV)
         TS: gl.constexpr = 1 if ONE_TABLE else STAGES
         cbuf = gl.allocate_shared_memory(cos_ptr.dtype.element_ty, [TS, 64, HALF], SWC)
         sbuf = gl.allocate_shared_memory(cos_ptr.dtype.element_ty, [TS, 64, HALF], SWC)
-        k_base = k_ptr + (b * sk_b + grp * RK)
-        v_base = v_ptr + (b * sv_b + grp * RV)
+        k_base = k_ptr + (b * sk_b + grp * KW)
+        v_base = v_ptr + (b * sv_b + grp * VW)
+        s_off = b * ss_b + grp
         c_base = cos_ptr + b * sc_b
         s_base = sin_ptr + b * ssn_b
         m_off = b * sm_b
         n_tiles = gl.cdiv(hi - lo, 64)
         for i in gl.static_range(STAGES - 1):
             _copy_stage(kbuf.index(i), vbuf.index(i), cbuf.index(i), sbuf.index(i), k_base, v_base, c_base, s_base,
-                        sk_s, sv_s, sc_s, ssn_s, lo + i * 64, hi, RK, RV, HALF, LCK, LCV, LCC)
+                        sk_s, sv_s, sc_s, ssn_s, lo + i * 64, hi, KW, VW, HALF, LCK, LCV, LCC)
             cp.commit_group()
 
         wv = gl.arange(0, 4, layout=gl.SliceLayout(1, TOK))
         tv = gl.arange(0, 16, layout=gl.SliceLayout(0, TOK))
         tok_n = lo + gl.expand_dims(wv * 16, 1) + gl.expand_dims(tv, 0)  # [4, 16]: row 16 w + t of a tile
         keep_n, madd_n = _mask_rows(mask_ptr, m_off, sm_k, tok_n, hi, MASK_KIND)
+        tk_n = lo + gl.arange(0, 64, layout=gl.SliceLayout(1, RUN_K))  # the key operand's rows
+        sk_n, zk_n, sv_n, zv_n = _scales(ks_ptr, kz_ptr, vs_ptr, vz_ptr, s_off, ss_s, tk_n, tok_n, hi, BITS)
         m_i = gl.full([4, MH], float("-inf"), gl.float32, HEAD)
         l_i = gl.zeros([4, MH], gl.float32, HEAD)
+        z_i = gl.zeros([4, MH], gl.float32, HEAD)  # 4 bits: sum_t p_t z_t (the values' zeros)
         o_i = gl.zeros([4, MH, RV], gl.float32, MMA)
         qscale = scale * 1.4426950408889634
         for it in range(n_tiles):
@@ -220,12 +266,12 @@ if HAVE_GLUON:
                 csn = _pair_tables(cbuf.index(0).load(CS_L), sbuf.index(0).load(CS_L), HALF, ACC)
                 _barrier()  # the tables are read: the next copy may overwrite them
                 _copy_stage(kbuf.index(nxt), vbuf.index(nxt), cbuf.index(0), sbuf.index(0), k_base, v_base, c_base,
-                            s_base, sk_s, sv_s, sc_s, ssn_s, lo + (it + 1) * 64, hi, RK, RV, HALF, LCK, LCV, LCC)
+                            s_base, sk_s, sv_s, sc_s, ssn_s, lo + (it + 1) * 64, hi, KW, VW, HALF, LCK, LCV, LCC)
                 cp.commit_group()
             else:
                 _barrier()  # every thread is done with the stage the next copy overwrites
                 _copy_stage(kbuf.index(nxt), vbuf.index(nxt), cbuf.index(nxt), sbuf.index(nxt), k_base, v_base,
-                            c_base, s_base, sk_s, sv_s, sc_s, ssn_s, lo + (it + STAGES - 1) * 64, hi, RK, RV, HALF,
+                            c_base, s_base, sk_s, sv_s, sc_s, ssn_s, lo + (it + STAGES - 1) * 64, hi, KW, VW, HALF,
                             LCK, LCV, LCC)
                 cp.commit_group()
                 cp.wait_group(STAGES - 1)
@@ -233,8 +279,11 @@ if HAVE_GLUON:
             keep, madd = keep_n, madd_n  # this tile's mask, loaded a tile ahead (its latency hidden)
             tok_n = tok_n + 64
             keep_n, madd_n = _mask_rows(mask_ptr, m_off, sm_k, tok_n, hi, MASK_KIND)
+            sk, zk, sv, zv = sk_n, zk_n, sv_n, zv_n
+            tk_n = tk_n + 64
+            sk_n, zk_n, sv_n, zv_n = _scales(ks_ptr, kz_ptr, vs_ptr, vz_ptr, s_off, ss_s, tk_n, tok_n, hi, BITS)
 
-            a = gl.convert_layout(_latent_rows(kbuf.index(stage), 0.0, 0.0, RK, 16, RUN_K, BF16, DT), A_OP)
+            a = gl.convert_layout(_latent_rows(kbuf.index(stage), sk, zk, RK, BITS, RUN_K, BF16, DT), A_OP)
             acc = warpgroup_mma(a, lt_s, gl.zeros([64, D], gl.float32, ACC), use_acc=False)
             if not ONE_TABLE:
                 csn = _pair_tables(cbuf.index(stage).load(CS_L), sbuf.index(stage).load(CS_L), HALF, ACC)
@@ -249,10 +298,23 @@ if HAVE_GLUON:
             alpha = gl.exp2(m_i - m_use)
             l_i = l_i * alpha + gl.sum(p, axis=2)
             m_i = m_new
-            v = vbuf.index(stage).reshape([4, 16, RV]).load(OP_B)
-            o_i = mma_v2(gl.convert_layout(p.to(DT), OP_A), v, o_i * gl.expand_dims(alpha, 2))
+            if BITS == 4:  # sum_t p_t (s_t c_t + z_t) = sum_t (p_t s_t) c_t + sum_t p_t z_t
+                v = _value_codes(vbuf.index(stage).reshape([4, 16, VW]).load(VW_L), OP_B, BF16)
+                z_i = z_i * alpha + gl.sum(p * gl.expand_dims(zv, 1), axis=2)
+                ps = p * gl.expand_dims(sv * _BF16_UP if BF16 else sv, 1)  # (bf16 codes: c 2^-133)
+                o_i = mma_v2(gl.convert_layout(ps.to(DT), OP_A), v, o_i * gl.expand_dims(alpha, 2))
+            else:
+                v = vbuf.index(stage).reshape([4, 16, RV]).load(OP_B)
+                o_i = mma_v2(gl.convert_layout(p.to(DT), OP_A), v, o_i * gl.expand_dims(alpha, 2))
         cp.wait_group(0)
 
+        if BITS == 4:  # the codes' scale undone, the zeros' sums added; channels: value_channel(n)
+            n3 = gl.arange(0, RV, layout=gl.SliceLayout(0, gl.SliceLayout(1, MMA)))
+            if BF16:
+                unscale = n3.to(gl.float32) * 0.0 + _BF16_UNSCALE
+            else:
+                unscale = gl.where((n3 // 8) % 2 == 1, _F16_UNSCALE / 16, _F16_UNSCALE)
+            o_i = o_i * gl.expand_dims(gl.expand_dims(unscale, 0), 1) + gl.expand_dims(z_i, 2)
         # merge the four warps' softmax lanes
         mx = gl.max(m_i, axis=0)
         m_fin = gl.where(mx == float("-inf"), 0.0, mx)
@@ -261,7 +323,8 @@ if HAVE_GLUON:
         o = gl.sum(o_i * gl.expand_dims(w, 2), axis=0)  # [MH, RV]
         LO: gl.constexpr = o.type.layout
         h = gl.arange(0, MH, layout=gl.SliceLayout(1, LO))
-        ch = gl.arange(0, RV, layout=gl.SliceLayout(0, LO))
+        n = gl.arange(0, RV, layout=gl.SliceLayout(0, LO))
+        ch = 64 * (n // 64) + 8 * (n % 8) + (n // 8) % 8 if BITS == 4 else n
         lh = gl.convert_layout(l, gl.SliceLayout(1, LO))
         mh = gl.convert_layout(mx, gl.SliceLayout(1, LO))
         empty = lh == 0.0
@@ -300,9 +363,15 @@ def applies(q, kl, vl, lk, k_bias, k_norm_weight, cos, sin, rope_style, softcap,
         e = t.element_size()
         if t.data_ptr() % 16 or any(s * e % 16 for s in t.stride()[:-1] if s):
             return False
-    return kl.bits == 0 and vl.bits == 0 and all(
-        x.data.dtype == q.dtype and x.data.stride(-1) == 1 and x.data.data_ptr() % 16 == 0
-        and all(s * 2 % 16 == 0 for s in x.data.stride()[:-1]) for x in (kl, vl))
+    if kl.bits == 0 and vl.bits == 0:
+        return all(x.data.dtype == q.dtype and x.data.stride(-1) == 1 and x.data.data_ptr() % 16 == 0
+                   and all(s * 2 % 16 == 0 for s in x.data.stride()[:-1]) for x in (kl, vl))
+    # 4 bits: one quantization group per latent group, the value words over the 8 lanes of a quad row
+    return (kl.bits == 4 and vl.bits == 4 and kl.group_size == rk and vl.group_size == rv and rv in (64, 128)
+            and kl.scale.stride() == kl.zero.stride() == vl.scale.stride() == vl.zero.stride()
+            and kl.scale.stride(-1) == 1
+            and all(x.data.stride(0) % 16 == 0 and x.data.stride(1) % 16 == 0 and x.data.data_ptr() % 16 == 0
+                    for x in (kl, vl)))
 
 
 def launch(q, lk, kl, vl, cos, sin, mask_kind, mask, sm_b, sm_k, scale, out, nsplit, chunk, part, lse, stages=2,
@@ -317,20 +386,31 @@ def launch(q, lk, kl, vl, cos, sin, mask_kind, mask, sm_b, sm_k, scale, out, nsp
     gs = gsd // D  # KV heads per latent group
     hkv = groups * gs
     rv = vl.channels // groups
-    one_table = max(rk, rv) > 64
-    kd, vd = kl.data, vl.data
+    bits = 4 if kl.bits == 4 else 16
+    if bits == 4:
+        kd, vd = kl.data.view(torch.int32), vl.data.view(torch.int32)
+        ks, kz, vs, vz = kl.scale, kl.zero, vl.scale, vl.zero
+        ss = (ks.stride(0), ks.stride(1))
+        kw, vw, eb = rk // 8, rv // 8, 4
+    else:
+        kd, vd = kl.data, vl.data
+        ks = kz = vs = vz = q
+        ss = (0, 0)
+        kw, vw, eb = rk, rv, 2
+    one_table = bits == 16 and max(rk, rv) > 64  # (plain stages of rank 128 fill the shared memory)
     tb = cos.element_size()
     grid = (nsplit, B * hkv)
-    args = (q, lk, kd, vd, cos, sin, mask, out, part, lse,
+    args = (q, lk, kd, vd, ks, kz, vs, vz, cos, sin, mask, out, part, lse,
             q.stride(0), q.stride(1), q.stride(3), lk.stride(0), lk.stride(1), lk.stride(2),
-            kd.stride(0), kd.stride(1), vd.stride(0), vd.stride(1),
+            kd.stride(0), kd.stride(1), vd.stride(0), vd.stride(1), *ss,
             cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1), sm_b, sm_k, out.stride(0), out.stride(1),
             hkv, kd.shape[1], chunk, nsplit, float(scale))
     consts = dict(RK=rk, RV=rv, HALF=half, QPG=Hq // hkv, GS=gs, STAGES=2 if one_table else stages,
                   ONE_TABLE=one_table, MASK_KIND=mask_kind, DIRECT=nsplit == 1,
-                  BF16=q.dtype == torch.bfloat16, RUN_K=thread_run_layout(rk), CS_L=thread_run_layout(half),
-                  LCK=copy_layout(rk, 2), LCV=copy_layout(rv, 2), LCC=copy_layout(half, tb),
-                  SWK=swizzled_layout(rk, 2), SWV=swizzled_layout(rv, 2), SWC=swizzled_layout(half, tb), num_warps=4)
+                  BF16=q.dtype == torch.bfloat16, BITS=bits, RUN_K=thread_run_layout(kw),
+                  VW_L=value_words_layout(vw) if bits == 4 else None, CS_L=thread_run_layout(half),
+                  LCK=copy_layout(kw, eb), LCV=copy_layout(vw, eb), LCC=copy_layout(half, tb),
+                  SWK=swizzled_layout(kw, eb), SWV=swizzled_layout(vw, eb), SWC=swizzled_layout(half, tb), num_warps=4)
     if probe:
         return gqa_rope_decode_kernel, grid, args, consts
     gqa_rope_decode_kernel[grid](*args, **consts)

@@ -3,32 +3,39 @@ rebuilt once per KV head from its latents, on Hopper's warpgroup MMA and ``mma.s
 
 Why: ``gluon_rope.py`` scores a head without rotated keys (one ``[Wa | Wb]`` product per
 *query* head), which at 4 query heads per KV head is 4x the key products the cache needs. The
-Triton kernels served these calls at 0.25 ms for B=8 x 32k (32 query / 8 KV heads of 128,
-rank ratio 0.5): no faster than SDPA on the full cache, where the latent bytes need 0.13 ms
-(RESULTS.md). Here each token tile's keys are rebuilt once and serve all of the KV head's
-query heads:
+Triton kernels served these calls at 0.21-0.26 ms for B=8 x 32k (32 query / 8 KV heads of 128,
+rank ratio 0.5): no faster than SDPA on the full cache (0.25), where the latent bytes need
+0.13 ms. Here each token tile's keys are rebuilt once and serve all of the KV head's query
+heads: 0.17 ms, 1.5x SDPA (H200; RESULTS.md, "A Gluon kernel for GQA RoPE decode"):
 
 * **Keys by ``wgmma``, RoPE in registers.** A tile's keys ``[64, D] = H L^T`` come from one
   warpgroup product with the latents as the register operand (as ``gluon_rope.py`` builds it,
   4-bit codes dequantized into it). ``L^T``'s columns are permuted (``pair_of_column``) so that
   a thread holds both partners of its rotary pairs, and its pairs are one contiguous run of the
-  cos/sin tables: RoPE is four FMAs per pair, in place.
+  cos/sin tables. RoPE runs in place in the operand dtype, two channels per instruction (a
+  multiply and an FMA per output pair, ``_rot_asm``): in fp32 with the tables converted it
+  was a third of the loop's instructions.
 * **Scores and values per warp by ``mma.sync``, the query heads as rows.** A warp holds its 16
   tokens of the key tile in the accumulator; that register layout *is* the B operand of
   ``S = Q K'^T`` (query heads padded to 16 rows, the head dim as the inner index), so the keys
   go to the next product without moving. ``S``'s accumulator is in turn ``P``'s operand layout
-  for ``O = P H_v``, with the values read from the shared-memory stage. Each warp keeps its own
-  softmax lanes over its tokens; the four are merged once, at the program's end.
+  for ``O = P H_v``, with the values read from the shared-memory stage (4-bit: decoded into the
+  B operand as exact subnormal codes, ``gluon_q4._v_asm``, against ``p s``; the zeros' sums kept
+  apart). Each warp keeps its own softmax lanes over its tokens; the four are merged once, at
+  the program's end.
 * **Copies streamed with ``cp.async``** into a ring of shared-memory stages (a tile's key and
-  value latents and its cos/sin rows).
+  value latents and its cos/sin rows; plain ranks over 64 take one cos/sin buffer, read before
+  the next copy starts, so that two programs fit an SM); the mask row and the 4-bit scales and
+  zeros are loaded a tile ahead into registers.
 
 Covers: fp16 and bf16, rotate-half RoPE over the whole head (head dim 64 or 128, the tables'
 last dim contiguous), 2-16 query heads per KV head, any number of KV heads per latent group (a
 program per KV head: the group's latent tiles are read by each of its KV heads' programs, from
-L2 after the first), key and value ranks 32/64/128 per group, plain latents, shared decode masks or none, no softcap, no key
-bias or norm, one query token. ``applies`` says whether a call is covered; everything else
-takes the other kernels. Gluon has no CPU interpreter: the kernel is tested on the GPU and
-compiled for sm_90 without one (``tests/kernels/test_gluon_gqa.py``).
+L2 after the first), key and value ranks 32/64/128 per group, plain latents or 4-bit codes with
+one quantization group per latent group (value rank 64 or 128), shared decode masks or none,
+no softcap, no key bias or norm, one query token. ``applies`` says whether a call is covered;
+everything else takes the other kernels. Gluon has no CPU interpreter: the kernel is tested on
+the GPU and compiled for sm_90 without one (``tests/kernels/test_gluon_gqa.py``).
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """End-to-end decode: Inductor without Palu (StaticCache) vs palu_backend (LatentCache).
 
-A Llama-2-7B-shaped model with random fp16 weights decodes with a static cache of
+A Llama-2-7B-shaped model (``--shape llama3``: Llama-3-8B's, 8 KV heads) with random fp16 weights
+decodes with a static cache of
 ``--context`` slots at ``--batch``; we time compiled decode steps (CUDA events) and read
 the peak memory, then compute the largest batch whose weights + cache fit in ``--budget-gb``
 from the measured cache bytes per token, at ``--capacity-context`` (32k) tokens per sequence. Run on
@@ -26,10 +27,33 @@ import palu_fx
 from palu_fx import LatentCache, PaluConfig
 
 
-def build(layers: int, tiny: bool, device: str) -> LlamaForCausalLM:
-    hidden, inter, heads = (256, 512, 4) if tiny else (4096, 11008, 32)
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads, num_key_value_heads=heads,
-                      num_hidden_layers=layers, vocab_size=32000, max_position_embeddings=131072)
+SHAPES = {  # hidden, intermediate, query heads, KV heads, vocab, rope theta
+    "llama2": (4096, 11008, 32, 32, 32000, 10000.0),  # Llama-2-7B
+    "llama3": (4096, 14336, 32, 8, 128256, 500000.0),  # Llama-3-8B: GQA, 4 query heads per KV head
+}
+
+
+def folded_gqa_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kw):
+    """Hugging Face's SDPA attention, except that a decode step of GQA folds each KV head's query
+    heads into the query length (exact for one query token) instead of ``repeat_kv``: under a
+    mask, Hugging Face copies every KV head's cache once per query head (``repeat_kv``, since
+    SDPA's fused kernels take GQA only without a mask), 4x the cache in copies at Llama-3-8B's 4
+    query heads per KV head. The strong Inductor baseline of GQA decode (``--gqa-baseline folded``)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    B, Hq, Sq, D = query.shape
+    Hkv = key.shape[1]
+    if Sq != 1 or Hq == Hkv or (attention_mask is not None and attention_mask.shape[1] != 1):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kw)
+    q = query.reshape(B, Hkv, Hq // Hkv, D)  # query head h -> (KV head h // n, row h % n)
+    out = torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=attention_mask, scale=scaling)
+    return out.reshape(B, Hq, 1, D).transpose(1, 2), None
+
+
+def build(layers: int, tiny: bool, device: str, shape: str = "llama2") -> LlamaForCausalLM:
+    hidden, inter, heads, kv, vocab, theta = (256, 512, 4, 4 if shape == "llama2" else 2, 32000, 10000.0) if tiny \
+        else SHAPES[shape]
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads, num_key_value_heads=kv,
+                      num_hidden_layers=layers, vocab_size=vocab, max_position_embeddings=131072, rope_theta=theta)
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(cfg).to(torch.float16 if device == "cuda" else torch.float32).eval()
@@ -128,6 +152,11 @@ def time_prefill(model, cache, batch: int, n: int, reps: int = 5) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser()
+    p.add_argument("--shape", choices=sorted(SHAPES), default="llama2",
+                   help="llama2: Llama-2-7B (32 KV heads); llama3: Llama-3-8B (8 KV heads, GQA)")
+    p.add_argument("--gqa-baseline", choices=["hf", "folded"], default="hf",
+                   help="the Inductor path's attention for GQA decode: Hugging Face's SDPA (repeat_kv copies under "
+                        "a mask) or the query heads folded into the query length (folded_gqa_sdpa)")
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--context", type=int, default=16384)
@@ -177,11 +206,17 @@ def main() -> None:
         if device == "cuda":
             torch.cuda.empty_cache()
         log(f"{name}: building the model")
-        model = build(args.layers, args.tiny, device)
+        model = build(args.layers, args.tiny, device, args.shape)
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         t0 = time.time()
         mode_arg = None if mode == "default" else mode
         if ratio is None:
+            if args.gqa_baseline == "folded":
+                from transformers import AttentionInterface
+                from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+                AttentionInterface.register("folded_gqa_sdpa", folded_gqa_sdpa)
+                AttentionMaskInterface.register("folded_gqa_sdpa", sdpa_mask)
+                model.set_attn_implementation("folded_gqa_sdpa")
             model.forward = torch.compile(model.forward, backend="inductor", mode=mode_arg)
             cache = StaticCache(config=model.config, max_cache_len=args.context)
         else:
@@ -213,7 +248,8 @@ def main() -> None:
         rows.append([name, f"{ms:.2f}", f"{args.batch * 1000 / ms:.0f}", f"{peak:.1f}", f"{cbytes / 2**30:.3f}",
                      max_batch, f"{time.time() - t0:.0f}"])
         del model, cache
-    shape = "tiny Llama (hidden 256, 4 heads)" if args.tiny else "Llama-2-7B shape (32 heads, head dim 128)"
+    shape = ("tiny Llama (hidden 256, 4 heads)" if args.tiny else "Llama-2-7B shape (32 heads, head dim 128)"
+             if args.shape == "llama2" else "Llama-3-8B shape (32 query / 8 KV heads, head dim 128)")
     if args.prefill:
         print(f"{shape}, {args.layers} layers, batch {args.batch}, prefill of {args.prefill} tokens, rank ratio "
               f"{args.ratio}, group {args.group_size}, bits {args.bits or 16}")

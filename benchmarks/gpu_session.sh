@@ -84,6 +84,10 @@
 #                                      # tests, the GQA smoke, A/B at gs1 (.ab/old carried) and gs2, the gs1/gs2 rows
 #   bash benchmarks/gpu_session.sh 71  # Gluon GQA with 4-bit latents: tests, the GQA smoke, A/B against the Triton
 #                                      # kernels (gs1, gs2), the 4-bit GQA rows at gs1/gs2
+#   bash benchmarks/gpu_session.sh 72  # the kernels' GPU tests on GQA/MQA and RoPE cases; 32-layer Llama-3-8B-shaped
+#                                      # decode (CUDA graphs, B=8 x 16k): Inductor, palu gs1
+#   bash benchmarks/gpu_session.sh 73  # the same decode with the strong baseline: Inductor over query heads folded
+#                                      # into the query length (no repeat_kv copies), then palu gs1
 set -u
 export PYTHONPATH=.
 OUT=${OUT:-/tmp/palu_gpu}
@@ -96,6 +100,18 @@ step() {  # name, time limit (s), command...
     grep -v -i warn "$OUT/$name.log" | grep -E "^\[|^\||rel err|smoke|speedup|ms/step|identical|diag|FAIL|Error|^rc|---|path|shape" | tail -40
 }
 case "${1:-1}" in
+73)
+    step decode32_llama3_folded 300 python -u benchmarks/decode.py --shape llama3 --layers 32 --batch 8 \
+        --context 16384 --modes reduce-overhead --gqa-baseline folded
+    grep -E "^inductor|^palu|speedup" "$OUT/decode32_llama3_folded.log"
+    ;;
+72)
+    step kernel_tests 200 python -m pytest -q -x tests/kernels/test_latent_attention.py \
+        tests/kernels/test_quant_latent_attention.py -k "gqa or mqa or rope"
+    step decode32_llama3 300 python -u benchmarks/decode.py --shape llama3 --layers 32 --batch 8 --context 16384 \
+        --modes reduce-overhead
+    grep -E "^inductor|^palu|speedup" "$OUT/decode32_llama3.log"
+    ;;
 71)
     step gqa_tests 200 python -m pytest -q tests/kernels/test_gluon_gqa.py
     step smoke_gqa 80 python -u benchmarks/gpu_smoke.py

@@ -3,10 +3,12 @@ with the PyTorch reference (PALU_FX_KERNEL=reference), prefill and decode, fp16.
 
 Every config runs on its own and reports its error (Python traceback first), so one failure
 does not hide the others. Group size "all" at rank ratio 0.5 has value rank 128 for head dim
-64: the op rebuilds those values itself (``lv``) instead of a folded o_proj. ``--mha``: 8 KV heads (no GQA sharing), gs1 and gs2 with and without
-4-bit latents. Each config counts the launches of the Gluon RoPE kernel its decode calls
-take on a GPU: ``gluon_rope.py`` (MHA) or ``gluon_gqa.py`` (two query heads per KV head, at gs1). Without CUDA it runs the same check on the CPU in fp32 with the Triton interpreter (set
-TRITON_INTERPRET=1; small sizes), to check the script itself.
+64: the op rebuilds those values itself (``lv``) instead of a folded o_proj. ``--mha``: 8 KV
+heads (no GQA sharing), gs1 and gs2 with and without 4-bit latents. Each config counts the
+launches of the Gluon RoPE kernel its decode calls take on a GPU: ``gluon_rope.py`` (MHA) or
+``gluon_gqa.py`` (the default model's two query heads per KV head, at group sizes 1, 2 and
+"all" up to rank 128). Without CUDA it runs the same check on the CPU in fp32 with the Triton
+interpreter (set TRITON_INTERPRET=1; small sizes), to check the script itself.
 """
 import os
 import sys

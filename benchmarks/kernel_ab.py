@@ -1,9 +1,10 @@
 """A/B timing of decode-kernel configs at the issue targets' point, interleaved over rounds.
 
 Llama-2-7B shape (32 heads, head dim 128; ``--kv-heads 8``: Llama-3-8B's), rank ratio 0.5, gs1
-(``--gs``), B=8, 32k, with the additive decode mask a compiled model passes. For each case (RoPE / absorbed x fp16 / 4-bit latents)
-the default config and any ``--variant`` are timed in turn, round after round (identical
-configs timed in one block differed by up to 6-12% on the H200), and the median is printed:
+(``--gs``), B=8, 32k, with the additive decode mask a compiled model passes. For each case (RoPE /
+absorbed x fp16 / 4-bit latents) the default config and any ``--variant`` are timed in turn,
+round after round (identical configs timed in one block differed by up to 6-12% on the H200),
+and the median is printed:
 
     PYTHONPATH=. python benchmarks/kernel_ab.py --variant rope:2s=num_stages=2
     mkdir -p .ab/old && git archive REV palu_fx | tar -x -C .ab/old    # the code at REV (keep .ab ignored)

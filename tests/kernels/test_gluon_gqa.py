@@ -9,44 +9,27 @@ against the float64 reference.
 """
 from __future__ import annotations
 
-import dataclasses
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from test_gluon_q4 import decode_mask
+from test_gluon_rope import _case as rope_case
+from test_gluon_rope import _check as check_against_reference
+from test_gluon_rope import _run as run_kernel
 
-from palu_fx.kernels.latent_attention import gluon_gqa, gluon_rope, quant, wrapper
-from palu_fx.kernels.latent_attention.naive import latent_attention_ref
-from palu_fx.kernels.latent_attention.quant_naive import quant_latent_attention_ref
-from palu_fx.quant import quantize_packed
+from palu_fx.kernels.latent_attention import gluon_gqa, gluon_rope, wrapper
 
 CUDA = torch.cuda.is_available()
 needs_gluon = pytest.mark.skipif(not gluon_gqa.HAVE_GLUON, reason="this Triton has no Gluon")
 on_gpu = pytest.mark.skipif(not CUDA or not gluon_gqa.HAVE_GLUON, reason="Gluon kernels run on a GPU only")
 
 
-def _case(B=2, Hq=8, Hkv=2, D=128, rk=64, rv=64, S=300, mask=None, dtype=torch.float16, device="cpu", seed=0,
-          table_dtype=None, per_batch=False, gs=1, bits=0):
+def _case(Hq=8, Hkv=2, **kw):
     """Args of ``latent_attention_triton`` (``bits`` 4: of ``quant_latent_attention_triton``):
-    ``Hq // Hkv`` query heads per KV head, ``gs`` KV heads per latent group (of ranks ``rk``, ``rv``)."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape, s=1.0):
-        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * s).to(dtype).to(device)
-
-    G = Hkv // gs
-    q, hk, hv = rnd(B, Hq, 1, D), rnd(B, S, G * rk), rnd(B, S, G * rv)
-    lk = rnd(G, gs * D, rk, s=rk ** -0.5)
-    ang = torch.rand(B if per_batch else 1, S, D // 2, generator=gen, dtype=torch.float64) * 6.3
-    ang = torch.cat([ang, ang], -1) * torch.linspace(1, 40, D // 2, dtype=torch.float64).repeat(2)
-    cos, sin = (t.to(table_dtype or dtype).to(device) for t in (ang.cos(), ang.sin()))
-    m = decode_mask(mask, B, S, gen, rnd, device)
-    if bits:
-        return (q, *quantize_packed(hk, bits, rk), *quantize_packed(hv, bits, rv), lk, None, cos, sin, None, m,
-                D ** -0.5, bits, rk, bits, rv, 0.0, False, 1)
-    return (q, hk, hv, lk, None, cos, sin, None, m, D ** -0.5, 0.0, False, 1)
+    ``Hq // Hkv`` query heads per KV head (``test_gluon_rope._case``'s other knobs: ``gs`` KV heads
+    per latent group of ranks ``rk``, ``rv``, ...)."""
+    return rope_case(H=Hq, Hkv=Hkv, **kw)
 
 
 def _parts(args):
@@ -157,30 +140,11 @@ def test_compiles_for_sm90_without_spills(qpg, D, rank, gs, bits):
 
 # ---------------------------------------------------------------- GPU: against the reference
 def _run(args, knobs, monkeypatch):
-    launched = []
-    real = gluon_gqa.launch
-    monkeypatch.setattr(gluon_gqa, "launch", lambda *a, **k: launched.append(1) or real(*a, **k))
-    cfg = dataclasses.replace(wrapper.KernelConfig(), gluon=True, **knobs)
-    if len(args) > 13:
-        monkeypatch.setattr(quant, "dequantize_packed", lambda *a, **k: pytest.fail("dequantized outside the kernel"))
-        out = quant.quant_latent_attention_triton(*args, config=cfg)
-    else:
-        out = wrapper.latent_attention_triton(*args, config=cfg)
-    assert launched, "the Gluon GQA kernel did not run"
-    return out
+    return run_kernel(args, 4 if len(args) > 13 else 0, knobs, monkeypatch, gluon_gqa)
 
 
 def _check(out, args):
-    if len(args) > 13:  # float64 everywhere but the stored fp16 scales and zeros
-        up = [a.double() if torch.is_tensor(a) and a.is_floating_point() and i not in (2, 3, 5, 6) else a
-              for i, a in enumerate(args)]
-        ref = quant_latent_attention_ref(*up)
-    else:
-        ref = latent_attention_ref(*[a.double() if torch.is_tensor(a) and a.is_floating_point() else a for a in args])
-    assert out.shape == ref.shape and out.dtype == args[0].dtype and torch.isfinite(out).all()
-    assert out.stride() == wrapper.new_output(*out.shape, like=out).stride()
-    err = ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-    assert err < (4e-3 if out.dtype == torch.float16 else 1.5e-2), f"relative RMS error {err:.2e}"
+    check_against_reference(out, args, 4 if len(args) > 13 else 0)
 
 
 CASES = [

@@ -115,15 +115,15 @@ def _tables(Skv, D, dtype, device, batch=1):
 
 
 def _case(B=2, H=4, D=128, rk=64, rv=64, S=300, mask=None, dtype=torch.float16, bits=0, device="cpu", seed=0,
-          table_dtype=None, per_batch=False, gs=1):
-    """(args of the plain or the quantized entry point, the same in float64 for the reference);
-    multi-head attention, ``gs`` heads per latent group."""
+          table_dtype=None, per_batch=False, gs=1, Hkv=None):
+    """Args of the plain or the quantized entry point (``bits``): ``H`` query heads, ``Hkv`` KV
+    heads (default ``H``: multi-head attention), ``gs`` KV heads per latent group."""
     gen = torch.Generator().manual_seed(seed)
 
     def rnd(*shape, s=1.0):
         return (torch.randn(*shape, generator=gen, dtype=torch.float64) * s).to(dtype).to(device)
 
-    G = H // gs
+    G = (Hkv or H) // gs
     q, hk, hv = rnd(B, H, 1, D), rnd(B, S, G * rk), rnd(B, S, G * rv)
     lk = rnd(G, gs * D, rk, s=rk ** -0.5)
     cos, sin = _tables(S, D, table_dtype or dtype, device, B if per_batch else 1)
@@ -195,17 +195,18 @@ def test_compiles_for_sm90_without_spills(bits, rank, gs):
 
 
 # ---------------------------------------------------------------- GPU: against the references
-def _run(args, bits, knobs, monkeypatch):
+def _run(args, bits, knobs, monkeypatch, kernel=gluon_rope):
+    """The public entry point's result, having checked that ``kernel`` (a Gluon module) launched."""
     launched = []
-    real = gluon_rope.launch
-    monkeypatch.setattr(gluon_rope, "launch", lambda *a, **k: launched.append(1) or real(*a, **k))
+    real = kernel.launch
+    monkeypatch.setattr(kernel, "launch", lambda *a, **k: launched.append(1) or real(*a, **k))
     cfg = dataclasses.replace(wrapper.KernelConfig(), gluon=True, **knobs)
     if bits:
         monkeypatch.setattr(quant, "dequantize_packed", lambda *a, **k: pytest.fail("dequantized outside the kernel"))
         out = quant.quant_latent_attention_triton(*args, config=cfg)
     else:
         out = wrapper.latent_attention_triton(*args, config=cfg)
-    assert launched, "the Gluon kernel did not run"
+    assert launched, f"{kernel.__name__} did not run"
     return out
 
 
@@ -217,6 +218,7 @@ def _check(out, args, bits):
     else:
         ref = latent_attention_ref(*[a.double() if torch.is_tensor(a) and a.is_floating_point() else a for a in args])
     assert out.shape == ref.shape and out.dtype == args[0].dtype and torch.isfinite(out).all()
+    assert out.stride() == wrapper.new_output(*out.shape, like=out).stride()  # the op's declared layout
     err = ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
     assert err < (4e-3 if out.dtype == torch.float16 else 1.5e-2), f"relative RMS error {err:.2e}"
 

@@ -51,7 +51,8 @@ try:  # Gluon ships with Triton >= 3.5; without it the Triton kernels serve ever
 except ImportError:  # pragma: no cover (older Triton)
     HAVE_GLUON = False
 
-from palu_fx.kernels.latent_attention.gluon_rope_layouts import (copy_layout, swizzled_layout, thread_run_layout)
+from palu_fx.kernels.latent_attention.gluon_rope import call_fits, latent_args, operands_fit
+from palu_fx.kernels.latent_attention.gluon_rope_layouts import copy_layout, swizzled_layout, thread_run_layout
 
 if HAVE_GLUON:
     from palu_fx.kernels.latent_attention.gluon_q4 import (_BF16_UNSCALE, _BF16_UP, _F16_UNSCALE, _V_ASM,
@@ -181,7 +182,8 @@ if HAVE_GLUON:
         RK: gl.constexpr, RV: gl.constexpr, HALF: gl.constexpr, QPG: gl.constexpr, GS: gl.constexpr,
         STAGES: gl.constexpr, ONE_TABLE: gl.constexpr,
         MASK_KIND: gl.constexpr, DIRECT: gl.constexpr, BF16: gl.constexpr, BITS: gl.constexpr,
-        RUN_K: gl.constexpr, VW_L: gl.constexpr, CS_L: gl.constexpr, LCK: gl.constexpr, LCV: gl.constexpr, LCC: gl.constexpr,
+        RUN_K: gl.constexpr, VW_L: gl.constexpr, CS_L: gl.constexpr, LCK: gl.constexpr, LCV: gl.constexpr,
+        LCC: gl.constexpr,
         SWK: gl.constexpr, SWV: gl.constexpr, SWC: gl.constexpr,
     ):
         # one program: sequence b, KV head kvh (its QPG query heads; head j of latent group grp, whose
@@ -340,7 +342,7 @@ if HAVE_GLUON:
         if DIRECT:
             off = b * so_b + gl.expand_dims((kvh * QPG + h) * so_h, 1) + gl.expand_dims(ch, 0)
             gl.store(out_ptr + off, val.to(out_ptr.dtype.element_ty), mask=ok)
-        else:  # row slot QPG + h of the splits' partials, with its base-2 LSE
+        else:  # row slot * QPG + h of the splits' partials, with its base-2 LSE
             row = (pid_x * NSPLIT + pid_s) * QPG + h
             gl.store(part_ptr + gl.expand_dims(row * RV, 1) + gl.expand_dims(ch, 0), val, mask=ok)
             lse = gl.where(empty, float("-inf"), mh + gl.log2(gl.where(empty, 1.0, lh)))
@@ -351,34 +353,18 @@ def applies(q, kl, vl, lk, k_bias, k_norm_weight, cos, sin, rope_style, softcap,
             interpret) -> bool:
     """Whether ``gqa_rope_decode_kernel`` serves a fused call (see the module docstring)."""
     B, Hq, Sq, D = q.shape
-    if not (HAVE_GLUON and not interpret and lk is not None and rope_style == 1 and k_bias is None
-            and k_norm_weight is None and softcap == 0 and not is_causal and mask_kind in (0, 3, 4)
-            and Sq == 1 and q.dtype in (torch.float16, torch.bfloat16)
-            and D in (64, 128) and cos.shape[-1] == D and sin.shape[-1] == D):
+    if not call_fits(q, lk, k_bias, k_norm_weight, cos, sin, rope_style, softcap, is_causal, mask_kind, interpret):
         return False
     hkv = lk.shape[1] // D * groups
     if lk.shape[0] != groups or lk.shape[1] % D or Hq % hkv or not 2 <= Hq // hkv <= MAX_HEADS:
         return False  # (one query head per KV head, multi-head attention: ``gluon_rope.py``)
     rk, rv = lk.shape[-1], vl.channels // groups
-    if rk not in (32, 64, 128) or rv not in (32, 64, 128) or kl.channels != groups * rk:
+    if kl.bits and rv not in (64, 128):  # (4-bit value words spread over the 8 lanes of a quad row)
         return False
-    if cos.dtype != sin.dtype or cos.stride(-1) != 1 or sin.stride(-1) != 1:
-        return False
-    if any(t.shape[1] * t.stride(1) >= 2 ** 31 for t in (kl.data, vl.data, cos, sin)):
+    rows = [kl.data, vl.data, cos, sin] + ([kl.scale, vl.scale] if kl.bits else [])
+    if any(t.shape[1] * t.stride(1) >= 2 ** 31 for t in rows):
         return False  # (a sequence's row offsets are 32-bit)
-    for t in (cos, sin):
-        e = t.element_size()
-        if t.data_ptr() % 16 or any(s * e % 16 for s in t.stride()[:-1] if s):
-            return False
-    if kl.bits == 0 and vl.bits == 0:
-        return all(x.data.dtype == q.dtype and x.data.stride(-1) == 1 and x.data.data_ptr() % 16 == 0
-                   and all(s * 2 % 16 == 0 for s in x.data.stride()[:-1]) for x in (kl, vl))
-    # 4 bits: one quantization group per latent group, the value words over the 8 lanes of a quad row
-    return (kl.bits == 4 and vl.bits == 4 and kl.group_size == rk and vl.group_size == rv and rv in (64, 128)
-            and kl.scale.stride() == kl.zero.stride() == vl.scale.stride() == vl.zero.stride()
-            and kl.scale.stride(-1) == 1
-            and all(x.data.stride(0) % 16 == 0 and x.data.stride(1) % 16 == 0 and x.data.data_ptr() % 16 == 0
-                    for x in (kl, vl)))
+    return operands_fit(q, kl, vl, cos, sin, rk, rv, groups)
 
 
 def launch(q, lk, kl, vl, cos, sin, mask_kind, mask, sm_b, sm_k, scale, out, nsplit, chunk, part, lse, stages=2,
@@ -393,17 +379,7 @@ def launch(q, lk, kl, vl, cos, sin, mask_kind, mask, sm_b, sm_k, scale, out, nsp
     gs = gsd // D  # KV heads per latent group
     hkv = groups * gs
     rv = vl.channels // groups
-    bits = 4 if kl.bits == 4 else 16
-    if bits == 4:
-        kd, vd = kl.data.view(torch.int32), vl.data.view(torch.int32)
-        ks, kz, vs, vz = kl.scale, kl.zero, vl.scale, vl.zero
-        ss = (ks.stride(0), ks.stride(1))
-        kw, vw, eb = rk // 8, rv // 8, 4
-    else:
-        kd, vd = kl.data, vl.data
-        ks = kz = vs = vz = q
-        ss = (0, 0)
-        kw, vw, eb = rk, rv, 2
+    bits, (kd, vd, ks, kz, vs, vz), ss, (kw, vw, eb) = latent_args(q, kl, vl, rk, rv)
     one_table = bits == 16 and max(rk, rv) > 64  # (plain stages of rank 128 fill the shared memory)
     tb = cos.element_size()
     grid = (nsplit, B * hkv)

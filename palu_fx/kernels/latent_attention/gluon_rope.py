@@ -68,7 +68,8 @@ if HAVE_GLUON:
     from palu_fx.kernels.latent_attention.gluon_rope_layouts import (_key_channel, _kappa_plain, _kappa_words,
                                                                      _pair_tables, _value_sums)
 
-__all__ = ["HAVE_GLUON", "applies", "default_knobs", "launch", "key_channel", "pair_of_column"]
+__all__ = ["HAVE_GLUON", "applies", "call_fits", "default_knobs", "latent_args", "launch", "key_channel",
+           "operands_fit", "pair_of_column"]
 
 if HAVE_GLUON:
     _barrier = getattr(gl, "thread_barrier", None) or gl.barrier
@@ -426,18 +427,22 @@ if HAVE_GLUON:
                          DIRECT)
 
 
-def applies(q, kl, vl, lk, k_bias, k_norm_weight, cos, sin, rope_style, softcap, is_causal, mask_kind, groups,
-            interpret) -> bool:
-    """Whether ``rope_decode_kernel`` serves a fused call (see the module docstring)."""
+def call_fits(q, lk, k_bias, k_norm_weight, cos, sin, rope_style, softcap, is_causal, mask_kind, interpret) -> bool:
+    """What the Gluon RoPE kernels (this one and ``gluon_gqa``) need of a call: a GPU with Gluon,
+    one fp16/bf16 query token, keys rebuilt with rotate-half RoPE over the whole head of 64 or
+    128 (no bias, norm or softcap), no causal mask, a shared decode mask or none."""
     B, Hq, Sq, D = q.shape
-    if not (HAVE_GLUON and not interpret and lk is not None and rope_style == 1 and k_bias is None
+    return (HAVE_GLUON and not interpret and lk is not None and rope_style == 1 and k_bias is None
             and k_norm_weight is None and softcap == 0 and not is_causal and mask_kind in (0, 3, 4)
-            and Sq == 1 and Hq % groups == 0 and q.dtype in (torch.float16, torch.bfloat16)
-            and D in (64, 128) and cos.shape[-1] == D and sin.shape[-1] == D):
-        return False
-    if tuple(lk.shape[:2]) != (groups, Hq // groups * D):  # multi-head attention: one KV head per query head
-        return False
-    rk, rv = lk.shape[-1], vl.channels // groups
+            and Sq == 1 and q.dtype in (torch.float16, torch.bfloat16)
+            and D in (64, 128) and cos.shape[-1] == D and sin.shape[-1] == D)
+
+
+def operands_fit(q, kl, vl, cos, sin, rk: int, rv: int, groups: int) -> bool:
+    """What the Gluon RoPE kernels need of the operands: key and value ranks 32/64/128 per latent
+    group, cos/sin tables of one dtype with rows aligned for 16-byte copies, and plain latents in
+    the query's dtype, or 4-bit codes with one quantization group per latent group (scales and
+    zeros sharing strides), rows aligned likewise."""
     if rk not in (32, 64, 128) or rv not in (32, 64, 128) or kl.channels != groups * rk:
         return False
     if cos.dtype != sin.dtype or cos.stride(-1) != 1 or sin.stride(-1) != 1:
@@ -454,6 +459,17 @@ def applies(q, kl, vl, lk, k_bias, k_norm_weight, cos, sin, rope_style, softcap,
             and kl.scale.stride(-1) == 1
             and all(x.data.stride(0) % 16 == 0 and x.data.stride(1) % 16 == 0 and x.data.data_ptr() % 16 == 0
                     for x in (kl, vl)))
+
+
+def applies(q, kl, vl, lk, k_bias, k_norm_weight, cos, sin, rope_style, softcap, is_causal, mask_kind, groups,
+            interpret) -> bool:
+    """Whether ``rope_decode_kernel`` serves a fused call (see the module docstring)."""
+    B, Hq, Sq, D = q.shape
+    if not call_fits(q, lk, k_bias, k_norm_weight, cos, sin, rope_style, softcap, is_causal, mask_kind, interpret):
+        return False
+    if Hq % groups or tuple(lk.shape[:2]) != (groups, Hq // groups * D):  # multi-head: a KV head per query head
+        return False
+    return operands_fit(q, kl, vl, cos, sin, lk.shape[-1], vl.channels // groups, groups)
 
 
 def default_knobs(bits: int, heads: int, rank: int, heads_per_program: int = 0, tables: int = -1,
@@ -493,6 +509,18 @@ def default_knobs(bits: int, heads: int, rank: int, heads_per_program: int = 0, 
     return hpp, tables
 
 
+def latent_args(q, kl, vl, rk: int, rv: int):
+    """What the Gluon RoPE kernels take of the latents (``gluon_rope``, ``gluon_gqa``): (bits,
+    (key data, value data, key scale, key zero, value scale, value zero), the scales' (batch,
+    token) strides, (key and value elements per token and group, element bytes)). 4 bits: the
+    codes as int32 words; plain: the latents, with ``q`` standing in for the absent scales."""
+    if kl.bits == 4:
+        ks = kl.scale
+        return (4, (kl.data.view(torch.int32), vl.data.view(torch.int32), ks, kl.zero, vl.scale, vl.zero),
+                (ks.stride(0), ks.stride(1)), (rk // 8, rv // 8, 4))
+    return 16, (kl.data, vl.data, q, q, q, q), (0, 0), (rk, rv, 2)
+
+
 def launch(q, lk, kl, vl, cos, sin, mask_kind, mask, sm_b, sm_k, scale, out, nsplit, chunk, part, lse,
            heads_per_program=1, stages=2, tables=1, max_regs=0, probe=False):
     """Launch over ``nsplit`` splits of ``chunk`` tokens; ``part``/``lse``: the split partials, one
@@ -505,17 +533,7 @@ def launch(q, lk, kl, vl, cos, sin, mask_kind, mask, sm_b, sm_k, scale, out, nsp
     rv = vl.channels // groups
     hpp = heads_per_program
     lat = hpp if groups == Hq else 1  # latent tiles per program: one per head, or the group's
-    bits = 4 if kl.bits == 4 else 16
-    if bits == 4:
-        kd, vd = kl.data.view(torch.int32), vl.data.view(torch.int32)
-        ks, kz, vs, vz = kl.scale, kl.zero, vl.scale, vl.zero
-        ss = (ks.stride(0), ks.stride(1))
-        kw, vw, eb = rk // 8, rv // 8, 4
-    else:
-        kd, vd = kl.data, vl.data
-        ks = kz = vs = vz = q
-        ss = (0, 0)
-        kw, vw, eb = rk, rv, 2
+    bits, (kd, vd, ks, kz, vs, vz), ss, (kw, vw, eb) = latent_args(q, kl, vl, rk, rv)
     tb = cos.element_size()
     grid = (nsplit, B * Hq // hpp)
     args = (q, lk, kd, vd, ks, kz, vs, vz, cos, sin, mask, out, part, lse,

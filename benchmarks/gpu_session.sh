@@ -88,6 +88,8 @@
 #                                      # decode (CUDA graphs, B=8 x 16k): Inductor, palu gs1
 #   bash benchmarks/gpu_session.sh 73  # the same decode with the strong baseline: Inductor over query heads folded
 #                                      # into the query length (no repeat_kv copies), then palu gs1
+#   bash benchmarks/gpu_session.sh 74  # Gluon GQA: the key product overlapped with the table reads, the score product
+#                                      # in two chains: tests, A/B against .ab/old and .ab/async (carried)
 set -u
 export PYTHONPATH=.
 OUT=${OUT:-/tmp/palu_gpu}
@@ -100,6 +102,14 @@ step() {  # name, time limit (s), command...
     grep -v -i warn "$OUT/$name.log" | grep -E "^\[|^\||rel err|smoke|speedup|ms/step|identical|diag|FAIL|Error|^rc|---|path|shape" | tail -40
 }
 case "${1:-1}" in
+74)
+    step gqa_tests 120 python -m pytest -q -x tests/kernels/test_gluon_gqa.py
+    for tag in new async old; do
+        root=.; [ $tag != new ] && root=.ab/$tag
+        step ab_$tag 40 env PYTHONPATH=$root python -u benchmarks/kernel_ab.py --kv-heads 8 --cases rope rope4 \
+            --rounds 5 --tag $tag
+    done
+    ;;
 73)
     step decode32_llama3_folded 300 python -u benchmarks/decode.py --shape llama3 --layers 32 --batch 8 \
         --context 16384 --modes reduce-overhead --gqa-baseline folded

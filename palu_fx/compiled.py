@@ -11,6 +11,7 @@ without it.
 """
 from __future__ import annotations
 
+import hashlib
 import warnings
 import weakref
 from typing import Callable, Optional, Union
@@ -127,9 +128,44 @@ def _inner(gm: fx.GraphModule, example_inputs: list, eager: bool, inductor_optio
     return compile_fx(gm, example_inputs, config_patches=dict(inductor_options or {}))
 
 
+def _op_contract_files() -> tuple:
+    """The sources of what Inductor's generated code assumes of the ``palu::`` ops: their
+    registrations and fake implementations (shapes, dtypes, strides) and the output layout they
+    declare."""
+    from palu_fx import ops
+    from palu_fx.kernels.latent_attention import naive
+    return (ops.__file__, naive.__file__)
+
+
+def _op_contract_key():
+    """A no-op post-grad pass whose ``uuid`` keys Inductor's FX graph cache by the ``palu::``
+    ops' contracts (a hash of ``_op_contract_files``).
+
+    Why: the cache keys a graph by its code, not by the fake implementations of the custom ops
+    it calls. After an upgrade that changed an op's declared strides, a compiled model ran
+    stale code from the cache and failed ``assert_size_stride`` (2026-11-29, the op's output
+    moved to [B, S, H, D] memory). Inductor puts a custom pass's ``uuid`` in the cache key."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    class OpContractKey(CustomGraphPass):
+        def __call__(self, graph: fx.Graph) -> None:
+            return None
+
+        def uuid(self) -> str:  # (read each time: torch's get_hash_for_files caches by path)
+            h = hashlib.sha256(b"palu-fx op contracts")
+            for path in _op_contract_files():
+                with open(path, "rb") as f:
+                    h.update(f.read())
+            return h.hexdigest()
+
+    return OpContractKey()
+
+
 def _inductor_options(mode: Optional[str], options: Optional[dict]) -> dict:
     """Inductor config patches for a ``torch.compile``-style ``mode`` plus explicit ``options``
-    (``options`` win), checked here so a bad value fails when the backend is built."""
+    (``options`` win), checked here so a bad value fails when the backend is built; the graph
+    cache keyed by the palu ops' contracts (``_op_contract_key``) unless ``options`` set that
+    hook themselves."""
     from torch._inductor import config as inductor_config, list_mode_options
 
     try:
@@ -146,6 +182,8 @@ def _inductor_options(mode: Optional[str], options: Optional[dict]) -> dict:
                 raise ValueError(f"backend(options=...): {key!r} is not an Inductor setting")
             obj = getattr(obj, part)
     patches.update(options or {})
+    if patches.get("post_grad_custom_pre_pass") is None:
+        patches["post_grad_custom_pre_pass"] = _op_contract_key()
     return patches
 
 

@@ -204,7 +204,27 @@ def test_backend_mode_and_options_are_checked_and_reach_inductor(monkeypatch):
                                                                  options={"max_autotune": False}))
     out = _generate(m, LatentCache(m.config, max_cache_len=MAX_CACHE, compression=cfg))
     assert out.shape == (2, 9 + NEW)
-    assert seen and all(p == {"triton.cudagraphs": True, "max_autotune": False} for p in seen)
+    assert seen and all({k: v for k, v in p.items() if k != "post_grad_custom_pre_pass"}
+                        == {"triton.cudagraphs": True, "max_autotune": False} for p in seen)
+
+
+def test_inductor_cache_is_keyed_by_the_op_contracts(monkeypatch, tmp_path):
+    """Inductor's FX graph cache does not see a custom op's fake implementation: the backend adds
+    a no-op pass whose uuid hashes the ops' contract sources, so a changed contract misses the
+    cache instead of running code compiled for the old one."""
+    from palu_fx import compiled
+
+    key = compiled._inductor_options(None, None)["post_grad_custom_pre_pass"]
+    assert key.uuid() == key.uuid() and key(torch.fx.Graph()) is None
+    fake_ops = tmp_path / "ops.py"
+    fake_ops.write_text("strides = (S * H * D, D, H * D, 1)\n")
+    monkeypatch.setattr(compiled, "_op_contract_files", lambda: (str(fake_ops),))
+    before = key.uuid()
+    fake_ops.write_text("strides = (H * S * D, S * D, D, 1)\n")  # the contract changed
+    assert key.uuid() != before
+    # a hook the caller sets is theirs
+    mine = object()
+    assert compiled._inductor_options(None, {"post_grad_custom_pre_pass": mine})["post_grad_custom_pre_pass"] is mine
 
 
 def test_cache_buffers_stay_static_inputs_for_cuda_graphs(monkeypatch):

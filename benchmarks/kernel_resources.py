@@ -12,6 +12,7 @@ spill stack is suspect), and to compare what a change does to the code:
     PYTHONPATH=. python benchmarks/kernel_resources.py --gs 2 --block-s 128 --warps 8 --stages 2
     PYTHONPATH=. python benchmarks/kernel_resources.py --absorbed --bits 4 --group-heads 4
     PYTHONPATH=. python benchmarks/kernel_resources.py --no-gluon                        # the Triton kernels
+    PYTHONPATH=. python benchmarks/kernel_resources.py --kv-heads 8 --loop   # GQA; the tile loop's SASS
 
 Use the Triton the GPU has (its SASS differs between versions). ``loads`` counts the global
 load instructions by width: ``LDG.U8`` one byte, ``LDG.128`` sixteen.
@@ -120,7 +121,29 @@ def compile_sm90(fn, args, kw, maxnreg: int = 0):
                           target=GPUTarget("cuda", 90, 64), options=options)
 
 
-def resources(kernel) -> dict:
+def main_loop(sass: str) -> dict:
+    """The longest loop of a SASS listing (a backward branch's span; in the decode kernels, the
+    token-tile loop): instructions per warp and trip, the most frequent opcodes, and the local
+    loads and stores inside it (spills that cost every tile, unlike the prologue's)."""
+    lines = [x for x in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", x)]
+    at = {int(re.match(r"\s+/\*([0-9a-f]{4})\*/", x).group(1), 16): i for i, x in enumerate(lines)}
+    best = (0, 0)
+    for i, x in enumerate(lines):
+        m = re.search(r"BRA (?:`\(\.L_x_\d+\) )?(0x[0-9a-f]+)", x) or re.search(r"BRA (0x[0-9a-f]+)", x)
+        if m and at.get(int(m.group(1), 16), i) < i and i - at[int(m.group(1), 16)] > best[1] - best[0]:
+            best = (at[int(m.group(1), 16)], i)
+    body = lines[best[0]:best[1] + 1] if best[1] else []
+    ops: dict = {}
+    for x in body:
+        op = re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", x).group(1)
+        ops[op] = ops.get(op, 0) + 1
+    return {"instructions": len(body), "ops": dict(sorted(ops.items(), key=lambda t: -t[1])[:12]),
+            "spills": ops.get("LDL", 0) + ops.get("STL", 0)}
+
+
+def resources(kernel, loop: bool = False) -> dict:
+    """Registers, spill stack, shared memory, SASS size and global loads by width of a compiled
+    kernel; ``loop``: also its main loop (``main_loop``)."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
@@ -132,9 +155,12 @@ def resources(kernel) -> dict:
     for op in re.findall(r"\b(LDG[.A-Z0-9_]*)", sass):
         key = ".".join(t for t in op.split(".") if t not in ("E", "EL", "LU", "EF", "CONSTANT", "STRONG", "GPU", "SYS"))
         loads[key] = loads.get(key, 0) + 1
-    return {"regs": field("REG"), "stack": field("STACK"), "shared": kernel.metadata.shared,
-            "sass": sum(1 for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", line)),
-            "loads": dict(sorted(loads.items()))}
+    out = {"regs": field("REG"), "stack": field("STACK"), "shared": kernel.metadata.shared,
+           "sass": sum(1 for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", line)),
+           "loads": dict(sorted(loads.items()))}
+    if loop:
+        out["loop"] = main_loop(sass)
+    return out
 
 
 def main() -> None:
@@ -153,6 +179,8 @@ def main() -> None:
     ap.add_argument("--no-gluon", action="store_true", help="the Triton kernels where a Gluon kernel would run")
     ap.add_argument("--maxnreg", type=int, default=0,
                     help="cap registers per thread (e.g. 168 for three 4-warp programs per SM) and show the spills")
+    ap.add_argument("--loop", action="store_true",
+                    help="also the main loop's instructions per warp and trip, top opcodes and spills (main_loop)")
     args = ap.parse_args()
     H, Hkv, D, gs = args.heads, args.kv_heads, args.head_dim, args.gs
     G, rank = Hkv // gs, int(args.rank_ratio * gs * D)
@@ -184,7 +212,7 @@ def main() -> None:
     for label, mask in (("no mask", None), ("[B,1,1,S] mask", torch.zeros(B, 1, 1, S, dtype=dt))):
         launches = record(lambda: call(mask))
         for fn, a, kw in launches:
-            print(f"  {label:<15} {fn.__name__:<28} {resources(compile_sm90(fn, a, kw, args.maxnreg))}")
+            print(f"  {label:<15} {fn.__name__:<28} {resources(compile_sm90(fn, a, kw, args.maxnreg), args.loop)}")
 
 
 if __name__ == "__main__":

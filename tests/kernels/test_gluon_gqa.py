@@ -136,6 +136,21 @@ def test_compiles_for_sm90_without_spills(qpg, D, rank, gs, bits):
     res = resources(compile_sm90(probe[0], probe[2], probe[3]))
     assert res["stack"] == 0 and res["regs"] <= 255, res
     assert wrapper.programs_by_registers(res["regs"], 4) >= 2 and 2 * (res["shared"] + 1024) <= 233472, res
+    if (qpg, D, rank, gs, bits) == (4, 128, 64, 1, 0):  # the tile loop: no spills, no shared-memory stores
+        loop = resources(compile_sm90(probe[0], probe[2], probe[3]), loop=True)["loop"]
+        assert loop["spills"] == 0 and "STS" not in loop["ops"] and loop["ops"].get("HMMA") == 24, loop
+
+
+def test_main_loop_finds_the_longest_backward_branch():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from kernel_resources import main_loop
+
+    sass = "\n".join(f"        /*{16 * i:04x}*/                   {op} ;" for i, op in enumerate([
+        "MOV R1, c[0x0][0x28]", "IADD3 R2, R1, 1, RZ",  # prologue
+        "HMMA.16816.F32 R4, R8, R12, R4", "STL [R1], R4", "LDL R4, [R1]", "BRA 0x20",  # the loop: 4 + branch
+        "FADD R4, R4, R5", "BRA 0x60", "EXIT"]))  # a one-instruction loop, then the end
+    loop = main_loop(sass)
+    assert loop["instructions"] == 4 and loop["spills"] == 2 and loop["ops"]["HMMA"] == 1, loop
 
 
 # ---------------------------------------------------------------- GPU: against the reference

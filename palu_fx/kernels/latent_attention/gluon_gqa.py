@@ -153,13 +153,14 @@ if HAVE_GLUON:
         sk = tok_k.to(gl.float32) * 0.0
         zk, sv, zv = sk, tok_v.to(gl.float32) * 0.0, tok_v.to(gl.float32) * 0.0
         if BITS == 4:
-            ok = tok_k < hi
-            sk = gl.load(ks_ptr + off + tok_k * ss_s, mask=ok, other=0.0).to(gl.float32)
-            zk = gl.load(kz_ptr + off + tok_k * ss_s, mask=ok, other=0.0).to(gl.float32)
-            ok = tok_v < hi
-            sv = gl.load(vs_ptr + off + tok_v * ss_s, mask=ok, other=0.0).to(gl.float32)
-            zv = gl.load(vz_ptr + off + tok_v * ss_s, mask=ok, other=0.0).to(gl.float32)
+            sk, zk = _per_token(ks_ptr, off, ss_s, tok_k, hi), _per_token(kz_ptr, off, ss_s, tok_k, hi)
+            sv, zv = _per_token(vs_ptr, off, ss_s, tok_v, hi), _per_token(vz_ptr, off, ss_s, tok_v, hi)
         return sk, zk, sv, zv
+
+    @gluon.jit
+    def _per_token(ptr, off, stride, tok, hi):
+        """One value per token (``tok``'s layout), fp32; 0 past ``hi``."""
+        return gl.load(ptr + off + tok * stride, mask=tok < hi, other=0.0).to(gl.float32)
 
     @gluon.jit
     def _value_codes(w, OP_B: gl.constexpr, BF16: gl.constexpr):

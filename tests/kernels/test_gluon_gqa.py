@@ -91,6 +91,24 @@ def test_rotated_keys_pair_each_partner_with_its_own_and_its_tables():
         assert torch.equal(back, acc)
 
 
+@pytest.mark.parametrize("words", [8, 16])
+def test_value_codes_columns_hold_value_channel(words):
+    """``_value_codes``' reshapes (as torch ops) over ``gluon_q4._decode``'s stacking (output
+    ``4k + 2i + e`` of word ``w`` at (w, e, i, k); output ``j`` of a word is its nibble ``j``): column
+    ``n`` of the B operand holds latent channel ``gluon_q4.value_channel(n)``, the order the
+    kernel's epilogue stores, and its fp16 codes arrive times 16 where ``(n // 8) % 2`` (odd nibbles,
+    ``_v_asm``), the channels the epilogue divides by 16."""
+    from palu_fx.kernels.latent_attention.gluon_q4 import value_channel
+    w = torch.arange(words).view(words, 1, 1, 1)
+    e, i, k = (torch.arange(2).view(*s) for s in ((1, 2, 1, 1), (1, 1, 2, 1), (1, 1, 1, 2)))
+    nibble = 4 * k + 2 * i + e
+    x = (8 * w + nibble).expand(words, 2, 2, 2)[None, None].expand(4, 16, words, 2, 2, 2)  # the latent channel
+    x = x.reshape(4, 16, words // 8, 8, 2, 2, 2).permute(0, 1, 2, 6, 5, 4, 3).reshape(4, 16, 8 * words)
+    n = torch.arange(8 * words)
+    assert torch.equal(x[0, 0], value_channel(n)) and torch.equal(x[3, 15], value_channel(n))
+    assert torch.equal((x[0, 0] % 8) % 2 == 1, (n // 8) % 2 == 1)
+
+
 def test_rotated_keys_formula_is_rope_rotate_half():
     """The two products per partner (``lo cos - hi sin``, ``hi cos + lo sin``) are rotate-half RoPE."""
     from palu_fx.kernels.latent_attention.naive import ROPE_HALF, apply_rope

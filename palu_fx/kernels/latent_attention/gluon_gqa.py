@@ -136,6 +136,13 @@ if HAVE_GLUON:
         return gl.reshape(gl.permute(gl.join(k_lo, k_hi), [0, 2, 1]), [64, 2 * HALF])
 
     @gluon.jit
+    def _head_dim(n, HALF: gl.constexpr):
+        """Head dim held at column ``n`` of the rebuilt keys (and the query's): ``part HALF + pair``
+        of ``gluon_rope.pair_of_column``."""
+        nn = n % HALF
+        return (n // HALF) * HALF + (HALF // 4) * ((nn // 2) % 4) + 2 * (nn // 8) + nn % 2
+
+    @gluon.jit
     def _mask_rows(mask_ptr, m_off, sm_k, tok, hi, MASK_KIND: gl.constexpr):
         """(keep, additive base-2 term) of tokens ``tok`` (any layout), fp32."""
         keep = tok < hi
@@ -222,16 +229,13 @@ if HAVE_GLUON:
         WL: gl.constexpr = gl.NVMMASharedLayout.get_default_for([RK, D], DT)
         mch = _key_channel(gl.arange(0, RK, layout=gl.SliceLayout(1, LW)), RK, BITS)
         n = gl.arange(0, D, layout=gl.SliceLayout(0, LW))
-        nn = n % HALF
-        dim = (n // HALF) * HALF + (HALF // 4) * ((nn // 2) % 4) + 2 * (nn // 8) + nn % 2
-        dim = dim + (kvh % GS) * D  # the KV head's rows of its group's L_k
+        dim = _head_dim(n, HALF) + (kvh % GS) * D  # (the KV head's rows of its group's L_k)
         lt = gl.load(lk_ptr + grp * slk_g + gl.expand_dims(mch * slk_r, 1) + gl.expand_dims(dim * slk_d, 0))
         lt_s = gl.allocate_shared_memory(DT, [RK, D], WL, lt)
         # the query heads as rows (zero past QPG), the head dim in the same column order, every warp a copy
         hq = gl.arange(0, MH, layout=gl.SliceLayout(1, gl.SliceLayout(0, LQ)))
         nq = gl.arange(0, D, layout=gl.SliceLayout(0, gl.SliceLayout(0, LQ)))
-        nnq = nq % HALF
-        dq = (nq // HALF) * HALF + (HALF // 4) * ((nnq // 2) % 4) + 2 * (nnq // 8) + nnq % 2
+        dq = _head_dim(nq, HALF)
         q2 = gl.load(q_ptr + b * sq_b + gl.expand_dims((kvh * QPG + hq) * sq_h, 1) + gl.expand_dims(dq * sq_d, 0),
                      mask=gl.expand_dims(hq < QPG, 1), other=0.0)
         q3 = gl.expand_dims(q2, 0) + gl.zeros([4, MH, D], DT, LQ)

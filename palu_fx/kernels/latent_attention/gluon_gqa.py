@@ -114,25 +114,33 @@ if HAVE_GLUON:
         _copy_rows(sbuf, s_base, ss_s, start, hi, HALF, LCC)
 
     @gluon.jit
+    def _partners(x, HALF: gl.constexpr):
+        """[64, 2 HALF] in ``pair_of_column``'s order -> its two parts [64, HALF] (in-thread)."""
+        return gl.split(gl.permute(gl.reshape(x, [64, 2, HALF]), [0, 2, 1]))
+
+    @gluon.jit
+    def _rot(a, b, c, d, MINUS: gl.constexpr, BF16: gl.constexpr):
+        """``a b - c d`` (``MINUS``) or ``a b + c d``, two channels per instruction (``_rot_asm``; Gluon
+        takes only a literal dtype for the result, hence the branches)."""
+        if BF16:
+            r = gl.inline_asm_elementwise(_ROT_MINUS_BF16 if MINUS else _ROT_PLUS_BF16, "=r,r,r,r,r", [a, b, c, d],
+                                          dtype=gl.bfloat16, is_pure=True, pack=2)
+        else:
+            r = gl.inline_asm_elementwise(_ROT_MINUS if MINUS else _ROT_PLUS, "=r,r,r,r,r", [a, b, c, d],
+                                          dtype=gl.float16, is_pure=True, pack=2)
+        return r
+
+    @gluon.jit
     def _rotated_keys(acc, csn, HALF: gl.constexpr, BF16: gl.constexpr):
         """RoPE on a tile's rebuilt keys [64, 2 HALF] (columns in ``pair_of_column``'s order: part 0
         the first partner of each pair, part 1 the second; ``csn`` the tile's cos (part 0) and sin
         (part 1) in the same order): ``(lo cos - hi sin, hi cos + lo sin)``, in place, in the
         operand dtype, two channels per instruction (``_rot_asm``)."""
-        if BF16:
-            lo, hi = gl.split(gl.permute(gl.reshape(acc.to(gl.bfloat16), [64, 2, HALF]), [0, 2, 1]))
-            c, s = gl.split(gl.permute(gl.reshape(csn.to(gl.bfloat16), [64, 2, HALF]), [0, 2, 1]))
-            k_lo = gl.inline_asm_elementwise(_ROT_MINUS_BF16, "=r,r,r,r,r", [lo, c, hi, s], dtype=gl.bfloat16,
-                                             is_pure=True, pack=2)
-            k_hi = gl.inline_asm_elementwise(_ROT_PLUS_BF16, "=r,r,r,r,r", [hi, c, lo, s], dtype=gl.bfloat16,
-                                             is_pure=True, pack=2)
-        else:
-            lo, hi = gl.split(gl.permute(gl.reshape(acc.to(gl.float16), [64, 2, HALF]), [0, 2, 1]))
-            c, s = gl.split(gl.permute(gl.reshape(csn.to(gl.float16), [64, 2, HALF]), [0, 2, 1]))
-            k_lo = gl.inline_asm_elementwise(_ROT_MINUS, "=r,r,r,r,r", [lo, c, hi, s], dtype=gl.float16,
-                                             is_pure=True, pack=2)
-            k_hi = gl.inline_asm_elementwise(_ROT_PLUS, "=r,r,r,r,r", [hi, c, lo, s], dtype=gl.float16,
-                                             is_pure=True, pack=2)
+        DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
+        lo, hi = _partners(acc.to(DT), HALF)
+        c, s = _partners(csn.to(DT), HALF)
+        k_lo = _rot(lo, c, hi, s, True, BF16)
+        k_hi = _rot(hi, c, lo, s, False, BF16)
         return gl.reshape(gl.permute(gl.join(k_lo, k_hi), [0, 2, 1]), [64, 2 * HALF])
 
     @gluon.jit

@@ -154,9 +154,13 @@ def test_compiles_for_sm90_without_spills(qpg, D, rank, gs, bits):
     res = resources(compile_sm90(probe[0], probe[2], probe[3]))
     assert res["stack"] == 0 and res["regs"] <= 255, res
     assert wrapper.programs_by_registers(res["regs"], 4) >= 2 and 2 * (res["shared"] + 1024) <= 233472, res
-    if (qpg, D, rank, gs, bits) == (4, 128, 64, 1, 0):  # the tile loop: no spills, no shared-memory stores
+    if (qpg, D, rank, gs) == (4, 128, 64, 1):
+        # the tile loop, which bounds the time (RESULTS.md): no spills, no shared-memory stores (every
+        # operand hand-off stays in registers), and within 10% of its instruction count (Triton 3.6 /
+        # 3.9: 380 / 385 plain, 531 / 542 at 4 bits; RoPE in fp32 instead of fp16 pairs was +180)
         loop = resources(compile_sm90(probe[0], probe[2], probe[3]), loop=True)["loop"]
         assert loop["spills"] == 0 and "STS" not in loop["ops"] and loop["ops"].get("HMMA") == 24, loop
+        assert loop["instructions"] <= (600 if bits else 425), loop
 
 
 def test_main_loop_finds_the_longest_backward_branch():

@@ -36,9 +36,10 @@ SHAPES = {  # hidden, intermediate, query heads, KV heads, vocab, rope theta
 def folded_gqa_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kw):
     """Hugging Face's SDPA attention, except that a decode step of GQA folds each KV head's query
     heads into the query length (exact for one query token) instead of ``repeat_kv``: under a
-    mask, Hugging Face copies every KV head's cache once per query head (``repeat_kv``, since
-    SDPA's fused kernels take GQA only without a mask), 4x the cache in copies at Llama-3-8B's 4
-    query heads per KV head. The strong Inductor baseline of GQA decode (``--gqa-baseline folded``)."""
+    mask, transformers 5.17 (the GPU machine's) copies every KV head's cache once per query head
+    (``repeat_kv``, since SDPA's fused kernels take GQA only without a mask), 4x the cache in copies
+    at Llama-3-8B's 4 query heads per KV head; 5.24 folds the heads itself (identical logits). The
+    strong Inductor baseline of GQA decode (``--gqa-baseline folded``)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     B, Hq, Sq, D = query.shape
     Hkv = key.shape[1]

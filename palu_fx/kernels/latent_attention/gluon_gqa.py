@@ -65,7 +65,6 @@ __all__ = ["HAVE_GLUON", "MAX_HEADS", "applies", "launch", "value_words_layout"]
 MAX_HEADS = 16  # query heads per KV head: the 16 rows of one ``mma.sync``
 
 
-
 def _rot_asm(bf16: bool, minus: bool) -> str:
     """``$1 $2 + $3 $4`` (``minus``: ``- $3 $4``) on pairs of 16-bit values (a multiply, then an FMA;
     the negation folds into the FMA's operand): one RoPE output per channel pair, in the operand

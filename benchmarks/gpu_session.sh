@@ -90,6 +90,8 @@
 #                                      # into the query length (no repeat_kv copies), then palu gs1
 #   bash benchmarks/gpu_session.sh 74  # Gluon GQA: the key product overlapped with the table reads, the score product
 #                                      # in two chains: tests, A/B against .ab/old and .ab/async (carried)
+#   bash benchmarks/gpu_session.sh 75  # the Gluon kernel for wide groups (gs4, rank 256): tests, A/B against the Triton
+#                                      # kernel and fp32 value sums, the gs4 RoPE rows (Llama-2-7B shape)
 set -u
 export PYTHONPATH=.
 OUT=${OUT:-/tmp/palu_gpu}
@@ -102,6 +104,13 @@ step() {  # name, time limit (s), command...
     grep -v -i warn "$OUT/$name.log" | grep -E "^\[|^\||rel err|smoke|speedup|ms/step|identical|diag|FAIL|Error|^rc|---|path|shape" | tail -40
 }
 case "${1:-1}" in
+75)
+    step wide_tests 200 python -m pytest -q tests/kernels/test_gluon_wide.py
+    step ab_wide 120 python -u benchmarks/kernel_ab.py --gs 4 --cases rope --rounds 5 \
+        --variant rope:fp32sums=gluon_wide_pairs=false --variant rope:triton=gluon=false
+    step table_wide 200 python -u benchmarks/attention.py --no-sweep --defaults-only --no-prefill --no-naive \
+        --shapes mha --gs 4 --budget-s 170
+    ;;
 74)
     step gqa_tests 120 python -m pytest -q -x tests/kernels/test_gluon_gqa.py
     for tag in new async old; do

@@ -33,6 +33,7 @@ from triton.compiler import ASTSource
 import palu_fx.kernels.latent_attention.gluon_gqa as gluon_gqa
 import palu_fx.kernels.latent_attention.gluon_q4 as gluon_q4
 import palu_fx.kernels.latent_attention.gluon_rope as gluon_rope
+import palu_fx.kernels.latent_attention.gluon_wide as gluon_wide
 import palu_fx.kernels.latent_attention.per_head as per_head
 import palu_fx.kernels.latent_attention.wrapper as wrapper
 
@@ -69,7 +70,7 @@ def record(call) -> list:
     kernels = [(wrapper, "rebuild_attention_kernel"), (wrapper, "absorbed_attention_kernel"),
                (wrapper, "combine_splits_kernel"), (per_head, "per_head_attention_kernel")]
     gluon_kernels = ((gluon_q4, "q4_absorbed_kernel"), (gluon_rope, "rope_decode_kernel"),
-                     (gluon_gqa, "gqa_rope_decode_kernel"))
+                     (gluon_gqa, "gqa_rope_decode_kernel"), (gluon_wide, "wide_rope_decode_kernel"))
     kernels += [(m, n) for m, n in gluon_kernels if hasattr(m, n)]  # Gluon kernels exist where Triton has Gluon
     saved = [getattr(m, n) for m, n in kernels] + [wrapper._interpreting, wrapper._num_sms]
     try:

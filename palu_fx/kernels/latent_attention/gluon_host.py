@@ -1,12 +1,12 @@
-"""Host side of the Gluon decode kernels (``gluon_q4.py``, ``gluon_rope.py``, ``gluon_gqa.py``): their
-knobs from a ``KernelConfig``, the split plan that fills whole waves of what an SM holds, and the
-merge of the splits' partials (``wrapper.fused_attention`` calls ``run_q4`` / ``run_rope`` /
-``run_gqa`` where the kernels' ``applies`` say so)."""
+"""Host side of the Gluon decode kernels (``gluon_q4.py``, ``gluon_rope.py``, ``gluon_gqa.py``,
+``gluon_wide.py``): their knobs from a ``KernelConfig``, the split plan that fills whole waves of
+what an SM holds, and the merge of the splits' partials (``wrapper.fused_attention`` calls ``run_q4`` / ``run_rope`` /
+``run_gqa`` / ``run_wide`` where the kernels' ``applies`` say so)."""
 from __future__ import annotations
 
 import torch
 
-from palu_fx.kernels.latent_attention import gluon_gqa, gluon_q4, gluon_rope
+from palu_fx.kernels.latent_attention import gluon_gqa, gluon_q4, gluon_rope, gluon_wide
 
 
 def _wrapper():
@@ -65,6 +65,20 @@ def run_gqa(q, lk, kl, vl, cos, sin, mask_kind, mask, mstr, scale, cfg, out):
     key = ("gluon_gqa", cfg.gluon_rope_stages, q.dtype, cos.dtype, lk.shape[1:], Hq // hkv, RV, mask_kind,
            q.device.index)
     return _splits(launch, key, out, B * hkv, Hq // hkv, RV, kl.data.shape[1], 1, cfg.num_splits)
+
+
+def run_wide(q, lk, kl, vl, cos, sin, mask_kind, mask, mstr, scale, cfg, out):
+    """``gluon_wide.wide_rope_decode_kernel`` (a program per sequence and query head) over the splits
+    that fill whole waves of what an SM holds, then ``combine_splits_kernel``."""
+    B, Hq, _, _ = q.shape
+    RV = out.shape[-1]
+
+    def launch(nsplit, chunk, part, lse, probe=False):
+        return gluon_wide.launch(q, lk, kl, vl, cos, sin, mask_kind, mask, mstr[0], mstr[3], scale, out, nsplit,
+                                 chunk, part, lse, cfg.gluon_wide_pairs, probe=probe)
+
+    key = ("gluon_wide", cfg.gluon_wide_pairs, q.dtype, cos.dtype, lk.shape[1:], RV, mask_kind, q.device.index)
+    return _splits(launch, key, out, B * Hq, 1, RV, kl.data.shape[1], 1, cfg.num_splits)
 
 
 def _splits(launch, key, out, n_base, rows, R, Skv, programs_per_sm, num_splits):

@@ -26,7 +26,7 @@ import torch
 import triton
 from triton.runtime.errors import OutOfResources
 
-from palu_fx.kernels.latent_attention import gluon_gqa, gluon_host, gluon_q4, gluon_rope
+from palu_fx.kernels.latent_attention import gluon_gqa, gluon_host, gluon_q4, gluon_rope, gluon_wide
 from palu_fx.kernels.latent_attention.absorbed import absorbed_attention_kernel
 from palu_fx.kernels.latent_attention.common import (
     MASK_ADD, MASK_ADD_SHARED, MASK_BOOL, MASK_BOOL_SHARED, MASK_NONE, combine_splits_kernel,
@@ -88,7 +88,10 @@ class KernelConfig:
     share each KV head, any group size, ranks up to 128, plain or 4-bit latents) run the Gluon
     GQA kernel, which rebuilds a KV head's keys once for all its query heads, with
     gluon_rope_stages copy stages (B=8 x 32k, 32 query / 8 KV heads of 128: gs1 0.17 ms against 0.21 for the
-    Triton kernels, gs2 0.27 against 0.45; 4-bit 0.20 and 0.27 against 0.26 and 0.53).
+    Triton kernels, gs2 0.27 against 0.45; 4-bit 0.20 and 0.27 against 0.26 and 0.53); and calls
+    ``gluon_wide.applies`` to (RoPE decode in multi-head attention at key rank 192 or 256 per
+    group, plain latents) run the Gluon kernel for wide groups, with gluon_wide_pairs summing a
+    tile's two-row value products in fp16 pairs before the fp32 accumulators (fp16 models).
     """
 
     block_s: int = 64
@@ -112,6 +115,7 @@ class KernelConfig:
     gluon_rope_stages: int = 2
     gluon_rope_tables: int = -1
     gluon_rope_regs: int = 0
+    gluon_wide_pairs: bool = True
 
     def __post_init__(self):
         checks = {"gluon_rope_heads": self.gluon_rope_heads in (0, 1, 2),
@@ -485,6 +489,9 @@ def fused_attention(q, kl: Latent, vl: Latent, lk, k_bias, cos, sin, k_norm_weig
     if cfg.gluon and rebuild and gluon_gqa.applies(qc, kl, vl, lk, k_bias, k_norm_weight, p["cos"], p["sin"],
                                                    rope_style, softcap, is_causal, mask_kind, G, interpret):
         return gluon_host.run_gqa(qc, lk, kl, vl, p["cos"], p["sin"], mask_kind, mask, mstr, scale, cfg, out)
+    if cfg.gluon and rebuild and gluon_wide.applies(qc, kl, vl, lk, k_bias, k_norm_weight, p["cos"], p["sin"],
+                                                    rope_style, softcap, is_causal, mask_kind, G, interpret):
+        return gluon_host.run_wide(qc, lk, kl, vl, p["cos"], p["sin"], mask_kind, mask, mstr, scale, cfg, out)
     (hk, hks, hkz), k_strides, k_q = kl.kernel_args(RK, RK_P)
     (hv, hvs, hvz), v_strides, v_q = vl.kernel_args(RV, RV_P)
     latent_strides = (*k_strides[:2], *v_strides[:2], *k_strides[2:4], *v_strides[2:4], k_strides[4], v_strides[4])

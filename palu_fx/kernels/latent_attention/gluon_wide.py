@@ -1,0 +1,292 @@
+"""Gluon decode kernel: RoPE attention in multi-head attention whose latent groups are wide (key
+rank 192 or 256 per group: group size 4 at rank ratio 0.5, Palu's default grouping), keys rebuilt
+from plain latents on Hopper's warpgroup MMA.
+
+Why: ``gluon_rope.py`` holds a tile's key operand, its ``[Wa | Wb]`` product and the value tile in
+registers; at rank 256 that is 255 registers and 640 bytes of spills, and two heads' ``[Wa | Wb]``
+(64 KB each) fill the shared memory. These calls took the Triton kernels: 2.4-2.5 ms for B=8 x 32k
+(32 heads of 128, rank ratio 0.5, gs4), a third of what the key products need at the H200's
+matmul rate (0.82 ms; RESULTS.md). Here:
+
+* **Scores without rotated keys**, as ``gluon_rope.py``: each program (one query head) builds its
+  ``[Wa | Wb]`` ([rank, head_dim], columns in ``pair_of_column`` order) in shared memory once; a
+  tile's ``[64, head_dim]`` product weighted by the tile's cos/sin and summed per row gives its
+  scores. Each thread's two accumulator rows share one softmax lane (``gluon_rope._softmax_step``).
+* **Both operands in shared memory**, in 64-channel slices (128-byte swizzle): the product is
+  ``rank / 64`` asynchronous ``wgmma`` into one accumulator, and costs no registers for the
+  key operand.
+* **Values one tile behind.** While tile ``i``'s key product runs on the tensor cores, the CUDA
+  cores accumulate tile ``i - 1``'s values (``o = o alpha + sum_t p_t h_t`` in fp32, 64 channels
+  at a time); then the product is waited for and tile ``i``'s scores and softmax weights
+  computed. Values take a ring of two stages of their own, refilled after they are read, so a
+  tile's copy has a whole iteration to land.
+* **Copies streamed with ``cp.async``** (keys one tile ahead, values two); the cos/sin rows and
+  the mask row are loaded from global memory at the top of the tile, their latency hidden
+  behind the key product.
+
+Covers: fp16 and bf16, rotate-half RoPE over the whole head (head dim 64 or 128, the tables' last
+dim contiguous), multi-head attention at any group size, key rank 192 or 256 and value rank
+64-256 per group (multiples of 64), plain latents, shared decode masks or none, no softcap, no
+key bias or norm, one query token. One program of four warps per SM (192 KB of shared memory at
+rank 256). ``applies`` says whether a call is covered; 4-bit latents at these ranks, and
+everything else, take the Triton kernels. Gluon has no CPU interpreter: the kernel is tested on
+the GPU and compiled for sm_90 without one (``tests/kernels/test_gluon_wide.py``).
+"""
+from __future__ import annotations
+
+import torch
+
+try:  # Gluon ships with Triton >= 3.5; without it the Triton kernels serve every call
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, warpgroup_mma,
+                                                                  warpgroup_mma_wait)
+    HAVE_GLUON = True
+except ImportError:  # pragma: no cover (older Triton)
+    HAVE_GLUON = False
+
+from palu_fx.kernels.latent_attention.gluon_rope import call_fits
+from palu_fx.kernels.latent_attention.gluon_rope_layouts import copy_layout, swizzled_layout, thread_run_layout
+
+if HAVE_GLUON:
+    from palu_fx.kernels.latent_attention.gluon_q4 import store_output
+    from palu_fx.kernels.latent_attention.gluon_rope import _softmax_init, _softmax_step, _table_rows
+    from palu_fx.kernels.latent_attention.gluon_rope_layouts import _pair_tables
+
+__all__ = ["HAVE_GLUON", "SHARED_BYTES", "applies", "launch", "shared_bytes"]
+
+SHARED_BYTES = 200 * 1024  # what one program may take (the H200's 227 KB, less the compiler's scratch)
+SLICE = 64  # latent channels per shared-memory slice (128 bytes of fp16: the swizzle's width)
+
+
+def shared_bytes(rk: int, rv: int, head_dim: int, stages: int = 2) -> int:
+    """Shared memory of one program: ``[Wa | Wb]``, and ``stages`` key and value tiles of 64 tokens."""
+    return 2 * (rk * head_dim + stages * 64 * (rk + rv))
+
+
+if HAVE_GLUON:
+    _SLICE = gl.constexpr(SLICE)
+    _barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+    _async_load = getattr(cp, "async_load", None) or cp.async_copy_global_to_shared
+
+    @gluon.jit
+    def _copy_slices(buf, first, base, stride, start, hi, NS: gl.constexpr, LC: gl.constexpr):
+        """Start the copy of a tile's rows (``NS`` slices of ``_SLICE`` channels, row ``t`` at ``base + t
+        stride``) into ``buf.index(first + j)``; rows past ``hi`` are clamped to the last token (real
+        memory, masked out of the scores). 32-bit offsets from a 64-bit base (``applies`` checks)."""
+        t = gl.minimum(start + gl.arange(0, 64, layout=gl.SliceLayout(1, LC)), hi - 1)
+        off = gl.expand_dims(t * stride, 1) + gl.expand_dims(gl.arange(0, 64, layout=gl.SliceLayout(0, LC)), 0)
+        for j in gl.static_range(NS):
+            _async_load(buf.index(first + j), base + (off + j * 64))
+
+    @gluon.jit
+    def _mask_rows(mask_ptr, m_off, sm_k, tok, hi, MASK_KIND: gl.constexpr):
+        """(keep, additive base-2 term) of tokens ``tok``, fp32."""
+        keep = tok < hi
+        madd = tok.to(gl.float32) * 0.0
+        if MASK_KIND == 3:  # keep flags
+            keep = keep & (gl.load(mask_ptr + m_off + tok * sm_k, mask=keep, other=0) != 0)
+        elif MASK_KIND == 4:  # additive
+            madd = gl.load(mask_ptr + m_off + tok * sm_k, mask=keep, other=0.0).to(gl.float32) * 1.4426950408889634
+        return keep, madd
+
+    @gluon.jit
+    def _value_slice(buf, p, a_o, o_i, PAIRS: gl.constexpr, RUN: gl.constexpr):
+        """``o alpha + sum_t p_t h_t`` over a thread's two rows of one 64-channel value slice (fp32
+        accumulators; ``PAIRS``: the two rows' products summed in fp16 pairs first)."""
+        v = gl.reshape(buf.load(RUN), [4, 2, 8, _SLICE])  # (warp, row pair, quad, channel)
+        pv = gl.expand_dims(gl.convert_layout(p, gl.SliceLayout(3, v.type.layout)), 3)
+        if PAIRS:
+            t = gl.sum(pv.to(gl.float16) * v, axis=1).to(gl.float32)
+        else:
+            t = gl.sum(pv * v.to(gl.float32), axis=1)
+        return o_i * a_o + t
+
+    @gluon.jit
+    def _values(vbuf, first, p, alpha, o0, o1, o2, o3, NV: gl.constexpr, PAIRS: gl.constexpr, RUN: gl.constexpr):
+        """One tile's values into the accumulators of its ``NV`` 64-channel slices (unused ones pass
+        through)."""
+        a_o = gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(2, o0.type.layout)), 2)
+        o0 = _value_slice(vbuf.index(first), p, a_o, o0, PAIRS, RUN)
+        if NV > 1:
+            o1 = _value_slice(vbuf.index(first + 1), p, a_o, o1, PAIRS, RUN)
+        if NV > 2:
+            o2 = _value_slice(vbuf.index(first + 2), p, a_o, o2, PAIRS, RUN)
+        if NV > 3:
+            o3 = _value_slice(vbuf.index(first + 3), p, a_o, o3, PAIRS, RUN)
+        return o0, o1, o2, o3
+
+    @gluon.jit
+    def _store_slice(o_i, w, l, mx, j: gl.constexpr, out_ptr, out_off, part_ptr, lse_ptr, row, RV: gl.constexpr,
+                     DIRECT: gl.constexpr):
+        """Slice ``j``'s channels of the head's output: the softmax lanes merged with weights ``w``."""
+        wo = gl.expand_dims(gl.convert_layout(w, gl.SliceLayout(2, o_i.type.layout)), 2)
+        o = gl.sum(gl.sum(o_i * wo, axis=1), axis=0)
+        ch = j * _SLICE + gl.arange(0, _SLICE, layout=o.type.layout)
+        store_output(o, l, mx, ch, out_ptr, out_off, part_ptr, lse_ptr, row, RV, DIRECT)
+
+    @gluon.jit
+    def wide_rope_decode_kernel(
+        q_ptr, lk_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, mask_ptr, out_ptr, part_ptr, lse_ptr,
+        sq_b, sq_h, sq_d, slk_g, slk_d, slk_r, sk_b, sk_s, sv_b, sv_s,
+        sc_b, sc_s, ssn_b, ssn_s, sm_b, sm_k, so_b, so_h,
+        Hq, Skv, chunk, NSPLIT, scale,
+        RK: gl.constexpr, RV: gl.constexpr, HALF: gl.constexpr, GS: gl.constexpr, MASK_KIND: gl.constexpr,
+        DIRECT: gl.constexpr, BF16: gl.constexpr, CS_L: gl.constexpr, LC: gl.constexpr, SWK: gl.constexpr,
+        SWV: gl.constexpr, RUN: gl.constexpr, PAIRS: gl.constexpr = False,
+    ):
+        # one program: sequence b, query head h (slice h % GS of latent group g's L_k), tokens [lo, hi)
+        N: gl.constexpr = 2 * HALF
+        NK: gl.constexpr = RK // _SLICE  # key slices: products per tile
+        NV: gl.constexpr = RV // _SLICE  # value slices: accumulators
+        DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
+        ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, N, 16])
+        V_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, _SLICE, 16]), k_width=2)
+        ROW: gl.constexpr = gl.SliceLayout(1, ACC)
+        LW: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [4, 1], [1, 0])
+
+        pid_s = gl.program_id(0)
+        pid_x = gl.program_id(1)
+        b = (pid_x // Hq).to(gl.int64)
+        h = pid_x % Hq
+        g = h // GS
+        lo = pid_s * chunk
+        hi = gl.minimum(lo + chunk, Skv)
+
+        # [Wa | Wb], once, a 64-channel slice at a time (registers): for pair f (partners lo/hi),
+        # Wa_f = q_lo L_lo + q_hi L_hi, Wb_f = q_hi L_lo - q_lo L_hi; columns in pair_of_column order
+        WL: gl.constexpr = gl.NVMMASharedLayout.get_default_for([_SLICE, N], DT)
+        wab = gl.allocate_shared_memory(DT, [NK, _SLICE, N], WL)
+        n = gl.arange(0, N, layout=gl.SliceLayout(0, LW))
+        part = n // HALF
+        nn = n % HALF
+        f = (HALF // 4) * ((nn // 2) % 4) + 2 * (nn // 8) + nn % 2
+        qrow = q_ptr + b * sq_b + h * sq_h
+        q_lo = gl.expand_dims(gl.load(qrow + f * sq_d).to(gl.float32), 0)
+        q_hi = gl.expand_dims(gl.load(qrow + (f + HALF) * sq_d).to(gl.float32), 0)
+        lrow = lk_ptr + g * slk_g + (h % GS) * N * slk_d
+        for j in gl.static_range(NK):
+            r = gl.expand_dims((j * _SLICE + gl.arange(0, _SLICE, layout=gl.SliceLayout(1, LW))) * slk_r, 1)
+            l_lo = gl.load(lrow + r + gl.expand_dims(f * slk_d, 0)).to(gl.float32)
+            l_hi = gl.load(lrow + r + gl.expand_dims((f + HALF) * slk_d, 0)).to(gl.float32)
+            w = gl.where(gl.expand_dims(part == 0, 0), q_lo * l_lo + q_hi * l_hi, q_hi * l_lo - q_lo * l_hi)
+            wab.index(j).store(w.to(DT))
+
+        # stage s, slice j at index s NK + j (keys) / s NV + j (values); values of "tile -1" are zeros
+        kbuf = gl.allocate_shared_memory(DT, [2 * NK, 64, _SLICE], SWK)
+        vbuf = gl.allocate_shared_memory(DT, [2 * NV, 64, _SLICE], SWV)
+        for j in gl.static_range(NV):
+            vbuf.index(NV + j).store(gl.zeros([64, _SLICE], DT, LC))
+        fence_async_shared()
+        _barrier()
+
+        k_base = k_ptr + (b * sk_b + g * RK)
+        v_base = v_ptr + (b * sv_b + g * RV)
+        c_off = b * sc_b
+        s_off = b * ssn_b
+        m_off = b * sm_b
+        n_tiles = gl.cdiv(hi - lo, 64)
+        # commit groups in order: K0, V0, then per tile i: K(i+1), V(i+1)
+        _copy_slices(kbuf, 0, k_base, sk_s, lo, hi, NK, LC)
+        cp.commit_group()
+        _copy_slices(vbuf, 0, v_base, sv_s, lo, hi, NV, LC)
+        cp.commit_group()
+
+        m_i, l_i, _, _ = _softmax_init(_SLICE, ROW, V_L)
+        o0 = gl.sum(gl.reshape(gl.zeros([64, _SLICE], gl.float32, RUN), [4, 2, 8, _SLICE]), axis=1)
+        o1, o2, o3 = o0, o0, o0
+        p = gl.reshape(gl.zeros([64], gl.float32, ROW), [4, 2, 8])  # tile -1's weights (its values: zeros)
+        alpha = l_i + 1.0
+        qscale = scale * 1.4426950408889634
+        tok = lo + gl.arange(0, 64, layout=ROW)
+        for it in range(n_tiles):
+            ks = it % 2
+            cp.wait_group(1)  # this tile's keys (and the last tile's values) have landed
+            fence_async_shared()  # (the products read the keys through the async proxy)
+            _barrier()  # ... for every thread; and every thread is done with the last tile's keys
+            _copy_slices(kbuf, (1 - ks) * NK, k_base, sk_s, lo + (it + 1) * 64, hi, NK, LC)
+            cp.commit_group()
+            acc = warpgroup_mma(kbuf.index(ks * NK), wab.index(0), gl.zeros([64, N], gl.float32, ACC),
+                                use_acc=False, is_async=True)
+            for j in gl.static_range(1, NK):
+                acc = warpgroup_mma(kbuf.index(ks * NK + j), wab.index(j), acc, is_async=True)
+            # the last tile's values while the tensor cores rebuild this one's scores
+            o0, o1, o2, o3 = _values(vbuf, (1 - ks) * NV, p, alpha, o0, o1, o2, o3, NV, PAIRS, RUN)
+            # this tile's cos/sin and mask rows (their latency hidden behind the rest of the product)
+            cs, sn = _table_rows(cos_ptr, sin_ptr, c_off, s_off, sc_s, ssn_s, tok, hi, HALF, CS_L)
+            keep, madd = _mask_rows(mask_ptr, m_off, sm_k, tok, hi, MASK_KIND)
+            _barrier()  # every thread is done with the last tile's values: their stage takes the next's
+            _copy_slices(vbuf, (1 - ks) * NV, v_base, sv_s, lo + (it + 1) * 64, hi, NV, LC)
+            cp.commit_group()
+            acc = warpgroup_mma_wait(0, deps=[acc])
+            s = gl.sum(acc * _pair_tables(cs, sn, HALF, ACC).to(gl.float32), axis=1)
+            p, alpha, m_i, l_i = _softmax_step(s, keep, madd, qscale, m_i, l_i)
+            tok = tok + 64
+        cp.wait_group(0)
+        _barrier()
+        o0, o1, o2, o3 = _values(vbuf, (n_tiles % 2 + 1) % 2 * NV, p, alpha, o0, o1, o2, o3, NV, PAIRS, RUN)
+
+        # merge the 32 softmax lanes; store the output (or the split's partial with its base-2 LSE)
+        mx = gl.max(gl.max(m_i, axis=1), axis=0)
+        m_use = gl.where(mx == float("-inf"), 0.0, mx)
+        w = gl.exp2(m_i - m_use)
+        l = gl.sum(gl.sum(l_i * w, axis=1), axis=0)
+        row = pid_x * NSPLIT + pid_s
+        out_off = b * so_b + h * so_h
+        _store_slice(o0, w, l, mx, 0, out_ptr, out_off, part_ptr, lse_ptr, row, RV, DIRECT)
+        if NV > 1:
+            _store_slice(o1, w, l, mx, 1, out_ptr, out_off, part_ptr, lse_ptr, row, RV, DIRECT)
+        if NV > 2:
+            _store_slice(o2, w, l, mx, 2, out_ptr, out_off, part_ptr, lse_ptr, row, RV, DIRECT)
+        if NV > 3:
+            _store_slice(o3, w, l, mx, 3, out_ptr, out_off, part_ptr, lse_ptr, row, RV, DIRECT)
+
+
+def applies(q, kl, vl, lk, k_bias, k_norm_weight, cos, sin, rope_style, softcap, is_causal, mask_kind, groups,
+            interpret) -> bool:
+    """Whether ``wide_rope_decode_kernel`` serves a fused call (see the module docstring)."""
+    B, Hq, Sq, D = q.shape
+    if not call_fits(q, lk, k_bias, k_norm_weight, cos, sin, rope_style, softcap, is_causal, mask_kind, interpret):
+        return False
+    if Hq % groups or tuple(lk.shape[:2]) != (groups, Hq // groups * D):  # multi-head: a KV head per query head
+        return False
+    rk, rv = lk.shape[-1], vl.channels // groups
+    if rk not in (192, 256) or rv % SLICE or not 0 < rv <= 256 or shared_bytes(rk, rv, D) > SHARED_BYTES:
+        return False
+    if kl.bits or vl.bits or kl.channels != groups * rk:
+        return False
+    if cos.dtype != sin.dtype or cos.stride(-1) != 1 or sin.stride(-1) != 1:
+        return False
+    rows = (kl.data, vl.data)
+    if any(x.dtype != q.dtype or x.stride(-1) != 1 or x.data_ptr() % 16 or x.stride(0) % 8 or x.stride(1) % 8
+           for x in rows):
+        return False  # (16-byte copies)
+    return all(t.shape[1] * t.stride(1) < 2 ** 31 for t in rows)  # (a sequence's row offsets are 32-bit)
+
+
+def launch(q, lk, kl, vl, cos, sin, mask_kind, mask, sm_b, sm_k, scale, out, nsplit, chunk, part, lse, pairs=False,
+           probe=False):
+    """Launch over ``nsplit`` splits of ``chunk`` tokens; ``part``/``lse``: the split partials, one
+    row per program, as ``common.combine_splits_kernel`` reads them. ``cos``/``sin``: [B, S, D]
+    (broadcast strides allowed). ``probe``: return (kernel, grid, args, constexprs)."""
+    B, Hq, _, D = q.shape
+    groups, _, rk = lk.shape
+    rv = vl.channels // groups
+    kd, vd = kl.data, vl.data
+    grid = (nsplit, B * Hq)
+    args = (q, lk, kd, vd, cos, sin, mask, out, part, lse,
+            q.stride(0), q.stride(1), q.stride(3), lk.stride(0), lk.stride(1), lk.stride(2),
+            kd.stride(0), kd.stride(1), vd.stride(0), vd.stride(1),
+            cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1), sm_b, sm_k, out.stride(0), out.stride(1),
+            Hq, kd.shape[1], chunk, nsplit, float(scale))
+    consts = dict(RK=rk, RV=rv, HALF=D // 2, GS=Hq // groups, MASK_KIND=mask_kind, DIRECT=nsplit == 1,
+                  BF16=q.dtype == torch.bfloat16, CS_L=thread_run_layout(D // 2), LC=copy_layout(SLICE, 2),
+                  SWK=gl.NVMMASharedLayout.get_default_for([64, SLICE], gl.bfloat16 if q.dtype == torch.bfloat16
+                                                           else gl.float16),
+                  SWV=swizzled_layout(SLICE, 2), RUN=thread_run_layout(SLICE),
+                  PAIRS=pairs and q.dtype == torch.float16, num_warps=4)
+    if probe:
+        return wide_rope_decode_kernel, grid, args, consts
+    wide_rope_decode_kernel[grid](*args, **consts)

@@ -92,6 +92,8 @@
 #                                      # in two chains: tests, A/B against .ab/old and .ab/async (carried)
 #   bash benchmarks/gpu_session.sh 75  # the Gluon kernel for wide groups (gs4, rank 256): tests, A/B against the Triton
 #                                      # kernel and fp32 value sums, the gs4 RoPE rows (Llama-2-7B shape)
+#   bash benchmarks/gpu_session.sh 76  # the same kernel unrolled by two (static stages: 3 barriers a tile instead of 10),
+#                                      # row pointers for the copies: tests, A/B against .ab/old (75's, carried) and Triton
 set -u
 export PYTHONPATH=.
 OUT=${OUT:-/tmp/palu_gpu}
@@ -104,6 +106,16 @@ step() {  # name, time limit (s), command...
     grep -v -i warn "$OUT/$name.log" | grep -E "^\[|^\||rel err|smoke|speedup|ms/step|identical|diag|FAIL|Error|^rc|---|path|shape" | tail -40
 }
 case "${1:-1}" in
+76)
+    step wide_tests 200 python -m pytest -q tests/kernels/test_gluon_wide.py
+    for tag in new old; do
+        root=.; [ $tag != new ] && root=.ab/$tag
+        step ab_wide_$tag 60 env PYTHONPATH=$root python -u benchmarks/kernel_ab.py --gs 4 --cases rope --rounds 5 \
+            --tag $tag
+    done
+    step ab_wide_triton 60 python -u benchmarks/kernel_ab.py --gs 4 --cases rope --rounds 3 \
+        --variant rope:triton=gluon=false
+    ;;
 75)
     step wide_tests 200 python -m pytest -q tests/kernels/test_gluon_wide.py
     step ab_wide 120 python -u benchmarks/kernel_ab.py --gs 4 --cases rope --rounds 5 \

@@ -1,6 +1,6 @@
 """Gluon decode kernel: RoPE attention in multi-head attention whose latent groups are wide (key
-rank 192 or 256 per group: group size 4 at rank ratio 0.5, Palu's default grouping), keys rebuilt
-from plain latents on Hopper's warpgroup MMA.
+rank 256 per group: group size 4 at rank ratio 0.5, Palu's default grouping), keys rebuilt from
+plain latents on Hopper's warpgroup MMA.
 
 Why: ``gluon_rope.py`` holds a tile's key operand, its ``[Wa | Wb]`` product and the value tile in
 registers; at rank 256 that is 255 registers and 640 bytes of spills, and two heads' ``[Wa | Wb]``
@@ -25,8 +25,8 @@ matmul rate (0.82 ms; RESULTS.md). Here:
   behind the key product.
 
 Covers: fp16 and bf16, rotate-half RoPE over the whole head (head dim 64 or 128, the tables' last
-dim contiguous), multi-head attention at any group size, key rank 192 or 256 and value rank
-64-256 per group (multiples of 64), plain latents, shared decode masks or none, no softcap, no
+dim contiguous), multi-head attention at any group size, key rank 256 and value rank 64, 128 or
+256 per group, plain latents, shared decode masks or none, no softcap, no
 key bias or norm, one query token. One program of four warps per SM (192 KB of shared memory at
 rank 256). ``applies`` says whether a call is covered; 4-bit latents at these ranks, and
 everything else, take the Triton kernels. Gluon has no CPU interpreter: the kernel is tested on
@@ -71,14 +71,14 @@ if HAVE_GLUON:
     _async_load = getattr(cp, "async_load", None) or cp.async_copy_global_to_shared
 
     @gluon.jit
-    def _copy_slices(buf, first, base, stride, start, hi, NS: gl.constexpr, LC: gl.constexpr):
-        """Start the copy of a tile's rows (``NS`` slices of ``_SLICE`` channels, row ``t`` at ``base + t
-        stride``) into ``buf.index(first + j)``; rows past ``hi`` are clamped to the last token (real
+    def _copy_rows(buf, base, stride, start, hi, W: gl.constexpr, LC: gl.constexpr):
+        """Start the copy of a tile's rows (``W`` elements each, row ``t`` at ``base + t stride``) into
+        ``buf``: one copy per tile and buffer (the barrier pass puts a barrier before every copy into
+        an allocation another copy wrote); rows past ``hi`` are clamped to the last token (real
         memory, masked out of the scores). 32-bit offsets from a 64-bit base (``applies`` checks)."""
         t = gl.minimum(start + gl.arange(0, 64, layout=gl.SliceLayout(1, LC)), hi - 1)
-        off = gl.expand_dims(t * stride, 1) + gl.expand_dims(gl.arange(0, 64, layout=gl.SliceLayout(0, LC)), 0)
-        for j in gl.static_range(NS):
-            _async_load(buf.index(first + j), base + (off + j * 64))
+        rows = base + gl.expand_dims(t * stride, 1)  # (a pointer per row: the columns become immediate offsets)
+        _async_load(buf, rows + gl.expand_dims(gl.arange(0, W, layout=gl.SliceLayout(0, LC)), 0))
 
     @gluon.jit
     def _mask_rows(mask_ptr, m_off, sm_k, tok, hi, MASK_KIND: gl.constexpr):
@@ -104,17 +104,17 @@ if HAVE_GLUON:
         return o_i * a_o + t
 
     @gluon.jit
-    def _values(vbuf, first, p, alpha, o0, o1, o2, o3, NV: gl.constexpr, PAIRS: gl.constexpr, RUN: gl.constexpr):
+    def _values(vbuf, p, alpha, o0, o1, o2, o3, NV: gl.constexpr, PAIRS: gl.constexpr, RUN: gl.constexpr):
         """One tile's values into the accumulators of its ``NV`` 64-channel slices (unused ones pass
         through)."""
         a_o = gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(2, o0.type.layout)), 2)
-        o0 = _value_slice(vbuf.index(first), p, a_o, o0, PAIRS, RUN)
+        o0 = _value_slice(vbuf.slice(0, _SLICE, dim=1), p, a_o, o0, PAIRS, RUN)
         if NV > 1:
-            o1 = _value_slice(vbuf.index(first + 1), p, a_o, o1, PAIRS, RUN)
+            o1 = _value_slice(vbuf.slice(_SLICE, _SLICE, dim=1), p, a_o, o1, PAIRS, RUN)
         if NV > 2:
-            o2 = _value_slice(vbuf.index(first + 2), p, a_o, o2, PAIRS, RUN)
+            o2 = _value_slice(vbuf.slice(2 * _SLICE, _SLICE, dim=1), p, a_o, o2, PAIRS, RUN)
         if NV > 3:
-            o3 = _value_slice(vbuf.index(first + 3), p, a_o, o3, PAIRS, RUN)
+            o3 = _value_slice(vbuf.slice(3 * _SLICE, _SLICE, dim=1), p, a_o, o3, PAIRS, RUN)
         return o0, o1, o2, o3
 
     @gluon.jit
@@ -127,13 +127,41 @@ if HAVE_GLUON:
         store_output(o, l, mx, ch, out_ptr, out_off, part_ptr, lse_ptr, row, RV, DIRECT)
 
     @gluon.jit
+    def _tile(kt, kn, vl, wab, cos_ptr, sin_ptr, mask_ptr, k_base, v_base, c_off, s_off, m_off, sk_s, sv_s, sc_s,
+              ssn_s, sm_k, tok, nxt, hi, qscale, p, alpha, m_i, l_i, o0, o1, o2, o3, N: gl.constexpr,
+              RK: gl.constexpr, RV: gl.constexpr, NV: gl.constexpr, HALF: gl.constexpr, MASK_KIND: gl.constexpr, PAIRS: gl.constexpr,
+              ACC: gl.constexpr, CS_L: gl.constexpr, LCK: gl.constexpr, LCV: gl.constexpr, RUN: gl.constexpr):
+        """One tile (tokens ``tok``; keys in ``kt``) and the last tile's values (in ``vl``, with its
+        weights ``p`` and rescale ``alpha``); starts the copies of the next tile's keys into ``kn``
+        and values into ``vl``, at token ``nxt``."""
+        cp.wait_group(1)  # this tile's keys (and the last tile's values) have landed
+        fence_async_shared()  # (the products read the keys through the async proxy)
+        _barrier()  # ... for every thread; and every thread is done with the last tile's keys
+        _copy_rows(kn, k_base, sk_s, nxt, hi, RK, LCK)
+        cp.commit_group()
+        acc = warpgroup_mma(kt, wab, gl.zeros([64, N], gl.float32, ACC), use_acc=False, is_async=True)
+        # the last tile's values while the tensor cores rebuild this one's scores
+        o0, o1, o2, o3 = _values(vl, p, alpha, o0, o1, o2, o3, NV, PAIRS, RUN)
+        # this tile's cos/sin and mask rows (their latency hidden behind the rest of the product)
+        cs, sn = _table_rows(cos_ptr, sin_ptr, c_off, s_off, sc_s, ssn_s, tok, hi, HALF, CS_L)
+        keep, madd = _mask_rows(mask_ptr, m_off, sm_k, tok, hi, MASK_KIND)
+        _barrier()  # every thread is done with the last tile's values: their stage takes the next's
+        _copy_rows(vl, v_base, sv_s, nxt, hi, RV, LCV)
+        cp.commit_group()
+        acc = warpgroup_mma_wait(0, deps=[acc])
+        s = gl.sum(acc * _pair_tables(cs, sn, HALF, ACC).to(gl.float32), axis=1)
+        p, alpha, m_i, l_i = _softmax_step(s, keep, madd, qscale, m_i, l_i)
+        return p, alpha, m_i, l_i, o0, o1, o2, o3
+
+    @gluon.jit
     def wide_rope_decode_kernel(
         q_ptr, lk_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, mask_ptr, out_ptr, part_ptr, lse_ptr,
         sq_b, sq_h, sq_d, slk_g, slk_d, slk_r, sk_b, sk_s, sv_b, sv_s,
         sc_b, sc_s, ssn_b, ssn_s, sm_b, sm_k, so_b, so_h,
         Hq, Skv, chunk, NSPLIT, scale,
         RK: gl.constexpr, RV: gl.constexpr, HALF: gl.constexpr, GS: gl.constexpr, MASK_KIND: gl.constexpr,
-        DIRECT: gl.constexpr, BF16: gl.constexpr, CS_L: gl.constexpr, LC: gl.constexpr, SWK: gl.constexpr,
+        DIRECT: gl.constexpr, BF16: gl.constexpr, CS_L: gl.constexpr, LCK: gl.constexpr, LCV: gl.constexpr,
+        SWK: gl.constexpr,
         SWV: gl.constexpr, RUN: gl.constexpr, PAIRS: gl.constexpr = False,
     ):
         # one program: sequence b, query head h (slice h % GS of latent group g's L_k), tokens [lo, hi)
@@ -158,7 +186,7 @@ if HAVE_GLUON:
         # [Wa | Wb], once, a 64-channel slice at a time (registers): for pair f (partners lo/hi),
         # Wa_f = q_lo L_lo + q_hi L_hi, Wb_f = q_hi L_lo - q_lo L_hi; columns in pair_of_column order
         WL: gl.constexpr = gl.NVMMASharedLayout.get_default_for([_SLICE, N], DT)
-        wab = gl.allocate_shared_memory(DT, [NK, _SLICE, N], WL)
+        wab = gl.allocate_shared_memory(DT, [RK, N], WL)
         n = gl.arange(0, N, layout=gl.SliceLayout(0, LW))
         part = n // HALF
         nn = n % HALF
@@ -172,13 +200,14 @@ if HAVE_GLUON:
             l_lo = gl.load(lrow + r + gl.expand_dims(f * slk_d, 0)).to(gl.float32)
             l_hi = gl.load(lrow + r + gl.expand_dims((f + HALF) * slk_d, 0)).to(gl.float32)
             w = gl.where(gl.expand_dims(part == 0, 0), q_lo * l_lo + q_hi * l_hi, q_hi * l_lo - q_lo * l_hi)
-            wab.index(j).store(w.to(DT))
+            wab.slice(j * _SLICE, _SLICE).store(w.to(DT))
 
-        # stage s, slice j at index s NK + j (keys) / s NV + j (values); values of "tile -1" are zeros
-        kbuf = gl.allocate_shared_memory(DT, [2 * NK, 64, _SLICE], SWK)
-        vbuf = gl.allocate_shared_memory(DT, [2 * NV, 64, _SLICE], SWV)
-        for j in gl.static_range(NV):
-            vbuf.index(NV + j).store(gl.zeros([64, _SLICE], DT, LC))
+        # two stages of keys and of values, each its own allocation (the barrier pass puts a barrier
+        # before every copy into an allocation another copy wrote); "tile -1"'s values are zeros
+        k0 = gl.allocate_shared_memory(DT, [64, RK], SWK)
+        k1 = gl.allocate_shared_memory(DT, [64, RK], SWK)
+        v0 = gl.allocate_shared_memory(DT, [64, RV], SWV)
+        v1 = gl.allocate_shared_memory(DT, [64, RV], SWV, gl.zeros([64, RV], DT, LCV))
         fence_async_shared()
         _barrier()
 
@@ -189,9 +218,9 @@ if HAVE_GLUON:
         m_off = b * sm_b
         n_tiles = gl.cdiv(hi - lo, 64)
         # commit groups in order: K0, V0, then per tile i: K(i+1), V(i+1)
-        _copy_slices(kbuf, 0, k_base, sk_s, lo, hi, NK, LC)
+        _copy_rows(k0, k_base, sk_s, lo, hi, RK, LCK)
         cp.commit_group()
-        _copy_slices(vbuf, 0, v_base, sv_s, lo, hi, NV, LC)
+        _copy_rows(v0, v_base, sv_s, lo, hi, RV, LCV)
         cp.commit_group()
 
         m_i, l_i, _, _ = _softmax_init(_SLICE, ROW, V_L)
@@ -201,32 +230,24 @@ if HAVE_GLUON:
         alpha = l_i + 1.0
         qscale = scale * 1.4426950408889634
         tok = lo + gl.arange(0, 64, layout=ROW)
-        for it in range(n_tiles):
-            ks = it % 2
-            cp.wait_group(1)  # this tile's keys (and the last tile's values) have landed
-            fence_async_shared()  # (the products read the keys through the async proxy)
-            _barrier()  # ... for every thread; and every thread is done with the last tile's keys
-            _copy_slices(kbuf, (1 - ks) * NK, k_base, sk_s, lo + (it + 1) * 64, hi, NK, LC)
-            cp.commit_group()
-            acc = warpgroup_mma(kbuf.index(ks * NK), wab.index(0), gl.zeros([64, N], gl.float32, ACC),
-                                use_acc=False, is_async=True)
-            for j in gl.static_range(1, NK):
-                acc = warpgroup_mma(kbuf.index(ks * NK + j), wab.index(j), acc, is_async=True)
-            # the last tile's values while the tensor cores rebuild this one's scores
-            o0, o1, o2, o3 = _values(vbuf, (1 - ks) * NV, p, alpha, o0, o1, o2, o3, NV, PAIRS, RUN)
-            # this tile's cos/sin and mask rows (their latency hidden behind the rest of the product)
-            cs, sn = _table_rows(cos_ptr, sin_ptr, c_off, s_off, sc_s, ssn_s, tok, hi, HALF, CS_L)
-            keep, madd = _mask_rows(mask_ptr, m_off, sm_k, tok, hi, MASK_KIND)
-            _barrier()  # every thread is done with the last tile's values: their stage takes the next's
-            _copy_slices(vbuf, (1 - ks) * NV, v_base, sv_s, lo + (it + 1) * 64, hi, NV, LC)
-            cp.commit_group()
-            acc = warpgroup_mma_wait(0, deps=[acc])
-            s = gl.sum(acc * _pair_tables(cs, sn, HALF, ACC).to(gl.float32), axis=1)
-            p, alpha, m_i, l_i = _softmax_step(s, keep, madd, qscale, m_i, l_i)
+        for it in range(0, n_tiles, 2):  # tile it from stage 0, tile it + 1 from stage 1
+            p, alpha, m_i, l_i, o0, o1, o2, o3 = _tile(
+                k0, k1, v1, wab, cos_ptr, sin_ptr, mask_ptr, k_base, v_base, c_off, s_off, m_off, sk_s, sv_s, sc_s,
+                ssn_s, sm_k, tok, lo + (it + 1) * 64, hi, qscale, p, alpha, m_i, l_i, o0, o1, o2, o3, N, RK, RV,
+                NV, HALF, MASK_KIND, PAIRS, ACC, CS_L, LCK, LCV, RUN)
             tok = tok + 64
+            if it + 1 < n_tiles:
+                p, alpha, m_i, l_i, o0, o1, o2, o3 = _tile(
+                    k1, k0, v0, wab, cos_ptr, sin_ptr, mask_ptr, k_base, v_base, c_off, s_off, m_off, sk_s, sv_s,
+                    sc_s, ssn_s, sm_k, tok, lo + (it + 2) * 64, hi, qscale, p, alpha, m_i, l_i, o0, o1, o2, o3, N,
+                    RK, RV, NV, HALF, MASK_KIND, PAIRS, ACC, CS_L, LCK, LCV, RUN)
+                tok = tok + 64
         cp.wait_group(0)
         _barrier()
-        o0, o1, o2, o3 = _values(vbuf, (n_tiles % 2 + 1) % 2 * NV, p, alpha, o0, o1, o2, o3, NV, PAIRS, RUN)
+        if n_tiles % 2 == 1:  # the last tile's values: stage 0 after an odd count
+            o0, o1, o2, o3 = _values(v0, p, alpha, o0, o1, o2, o3, NV, PAIRS, RUN)
+        else:
+            o0, o1, o2, o3 = _values(v1, p, alpha, o0, o1, o2, o3, NV, PAIRS, RUN)
 
         # merge the 32 softmax lanes; store the output (or the split's partial with its base-2 LSE)
         mx = gl.max(gl.max(m_i, axis=1), axis=0)
@@ -253,7 +274,7 @@ def applies(q, kl, vl, lk, k_bias, k_norm_weight, cos, sin, rope_style, softcap,
     if Hq % groups or tuple(lk.shape[:2]) != (groups, Hq // groups * D):  # multi-head: a KV head per query head
         return False
     rk, rv = lk.shape[-1], vl.channels // groups
-    if rk not in (192, 256) or rv % SLICE or not 0 < rv <= 256 or shared_bytes(rk, rv, D) > SHARED_BYTES:
+    if rk != 256 or rv not in (64, 128, 256) or shared_bytes(rk, rv, D) > SHARED_BYTES:
         return False
     if kl.bits or vl.bits or kl.channels != groups * rk:
         return False
@@ -282,10 +303,10 @@ def launch(q, lk, kl, vl, cos, sin, mask_kind, mask, sm_b, sm_k, scale, out, nsp
             cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1), sm_b, sm_k, out.stride(0), out.stride(1),
             Hq, kd.shape[1], chunk, nsplit, float(scale))
     consts = dict(RK=rk, RV=rv, HALF=D // 2, GS=Hq // groups, MASK_KIND=mask_kind, DIRECT=nsplit == 1,
-                  BF16=q.dtype == torch.bfloat16, CS_L=thread_run_layout(D // 2), LC=copy_layout(SLICE, 2),
-                  SWK=gl.NVMMASharedLayout.get_default_for([64, SLICE], gl.bfloat16 if q.dtype == torch.bfloat16
+                  BF16=q.dtype == torch.bfloat16, CS_L=thread_run_layout(D // 2), LCK=copy_layout(SLICE, 2), LCV=copy_layout(SLICE, 2),
+                  SWK=gl.NVMMASharedLayout.get_default_for([64, rk], gl.bfloat16 if q.dtype == torch.bfloat16
                                                            else gl.float16),
-                  SWV=swizzled_layout(SLICE, 2), RUN=thread_run_layout(SLICE),
+                  SWV=swizzled_layout(rv, 2), RUN=thread_run_layout(SLICE),
                   PAIRS=pairs and q.dtype == torch.float16, num_warps=4)
     if probe:
         return wide_rope_decode_kernel, grid, args, consts

@@ -89,8 +89,8 @@ class KernelConfig:
     GQA kernel, which rebuilds a KV head's keys once for all its query heads, with
     gluon_rope_stages copy stages (B=8 x 32k, 32 query / 8 KV heads of 128: gs1 0.17 ms against 0.21 for the
     Triton kernels, gs2 0.27 against 0.45; 4-bit 0.20 and 0.27 against 0.26 and 0.53); and calls
-    ``gluon_wide.applies`` to (RoPE decode in multi-head attention at key rank 192 or 256 per
-    group, plain latents) run the Gluon kernel for wide groups, with gluon_wide_pairs summing a
+    ``gluon_wide.applies`` to (RoPE decode in multi-head attention at key rank 256 per group,
+    plain latents) run the Gluon kernel for wide groups, with gluon_wide_pairs summing a
     tile's two-row value products in fp16 pairs before the fp32 accumulators (fp16 models).
     """
 

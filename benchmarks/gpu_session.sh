@@ -94,6 +94,12 @@
 #                                      # kernel and fp32 value sums, the gs4 RoPE rows (Llama-2-7B shape)
 #   bash benchmarks/gpu_session.sh 76  # the same kernel unrolled by two (static stages: 3 barriers a tile instead of 10),
 #                                      # row pointers for the copies: tests, A/B against .ab/old (75's, carried) and Triton
+#   bash benchmarks/gpu_session.sh 77  # the wide kernel with each tile's product split in Wa and Wb halves, each running
+#                                      # under the other half's scores (and the values), three key stages: tests, A/B
+#                                      # against .ab/old (76's)
+#   bash benchmarks/gpu_session.sh 78  # the kept wide kernel (76's; pairs for bf16 too): tests, the MHA smoke (rank 256
+#                                      # at "all"), the gs4 RoPE rows (fp16; bf16 at B=8 x 32k)
+#   bash benchmarks/gpu_session.sh 79  # 32-layer decode (CUDA graphs, B=8 x 16k) at gs4: palu, then Inductor, one machine
 set -u
 export PYTHONPATH=.
 OUT=${OUT:-/tmp/palu_gpu}
@@ -106,6 +112,31 @@ step() {  # name, time limit (s), command...
     grep -v -i warn "$OUT/$name.log" | grep -E "^\[|^\||rel err|smoke|speedup|ms/step|identical|diag|FAIL|Error|^rc|---|path|shape" | tail -40
 }
 case "${1:-1}" in
+78)
+    step wide_tests 200 python -m pytest -q tests/kernels/test_gluon_wide.py
+    step smoke_mha 120 python -u benchmarks/gpu_smoke.py --mha
+    step table_wide 170 python -u benchmarks/attention.py --no-sweep --defaults-only --no-prefill --no-naive \
+        --shapes mha --gs 4 --budget-s 150
+    step table_wide_bf16 60 python -u benchmarks/attention.py --no-sweep --defaults-only --no-prefill --no-naive \
+        --shapes mha --gs 4 --batch 8 --ctx 32k --bf16 --out "$OUT/bf16"
+    ;;
+79)
+    for run in "gs4 palu 4" "inductor inductor 1"; do
+        set -- $run
+        name=$1 path=$2 gs=$3; shift 3
+        step decode32_$name 150 python -u benchmarks/decode.py --layers 32 --batch 8 --context 16384 --steps 20 \
+            --paths $path --modes reduce-overhead --group-size $gs "$@"
+        grep -E "reduce-overhead|Llama" "$OUT/decode32_$name.log" | tail -2
+    done
+    ;;
+77)
+    step wide_tests 200 python -m pytest -q tests/kernels/test_gluon_wide.py
+    for tag in new old new2 old2; do
+        root=.; case $tag in old*) root=.ab/old ;; esac
+        step ab_wide_$tag 60 env PYTHONPATH=$root python -u benchmarks/kernel_ab.py --gs 4 --cases rope --rounds 3 \
+            --tag $tag
+    done
+    ;;
 76)
     step wide_tests 200 python -m pytest -q tests/kernels/test_gluon_wide.py
     for tag in new old; do

@@ -4,9 +4,10 @@ with the PyTorch reference (PALU_FX_KERNEL=reference), prefill and decode, fp16.
 Every config runs on its own and reports its error (Python traceback first), so one failure
 does not hide the others. Group size "all" at rank ratio 0.5 has value rank 128 for head dim
 64: the op rebuilds those values itself (``lv``) instead of a folded o_proj. ``--mha``: 8 KV
-heads (no GQA sharing), gs1 and gs2 with and without 4-bit latents. Each config counts the
-launches of the Gluon RoPE kernel its decode calls take on a GPU: ``gluon_rope.py`` (MHA) or
-``gluon_gqa.py`` (the default model's two query heads per KV head, at group sizes 1, 2 and
+heads (no GQA sharing), gs1 and gs2 with and without 4-bit latents, and "all" (rank 256). Each
+config counts the launches of the Gluon RoPE kernels its decode calls take on a GPU:
+``gluon_rope.py`` and ``gluon_wide.py`` (MHA; rank 256 the latter) or ``gluon_gqa.py`` (the
+default model's two query heads per KV head, at group sizes 1, 2 and
 "all" up to rank 128). Without CUDA it runs the same check on the CPU in fp32 with the Triton
 interpreter (set TRITON_INTERPRET=1; small sizes), to check the script itself.
 """
@@ -27,11 +28,17 @@ MHA = "--mha" in sys.argv
 cfg = LlamaConfig(vocab_size=512, hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
                   num_attention_heads=8, num_key_value_heads=8 if MHA else 4, max_position_embeddings=4096)
 launches = [0]
-from palu_fx.kernels.latent_attention import gluon_gqa, gluon_rope  # noqa: E402
+from palu_fx.kernels.latent_attention import gluon_gqa, gluon_rope, gluon_wide  # noqa: E402
 
-_gluon = gluon_rope if MHA else gluon_gqa  # the Gluon RoPE kernel these heads take (MHA, or GQA at gs1)
-_launch = _gluon.launch
-_gluon.launch = lambda *a, **k: launches.__setitem__(0, launches[0] + 1) or _launch(*a, **k)
+_gluon = (gluon_rope, gluon_wide) if MHA else (gluon_gqa,)  # the Gluon RoPE kernels these heads take
+
+
+def _counted(launch):
+    return lambda *a, **k: launches.__setitem__(0, launches[0] + 1) or launch(*a, **k)
+
+
+for _m in _gluon:
+    _m.launch = _counted(_m.launch)
 torch.manual_seed(0)
 model = LlamaForCausalLM(cfg).to(dev, dtype).eval()
 t0 = time.time()
@@ -39,7 +46,8 @@ ep = palu_fx.export_decoder(model, batch_size=2, max_cache_len=max_len)
 print(f"exported in {time.time() - t0:.0f}s", flush=True)
 ids = torch.randint(3, 512, (2, total), device=dev)
 rows, failed = [], []
-configs = ((1.0, 1, None), (0.5, 1, None), (0.5, 1, 4), (0.5, 2, None), (0.5, 2, 4)) if MHA else (
+configs = ((1.0, 1, None), (0.5, 1, None), (0.5, 1, 4), (0.5, 2, None), (0.5, 2, 4),
+           (0.5, "all", None)) if MHA else (
     (1.0, 1, None), (0.5, 1, None), (0.5, 2, None), (0.5, "all", None), (0.5, "all", 4))
 for ratio, group, bits in configs:
     try:
@@ -57,7 +65,7 @@ for ratio, group, bits in configs:
         err = ((outs["triton"] - outs["reference"]).norm() / outs["reference"].norm()).item()
         rows.append((ratio, group, err))
         print(f"ratio {ratio} group {group} bits {bits}: triton vs reference rel err {err:.2e}"
-              + f", {_gluon.__name__.rsplit('.', 1)[-1]} launches {launches[0]}", flush=True)
+              + f", {'/'.join(m.__name__.rsplit('.', 1)[-1] for m in _gluon)} launches {launches[0]}", flush=True)
     except Exception as e:  # report and go on: the point is to see every failure in one run
         failed.append((ratio, group))
         print(f"ratio {ratio} group {group}: FAILED {type(e).__name__}: {str(e)[:1500]}", flush=True)

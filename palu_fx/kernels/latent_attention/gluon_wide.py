@@ -94,11 +94,11 @@ if HAVE_GLUON:
     @gluon.jit
     def _value_slice(buf, p, a_o, o_i, PAIRS: gl.constexpr, RUN: gl.constexpr):
         """``o alpha + sum_t p_t h_t`` over a thread's two rows of one 64-channel value slice (fp32
-        accumulators; ``PAIRS``: the two rows' products summed in fp16 pairs first)."""
+        accumulators; ``PAIRS``: the two rows' products summed in pairs of the latents' dtype first)."""
         v = gl.reshape(buf.load(RUN), [4, 2, 8, _SLICE])  # (warp, row pair, quad, channel)
         pv = gl.expand_dims(gl.convert_layout(p, gl.SliceLayout(3, v.type.layout)), 3)
         if PAIRS:
-            t = gl.sum(pv.to(gl.float16) * v, axis=1).to(gl.float32)
+            t = gl.sum(pv.to(v.dtype) * v, axis=1).to(gl.float32)
         else:
             t = gl.sum(pv * v.to(gl.float32), axis=1)
         return o_i * a_o + t
@@ -307,7 +307,7 @@ def launch(q, lk, kl, vl, cos, sin, mask_kind, mask, sm_b, sm_k, scale, out, nsp
                   SWK=gl.NVMMASharedLayout.get_default_for([64, rk], gl.bfloat16 if q.dtype == torch.bfloat16
                                                            else gl.float16),
                   SWV=swizzled_layout(rv, 2), RUN=thread_run_layout(SLICE),
-                  PAIRS=pairs and q.dtype == torch.float16, num_warps=4)
+                  PAIRS=pairs, num_warps=4)
     if probe:
         return wide_rope_decode_kernel, grid, args, consts
     wide_rope_decode_kernel[grid](*args, **consts)

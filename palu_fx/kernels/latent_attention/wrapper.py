@@ -91,7 +91,8 @@ class KernelConfig:
     Triton kernels, gs2 0.27 against 0.45; 4-bit 0.20 and 0.27 against 0.26 and 0.53); and calls
     ``gluon_wide.applies`` to (RoPE decode in multi-head attention at key rank 256 per group,
     plain latents) run the Gluon kernel for wide groups, with gluon_wide_pairs summing a
-    tile's two-row value products in fp16 pairs before the fp32 accumulators (fp16 models).
+    tile's two-row value products in pairs of the latents' dtype before the fp32 accumulators
+    (B=8 x 32k at gs4: 1.49-1.58 ms against 2.56 for the Triton kernels, 3.14 without pairs).
     """
 
     block_s: int = 64

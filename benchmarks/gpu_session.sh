@@ -94,9 +94,8 @@
 #                                      # kernel and fp32 value sums, the gs4 RoPE rows (Llama-2-7B shape)
 #   bash benchmarks/gpu_session.sh 76  # the same kernel unrolled by two (static stages: 3 barriers a tile instead of 10),
 #                                      # row pointers for the copies: tests, A/B against .ab/old (75's, carried) and Triton
-#   bash benchmarks/gpu_session.sh 77  # the wide kernel with each tile's product split in Wa and Wb halves, each running
-#                                      # under the other half's scores (and the values), three key stages: tests, A/B
-#                                      # against .ab/old (76's)
+#   bash benchmarks/gpu_session.sh 77  # tests, then this code against .ab/old (carried) in alternating processes (run
+#                                      # for the wide kernel's product split in Wa and Wb halves, since reverted)
 #   bash benchmarks/gpu_session.sh 78  # the kept wide kernel (76's; pairs for bf16 too): tests, the MHA smoke (rank 256
 #                                      # at "all"), the gs4 RoPE rows (fp16; bf16 at B=8 x 32k)
 #   bash benchmarks/gpu_session.sh 79  # 32-layer decode (CUDA graphs, B=8 x 16k) at gs4: palu, then Inductor, one machine

@@ -4,30 +4,35 @@ plain latents on Hopper's warpgroup MMA.
 
 Why: ``gluon_rope.py`` holds a tile's key operand, its ``[Wa | Wb]`` product and the value tile in
 registers; at rank 256 that is 255 registers and 640 bytes of spills, and two heads' ``[Wa | Wb]``
-(64 KB each) fill the shared memory. These calls took the Triton kernels: 2.4-2.5 ms for B=8 x 32k
+(64 KB each) fill the shared memory. These calls took the Triton kernels: 2.5-2.6 ms for B=8 x 32k
 (32 heads of 128, rank ratio 0.5, gs4), a third of what the key products need at the H200's
-matmul rate (0.82 ms; RESULTS.md). Here:
+matmul rate (0.76 ms). Here 1.48-1.58 ms (RESULTS.md, "A Gluon kernel for wide latent groups"):
 
 * **Scores without rotated keys**, as ``gluon_rope.py``: each program (one query head) builds its
   ``[Wa | Wb]`` ([rank, head_dim], columns in ``pair_of_column`` order) in shared memory once; a
   tile's ``[64, head_dim]`` product weighted by the tile's cos/sin and summed per row gives its
   scores. Each thread's two accumulator rows share one softmax lane (``gluon_rope._softmax_step``).
-* **Both operands in shared memory**, in 64-channel slices (128-byte swizzle): the product is
-  ``rank / 64`` asynchronous ``wgmma`` into one accumulator, and costs no registers for the
-  key operand.
+* **Both operands in shared memory**: the product is one asynchronous ``wgmma`` over the
+  ``[64, rank]`` key tile, and costs no registers for the key operand.
 * **Values one tile behind.** While tile ``i``'s key product runs on the tensor cores, the CUDA
-  cores accumulate tile ``i - 1``'s values (``o = o alpha + sum_t p_t h_t`` in fp32, 64 channels
-  at a time); then the product is waited for and tile ``i``'s scores and softmax weights
-  computed. Values take a ring of two stages of their own, refilled after they are read, so a
-  tile's copy has a whole iteration to land.
-* **Copies streamed with ``cp.async``** (keys one tile ahead, values two); the cos/sin rows and
-  the mask row are loaded from global memory at the top of the tile, their latency hidden
-  behind the key product.
+  cores accumulate tile ``i - 1``'s values (``o = o alpha + sum_t p_t h_t`` into fp32, 64
+  channels at a time, a thread's two rows summed first in pairs of the latents' dtype: in fp32
+  the loop spilled and took 2x as long); then the product is waited for and tile ``i``'s scores
+  and softmax weights computed. Values take two stages of their own, refilled after they are
+  read, so a tile's copy has a whole iteration to land.
+* **Copies streamed with ``cp.async``**, one per tile and buffer into static stages (the loop
+  unrolled by two): Triton's barrier pass puts a barrier before every copy into an allocation
+  another copy wrote, ten a tile with slices of one ring. The cos/sin and mask rows are loaded
+  from global memory during the key product.
+* **Bound by shared memory** (an estimate): per tile the product reads 96 KB (the key tile and
+  ``[Wa | Wb]``), the copies write 64 KB and the value sums read 32 KB, 1.5x the tensor cores'
+  time at peak. Fewer barriers and instructions did not change the time; splitting each product
+  into its ``Wa`` and ``Wb`` halves, to overlap every part of the tile, made it 1.6x slower.
 
 Covers: fp16 and bf16, rotate-half RoPE over the whole head (head dim 64 or 128, the tables' last
 dim contiguous), multi-head attention at any group size, key rank 256 and value rank 64, 128 or
-256 per group, plain latents, shared decode masks or none, no softcap, no
-key bias or norm, one query token. One program of four warps per SM (192 KB of shared memory at
+256 per group, plain latents, shared decode masks or none, no softcap, no key bias or norm, one
+query token. One program of four warps per SM (192 KB of shared memory at
 rank 256). ``applies`` says whether a call is covered; 4-bit latents at these ranks, and
 everything else, take the Triton kernels. Gluon has no CPU interpreter: the kernel is tested on
 the GPU and compiled for sm_90 without one (``tests/kernels/test_gluon_wide.py``).
@@ -57,7 +62,7 @@ if HAVE_GLUON:
 __all__ = ["HAVE_GLUON", "SHARED_BYTES", "applies", "launch", "shared_bytes"]
 
 SHARED_BYTES = 200 * 1024  # what one program may take (the H200's 227 KB, less the compiler's scratch)
-SLICE = 64  # latent channels per shared-memory slice (128 bytes of fp16: the swizzle's width)
+SLICE = 64  # value channels per accumulator (a thread holds 16 of each of its two rows)
 
 
 def shared_bytes(rk: int, rv: int, head_dim: int, stages: int = 2) -> int:
@@ -166,7 +171,7 @@ if HAVE_GLUON:
     ):
         # one program: sequence b, query head h (slice h % GS of latent group g's L_k), tokens [lo, hi)
         N: gl.constexpr = 2 * HALF
-        NK: gl.constexpr = RK // _SLICE  # key slices: products per tile
+        NK: gl.constexpr = RK // _SLICE  # row blocks of [Wa | Wb] built in turn
         NV: gl.constexpr = RV // _SLICE  # value slices: accumulators
         DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
         ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, N, 16])

@@ -99,6 +99,10 @@
 #   bash benchmarks/gpu_session.sh 78  # the kept wide kernel (76's; pairs for bf16 too): tests, the MHA smoke (rank 256
 #                                      # at "all"), the gs4 RoPE rows (fp16; bf16 at B=8 x 32k)
 #   bash benchmarks/gpu_session.sh 79  # 32-layer decode (CUDA graphs, B=8 x 16k) at gs4: palu, then Inductor, one machine
+#   bash benchmarks/gpu_session.sh 80  # the wide kernel at rank 128 (two programs per SM): tests, A/B against the Gluon
+#                                      # RoPE kernel at gs2 (ratio 0.5) and gs1 (ratio 1.0)
+#   bash benchmarks/gpu_session.sh 81  # rank 128 to the wide kernel by default: Gluon RoPE and wide tests, the MHA smoke,
+#                                      # the gs2 RoPE rows (Llama-2-7B shape)
 set -u
 export PYTHONPATH=.
 OUT=${OUT:-/tmp/palu_gpu}
@@ -111,6 +115,19 @@ step() {  # name, time limit (s), command...
     grep -v -i warn "$OUT/$name.log" | grep -E "^\[|^\||rel err|smoke|speedup|ms/step|identical|diag|FAIL|Error|^rc|---|path|shape" | tail -40
 }
 case "${1:-1}" in
+81)
+    step gluon_tests 200 python -m pytest -q tests/kernels/test_gluon_wide.py tests/kernels/test_gluon_rope.py
+    step smoke_mha 100 python -u benchmarks/gpu_smoke.py --mha
+    step table_gs2 100 python -u benchmarks/attention.py --no-sweep --defaults-only --no-prefill --no-naive \
+        --shapes mha --gs 2 --ctx 32k 128k --budget-s 80
+    ;;
+80)
+    step wide_tests 200 python -m pytest -q tests/kernels/test_gluon_wide.py
+    step ab_gs2 90 python -u benchmarks/kernel_ab.py --gs 2 --cases rope --rounds 5 \
+        --variant rope:wide=gluon_wide_min_rank=128
+    step ab_r128 90 python -u benchmarks/kernel_ab.py --gs 1 --rank-ratio 1.0 --cases rope --rounds 5 \
+        --variant rope:wide=gluon_wide_min_rank=128
+    ;;
 78)
     step wide_tests 200 python -m pytest -q tests/kernels/test_gluon_wide.py
     step smoke_mha 120 python -u benchmarks/gpu_smoke.py --mha

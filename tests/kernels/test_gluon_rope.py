@@ -200,6 +200,8 @@ def _run(args, bits, knobs, monkeypatch, kernel=gluon_rope):
     launched = []
     real = kernel.launch
     monkeypatch.setattr(kernel, "launch", lambda *a, **k: launched.append(1) or real(*a, **k))
+    if kernel is gluon_rope:  # (plain rank 128 goes to gluon_wide.py unless told otherwise)
+        knobs = {"gluon_wide_min_rank": 256, **knobs}
     cfg = dataclasses.replace(wrapper.KernelConfig(), gluon=True, **knobs)
     if bits:
         monkeypatch.setattr(quant, "dequantize_packed", lambda *a, **k: pytest.fail("dequantized outside the kernel"))
@@ -287,7 +289,7 @@ def test_three_slot_ring_only_where_it_fits():
 
 
 @pytest.mark.parametrize("field,value", [("gluon_rope_heads", 3), ("gluon_rope_stages", 1), ("gluon_rope_tables", 5),
-                                         ("gluon_rope_regs", 300)])
+                                         ("gluon_rope_regs", 300), ("gluon_wide_min_rank", 64)])
 def test_config_rejects_out_of_range_knobs(field, value):
     with pytest.raises(ValueError, match=field):
         wrapper.KernelConfig(**{field: value})

@@ -30,14 +30,14 @@ def _wide(**kw):
     return _case(**{**dict(H=8, gs=4, rk=256, rv=256), **kw})
 
 
-def _applies(args, **over):
+def _applies(args, min_rank=128, **over):
     q, hk, hv, lk, cos, sin = args[0], args[1], args[2], args[3], args[5], args[6]
     B, S = hk.shape[:2]
     kw = dict(q=q, kl=wrapper.Latent(hk), vl=wrapper.Latent(hv), lk=lk, k_bias=None, k_norm_weight=None,
               cos=cos.expand(B, S, -1), sin=sin.expand(B, S, -1), rope_style=1, softcap=0.0, is_causal=False,
               mask_kind=4, groups=lk.shape[0], interpret=False)
     kw.update(over)
-    return tuple(m.applies(**kw) for m in (gluon_wide, gluon_rope, gluon_gqa))
+    return (gluon_wide.applies(**kw, min_rank=min_rank), gluon_rope.applies(**kw), gluon_gqa.applies(**kw))
 
 
 def test_applies_only_where_the_kernel_serves():
@@ -51,8 +51,11 @@ def test_applies_only_where_the_kernel_serves():
         assert _applies(args, **bad)[0] is False, bad
     assert _applies(_wide(S=128, rv=64))[0] == gluon_wide.HAVE_GLUON  # value rank 64
     assert _applies(_wide(S=128, D=64, gs=8, H=8))[0] == gluon_wide.HAVE_GLUON  # head dim 64
-    # ranks the other kernels take, or none does (320: the shared memory of one program)
-    assert _applies(_wide(S=128, gs=2, rk=128, rv=128)) == (False, gluon_rope.HAVE_GLUON, False)
+    # rank 128 (``gluon_rope.py`` serves it too; the wrapper asks this kernel first, from
+    # ``KernelConfig.gluon_wide_min_rank``), not below; 512: the shared memory of one program
+    assert _applies(_wide(S=128, gs=2, rk=128, rv=128)) == (gluon_wide.HAVE_GLUON, gluon_rope.HAVE_GLUON, False)
+    assert _applies(_wide(S=128, gs=2, rk=128, rv=128), min_rank=256)[0] is False
+    assert _applies(_wide(S=128, gs=2, rk=64, rv=64))[0] is False
     assert _applies(_wide(S=128, gs=3, H=6, rk=192, rv=192))[0] is False  # (tiles of power-of-two widths)
     assert _applies(_wide(S=128, rk=512, rv=64))[0] is False  # (the shared memory of one program)
     # GQA at rank 256 (4 query heads per KV head): not multi-head attention
@@ -77,7 +80,7 @@ def test_wrapper_launches_it_for_wide_groups():
 
 @needs_gluon
 @pytest.mark.parametrize("D,rk,rv,pairs", [(128, 256, 256, True), (128, 256, 64, True), (64, 256, 128, True),
-                                           (128, 256, 256, False)])
+                                           (128, 256, 256, False), (128, 128, 128, True)])
 def test_compiles_for_sm90(D, rk, rv, pairs):
     """The Llama-2-7B specialization at gs4 (rank ratio 0.5) and neighbours: the shared memory that
     ``applies`` counts, and at most 128 bytes of spills with the values summed in fp16 pairs (the
@@ -100,6 +103,9 @@ def test_compiles_for_sm90(D, rk, rv, pairs):
     assert res["regs"] <= 255, res
     if pairs:
         assert res["stack"] <= 128 and res["loop"]["spills"] <= 32, res
+    if rk == 128:  # two programs per SM (registers and shared memory, as ``wrapper._resident_programs`` counts)
+        assert res["stack"] == 0 and wrapper.programs_by_registers(res["regs"], 4) >= 2, res
+        assert 2 * (res["shared"] + 1024) <= 233472, res
 
 
 # ---------------------------------------------------------------- GPU: against the reference
@@ -121,6 +127,11 @@ CASES = [
     pytest.param(dict(D=64, gs=8, H=8, rv=128, S=300, mask="bool"), dict(), id="d64-gs8"),
     pytest.param(dict(S=700, table_dtype=torch.float32, per_batch=True, mask="add"), dict(),
                  id="fp32-tables-per-batch"),
+    # rank 128: group size 2 at ratio 0.5, group size 1 at ratio 1.0
+    pytest.param(dict(gs=2, rk=128, rv=128, S=1000, mask="add"), dict(num_splits=3), id="gs2-rank128-3splits"),
+    pytest.param(dict(gs=1, H=4, rk=128, rv=128, S=777, mask="bool", dtype=torch.bfloat16), dict(),
+                 id="gs1-rank128-bf16"),
+    pytest.param(dict(gs=2, rk=128, rv=64, S=300, D=64, H=8), dict(), id="gs2-d64-rank128"),
 ]
 
 

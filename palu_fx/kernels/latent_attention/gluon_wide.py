@@ -1,12 +1,15 @@
 """Gluon decode kernel: RoPE attention in multi-head attention whose latent groups are wide (key
-rank 256 per group: group size 4 at rank ratio 0.5, Palu's default grouping), keys rebuilt from
-plain latents on Hopper's warpgroup MMA.
+rank 256 per group: group size 4 at rank ratio 0.5, Palu's default grouping; and rank 128: group
+size 2, or group size 1 at ratio 1.0), keys rebuilt from plain latents on Hopper's warpgroup MMA.
 
 Why: ``gluon_rope.py`` holds a tile's key operand, its ``[Wa | Wb]`` product and the value tile in
 registers; at rank 256 that is 255 registers and 640 bytes of spills, and two heads' ``[Wa | Wb]``
 (64 KB each) fill the shared memory. These calls took the Triton kernels: 2.5-2.6 ms for B=8 x 32k
 (32 heads of 128, rank ratio 0.5, gs4), a third of what the key products need at the H200's
-matmul rate (0.76 ms). Here 1.48-1.58 ms (RESULTS.md, "A Gluon kernel for wide latent groups"):
+matmul rate (0.76 ms). Here 1.48-1.58 ms (RESULTS.md, "A Gluon kernel for wide latent groups").
+At rank 128 (96 KB: two programs per SM) it also beats ``gluon_rope.py``, whose register
+operands and ``[Wa | Wb]`` of two heads cost it occupancy there: 1.03 ms against 1.24 at gs1
+(ratio 1.0), 0.83 against 0.91 at gs2:
 
 * **Scores without rotated keys**, as ``gluon_rope.py``: each program (one query head) builds its
   ``[Wa | Wb]`` ([rank, head_dim], columns in ``pair_of_column`` order) in shared memory once; a
@@ -30,10 +33,9 @@ matmul rate (0.76 ms). Here 1.48-1.58 ms (RESULTS.md, "A Gluon kernel for wide l
   into its ``Wa`` and ``Wb`` halves, to overlap every part of the tile, made it 1.6x slower.
 
 Covers: fp16 and bf16, rotate-half RoPE over the whole head (head dim 64 or 128, the tables' last
-dim contiguous), multi-head attention at any group size, key rank 256 and value rank 64, 128 or
-256 per group, plain latents, shared decode masks or none, no softcap, no key bias or norm, one
-query token. One program of four warps per SM (192 KB of shared memory at
-rank 256). ``applies`` says whether a call is covered; 4-bit latents at these ranks, and
+dim contiguous), multi-head attention at any group size, key rank 128 or 256 (from ``min_rank``)
+and value rank 64, 128 or 256 per group, plain latents, shared decode masks or none, no softcap, no key bias or norm, one
+query token. One program of four warps per SM at rank 256 (192 KB of shared memory), two at 128. ``applies`` says whether a call is covered; 4-bit latents at these ranks, and
 everything else, take the Triton kernels. Gluon has no CPU interpreter: the kernel is tested on
 the GPU and compiled for sm_90 without one (``tests/kernels/test_gluon_wide.py``).
 """
@@ -134,7 +136,8 @@ if HAVE_GLUON:
     @gluon.jit
     def _tile(kt, kn, vl, wab, cos_ptr, sin_ptr, mask_ptr, k_base, v_base, c_off, s_off, m_off, sk_s, sv_s, sc_s,
               ssn_s, sm_k, tok, nxt, hi, qscale, p, alpha, m_i, l_i, o0, o1, o2, o3, N: gl.constexpr,
-              RK: gl.constexpr, RV: gl.constexpr, NV: gl.constexpr, HALF: gl.constexpr, MASK_KIND: gl.constexpr, PAIRS: gl.constexpr,
+              RK: gl.constexpr, RV: gl.constexpr, NV: gl.constexpr, HALF: gl.constexpr, MASK_KIND: gl.constexpr,
+              PAIRS: gl.constexpr,
               ACC: gl.constexpr, CS_L: gl.constexpr, LCK: gl.constexpr, LCV: gl.constexpr, RUN: gl.constexpr):
         """One tile (tokens ``tok``; keys in ``kt``) and the last tile's values (in ``vl``, with its
         weights ``p`` and rescale ``alpha``); starts the copies of the next tile's keys into ``kn``
@@ -271,15 +274,18 @@ if HAVE_GLUON:
 
 
 def applies(q, kl, vl, lk, k_bias, k_norm_weight, cos, sin, rope_style, softcap, is_causal, mask_kind, groups,
-            interpret) -> bool:
-    """Whether ``wide_rope_decode_kernel`` serves a fused call (see the module docstring)."""
+            interpret, min_rank: int = 128) -> bool:
+    """Whether ``wide_rope_decode_kernel`` serves a fused call (see the module docstring); key
+    ranks from ``min_rank`` (128 also takes rank 128, which ``gluon_rope.py`` serves otherwise)."""
     B, Hq, Sq, D = q.shape
     if not call_fits(q, lk, k_bias, k_norm_weight, cos, sin, rope_style, softcap, is_causal, mask_kind, interpret):
         return False
     if Hq % groups or tuple(lk.shape[:2]) != (groups, Hq // groups * D):  # multi-head: a KV head per query head
         return False
     rk, rv = lk.shape[-1], vl.channels // groups
-    if rk != 256 or rv not in (64, 128, 256) or shared_bytes(rk, rv, D) > SHARED_BYTES:
+    if rk not in (128, 256) or rk < min_rank or rv not in (64, 128, 256):
+        return False
+    if shared_bytes(rk, rv, D) > SHARED_BYTES:
         return False
     if kl.bits or vl.bits or kl.channels != groups * rk:
         return False
@@ -308,7 +314,8 @@ def launch(q, lk, kl, vl, cos, sin, mask_kind, mask, sm_b, sm_k, scale, out, nsp
             cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1), sm_b, sm_k, out.stride(0), out.stride(1),
             Hq, kd.shape[1], chunk, nsplit, float(scale))
     consts = dict(RK=rk, RV=rv, HALF=D // 2, GS=Hq // groups, MASK_KIND=mask_kind, DIRECT=nsplit == 1,
-                  BF16=q.dtype == torch.bfloat16, CS_L=thread_run_layout(D // 2), LCK=copy_layout(SLICE, 2), LCV=copy_layout(SLICE, 2),
+                  BF16=q.dtype == torch.bfloat16, CS_L=thread_run_layout(D // 2), LCK=copy_layout(SLICE, 2),
+                  LCV=copy_layout(SLICE, 2),
                   SWK=gl.NVMMASharedLayout.get_default_for([64, rk], gl.bfloat16 if q.dtype == torch.bfloat16
                                                            else gl.float16),
                   SWV=swizzled_layout(rv, 2), RUN=thread_run_layout(SLICE),

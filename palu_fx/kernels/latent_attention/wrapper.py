@@ -89,10 +89,12 @@ class KernelConfig:
     GQA kernel, which rebuilds a KV head's keys once for all its query heads, with
     gluon_rope_stages copy stages (B=8 x 32k, 32 query / 8 KV heads of 128: gs1 0.17 ms against 0.21 for the
     Triton kernels, gs2 0.27 against 0.45; 4-bit 0.20 and 0.27 against 0.26 and 0.53); and calls
-    ``gluon_wide.applies`` to (RoPE decode in multi-head attention at key rank 256 per group,
-    plain latents) run the Gluon kernel for wide groups, with gluon_wide_pairs summing a
-    tile's two-row value products in pairs of the latents' dtype before the fp32 accumulators
-    (B=8 x 32k at gs4: 1.49-1.58 ms against 2.56 for the Triton kernels, 3.14 without pairs).
+    ``gluon_wide.applies`` first to (RoPE decode in multi-head attention at key rank 128 or 256
+    per group, plain latents) run the Gluon kernel for wide groups, with gluon_wide_pairs summing
+    a tile's two-row value products in pairs of the latents' dtype before the fp32 accumulators
+    and gluon_wide_min_rank its smallest key rank (256 leaves rank 128 to ``gluon_rope``; B=8 x
+    32k: gs4 1.48-1.58 ms against 2.56 for the Triton kernels, 3.14 without pairs; rank 128 at
+    gs1 1.03 against 1.24 for ``gluon_rope``, at gs2 0.83 against 0.91).
     """
 
     block_s: int = 64
@@ -117,16 +119,18 @@ class KernelConfig:
     gluon_rope_tables: int = -1
     gluon_rope_regs: int = 0
     gluon_wide_pairs: bool = True
+    gluon_wide_min_rank: int = 128
 
     def __post_init__(self):
         checks = {"gluon_rope_heads": self.gluon_rope_heads in (0, 1, 2),
                   "gluon_rope_stages": self.gluon_rope_stages >= 2,
                   "gluon_rope_tables": self.gluon_rope_tables in (-1, 0, 1, 2),
-                  "gluon_rope_regs": self.gluon_rope_regs == 0 or 24 <= self.gluon_rope_regs <= 255}
+                  "gluon_rope_regs": self.gluon_rope_regs == 0 or 24 <= self.gluon_rope_regs <= 255,
+                  "gluon_wide_min_rank": self.gluon_wide_min_rank in (128, 256)}
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"KernelConfig.{bad[0]}={getattr(self, bad[0])!r} is out of range "
-                             "(heads 0/1/2, stages >= 2, tables -1/0/1/2, regs 0 or 24-255)")
+                             "(heads 0/1/2, stages >= 2, tables -1/0/1/2, regs 0 or 24-255, wide min rank 128/256)")
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -484,15 +488,16 @@ def fused_attention(q, kl: Latent, vl: Latent, lk, k_bias, cos, sin, k_norm_weig
     mask_kind, mask, mstr = _mask_args(attn_mask, B, Hq, Sq, Skv, q)
     if cfg.gluon and gluon_q4.applies(qc, kl, vl, lk, softcap, is_causal, mask_kind, G, interpret):
         return gluon_host.run_q4(qc, kl, vl, mask_kind, mask, mstr, scale, cfg, out)
+    if cfg.gluon and rebuild and gluon_wide.applies(qc, kl, vl, lk, k_bias, k_norm_weight, p["cos"], p["sin"],
+                                                    rope_style, softcap, is_causal, mask_kind, G, interpret,
+                                                    cfg.gluon_wide_min_rank):
+        return gluon_host.run_wide(qc, lk, kl, vl, p["cos"], p["sin"], mask_kind, mask, mstr, scale, cfg, out)
     if cfg.gluon and rebuild and gluon_rope.applies(qc, kl, vl, lk, k_bias, k_norm_weight, p["cos"], p["sin"],
                                                     rope_style, softcap, is_causal, mask_kind, G, interpret):
         return gluon_host.run_rope(qc, lk, kl, vl, p["cos"], p["sin"], mask_kind, mask, mstr, scale, cfg, out)
     if cfg.gluon and rebuild and gluon_gqa.applies(qc, kl, vl, lk, k_bias, k_norm_weight, p["cos"], p["sin"],
                                                    rope_style, softcap, is_causal, mask_kind, G, interpret):
         return gluon_host.run_gqa(qc, lk, kl, vl, p["cos"], p["sin"], mask_kind, mask, mstr, scale, cfg, out)
-    if cfg.gluon and rebuild and gluon_wide.applies(qc, kl, vl, lk, k_bias, k_norm_weight, p["cos"], p["sin"],
-                                                    rope_style, softcap, is_causal, mask_kind, G, interpret):
-        return gluon_host.run_wide(qc, lk, kl, vl, p["cos"], p["sin"], mask_kind, mask, mstr, scale, cfg, out)
     (hk, hks, hkz), k_strides, k_q = kl.kernel_args(RK, RK_P)
     (hv, hvs, hvz), v_strides, v_q = vl.kernel_args(RV, RV_P)
     latent_strides = (*k_strides[:2], *v_strides[:2], *k_strides[2:4], *v_strides[2:4], k_strides[4], v_strides[4])

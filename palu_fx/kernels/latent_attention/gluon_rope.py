@@ -43,7 +43,9 @@ last dim contiguous), key and value ranks 32/64/128 per group (powers of two: gr
 and 2 at rank ratio 0.5), plain latents or 4-bit codes with one quantization group per latent
 group (both caches alike), shared decode masks or none,
 no softcap, no key bias or norm, one query token. ``applies`` says whether a call is covered;
-everything else takes the Triton kernels. Gluon has no CPU interpreter: CI checks the PTX on an
+everything else takes the Triton kernels. Plain latents of rank 128 go to ``gluon_wide.py`` first
+(``KernelConfig.gluon_wide_min_rank``: two programs per SM there, 1.03 ms against 1.24 at gs1 and
+ratio 1.0). Gluon has no CPU interpreter: CI checks the PTX on an
 emulator, the layouts' orders with torch reshapes (``gluon_rope_layouts.py``), and compiles
 for sm_90 (``test_gluon_rope.py``).
 """

@@ -57,6 +57,7 @@ from palu_fx.kernels.latent_attention.gluon_rope import call_fits
 from palu_fx.kernels.latent_attention.gluon_rope_layouts import copy_layout, swizzled_layout, thread_run_layout
 
 if HAVE_GLUON:
+    from palu_fx.kernels.latent_attention.gluon_gqa import _mask_rows
     from palu_fx.kernels.latent_attention.gluon_q4 import store_output
     from palu_fx.kernels.latent_attention.gluon_rope import _softmax_init, _softmax_step, _table_rows
     from palu_fx.kernels.latent_attention.gluon_rope_layouts import _pair_tables
@@ -86,17 +87,6 @@ if HAVE_GLUON:
         t = gl.minimum(start + gl.arange(0, 64, layout=gl.SliceLayout(1, LC)), hi - 1)
         rows = base + gl.expand_dims(t * stride, 1)  # (a pointer per row: the columns become immediate offsets)
         _async_load(buf, rows + gl.expand_dims(gl.arange(0, W, layout=gl.SliceLayout(0, LC)), 0))
-
-    @gluon.jit
-    def _mask_rows(mask_ptr, m_off, sm_k, tok, hi, MASK_KIND: gl.constexpr):
-        """(keep, additive base-2 term) of tokens ``tok``, fp32."""
-        keep = tok < hi
-        madd = tok.to(gl.float32) * 0.0
-        if MASK_KIND == 3:  # keep flags
-            keep = keep & (gl.load(mask_ptr + m_off + tok * sm_k, mask=keep, other=0) != 0)
-        elif MASK_KIND == 4:  # additive
-            madd = gl.load(mask_ptr + m_off + tok * sm_k, mask=keep, other=0.0).to(gl.float32) * 1.4426950408889634
-        return keep, madd
 
     @gluon.jit
     def _value_slice(buf, p, a_o, o_i, PAIRS: gl.constexpr, RUN: gl.constexpr):

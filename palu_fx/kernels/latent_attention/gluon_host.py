@@ -1,7 +1,7 @@
 """Host side of the Gluon decode kernels (``gluon_q4.py``, ``gluon_rope.py``, ``gluon_gqa.py``,
 ``gluon_wide.py``): their knobs from a ``KernelConfig``, the split plan that fills whole waves of
-what an SM holds, and the merge of the splits' partials (``wrapper.fused_attention`` calls ``run_q4`` / ``run_rope`` /
-``run_gqa`` / ``run_wide`` where the kernels' ``applies`` say so)."""
+what an SM holds, and the merge of the splits' partials (``wrapper.fused_attention`` calls
+``run_q4`` / ``run_rope`` / ``run_gqa`` / ``run_wide`` where the kernels' ``applies`` say so)."""
 from __future__ import annotations
 
 import torch

@@ -127,8 +127,8 @@ if HAVE_GLUON:
     def _tile(kt, kn, vl, wab, cos_ptr, sin_ptr, mask_ptr, k_base, v_base, c_off, s_off, m_off, sk_s, sv_s, sc_s,
               ssn_s, sm_k, tok, nxt, hi, qscale, p, alpha, m_i, l_i, o0, o1, o2, o3, N: gl.constexpr,
               RK: gl.constexpr, RV: gl.constexpr, NV: gl.constexpr, HALF: gl.constexpr, MASK_KIND: gl.constexpr,
-              PAIRS: gl.constexpr,
-              ACC: gl.constexpr, CS_L: gl.constexpr, LCK: gl.constexpr, LCV: gl.constexpr, RUN: gl.constexpr):
+              PAIRS: gl.constexpr, ACC: gl.constexpr, CS_L: gl.constexpr, LCK: gl.constexpr, LCV: gl.constexpr,
+              RUN: gl.constexpr):
         """One tile (tokens ``tok``; keys in ``kt``) and the last tile's values (in ``vl``, with its
         weights ``p`` and rescale ``alpha``); starts the copies of the next tile's keys into ``kn``
         and values into ``vl``, at token ``nxt``."""
@@ -159,8 +159,7 @@ if HAVE_GLUON:
         Hq, Skv, chunk, NSPLIT, scale,
         RK: gl.constexpr, RV: gl.constexpr, HALF: gl.constexpr, GS: gl.constexpr, MASK_KIND: gl.constexpr,
         DIRECT: gl.constexpr, BF16: gl.constexpr, CS_L: gl.constexpr, LCK: gl.constexpr, LCV: gl.constexpr,
-        SWK: gl.constexpr,
-        SWV: gl.constexpr, RUN: gl.constexpr, PAIRS: gl.constexpr = False,
+        SWK: gl.constexpr, SWV: gl.constexpr, RUN: gl.constexpr, PAIRS: gl.constexpr = False,
     ):
         # one program: sequence b, query head h (slice h % GS of latent group g's L_k), tokens [lo, hi)
         N: gl.constexpr = 2 * HALF

@@ -167,8 +167,6 @@ if HAVE_GLUON:
         NV: gl.constexpr = RV // _SLICE  # value slices: accumulators
         DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
         ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, N, 16])
-        V_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, _SLICE, 16]), k_width=2)
         ROW: gl.constexpr = gl.SliceLayout(1, ACC)
         LW: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [4, 1], [1, 0])
 
@@ -220,7 +218,7 @@ if HAVE_GLUON:
         _copy_rows(v0, v_base, sv_s, lo, hi, RV, LCV)
         cp.commit_group()
 
-        m_i, l_i, _, _ = _softmax_init(_SLICE, ROW, V_L)
+        m_i, l_i, _, _ = _softmax_init(_SLICE, ROW, RUN)  # (its value lanes unused: o0 below)
         o0 = gl.sum(gl.reshape(gl.zeros([64, _SLICE], gl.float32, RUN), [4, 2, 8, _SLICE]), axis=1)
         o1, o2, o3 = o0, o0, o0
         p = gl.reshape(gl.zeros([64], gl.float32, ROW), [4, 2, 8])  # tile -1's weights (its values: zeros)
